@@ -1,0 +1,189 @@
+//! Device and precision selection, and host <-> tensor conversion.
+//!
+//! burn 0.22 has no backend type parameter: the device is a runtime value and every float
+//! tensor carries a dtype. All of evl-ecg's tensor code creates tensors through the helpers
+//! here so that the choice of `f32`/`f64` and CPU/GPU is made in exactly one place.
+
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use std::fmt;
+use std::str::FromStr;
+
+/// Float precision of a computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// 32-bit floats: the training default.
+    #[default]
+    F32,
+    /// 64-bit floats: reference checks and gradient checks.
+    F64,
+}
+
+impl Precision {
+    /// The burn dtype of this precision.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F64 => DType::F64,
+        }
+    }
+}
+
+/// Which device to run on, as a user writes it: `cpu` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// burn's pure-Rust `flex` CPU backend.
+    #[default]
+    Cpu,
+    /// CUDA device with this ordinal (needs the `cuda` cargo feature).
+    Cuda(usize),
+}
+
+/// A device string that could not be understood or is not compiled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpecError(String);
+
+impl fmt::Display for DeviceSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DeviceSpecError {}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceSpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" | "flex" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
+                _ => Err(DeviceSpecError(format!(
+                    "unknown device `{s}`: expected `cpu`, `cuda` or `cuda:N`"
+                ))),
+            },
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The burn device, without autodiff.
+    ///
+    /// # Errors
+    /// A CUDA device when the binary was built without the `cuda` feature.
+    pub fn device(self) -> Result<Device, DeviceSpecError> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(i) => Ok(Device::cuda(i)),
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => Err(DeviceSpecError(
+                "this build has no CUDA support: rebuild with `--features cuda`".into(),
+            )),
+        }
+    }
+}
+
+/// Builds a float tensor of the given precision from `f64` host values.
+///
+/// # Panics
+/// If `values.len()` is not the product of `shape` (a caller bug).
+pub fn tensor_from_f64<const D: usize>(
+    values: &[f64],
+    shape: [usize; D],
+    device: &Device,
+    precision: Precision,
+) -> Tensor<D> {
+    assert_eq!(
+        values.len(),
+        shape.iter().product::<usize>(),
+        "tensor_from_f64: {} values for shape {shape:?}",
+        values.len()
+    );
+    let data = match precision {
+        Precision::F64 => TensorData::new(values.to_vec(), shape),
+        Precision::F32 => TensorData::new(values.iter().map(|&v| v as f32).collect(), shape),
+    };
+    Tensor::from_data(data, (device, precision.dtype()))
+}
+
+/// Builds a float tensor with the dtype of `like` from `f64` host values.
+pub fn tensor_like<const D: usize, const E: usize>(
+    values: &[f64],
+    shape: [usize; D],
+    like: &Tensor<E>,
+) -> Tensor<D> {
+    let precision = if like.dtype() == DType::F64 {
+        Precision::F64
+    } else {
+        Precision::F32
+    };
+    tensor_from_f64(values, shape, &like.device(), precision)
+}
+
+/// Builds a boolean tensor (`true` = valid) from host values.
+pub fn bool_tensor<const D: usize>(
+    values: &[bool],
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D, Bool> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// Builds an integer tensor from host values.
+pub fn int_tensor<const D: usize>(
+    values: &[i64],
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// Reads a float tensor back to the host as `f64`, whatever its dtype.
+///
+/// # Panics
+/// If the backend cannot read the tensor back (a device failure, not a data error).
+pub fn to_vec_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.try_into_vec_as::<f64>()
+        .expect("reading a float tensor back to the host")
+}
+
+/// Reads a boolean tensor back to the host.
+///
+/// # Panics
+/// If the backend cannot read the tensor back.
+pub fn to_vec_bool<const D: usize>(t: Tensor<D, Bool>) -> Vec<bool> {
+    t.into_data()
+        .try_into_vec::<bool>()
+        .expect("reading a bool tensor back to the host")
+}
+
+/// The precision of a float tensor (`F64` for f64, `F32` for everything else).
+pub fn precision_of<const D: usize>(t: &Tensor<D>) -> Precision {
+    if t.dtype() == DType::F64 {
+        Precision::F64
+    } else {
+        Precision::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_spec_parses() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn f64_round_trip_keeps_precision() {
+        let dev = Device::flex();
+        let v = [1.0 + 1e-15, -2.5];
+        let t = tensor_from_f64(&v, [2], &dev, Precision::F64);
+        assert_eq!(t.dtype(), DType::F64);
+        assert_eq!(to_vec_f64(t), v.to_vec());
+    }
+}

@@ -1,0 +1,165 @@
+//! Tensor operations burn 0.22 lacks, written once and tested here.
+//!
+//! Two numerical rules run through this module (see `../shared/fixtures/README.md`):
+//! squared distances take their *value* from explicit differences `sum_d (x_d - y_d)^2`, which
+//! stay exact for close points and large magnitudes where the Gram form cancels; and every
+//! normalisation floors a norm the way PyTorch's `F.normalize` does.
+
+use burn::tensor::{Bool, Tensor};
+
+/// Rows per chunk when explicit differences are materialised: bounds the temporary
+/// `[batch, chunk, m, d]` tensor to a few tens of MB at paper sizes.
+const DIFF_CHUNK_ELEMS: usize = 1 << 23;
+
+/// Max-shifted log-sum-exp along `dim`, keeping the reduced dimension (size 1).
+///
+/// The shift is detached (it cancels exactly in value and gradient), and a slice whose
+/// entries are all `-inf` yields `-inf` rather than NaN.
+pub fn logsumexp<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
+    let m = x.clone().detach().max_dim(dim);
+    let m = m.clone().mask_fill(m.clone().is_inf(), 0.0);
+    (x - m.clone()).exp().sum_dim(dim).log() + m
+}
+
+/// `x / max(||x||_2, eps)` along the last dimension (PyTorch `F.normalize`).
+///
+/// The norm is computed as `sqrt(max(sum x^2, eps^2))`, which has the same value and the same
+/// gradient as clamping the norm, and stays finite for an all-zero vector.
+pub fn l2_normalize<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    let norm = x
+        .clone()
+        .square()
+        .sum_dim(D - 1)
+        .clamp_min(eps * eps)
+        .sqrt();
+    x / norm
+}
+
+/// Squared Euclidean distances between the rows of `x` and `y`, batched, *without* gradient,
+/// from explicit differences (exact for close points; see the module docs).
+///
+/// # Shapes
+/// - `x`: `[batch, n, d]`, `y`: `[batch, m, d]` -> `[batch, n, m]`
+pub fn sq_dist_explicit(x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
+    let x = x.detach();
+    let y = y.detach();
+    let [b, n, d] = x.dims();
+    let [_, m, _] = y.dims();
+    let chunk = (DIFF_CHUNK_ELEMS / (b * m * d).max(1)).clamp(1, n.max(1));
+    let yu = y.unsqueeze_dim::<4>(1); // [b, 1, m, d]
+    let parts: Vec<Tensor<3>> = (0..n)
+        .step_by(chunk)
+        .map(|start| {
+            let end = (start + chunk).min(n);
+            let xs = x
+                .clone()
+                .slice([0..b, start..end, 0..d])
+                .unsqueeze_dim::<4>(2); // [b, c, 1, d]
+            (xs - yu.clone()).square().sum_dim(3).squeeze_dim::<3>(3) // [b, c, m]
+        })
+        .collect();
+    if parts.is_empty() {
+        return Tensor::zeros([b, 0, m], (&x.device(), x.dtype()));
+    }
+    Tensor::cat(parts, 1)
+}
+
+/// Gram-form squared distances `|x|^2 + |y|^2 - 2 x.y` (differentiable, cheap, but
+/// inexact for close points: use only for gradients, see [`sq_dist`]).
+///
+/// # Shapes
+/// - `x`: `[batch, n, d]`, `y`: `[batch, m, d]` -> `[batch, n, m]`
+pub fn sq_dist_gram(x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
+    let xn = x.clone().square().sum_dim(2); // [b, n, 1]
+    let yn = y.clone().square().sum_dim(2).swap_dims(1, 2); // [b, 1, m]
+    xn + yn - x.matmul(y.swap_dims(1, 2)).mul_scalar(2.0)
+}
+
+/// Differentiable squared distances whose value comes from explicit differences and whose
+/// gradient is the analytic `2 (x_i - y_j)`, routed through the Gram form.
+///
+/// `value + (gram - detach(gram))` adds an exact zero in the forward pass (a float minus
+/// itself), so the value is the explicit one bit for bit, while back-propagation sees the
+/// Gram form, whose gradient equals the explicit form's. This keeps autodiff memory at
+/// `[batch, n, m]` instead of `[batch, n, m, d]`.
+///
+/// # Shapes
+/// - `x`: `[batch, n, d]`, `y`: `[batch, m, d]` -> `[batch, n, m]`
+pub fn sq_dist(x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
+    let value = sq_dist_explicit(x.clone(), y.clone());
+    if !(x.is_tracked() || y.is_tracked()) {
+        return value;
+    }
+    let gram = sq_dist_gram(x, y);
+    value + (gram.clone() - gram.detach())
+}
+
+/// Mean of `x` over the entries where `mask` is true; `0` when no entry is.
+pub fn masked_mean<const D: usize>(x: Tensor<D>, mask: Tensor<D, Bool>) -> Tensor<1> {
+    let w = mask.float().cast(x.dtype());
+    let n = w.clone().sum().clamp_min(1.0);
+    (x * w).sum() / n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Precision, tensor_from_f64, to_vec_f64};
+    use burn::tensor::Device;
+
+    fn t3(v: &[f64], s: [usize; 3]) -> Tensor<3> {
+        tensor_from_f64(v, s, &Device::flex(), Precision::F64)
+    }
+
+    #[test]
+    fn logsumexp_matches_direct_and_handles_neg_inf() {
+        let x = tensor_from_f64(
+            &[1.0, 2.0, 3.0, f64::NEG_INFINITY],
+            [2, 2],
+            &Device::flex(),
+            Precision::F64,
+        );
+        let l = to_vec_f64(logsumexp(x, 1));
+        assert!((l[0] - (1f64.exp() + 2f64.exp()).ln()).abs() < 1e-14);
+        assert!((l[1] - 3.0).abs() < 1e-14);
+        let x = tensor_from_f64(
+            &[f64::NEG_INFINITY; 2],
+            [1, 2],
+            &Device::flex(),
+            Precision::F64,
+        );
+        assert_eq!(to_vec_f64(logsumexp(x, 1)), vec![f64::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn explicit_distance_is_exact_for_identical_large_points() {
+        // Gram form: 1e8 + 1e8 - 2e8 cancels to noise; explicit differences give exact 0.
+        let x = t3(&[1e4 + 0.1, 3e4, 1e4 + 0.1, 3e4, 1.0, 2.0], [1, 3, 2]);
+        let d = to_vec_f64(sq_dist_explicit(x.clone(), x));
+        assert_eq!(d[1], 0.0);
+        assert_eq!(d[3], 0.0);
+        assert!((d[2] - ((1e4 + 0.1 - 1.0f64).powi(2) + (3e4 - 2.0f64).powi(2))).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sq_dist_gradient_is_analytic() {
+        let dev = Device::flex().autodiff();
+        let x = tensor_from_f64(&[0.5, -1.0, 2.0, 0.25], [1, 2, 2], &dev, Precision::F64)
+            .require_grad();
+        let y = tensor_from_f64(&[1.0, 1.0], [1, 1, 2], &dev, Precision::F64);
+        let g = sq_dist(x.clone(), y).sum().backward();
+        let gx = to_vec_f64(x.grad(&g).expect("grad"));
+        assert_eq!(gx, vec![2.0 * -0.5, 2.0 * -2.0, 2.0 * 1.0, 2.0 * -0.75]);
+    }
+
+    #[test]
+    fn l2_normalize_zero_vector_is_finite() {
+        let x = tensor_from_f64(
+            &[0.0, 0.0, 3.0, 4.0],
+            [2, 2],
+            &Device::flex(),
+            Precision::F64,
+        );
+        assert_eq!(to_vec_f64(l2_normalize(x, 1e-12)), vec![0.0, 0.0, 0.6, 0.8]);
+    }
+}
