@@ -1,1 +1,29 @@
-//! placeholder
+//! Distillation losses of evl-ecg on burn 0.22.1: EVL-ECG's three losses and the baselines.
+//!
+//! The losses take tensors and masks and know nothing of files, tokenizers or models. Each is
+//! available as a function of plain tensors (what the reference fixtures in
+//! `../shared/fixtures` exercise) and, where it has trainable parts, as a burn module built
+//! from a `*Config`.
+//!
+//! - [`ot`]: entropic OT matching of visual tokens (method.md 2.1) on [`sinkhorn`];
+//! - [`mhca`]: multi-head cross-attention alignment (2.2);
+//! - [`relation`]: geometric distance + angle relation matching (2.3);
+//! - [`objective`]: the weighted total with ablation switches (2);
+//! - [`task`]: BCE, softmax and token cross-entropy;
+//! - [`baselines`]: vanilla KD, TinyBERT-style, ULD, MultiLevelOT, DSKD, EM-KD, RKD.
+//!
+//! All functions work in `f32` and `f64` (the dtype of the inputs) on any burn device.
+
+pub mod baselines;
+pub mod mhca;
+pub mod objective;
+pub mod ot;
+pub mod relation;
+pub mod sinkhorn;
+pub mod task;
+
+pub use mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
+pub use objective::{EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective};
+pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
+pub use relation::{RelationConfig, RelationOutput, relation_loss};
+pub use sinkhorn::{PlanGradient, Stop};
