@@ -105,7 +105,7 @@ pub fn multilabel_metrics(
             });
         }
     }
-    if n_classes == 0 || total % n_classes != 0 {
+    if n_classes == 0 || !total.is_multiple_of(n_classes) {
         return Err(Error::Shape {
             field: "y_true",
             expected: n_classes,

@@ -85,7 +85,9 @@ fn pair_masks(like: &Tensor<3>, mask: Option<&[bool]>) -> (Tensor<3>, Tensor<3>)
 fn psi_distance(x: Tensor<3>, off: &Tensor<3>, clamp: f64) -> Tensor<3> {
     let d = sq_dist(x.clone(), x).clamp_min(clamp).sqrt() * off.clone(); // [b, l, l], diag 0
     let count = off.clone().sum_dim(2).sum_dim(1).clamp_min(1.0); // [b, 1, 1]
-    let mu = d.clone().sum_dim(2).sum_dim(1) / count;
+    // Every off-diagonal distance is >= sqrt(clamp) > 0, so the floor only acts on items with
+    // fewer than two valid tokens (no pair: mu = 0), whose potential is then 0 instead of NaN.
+    let mu = (d.clone().sum_dim(2).sum_dim(1) / count).clamp_min(clamp);
     d / mu
 }
 

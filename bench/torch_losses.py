@@ -1,0 +1,160 @@
+"""Reference timings for `evl-ecg bench losses`: the same losses written the straightforward
+way in PyTorch (float32, CPU), and POT's `ot.bregman.sinkhorn_log` for the Sinkhorn plan.
+
+Called by the Rust command with the shapes as JSON; prints {case: median milliseconds}.
+Each case is forward + backward, as in the Rust side; the Sinkhorn plan is forward only
+(100 log-domain iterations per example, stopThr=0 so POT runs them all)."""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(reps, fn):
+    fn()
+    times = []
+    for _ in range(max(reps, 1)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def sinkhorn_log_plan(C, eps, n_iter):
+    # Log-domain Sinkhorn (POT order: column then row), batched, no autograd.
+    B, n, m = C.shape
+    logk = -C / eps
+    log_a = torch.full((B, n, 1), -torch.log(torch.tensor(float(n))).item())
+    log_b = torch.full((B, 1, m), -torch.log(torch.tensor(float(m))).item())
+    u = torch.zeros(B, n, 1)
+    v = torch.zeros(B, 1, m)
+    for _ in range(n_iter):
+        v = log_b - torch.logsumexp(logk + u, dim=1, keepdim=True)
+        u = log_a - torch.logsumexp(logk + v, dim=2, keepdim=True)
+    return torch.exp(logk + u + v)
+
+
+def ot_loss(t, s, eps, n_iter):
+    tn, sn = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
+    C = torch.cdist(tn, sn) ** 2
+    with torch.no_grad():
+        P = sinkhorn_log_plan(C, eps, n_iter)
+    return (P * C).sum(dim=(1, 2)).mean()
+
+
+def mhca(hs, ht, wq, wk, wv, wo, h):
+    B, Ls, _ = hs.shape
+    Lt = ht.shape[1]
+    dk = wq.shape[1] // h
+    q = (hs @ wq).view(B, Ls, h, dk).transpose(1, 2)
+    k = (ht @ wk).view(B, Lt, h, dk).transpose(1, 2)
+    v = (ht @ wv).view(B, Lt, h, dk).transpose(1, 2)
+    a = torch.softmax(q @ k.transpose(2, 3) / dk**0.5, dim=-1)
+    return (a @ v).transpose(1, 2).reshape(B, Ls, h * dk) @ wo
+
+
+def relation(x, y):
+    def psi_d(z):
+        d = torch.cdist(z, z)
+        L = z.shape[1]
+        mu = d.sum(dim=(1, 2), keepdim=True) / (L * (L - 1))
+        return d / mu
+
+    def psi_a(z):
+        zn = F.normalize(z, dim=-1)
+        return zn @ zn.transpose(1, 2)
+
+    n = x.shape[0] * x.shape[1] ** 2
+    ld = ((psi_d(x) - psi_d(y)) ** 2).sum() / n
+    la = ((psi_a(x) - psi_a(y)) ** 2).sum() / n
+    return 0.5 * (ld + la)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", required=True)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    s = json.loads(args.shapes)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    B, vt, vs, lt, ls, dt, ds, h = (s[k] for k in ["b", "v_t", "v_s", "l_t", "l_s", "d_t", "d_s", "heads"])
+    eps, n_iter = s["eps"], s["n_iter"]
+    dk = ds // h
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape) * scale).requires_grad_()
+
+    out = {}
+
+    import numpy as np
+    import ot as pot
+
+    C = np.minimum(np.abs(np.random.default_rng(7).standard_normal((B, vt, vs))), 4.0)
+    a, b = np.full(vt, 1.0 / vt), np.full(vs, 1.0 / vs)
+    out["sinkhorn_plan"] = median_ms(
+        args.reps, lambda: [pot.bregman.sinkhorn_log(a, b, C[i], eps, numItermax=n_iter, stopThr=0.0) for i in range(B)]
+    )
+
+    def run_ot():
+        t, sv = r(B, vt, ds), r(B, vs, ds)
+        ot_loss(t, sv, eps, n_iter).backward()
+
+    out["ot_loss"] = median_ms(args.reps, run_ot)
+
+    def weights():
+        return (r(ds, h * dk, scale=ds**-0.5), r(dt, h * dk, scale=dt**-0.5), r(dt, h * dk, scale=dt**-0.5), r(h * dk, ds, scale=(h * dk) ** -0.5))
+
+    def run_mhca():
+        hs, ht = r(B, ls, ds), r(B, lt, dt)
+        w = weights()
+        hhat = mhca(hs, ht, *w, h)
+        (((hs - hhat) ** 2).sum(-1).mean()).backward()
+
+    out["mhca"] = median_ms(args.reps, run_mhca)
+
+    def run_rel():
+        x, y = r(B, ls, ds), r(B, ls, ds)
+        relation(x, y).backward()
+
+    out["relation"] = median_ms(args.reps, run_rel)
+
+    def run_total():
+        hs, ht = r(B, ls, ds), r(B, lt, dt)
+        w = weights()
+        t, sv = r(B, vt, ds), r(B, vs, ds)
+        ce = torch.tensor(2.0, requires_grad=True)
+        hhat = mhca(hs, ht, *w, h)
+        l_mhca = ((hs - hhat) ** 2).sum(-1).mean()
+        total = 0.7 * ce + 0.3 * (1.0 * l_mhca + 0.03 * relation(hhat, hs) + 0.1 * ot_loss(t, sv, eps, n_iter))
+        total.backward()
+
+    out["evl_total"] = median_ms(args.reps, run_total)
+
+    n = B * ls
+
+    def run_kd():
+        zs, zt = r(n, s["vocab_s"]), r(n, s["vocab_s"])
+        T = 2.0
+        (F.kl_div(F.log_softmax(zs / T, -1), F.log_softmax(zt / T, -1), reduction="batchmean", log_target=True) * T * T).backward()
+
+    out["kd_vanilla"] = median_ms(args.reps, run_kd)
+
+    def run_uld():
+        zs, zt = r(n, s["vocab_s"]), r(n, s["vocab_t"])
+        ps = torch.softmax(zs, -1).sort(-1, descending=True).values
+        pt = torch.softmax(zt, -1).sort(-1, descending=True).values
+        w = max(ps.shape[1], pt.shape[1])
+        ps, pt = F.pad(ps, (0, w - ps.shape[1])), F.pad(pt, (0, w - pt.shape[1]))
+        (ps - pt).abs().sum(-1).mean().backward()
+
+    out["uld"] = median_ms(args.reps, run_uld)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+//! `evl-ecg bench losses`: our losses (burn, `flex` CPU, f32) against the PyTorch/POT
+//! reference script `bench/torch_losses.py`, run in the same invocation on the same shapes.
+
+use crate::args::{BenchLossesArgs, ShapePreset};
+use anyhow::{Context, Result};
+use evl_kd::baselines::{kd_vanilla, uld_loss};
+use evl_kd::sinkhorn::{Problem, Stop, sinkhorn_host};
+use evl_kd::{
+    EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective, mhca_forward,
+    mhca_loss, ot_loss, relation_loss,
+};
+use evl_models::burn::tensor::Device;
+use evl_models::device::{Precision, tensor_from_f64};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+/// Shapes of one benchmark configuration (method.md symbols).
+#[derive(Clone, Debug, Serialize)]
+struct Shapes {
+    name: &'static str,
+    b: usize,
+    v_t: usize,
+    v_s: usize,
+    l_t: usize,
+    l_s: usize,
+    d_t: usize,
+    d_s: usize,
+    heads: usize,
+    vocab_s: usize,
+    vocab_t: usize,
+    n_iter: usize,
+    eps: f64,
+}
+
+fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
+    let small = Shapes {
+        name: "small",
+        b: 8,
+        v_t: 64,
+        v_s: 16,
+        l_t: 96,
+        l_s: 64,
+        d_t: 256,
+        d_s: 128,
+        heads: 8,
+        vocab_s: 512,
+        vocab_t: 1024,
+        n_iter: 100,
+        eps: 0.1,
+    };
+    let paper = Shapes {
+        name: "paper-cpu",
+        b: 4,
+        v_t: 576,
+        v_s: 144,
+        l_t: 512,
+        l_s: 512,
+        d_t: 1024,
+        d_s: 512,
+        heads: 8,
+        vocab_s: 4096,
+        vocab_t: 2048,
+        n_iter: 100,
+        eps: 0.1,
+    };
+    if quick {
+        return vec![Shapes {
+            name: "quick",
+            b: 2,
+            v_t: 8,
+            v_s: 4,
+            l_t: 6,
+            l_s: 5,
+            d_t: 16,
+            d_s: 8,
+            heads: 2,
+            vocab_s: 12,
+            vocab_t: 10,
+            n_iter: 10,
+            eps: 0.1,
+        }];
+    }
+    match p {
+        ShapePreset::Small => vec![small],
+        ShapePreset::Paper => vec![paper],
+        ShapePreset::Both => vec![small, paper],
+    }
+}
+
+/// Deterministic standard normals (splitmix64 + Box–Muller): the inputs' values do not
+/// matter for timing, only that both runs see well-scaled data.
+fn randn(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| (-2.0 * (next().max(1e-300)).ln()).sqrt() * (std::f64::consts::TAU * next()).cos())
+        .collect()
+}
+
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
+    let dev = Device::flex().autodiff();
+    let t = |shape: [usize; 3], seed| {
+        tensor_from_f64(
+            &randn(shape.iter().product(), seed),
+            shape,
+            &dev,
+            Precision::F32,
+        )
+        .require_grad()
+    };
+    let w = |shape: [usize; 2], seed: u64| {
+        let scale = 1.0 / (shape[0] as f64).sqrt();
+        let v: Vec<f64> = randn(shape[0] * shape[1], seed)
+            .iter()
+            .map(|x| x * scale)
+            .collect();
+        tensor_from_f64(&v, shape, &dev, Precision::F32).require_grad()
+    };
+    let dk = s.d_s / s.heads;
+    let weights = || MhcaWeights {
+        wq: w([s.d_s, s.heads * dk], 3),
+        wk: w([s.d_t, s.heads * dk], 4),
+        wv: w([s.d_t, s.heads * dk], 5),
+        wo: w([s.heads * dk, s.d_s], 6),
+    };
+    let ot_cfg = OtLossConfig {
+        eps: s.eps,
+        stop: Stop::Iterations(s.n_iter),
+        ..OtLossConfig::default()
+    };
+    let mut out = BTreeMap::new();
+
+    let cost: Vec<f64> = randn(s.b * s.v_t * s.v_s, 7)
+        .iter()
+        .map(|x| x.abs().min(4.0))
+        .collect();
+    out.insert(
+        "sinkhorn_plan".into(),
+        median_ms(reps, || {
+            let p = sinkhorn_host(
+                &cost,
+                Problem {
+                    batch: s.b,
+                    n: s.v_t,
+                    m: s.v_s,
+                    row_mask: None,
+                    col_mask: None,
+                },
+                s.eps,
+                Stop::Iterations(s.n_iter),
+            );
+            std::hint::black_box(p);
+        }),
+    );
+    out.insert(
+        "ot_loss".into(),
+        median_ms(reps, || {
+            let (tv, sv) = (t([s.b, s.v_t, s.d_s], 1), t([s.b, s.v_s, s.d_s], 2));
+            let o = ot_loss(tv.clone(), sv.clone(), None, None, &ot_cfg);
+            let g = o.loss.backward();
+            std::hint::black_box((tv.grad(&g), sv.grad(&g)));
+        }),
+    );
+    out.insert(
+        "mhca".into(),
+        median_ms(reps, || {
+            let (hs, ht, wts) = (
+                t([s.b, s.l_s, s.d_s], 8),
+                t([s.b, s.l_t, s.d_t], 9),
+                weights(),
+            );
+            let loss = mhca_loss(
+                hs.clone(),
+                mhca_forward(hs.clone(), ht, &wts, s.heads, None),
+                None,
+            );
+            let g = loss.backward();
+            std::hint::black_box((hs.grad(&g), wts.wq.grad(&g)));
+        }),
+    );
+    out.insert(
+        "relation".into(),
+        median_ms(reps, || {
+            let (a, b) = (t([s.b, s.l_s, s.d_s], 10), t([s.b, s.l_s, s.d_s], 11));
+            let r = relation_loss(a.clone(), b.clone(), None, &RelationConfig::default());
+            let g = r.l_rel.backward();
+            std::hint::black_box((a.grad(&g), b.grad(&g)));
+        }),
+    );
+    out.insert(
+        "evl_total".into(),
+        median_ms(reps, || {
+            let (hs, ht, wts) = (
+                t([s.b, s.l_s, s.d_s], 8),
+                t([s.b, s.l_t, s.d_t], 9),
+                weights(),
+            );
+            let (tv, sv) = (t([s.b, s.v_t, s.d_s], 1), t([s.b, s.v_s, s.d_s], 2));
+            let l_ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
+            let inputs = EvlInputs {
+                l_ce,
+                hs: hs.clone(),
+                ht,
+                student_mask: None,
+                teacher_mask: None,
+                t_vis: tv,
+                s_vis: sv.clone(),
+                t_vis_mask: None,
+                s_vis_mask: None,
+            };
+            let terms = evl_objective(
+                inputs,
+                &wts,
+                s.heads,
+                &EvlWeights::default(),
+                &ot_cfg,
+                &RelationConfig::default(),
+            );
+            let g = terms.total.backward();
+            std::hint::black_box((hs.grad(&g), sv.grad(&g)));
+        }),
+    );
+    let n = s.b * s.l_s;
+    let t2 = |shape: [usize; 2], seed| {
+        tensor_from_f64(
+            &randn(shape[0] * shape[1], seed),
+            shape,
+            &dev,
+            Precision::F32,
+        )
+        .require_grad()
+    };
+    out.insert(
+        "kd_vanilla".into(),
+        median_ms(reps, || {
+            let (zs, zt) = (t2([n, s.vocab_s], 12), t2([n, s.vocab_s], 13));
+            let g = kd_vanilla(zs.clone(), zt, 2.0).backward();
+            std::hint::black_box(zs.grad(&g));
+        }),
+    );
+    out.insert(
+        "uld".into(),
+        median_ms(reps, || {
+            let (zs, zt) = (t2([n, s.vocab_s], 12), t2([n, s.vocab_t], 13));
+            let g = uld_loss(zs.clone(), zt, 1.0, 1.0).loss.backward();
+            std::hint::black_box(zs.grad(&g));
+        }),
+    );
+    out
+}
+
+fn torch_times(
+    python: &str,
+    s: &Shapes,
+    reps: usize,
+    threads: usize,
+) -> Result<BTreeMap<String, f64>, String> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_losses.py");
+    let shapes = serde_json::to_string(s).map_err(|e| e.to_string())?;
+    let out = Command::new(python)
+        .arg(&script)
+        .args([
+            "--shapes",
+            &shapes,
+            "--reps",
+            &reps.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("failed")
+            .to_string());
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("unreadable output of {}: {e}", script.display()))
+}
+
+/// Runs the loss benchmark and prints a table (or JSON Lines).
+pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let reps = if a.quick { 1 } else { a.reps };
+    let mut md = String::new();
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    for s in presets(a.preset, a.quick) {
+        eprintln!(
+            "bench losses: {} shapes {:?}, {threads} threads, median of {reps}",
+            s.name, s
+        );
+        let ours = our_times(&s, reps);
+        let reference = if a.no_torch {
+            Err("skipped (--no-torch)".to_string())
+        } else {
+            torch_times(&a.python, &s, reps, threads)
+        };
+        if let Err(e) = &reference {
+            eprintln!(
+                "note: PyTorch/POT reference not measured: {e}\n      install it with `python3 -m pip install -r bench/requirements.txt`"
+            );
+        }
+        let refs = reference.unwrap_or_default();
+        md.push_str(&format!("\n### {} (B={}, V_t={}, V_s={}, L_t={}, L_s={}, D_t={}, D_s={}, h={}, {} threads)\n\n| loss (fwd+bwd, f32) | evl-ecg ms | reference | reference ms | speed-up |\n|---|---:|---|---:|---:|\n", s.name, s.b, s.v_t, s.v_s, s.l_t, s.l_s, s.d_t, s.d_s, s.heads, threads));
+        for (case, ms) in &ours {
+            let ref_name = if case == "sinkhorn_plan" {
+                "POT sinkhorn_log"
+            } else {
+                "PyTorch"
+            };
+            let r = refs.get(case).copied();
+            let ratio = r.map(|r| r / ms);
+            if json {
+                let line = serde_json::json!({"type": "bench", "data": {"preset": s.name, "case": case, "ours_ms": ms, "reference": ref_name, "reference_ms": r, "speedup": ratio}});
+                writeln!(w, "{line}")?;
+            }
+            md.push_str(&format!(
+                "| {case} | {ms:.3} | {ref_name} | {} | {} |\n",
+                r.map_or("-".into(), |r| format!("{r:.3}")),
+                ratio.map_or("-".into(), |x| format!("{x:.2}x"))
+            ));
+        }
+    }
+    if json {
+        writeln!(
+            w,
+            "{}",
+            serde_json::json!({"type": "summary", "data": {"ok": true}})
+        )?;
+    } else {
+        write!(w, "{md}")?;
+    }
+    if let Some(path) = &a.markdown {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.write_all(md.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Dual-Space Knowledge Distillation, cross-tokenizer variant (Zhang et al., "Dual-Space
+//! Knowledge Distillation for Large Language Models", EMNLP 2024, section 3.3 "cross-model
+//! attention").
+//!
+//! The two sequences are aligned by a learned cross-model attention: teacher positions
+//! query student positions (`A_ts = softmax(Q_t K_s^T / sqrt(d))`, `[l_t, l_s]`) and, in the
+//! other direction, `A_st = A_ts^T` renormalised over teacher positions. Hidden states are
+//! then projected into the other model's space and read out with that model's (frozen)
+//! output head:
+//! - teacher space: `z_{s->t} = (A_ts H_s W_{s->t}) E_t` must match the teacher's own
+//!   distribution: `KL(p_t || softmax(z_{s->t}))` at teacher positions;
+//! - student space: `z_{t->s} = (A_st H_t W_{t->s}) E_s` is a teacher distribution expressed
+//!   in the student's vocabulary, the (detached) target of `KL(p_{t->s} || p_s)`.
+//!
+//! `L = KL_t + KL_s`, each averaged over positions. Choices: queries come from teacher
+//! hidden states and keys from student hidden states (the paper uses embeddings plus target
+//! embeddings; hidden states carry the same information in our models and need no access to
+//! embedding tables); no temperature.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use evl_models::ops::{log_softmax, softmax};
+
+/// Configuration of the trainable DSKD projections.
+#[derive(Config, Debug)]
+pub struct DskdConfig {
+    /// Student hidden width.
+    pub d_student: usize,
+    /// Teacher hidden width.
+    pub d_teacher: usize,
+    /// Width of the cross-model attention.
+    #[config(default = 64)]
+    pub d_attn: usize,
+}
+
+impl DskdConfig {
+    /// Builds the projections.
+    pub fn init(&self, device: &Device) -> Dskd {
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        Dskd {
+            query: lin(self.d_teacher, self.d_attn),
+            key: lin(self.d_student, self.d_attn),
+            s_to_t: lin(self.d_student, self.d_teacher),
+            t_to_s: lin(self.d_teacher, self.d_student),
+        }
+    }
+}
+
+/// DSKD's learned cross-model attention and projections.
+#[derive(Module, Debug)]
+pub struct Dskd {
+    /// Teacher hidden -> attention queries.
+    pub query: Linear,
+    /// Student hidden -> attention keys.
+    pub key: Linear,
+    /// Student hidden -> teacher space.
+    pub s_to_t: Linear,
+    /// Teacher hidden -> student space.
+    pub t_to_s: Linear,
+}
+
+/// Terms of DSKD.
+#[derive(Clone, Debug)]
+pub struct DskdOutput {
+    /// `KL_t + KL_s`.
+    pub loss: Tensor<1>,
+    /// KL in the teacher's output space (target: the teacher's own distribution).
+    pub kl_teacher_space: Tensor<1>,
+    /// KL in the student's output space (target: the projected teacher, detached).
+    pub kl_student_space: Tensor<1>,
+}
+
+/// Row-wise `KL(p || q)` from log-probabilities, averaged over rows of `[batch, len, vocab]`.
+fn kl_rows(log_p: Tensor<3>, log_q: Tensor<3>) -> Tensor<1> {
+    let [b, l, _] = log_p.dims();
+    (log_p.clone().exp() * (log_p - log_q))
+        .sum()
+        .mul_scalar(1.0 / (b * l).max(1) as f64)
+}
+
+impl Dskd {
+    /// The DSKD loss.
+    ///
+    /// # Shapes
+    /// - `hs`: `[batch, l_s, d_s]`, `ht`: `[batch, l_t, d_t]`, `zs`: `[batch, l_s, v_s]`,
+    ///   `zt`: `[batch, l_t, v_t]`, `head_s`: `[d_s, v_s]`, `head_t`: `[d_t, v_t]`
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        hs: Tensor<3>,
+        ht: Tensor<3>,
+        zs: Tensor<3>,
+        zt: Tensor<3>,
+        head_s: Tensor<2>,
+        head_t: Tensor<2>,
+    ) -> DskdOutput {
+        let [_, d_attn] = self.query.weight.val().dims();
+        let q = self.query.forward(ht.clone()); // [b, lt, da]
+        let k = self.key.forward(hs.clone()); // [b, ls, da]
+        let scores = q
+            .matmul(k.swap_dims(1, 2))
+            .mul_scalar(1.0 / (d_attn as f64).sqrt()); // [b, lt, ls]
+        let a_ts = softmax(scores.clone(), 2);
+        let a_st = softmax(scores.swap_dims(1, 2), 2); // [b, ls, lt]
+        let hs_in_t = a_ts.matmul(self.s_to_t.forward(hs)); // [b, lt, dt]
+        let ht_in_s = a_st.matmul(self.t_to_s.forward(ht)); // [b, ls, ds]
+        let z_s_to_t = hs_in_t.matmul(head_t.unsqueeze::<3>()); // [b, lt, vt]
+        let z_t_to_s = ht_in_s.matmul(head_s.unsqueeze::<3>()); // [b, ls, vs]
+        let kl_t = kl_rows(log_softmax(zt.detach(), 2), log_softmax(z_s_to_t, 2));
+        let kl_s = kl_rows(log_softmax(z_t_to_s, 2).detach(), log_softmax(zs, 2));
+        DskdOutput {
+            loss: kl_t.clone() + kl_s.clone(),
+            kl_teacher_space: kl_t,
+            kl_student_space: kl_s,
+        }
+    }
+}
