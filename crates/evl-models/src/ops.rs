@@ -7,10 +7,6 @@
 
 use burn::tensor::{Bool, Tensor};
 
-/// Rows per chunk when explicit differences are materialised: bounds the temporary
-/// `[batch, chunk, m, d]` tensor to a few tens of MB at paper sizes.
-const DIFF_CHUNK_ELEMS: usize = 1 << 23;
-
 /// Max-shifted log-sum-exp along `dim`, keeping the reduced dimension (size 1).
 ///
 /// The shift is detached (it cancels exactly in value and gradient), and a slice whose
@@ -63,27 +59,26 @@ pub fn l2_normalize<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
 /// # Shapes
 /// - `x`: `[batch, n, d]`, `y`: `[batch, m, d]` -> `[batch, n, m]`
 pub fn sq_dist_explicit(x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
-    let x = x.detach();
-    let y = y.detach();
+    use rayon::prelude::*;
     let [b, n, d] = x.dims();
     let [_, m, _] = y.dims();
-    let chunk = (DIFF_CHUNK_ELEMS / (b * m * d).max(1)).clamp(1, n.max(1));
-    let yu = y.unsqueeze_dim::<4>(1); // [b, 1, m, d]
-    let parts: Vec<Tensor<3>> = (0..n)
-        .step_by(chunk)
-        .map(|start| {
-            let end = (start + chunk).min(n);
-            let xs = x
-                .clone()
-                .slice([0..b, start..end, 0..d])
-                .unsqueeze_dim::<4>(2); // [b, c, 1, d]
-            (xs - yu.clone()).square().sum_dim(3).squeeze_dim::<3>(3) // [b, c, m]
-        })
-        .collect();
-    if parts.is_empty() {
-        return Tensor::zeros([b, 0, m], (&x.device(), x.dtype()));
-    }
-    Tensor::cat(parts, 1)
+    let like = x.clone();
+    // Host loop in f64 (rayon over rows): one pass, no [b, n, m, d] temporary, and more
+    // accurate than the tensor dtype for f32 inputs.
+    let xv = crate::device::to_vec_f64(x.detach());
+    let yv = crate::device::to_vec_f64(y.detach());
+    let mut out = vec![0.0; b * n * m];
+    out.par_chunks_mut(m.max(1))
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (bi, i) = (row / n.max(1), row % n.max(1));
+            let xi = &xv[(bi * n + i) * d..(bi * n + i + 1) * d];
+            for (j, oj) in o.iter_mut().enumerate() {
+                let yj = &yv[(bi * m + j) * d..(bi * m + j + 1) * d];
+                *oj = xi.iter().zip(yj).map(|(a, c)| (a - c) * (a - c)).sum();
+            }
+        });
+    crate::device::tensor_like(&out, [b, n, m], &like).detach()
 }
 
 /// Gram-form squared distances `|x|^2 + |y|^2 - 2 x.y` (differentiable, cheap, but
