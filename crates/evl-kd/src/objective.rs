@@ -71,6 +71,29 @@ pub struct EvlInputs {
     pub s_vis_mask: Option<Tensor<2, Bool>>,
 }
 
+impl EvlInputs {
+    /// Inputs without padding masks (every token valid).
+    pub fn unmasked(
+        l_ce: Tensor<1>,
+        hs: Tensor<3>,
+        ht: Tensor<3>,
+        t_vis: Tensor<3>,
+        s_vis: Tensor<3>,
+    ) -> Self {
+        Self {
+            l_ce,
+            hs,
+            ht,
+            student_mask: None,
+            teacher_mask: None,
+            t_vis,
+            s_vis,
+            t_vis_mask: None,
+            s_vis_mask: None,
+        }
+    }
+}
+
 /// Every term of the objective (switched-off terms are `None`).
 #[derive(Clone, Debug)]
 pub struct EvlTerms {

@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 use evl_models::device::{tensor_like, to_vec_bool, to_vec_f64};
-use evl_models::ops::{l2_normalize, sq_dist, sq_dist_explicit};
+use evl_models::ops::{l2_normalize, sq_dist_explicit, with_gram_gradient};
 
 /// Settings of the OT loss.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -142,7 +142,8 @@ pub fn ot_loss(
             }
         }
         PlanGradient::Unrolled => {
-            let c = sq_dist(tn, sn); // [b, vt, vs], explicit value, differentiable
+            // [b, vt, vs]: the host's explicit values, differentiable through the Gram form
+            let c = with_gram_gradient(tensor_like(&cost, [b, vt, vs], &tn), tn, sn);
             let iters: Vec<usize> = match (&host, cfg.stop) {
                 (Some(h), _) => h.n_iter.clone(),
                 (None, Stop::Iterations(k)) => vec![k; b],

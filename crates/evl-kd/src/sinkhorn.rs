@@ -123,27 +123,19 @@ fn solve_one(
         }
         it += 1;
         if let Some(tol) = tol {
-            err = column_error(logk_t, &log_u, &log_v, n, m, b, &mut scratch);
+            err = column_error(logk_t, &log_u, &log_v, n, m, b);
             if err < tol {
                 break;
             }
         }
     }
     if tol.is_none() {
-        err = column_error(logk_t, &log_u, &log_v, n, m, b, &mut scratch);
+        err = column_error(logk_t, &log_u, &log_v, n, m, b);
     }
     (log_u, log_v, it, err)
 }
 
-fn column_error(
-    logk_t: &[f64],
-    log_u: &[f64],
-    log_v: &[f64],
-    n: usize,
-    m: usize,
-    b: f64,
-    scratch: &mut [f64],
-) -> f64 {
+fn column_error(logk_t: &[f64], log_u: &[f64], log_v: &[f64], n: usize, m: usize, b: f64) -> f64 {
     (0..m)
         .map(|j| {
             let col = &logk_t[j * n..(j + 1) * n];
@@ -151,7 +143,6 @@ fn column_error(
             for i in 0..n {
                 s += (col[i] + log_u[i] + log_v[j]).exp();
             }
-            let _ = &scratch;
             (s - b).abs()
         })
         .sum()

@@ -104,6 +104,15 @@ pub fn sq_dist_gram(x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
 /// - `x`: `[batch, n, d]`, `y`: `[batch, m, d]` -> `[batch, n, m]`
 pub fn sq_dist(x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
     let value = sq_dist_explicit(x.clone(), y.clone());
+    with_gram_gradient(value, x, y)
+}
+
+/// `value` (the explicit squared distances of `x` and `y`, computed by the caller) with the
+/// gradient of [`sq_dist`]: lets a caller that already holds the values skip recomputing them.
+///
+/// # Shapes
+/// - `value`: `[batch, n, m]`, `x`: `[batch, n, d]`, `y`: `[batch, m, d]`
+pub fn with_gram_gradient(value: Tensor<3>, x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
     if !(x.is_tracked() || y.is_tracked()) {
         return value;
     }

@@ -217,17 +217,8 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
         let (tv, sv) = (t([s.b, s.v_t, s.d_s], 1), t([s.b, s.v_s, s.d_s], 2));
         let l_ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
         median_ms(reps, || {
-            let inputs = EvlInputs {
-                l_ce: l_ce.clone(),
-                hs: hs.clone(),
-                ht: ht.clone(),
-                student_mask: None,
-                teacher_mask: None,
-                t_vis: tv.clone(),
-                s_vis: sv.clone(),
-                t_vis_mask: None,
-                s_vis_mask: None,
-            };
+            let inputs =
+                EvlInputs::unmasked(l_ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());
             let terms = evl_objective(
                 inputs,
                 &wts,
