@@ -1,0 +1,128 @@
+//! The in-memory ECG record every reader produces and every later stage consumes.
+
+use crate::lead::Lead;
+
+/// One channel: raw ADC samples plus what turns them into physical units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    /// Normalised lead.
+    pub lead: Lead,
+    /// Description exactly as in the source.
+    pub description: String,
+    /// ADC units per physical unit.
+    pub gain: f64,
+    /// ADC value of physical zero.
+    pub baseline: i64,
+    /// Physical units as written (`mV`, `uV`, ...).
+    pub units: String,
+    /// Raw ADC samples.
+    pub adc: Vec<i32>,
+    /// ADC value marking a missing sample (physical NaN), if the source format has one.
+    pub invalid: Option<i32>,
+}
+
+impl Channel {
+    /// Physical value of sample `k` in the channel's own units, `(adc - baseline) / gain`
+    /// computed in f64 exactly as wfdb-python does; NaN for the invalid marker.
+    #[inline]
+    pub fn physical_at(&self, k: usize) -> f64 {
+        let a = self.adc[k];
+        if Some(a) == self.invalid {
+            f64::NAN
+        } else {
+            (a as f64 - self.baseline as f64) / self.gain
+        }
+    }
+
+    /// All physical values in the channel's units.
+    pub fn physical(&self) -> Vec<f64> {
+        (0..self.adc.len()).map(|k| self.physical_at(k)).collect()
+    }
+
+    /// Factor turning the channel's units into millivolts (`None` for non-voltage units).
+    pub fn mv_factor(&self) -> Option<f64> {
+        match self.units.to_ascii_lowercase().as_str() {
+            "mv" => Some(1.0),
+            "uv" | "µv" => Some(1e-3),
+            "v" => Some(1e3),
+            "nv" => Some(1e-6),
+            _ => None,
+        }
+    }
+}
+
+/// A multi-lead ECG with its metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Record name (file stem).
+    pub name: String,
+    /// Sampling frequency in Hz.
+    pub fs: f64,
+    /// Samples per channel.
+    pub n_samples: usize,
+    /// Channels in source order.
+    pub channels: Vec<Channel>,
+    /// Header comments (labels, age, sex ... as free text).
+    pub comments: Vec<String>,
+    /// Base time/date as written in the header.
+    pub base_time: Option<String>,
+}
+
+impl Record {
+    /// Duration in seconds.
+    pub fn duration_s(&self) -> f64 {
+        self.n_samples as f64 / self.fs
+    }
+
+    /// Lead of each channel, in order.
+    pub fn leads(&self) -> Vec<Lead> {
+        self.channels.iter().map(|c| c.lead.clone()).collect()
+    }
+
+    /// Index of a lead among the channels.
+    pub fn channel_index(&self, lead: &Lead) -> Option<usize> {
+        self.channels.iter().position(|c| &c.lead == lead)
+    }
+
+    /// Physical signal in millivolts, lead-major `[channel][sample]`, as f32 for model input.
+    /// Channels in non-voltage units are passed through unscaled.
+    pub fn to_mv_f32(&self) -> Vec<Vec<f32>> {
+        self.channels
+            .iter()
+            .map(|c| {
+                let f = c.mv_factor().unwrap_or(1.0);
+                (0..c.adc.len())
+                    .map(|k| (c.physical_at(k) * f) as f32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The twelve standard leads in conventional order, in mV, `None` where a lead is absent.
+    pub fn standard_12_mv(&self) -> [Option<Vec<f32>>; 12] {
+        let all = self.to_mv_f32();
+        let mut out: [Option<Vec<f32>>; 12] = Default::default();
+        for (c, sig) in self.channels.iter().zip(all) {
+            if let Some(i) = c.lead.standard_index()
+                && out[i].is_none()
+            {
+                out[i] = Some(sig);
+            }
+        }
+        out
+    }
+
+    /// Value of the first comment of the form `key: value` (key compared case-insensitively,
+    /// spaces around the colon ignored): `comment_value("Dx")` reads `#Dx: 59118001`.
+    pub fn comment_value(&self, key: &str) -> Option<&str> {
+        comment_value(&self.comments, key)
+    }
+}
+
+/// See [`Record::comment_value`].
+pub fn comment_value<'a>(comments: &'a [String], key: &str) -> Option<&'a str> {
+    comments.iter().find_map(|c| {
+        let (k, v) = c.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(key).then_some(v.trim())
+    })
+}

@@ -1,0 +1,206 @@
+//! Malformed input gives a typed error naming file and field; never a panic.
+
+use std::path::Path;
+
+use ecg_io::{Error, ReadOptions, read_record};
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn header(nsamp: usize, fmt: &str, gain: &str) -> String {
+    format!("r 2 100 {nsamp}\nr.dat {fmt} {gain} 16 0 0 0 0 I\nr.dat {fmt} {gain} 16 0 0 0 0 II\n")
+}
+
+fn dat16(frames: usize) -> Vec<u8> {
+    vec![0u8; frames * 4]
+}
+
+#[test]
+fn truncated_dat() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", header(10, "16", "200").as_bytes());
+    write(d.path(), "r.dat", &dat16(7));
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    match &e {
+        Error::SampleCount {
+            expected_bytes: 40,
+            found_bytes: 28,
+            record,
+            ..
+        } => assert_eq!(record, "r"),
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains("r.dat"), "{e}");
+}
+
+#[test]
+fn wrong_sample_count_too_many() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", header(10, "16", "200").as_bytes());
+    write(d.path(), "r.dat", &dat16(12));
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::SampleCount { .. }), "{e}");
+}
+
+#[test]
+fn bad_gain() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", header(10, "16", "abc/mV").as_bytes());
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Header {
+                field: "gain",
+                line: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("r.hea:2"), "{e}");
+}
+
+#[test]
+fn unknown_format() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", header(10, "999", "200").as_bytes());
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::UnsupportedFormat {
+                format: 999,
+                signal: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn header_missing_fields() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", b"r 2 100 10\nr.dat\nr.dat 16\n");
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Header {
+                field: "format",
+                line: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    write(d.path(), "r.hea", b"# only a comment\n");
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Header {
+                field: "record line",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn non_utf8_comment() {
+    let d = tempfile::tempdir().unwrap();
+    let mut h = header(10, "16", "200").into_bytes();
+    h.extend(b"# Diagnose: \xe9l\xe9vation\n");
+    write(d.path(), "r.hea", &h);
+    write(d.path(), "r.dat", &dat16(10));
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::NotUtf8 { line: 4, .. }), "{e}");
+}
+
+#[test]
+fn checksum_mismatch_and_no_verify() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", b"r 1 100 2\nr.dat 16 200 16 0 1 3 0 I\n");
+    write(d.path(), "r.dat", &[1, 0, 1, 0]); // samples 1, 1: sum 2, header says 3
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Checksum {
+                expected: 3,
+                found: 2,
+                signal: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let r = read_record(
+        &d.path().join("r"),
+        ReadOptions {
+            verify_checksum: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(r.channels[0].adc, vec![1, 1]);
+}
+
+#[test]
+fn mat_with_wrong_shape() {
+    let d = tempfile::tempdir().unwrap();
+    // MAT v4 header: type 30, 3 rows x 4 cols, real, name "val\0"; the .hea says 2 signals.
+    let mut m = Vec::new();
+    for w in [30i32, 3, 4, 0, 4] {
+        m.extend(w.to_le_bytes());
+    }
+    m.extend(b"val\0");
+    m.extend(vec![0u8; 2 * 12]);
+    write(d.path(), "r.mat", &m);
+    write(
+        d.path(),
+        "r.hea",
+        b"r 2 500 4\nr.mat 16+24 1000/mV 16 0 0 0 0 I\nr.mat 16+24 1000/mV 16 0 0 0 0 II\n",
+    );
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::Mat { field: "shape", .. }), "{e}");
+    // A double-precision matrix is refused by type.
+    m[0..4].copy_from_slice(&0i32.to_le_bytes());
+    write(d.path(), "r.mat", &m);
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::Mat { field: "type", .. }), "{e}");
+}
+
+#[test]
+fn missing_signal_file() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.hea", header(10, "16", "200").as_bytes());
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+    assert!(e.to_string().contains("r.dat"), "{e}");
+}
+
+#[test]
+fn malformed_ptbxl_and_json() {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "db.csv",
+        b"ecg_id,age,sex,scp_codes,strat_fold,filename_lr,filename_hr\n1,50,0,\"{'NORM' 100}\",3,a,b\n",
+    );
+    let e = ecg_io::labels::ptbxl::read_database(&d.path().join("db.csv")).unwrap_err();
+    assert!(
+        matches!(&e, Error::Table { row: 1, field, .. } if field == "scp_codes"),
+        "{e}"
+    );
+    write(
+        d.path(),
+        "c.jsonl",
+        b"{\"id\": \"a\", \"conversations\": []}\n{\"id\": 3}\n",
+    );
+    let e = ecg_io::conversation::read_conversations(&d.path().join("c.jsonl")).unwrap_err();
+    assert!(matches!(e, Error::Json { line: 2, .. }), "{e}");
+}
