@@ -7,6 +7,7 @@
 //! DSP crate: we need exact zero-phase `filtfilt` with scipy's edge handling, and the
 //! maintained Rust DSP crates do not offer it.
 
+pub mod delineate;
 pub mod filter;
 pub mod leads;
 pub mod qrs;
