@@ -36,7 +36,17 @@ impl Channel {
 
     /// All physical values in the channel's units.
     pub fn physical(&self) -> Vec<f64> {
-        (0..self.adc.len()).map(|k| self.physical_at(k)).collect()
+        let (b, g) = (self.baseline as f64, self.gain);
+        // Branch-free body so the loop vectorises; the invalid marker becomes NaN by select.
+        let inv = self.invalid.unwrap_or(i32::MIN);
+        let has_inv = self.invalid.is_some();
+        self.adc
+            .iter()
+            .map(|&a| {
+                let v = (a as f64 - b) / g;
+                if has_inv && a == inv { f64::NAN } else { v }
+            })
+            .collect()
     }
 
     /// Factor turning the channel's units into millivolts (`None` for non-voltage units).

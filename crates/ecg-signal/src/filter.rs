@@ -58,7 +58,7 @@ impl Biquad {
 
 /// Q factors of the biquads of an even-order Butterworth filter.
 fn butterworth_qs(order: usize) -> Vec<f64> {
-    assert!(order >= 2 && order % 2 == 0, "even orders only");
+    assert!(order >= 2 && order.is_multiple_of(2), "even orders only");
     (0..order / 2)
         .map(|k| 1.0 / (2.0 * (PI * (2 * k + 1) as f64 / (2 * order) as f64).sin()))
         .collect()

@@ -1,4 +1,5 @@
 //! QRS detector against MIT-BIH record 100's reference beat annotations (150 ms window).
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use ecg_io::wfdb::annotation::read_annotations;
 use ecg_io::{ReadOptions, read_record};

@@ -438,7 +438,10 @@ pub fn generate(cfg: &SynthConfig, seed: u64, index: usize) -> SynthEcg {
         uniform(&mut rng, 0.015, 0.035),
         uniform(&mut rng, 0.015, 0.04),
     );
-    let (ph_m, ph_r) = (uniform(&mut rng, 0.0, 6.28), uniform(&mut rng, 0.0, 6.28));
+    let (ph_m, ph_r) = (
+        uniform(&mut rng, 0.0, std::f64::consts::TAU),
+        uniform(&mut rng, 0.0, std::f64::consts::TAU),
+    );
     let f_r = uniform(&mut rng, 0.2, 0.3);
     let mut t = -uniform(&mut rng, 0.0, rr0) - 0.3;
     let mut beats: Vec<(f64, f64, bool)> = Vec::new(); // (QRS onset, RR, ectopic)

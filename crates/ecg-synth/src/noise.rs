@@ -10,6 +10,7 @@ fn u(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * rng.random::<f64>()
 }
 
+#[allow(clippy::needless_range_loop)] // indexes electrodes and leads in step
 /// Add noise of overall scale `level` (1 = a typical resting ECG) to the 12 leads (order I,
 /// II, III, aVR, aVL, aVF, V1-V6).
 pub fn add_noise(leads: &mut [Vec<f64>], fs: f64, level: f64, mains: f64, rng: &mut ChaCha8Rng) {
@@ -17,8 +18,8 @@ pub fn add_noise(leads: &mut [Vec<f64>], fs: f64, level: f64, mains: f64, rng: &
     // Electrodes: 0 RA, 1 LA, 2 LL, 3..9 V1..V6.
     let mut e = vec![vec![0.0f64; n]; 9];
     let resp_f = u(rng, 0.15, 0.35);
-    let resp_ph = u(rng, 0.0, 6.28);
-    let line_ph = u(rng, 0.0, 6.28);
+    let resp_ph = u(rng, 0.0, std::f64::consts::TAU);
+    let line_ph = u(rng, 0.0, std::f64::consts::TAU);
     let line_amp = level * u(rng, 0.0, 0.02);
     for sig in e.iter_mut() {
         let wander: Vec<(f64, f64, f64)> = (0..2)
@@ -26,7 +27,7 @@ pub fn add_noise(leads: &mut [Vec<f64>], fs: f64, level: f64, mains: f64, rng: &
                 (
                     u(rng, 0.05, 0.45),
                     level * u(rng, 0.01, 0.08),
-                    u(rng, 0.0, 6.28),
+                    u(rng, 0.0, std::f64::consts::TAU),
                 )
             })
             .collect();
@@ -81,6 +82,7 @@ pub fn add_noise(leads: &mut [Vec<f64>], fs: f64, level: f64, mains: f64, rng: &
     }
 }
 
+#[allow(clippy::needless_range_loop)] // time index drives the waveform
 /// Atrial fibrillation's f-waves: a chaotic 4-9 Hz atrial dipole, largest in V1 and the
 /// inferior leads.
 pub fn add_fibrillatory_waves(leads: &mut [Vec<f64>], fs: f64, rng: &mut ChaCha8Rng) {
@@ -89,7 +91,7 @@ pub fn add_fibrillatory_waves(leads: &mut [Vec<f64>], fs: f64, rng: &mut ChaCha8
         .map(|_| {
             (
                 u(rng, 4.0, 9.0),
-                u(rng, 0.0, 6.28),
+                u(rng, 0.0, std::f64::consts::TAU),
                 [
                     u(rng, -0.02, 0.02),
                     u(rng, 0.01, 0.04),

@@ -17,9 +17,189 @@ pub struct Cli {
 /// Top-level nouns.
 #[derive(Debug, Subcommand)]
 pub enum Noun {
+    /// Read, convert, synthesize and import ECG data (WFDB, PhysioNet/CinC, PTB-XL).
+    #[command(subcommand)]
+    Data(DataVerb),
+    /// Draw a record as ECG paper (3x4 leads + lead II rhythm strip) into a PNG.
+    ///
+    /// Example: evl-ecg render ../shared/data/ptbxl_subset/records500/00000/00001_hr --out ecg.png
+    Render(RenderArgs),
     /// Measure speed against reference implementations run in the same invocation.
     #[command(subcommand)]
     Bench(BenchVerb),
+}
+
+/// `evl-ecg data <verb>`.
+#[derive(Debug, Subcommand)]
+pub enum DataVerb {
+    /// Print a record's header facts (rate, length, leads, gains, labels) and checksum status.
+    ///
+    /// RECORD is a WFDB or CinC record path with or without extension, e.g.
+    /// ../shared/data/physionet_misc/100 or ../shared/data/cinc2021_subset/cpsc2018/A0001.hea.
+    Inspect(InspectArgs),
+    /// Write a record's physical signal (mV) as CSV: a header row of lead names, one column per
+    /// lead, one row per sample, values with full f64 precision (compare with wfdb-python).
+    Convert(ConvertArgs),
+    /// Generate labelled SYNTHETIC 12-lead ECGs (WFDB format 16 + labels.csv).
+    ///
+    /// Records carry their labels in the header (`# Labels:`, `# Findings:`) and in labels.csv
+    /// (superclasses NORM/MI/STTC/CD/HYP, findings such as AF, RBBB, PVC, measured-by-design
+    /// heart rate, QRS, QT, PR). Same seed, same files, on any machine and thread count.
+    Synth(SynthArgs),
+    /// Index an existing dataset into the project's dataset format (index.jsonl).
+    #[command(subcommand)]
+    Import(ImportVerb),
+}
+
+/// Dataset kinds `data import` understands.
+#[derive(Debug, Subcommand)]
+pub enum ImportVerb {
+    /// A PTB-XL tree (ptbxl_database.csv, scp_statements.csv, records100/, records500/).
+    Ptbxl(ImportPtbxlArgs),
+}
+
+/// Arguments of `data import ptbxl`.
+#[derive(Debug, Args)]
+pub struct ImportPtbxlArgs {
+    /// PTB-XL root directory.
+    pub dir: PathBuf,
+    /// Sampling rate of the records to index (100 or 500).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Database file name inside DIR (the shared subset ships ptbxl_database_excerpt.csv).
+    #[arg(long, default_value = "ptbxl_database.csv")]
+    pub database: String,
+    /// Also index records that have no database row, labelled from their header comments.
+    #[arg(long)]
+    pub headers: bool,
+    /// Output index file (JSON Lines).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Skip checksum verification.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// Arguments of `data inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Record path(s).
+    #[arg(required = true)]
+    pub records: Vec<PathBuf>,
+    /// Load even if the per-lead checksum does not match the header.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// Output formats of `data convert`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvertTo {
+    /// Comma-separated values, physical units (mV).
+    Csv,
+    /// WFDB format 16 (re-encode; `--out` names the output directory).
+    Wfdb,
+}
+
+/// Arguments of `data convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Record path (WFDB .hea/.dat or CinC .hea/.mat).
+    pub record: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "csv")]
+    pub to: ConvertTo,
+    /// Output file (`-` for stdout).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Load even if the per-lead checksum does not match the header.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Raw ADC values instead of physical units.
+    #[arg(long)]
+    pub adc: bool,
+}
+
+/// Finding size of synthetic records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DifficultyArg {
+    /// Textbook-size findings.
+    Obvious,
+    /// Near diagnostic thresholds.
+    Subtle,
+    /// Half and half.
+    Mixed,
+}
+
+/// Arguments of `data synth`.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Number of records.
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    /// Seed (record i of seed s is always the same ECG).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sampling frequency, Hz.
+    #[arg(long, default_value_t = 500)]
+    pub fs: u32,
+    /// Record length, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// How pronounced findings are.
+    #[arg(long, value_enum, default_value = "mixed")]
+    pub difficulty: DifficultyArg,
+    /// Noise scale (0 = clean, 1 = typical resting ECG).
+    #[arg(long, default_value_t = 1.0)]
+    pub noise: f64,
+    /// Class weights NORM,MI,STTC,CD,HYP.
+    #[arg(long, value_delimiter = ',', num_args = 5, default_values_t = [0.4, 0.15, 0.15, 0.15, 0.15])]
+    pub class_weights: Vec<f64>,
+    /// Mains frequency of powerline interference (50 or 60).
+    #[arg(long, default_value_t = 50.0)]
+    pub mains: f64,
+}
+
+/// Arguments of `render`.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Record path (WFDB or CinC).
+    pub record: PathBuf,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Resolution in dots per inch (PULSE used about 200; 50-100 for training).
+    #[arg(long, default_value_t = 200.0)]
+    pub dpi: f32,
+    /// Gray levels instead of red paper.
+    #[arg(long)]
+    pub grayscale: bool,
+    /// No grid.
+    #[arg(long)]
+    pub no_grid: bool,
+    /// Maximum random rotation, degrees.
+    #[arg(long, default_value_t = 0.0)]
+    pub rotate: f32,
+    /// Pixel noise standard deviation (0-255 scale).
+    #[arg(long, default_value_t = 0.0)]
+    pub noise: f32,
+    /// Maximum relative colour change per channel.
+    #[arg(long, default_value_t = 0.0)]
+    pub color_jitter: f32,
+    /// Number of crease lines.
+    #[arg(long, default_value_t = 0)]
+    pub creases: u32,
+    /// Box-blur radius, pixels.
+    #[arg(long, default_value_t = 0)]
+    pub blur: u32,
+    /// Seed of the distortions.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Load even if the checksum does not match.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// `evl-ecg bench <verb>`.
@@ -32,6 +212,47 @@ pub enum BenchVerb {
     /// count (install with `python3 -m pip install -r bench/requirements.txt`). Without
     /// PyTorch the command says so and reports our times alone.
     Losses(BenchLossesArgs),
+    /// Records read per second: ours vs wfdb-python's `rdrecord` on the same files.
+    Io(BenchIoArgs),
+    /// Images rendered per second: ours vs a matplotlib ECG-paper renderer in the same run.
+    Render(BenchRenderArgs),
+}
+
+/// Arguments of `bench io`.
+#[derive(Debug, Args)]
+pub struct BenchIoArgs {
+    /// Directory searched recursively for .hea records (default: ../shared/data).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Passes over all records (best pass reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Do not run wfdb-python.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Python interpreter.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Threads for the parallel measurement (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Arguments of `bench render`.
+#[derive(Debug, Args)]
+pub struct BenchRenderArgs {
+    /// Resolution (training resolution by default).
+    #[arg(long, default_value_t = 100.0)]
+    pub dpi: f32,
+    /// Images per measurement.
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// Do not run the matplotlib reference.
+    #[arg(long)]
+    pub no_python: bool,
+    /// Python interpreter.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
 }
 
 /// Shape presets of the loss benchmark.

@@ -1,5 +1,6 @@
 //! ecg-io integration tests: every record under ../shared/data against wfdb-python's values,
 //! label tables, annotations, malformed input.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod malformed;
 mod real_data;

@@ -205,7 +205,7 @@ fn cinc_dx_codes_map_to_names_and_cpsc_classes() {
             let codes = snomed::parse_dx(ecg_io::record::comment_value(&h.comments, "Dx").unwrap())
                 .unwrap();
             let (v, _) = space.encode(codes.iter().filter_map(|c| snomed::cpsc2018_class(*c)));
-            assert!(v.iter().any(|&x| x == 1), "{}", e.display());
+            assert!(v.contains(&1), "{}", e.display());
         }
     }
 }

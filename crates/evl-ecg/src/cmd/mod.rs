@@ -1,12 +1,21 @@
 //! One module per noun; one function per verb.
 
 mod bench;
+mod bench_data;
+mod data;
 
-use crate::args::{BenchVerb, Cli, Noun};
+use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun};
 
 /// Dispatches a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.noun {
         Noun::Bench(BenchVerb::Losses(a)) => bench::losses(&a, cli.json),
+        Noun::Bench(BenchVerb::Io(a)) => bench_data::io(&a, cli.json),
+        Noun::Bench(BenchVerb::Render(a)) => bench_data::render(&a, cli.json),
+        Noun::Data(DataVerb::Inspect(a)) => data::inspect(&a, cli.json),
+        Noun::Data(DataVerb::Convert(a)) => data::convert(&a),
+        Noun::Data(DataVerb::Synth(a)) => data::synth(&a, cli.json),
+        Noun::Data(DataVerb::Import(ImportVerb::Ptbxl(a))) => data::import_ptbxl(&a, cli.json),
+        Noun::Render(a) => data::render(&a),
     }
 }

@@ -1,0 +1,88 @@
+//! Dataset index, sources, shuffling, preprocessing and the safetensors cache.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use ecg_data::{Dataset, Preprocess, SignalCache};
+use ecg_io::labels::ptbxl::{PtbxlTree, Split};
+
+#[test]
+fn synthetic_dir_index_round_trip_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ecg_synth::SynthConfig::default();
+    ecg_synth::write_dataset(dir.path(), &cfg, 5, 30).unwrap();
+    let ds = Dataset::from_synth_dir(dir.path()).unwrap();
+    assert_eq!(ds.entries.len(), 30);
+    let idx = dir.path().join("index.jsonl");
+    ds.write_index(&idx).unwrap();
+    let back = Dataset::read_index(&idx).unwrap();
+    assert_eq!(back, ds);
+    // Deterministic shuffling, different per epoch.
+    let all: Vec<usize> = (0..30).collect();
+    assert_eq!(ds.shuffled(&all, 1, 0), ds.shuffled(&all, 1, 0));
+    assert_ne!(ds.shuffled(&all, 1, 0), ds.shuffled(&all, 1, 1));
+    // Preprocess: 500 Hz, 10 s -> 100 Hz, 1000 samples, 12 leads.
+    let p = Preprocess::default();
+    let ex = ds.load(3, &p).unwrap();
+    assert_eq!(ex.signal.len(), 12 * 1000);
+    assert!(ex.lead_mask.iter().all(|&m| m));
+    assert_eq!(ex.labels, ds.label_vector(3));
+    // Cache: built once, then read back identical.
+    let cdir = dir.path().join("cache");
+    let (c1, path, hit1) = SignalCache::open_or_build(&cdir, "synth", &ds, &p).unwrap();
+    let (c2, _, hit2) = SignalCache::open_or_build(&cdir, "synth", &ds, &p).unwrap();
+    assert!(!hit1 && hit2);
+    assert_eq!(c1, c2);
+    assert_eq!(c1.signal(3), ex.signal.as_slice());
+    // Different settings miss the cache.
+    let p2 = Preprocess {
+        standardize: true,
+        ..p.clone()
+    };
+    assert!(SignalCache::load(&path, &ds, &p2).unwrap().is_none());
+}
+
+#[test]
+fn truncated_index_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    ecg_synth::write_dataset(dir.path(), &ecg_synth::SynthConfig::default(), 5, 3).unwrap();
+    let ds = Dataset::from_synth_dir(dir.path()).unwrap();
+    let idx = dir.path().join("index.jsonl");
+    ds.write_index(&idx).unwrap();
+    let text = std::fs::read_to_string(&idx).unwrap();
+    let cut: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&idx, cut.join("\n")).unwrap();
+    let e = Dataset::read_index(&idx).unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+#[test]
+fn ptbxl_and_cinc_sources() {
+    let Some(shared) = evl_testkit::shared_dir() else {
+        return;
+    };
+    let root = shared.join("data/ptbxl_subset");
+    let tree = PtbxlTree::open(&root, Some("ptbxl_database_excerpt.csv")).unwrap();
+    let ds = Dataset::from_ptbxl(&tree, 500, true).unwrap();
+    assert_eq!(ds.entries.len(), 33);
+    assert!(
+        ds.entries
+            .iter()
+            .any(|e| e.split == Split::Test || e.split == Split::Val)
+            || ds.entries.iter().all(|e| e.split == Split::Train)
+    );
+    let ex = ds.load_many(&[0, 1, 2], &Preprocess::default()).unwrap();
+    assert_eq!(ex[0].signal.len(), 12_000);
+    let dx = ecg_io::labels::snomed::DxMap::load(
+        &shared.join("data/cinc2021_subset/challenge2021_evaluation"),
+    )
+    .unwrap();
+    let cinc = Dataset::from_cinc_dir(&shared.join("data/cinc2021_subset/cpsc2018"), &dx).unwrap();
+    assert_eq!(cinc.entries.len(), 10);
+    assert!(cinc.entries.iter().all(|e| !e.labels.is_empty()));
+    let conv = Dataset::from_conversations(
+        &shared.join("data/ecgbench_formats/pulse_ptb_report_generation_test.json"),
+        &shared.join("data"),
+    )
+    .unwrap();
+    assert_eq!(conv.entries.len(), 500);
+    assert!(conv.load(0, &Preprocess::default()).is_err());
+}

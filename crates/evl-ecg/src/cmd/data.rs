@@ -1,0 +1,267 @@
+//! `evl-ecg data inspect|convert|synth|import` and `evl-ecg render`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use ecg_io::{ReadOptions, Record, read_record};
+
+use crate::args::{ConvertArgs, ConvertTo, DifficultyArg, InspectArgs, RenderArgs, SynthArgs};
+
+fn opts(no_verify: bool) -> ReadOptions {
+    ReadOptions {
+        verify_checksum: !no_verify,
+    }
+}
+
+pub(crate) fn load(path: &Path, no_verify: bool) -> Result<Record> {
+    read_record(path, opts(no_verify)).with_context(|| format!("reading record {}", path.display()))
+}
+
+/// `data inspect`: one block (or JSON line) per record; bad records are reported and the
+/// exit status says so, the others are still printed.
+pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
+    let mut failed = 0;
+    for path in &a.records {
+        match load(path, a.no_verify) {
+            Ok(r) => {
+                let qrs = {
+                    let sig = r.to_mv_f32();
+                    let lead = r.channel_index(&ecg_io::Lead::II).unwrap_or(0);
+                    let beats = ecg_signal::detect_qrs(&[&sig[lead]], r.fs, &Default::default());
+                    ecg_signal::heart_rate_bpm(&beats, r.fs)
+                };
+                if json {
+                    let line = serde_json::json!({"type": "record", "data": {
+                        "path": path, "name": r.name, "fs": r.fs, "n_samples": r.n_samples,
+                        "duration_s": r.duration_s(),
+                        "leads": r.channels.iter().map(|c| c.lead.name().to_string()).collect::<Vec<_>>(),
+                        "gain": r.channels.iter().map(|c| c.gain).collect::<Vec<_>>(),
+                        "units": r.channels.iter().map(|c| c.units.clone()).collect::<Vec<_>>(),
+                        "comments": r.comments, "heart_rate_bpm": qrs,
+                    }});
+                    println!("{line}");
+                } else {
+                    println!("{}  ({})", r.name, path.display());
+                    println!(
+                        "  {} Hz, {} samples ({:.2} s), {} leads",
+                        r.fs,
+                        r.n_samples,
+                        r.duration_s(),
+                        r.channels.len()
+                    );
+                    for c in &r.channels {
+                        println!(
+                            "  {:5} gain {} adu/{} baseline {}{}",
+                            c.lead.name(),
+                            c.gain,
+                            c.units,
+                            c.baseline,
+                            if c.description != c.lead.name() {
+                                format!(" (header: {})", c.description)
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                    if let Some(hr) = qrs {
+                        println!("  heart rate (QRS detector): {hr:.0} bpm");
+                    }
+                    for c in &r.comments {
+                        println!("  # {c}");
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} records could not be read", a.records.len());
+    }
+    Ok(())
+}
+
+/// `data convert`.
+pub fn convert(a: &ConvertArgs) -> Result<()> {
+    let r = load(&a.record, a.no_verify)?;
+    match a.to {
+        ConvertTo::Csv => {
+            let mut out: Box<dyn Write> = if a.out.as_os_str() == "-" {
+                Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+            } else {
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(&a.out)
+                        .with_context(|| format!("creating {}", a.out.display()))?,
+                ))
+            };
+            write_csv(&r, a.adc, &mut out)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+        }
+        ConvertTo::Wfdb => {
+            ecg_io::write_record(&a.out, &r, 16)
+                .with_context(|| format!("writing {} into {}", r.name, a.out.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_csv(r: &Record, adc: bool, out: &mut dyn Write) -> std::io::Result<()> {
+    let names: Vec<&str> = r.channels.iter().map(|c| c.description.as_str()).collect();
+    writeln!(out, "{}", names.join(","))?;
+    let mut line = String::new();
+    for k in 0..r.n_samples {
+        line.clear();
+        for (j, c) in r.channels.iter().enumerate() {
+            if j > 0 {
+                line.push(',');
+            }
+            if adc {
+                line.push_str(&c.adc[k].to_string());
+            } else {
+                let v = c.physical_at(k);
+                if v.is_nan() {
+                    line.push_str("nan");
+                } else {
+                    // `{}` on f64 prints the shortest text that reads back to the same value.
+                    line.push_str(&format!("{v}"));
+                }
+            }
+        }
+        line.push('\n');
+        out.write_all(line.as_bytes())?;
+    }
+    out.flush()
+}
+
+/// `data synth`.
+pub fn synth(a: &SynthArgs, json: bool) -> Result<()> {
+    let cfg = ecg_synth::SynthConfig {
+        fs: a.fs,
+        duration_s: a.duration,
+        class_weights: [
+            a.class_weights[0],
+            a.class_weights[1],
+            a.class_weights[2],
+            a.class_weights[3],
+            a.class_weights[4],
+        ],
+        difficulty: match a.difficulty {
+            DifficultyArg::Obvious => ecg_synth::Difficulty::Obvious,
+            DifficultyArg::Subtle => ecg_synth::Difficulty::Subtle,
+            DifficultyArg::Mixed => ecg_synth::Difficulty::Mixed,
+        },
+        noise: a.noise,
+        mains_hz: a.mains,
+        ..Default::default()
+    };
+    if cfg.class_weights.iter().any(|w| *w < 0.0) || cfg.class_weights.iter().sum::<f64>() <= 0.0 {
+        bail!("--class-weights must be non-negative with a positive sum");
+    }
+    let t = std::time::Instant::now();
+    let truths = ecg_synth::write_dataset(&a.out, &cfg, a.seed, a.n)
+        .with_context(|| format!("writing synthetic records to {}", a.out.display()))?;
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for t in &truths {
+        for c in &t.superclasses {
+            *counts.entry(c.clone()).or_default() += 1;
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "summary", "data": {"out": a.out, "n": a.n, "seed": a.seed,
+                "superclass_counts": counts, "seconds": t.elapsed().as_secs_f64()}})
+        );
+    } else {
+        eprintln!(
+            "wrote {} SYNTHETIC records + labels.csv to {} in {:.2} s; superclasses: {:?}",
+            a.n,
+            a.out.display(),
+            t.elapsed().as_secs_f64(),
+            counts
+        );
+    }
+    Ok(())
+}
+
+/// `render`.
+pub fn render(a: &RenderArgs) -> Result<()> {
+    let r = load(&a.record, a.no_verify)?;
+    let synthetic = r.comments.iter().any(|c| c.contains("SYNTHETIC"));
+    let cfg = ecg_render::RenderConfig {
+        dpi: a.dpi,
+        grayscale: a.grayscale,
+        grid: !a.no_grid,
+        banner: synthetic.then(|| "SYNTHETIC".to_string()),
+        distortions: ecg_render::Distortions {
+            rotation_deg: a.rotate,
+            noise_sd: a.noise,
+            color_jitter: a.color_jitter,
+            creases: a.creases,
+            blur_px: a.blur,
+            seed: a.seed,
+        },
+        ..Default::default()
+    };
+    let renderer = ecg_render::Renderer::new(cfg).context("render settings")?;
+    ecg_render::render_png(&renderer, &r, &a.out)
+        .with_context(|| format!("rendering {}", a.record.display()))?;
+    let (w, h) = renderer.size();
+    eprintln!("wrote {} ({w}x{h})", a.out.display());
+    Ok(())
+}
+
+/// `data import ptbxl`: index a PTB-XL tree; every record is opened once to check it reads.
+pub fn import_ptbxl(a: &crate::args::ImportPtbxlArgs, json: bool) -> Result<()> {
+    if a.rate != 100 && a.rate != 500 {
+        bail!("--rate must be 100 or 500 (PTB-XL ships records100/ and records500/)");
+    }
+    let tree = ecg_io::labels::ptbxl::PtbxlTree::open(&a.dir, Some(&a.database))
+        .with_context(|| format!("opening PTB-XL tree {}", a.dir.display()))?;
+    let mut ds = ecg_data::Dataset::from_ptbxl(&tree, a.rate, a.headers)
+        .with_context(|| format!("indexing {}", a.dir.display()))?;
+    // Record paths in the index are relative to the index file: rewrite them to absolute
+    // paths of the tree so the index can live anywhere.
+    let root =
+        std::fs::canonicalize(&a.dir).with_context(|| format!("resolving {}", a.dir.display()))?;
+    let mut bad = 0;
+    for e in &mut ds.entries {
+        let rel = e.record.take().expect("PTB-XL entries have records");
+        let abs = root.join(&rel);
+        if let Err(err) = read_record(&abs, opts(a.no_verify)) {
+            bad += 1;
+            eprintln!("error: {}: {err}", e.id);
+        }
+        e.record = Some(abs);
+    }
+    ds.root = root;
+    ds.write_index(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for e in &ds.entries {
+        for l in &e.labels {
+            *counts.entry(l.as_str()).or_default() += 1;
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "summary", "data": {"out": a.out, "entries": ds.entries.len(), "unreadable": bad, "superclass_counts": counts}})
+        );
+    } else {
+        eprintln!(
+            "indexed {} PTB-XL records ({} Hz) into {}; superclasses {:?}",
+            ds.entries.len(),
+            a.rate,
+            a.out.display(),
+            counts
+        );
+    }
+    if bad > 0 {
+        bail!("{bad} records could not be read (listed above); the index still lists them");
+    }
+    Ok(())
+}
