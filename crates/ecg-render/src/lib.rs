@@ -491,8 +491,21 @@ fn box_blur(img: &mut RgbImage, r: u32) {
 
 /// Render and write a PNG.
 pub fn render_png(renderer: &Renderer, record: &Record, path: &std::path::Path) -> Result<()> {
+    use image::ImageEncoder;
     let img = renderer.render(record)?;
-    img.save(path).map_err(|source| Error::Write {
+    let file = std::fs::File::create(path).map_err(|e| Error::Write {
+        path: path.to_path_buf(),
+        source: image::ImageError::IoError(e),
+    })?;
+    // Best compression with adaptive filtering: a third of the size of the fast default
+    // on ECG paper.
+    image::codecs::png::PngEncoder::new_with_quality(
+        std::io::BufWriter::new(file),
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+    .map_err(|source| Error::Write {
         path: path.to_path_buf(),
         source,
     })
