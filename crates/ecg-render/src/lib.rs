@@ -504,7 +504,12 @@ pub fn render_png(renderer: &Renderer, record: &Record, path: &std::path::Path) 
         image::codecs::png::CompressionType::Best,
         image::codecs::png::FilterType::Adaptive,
     )
-    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+    .write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgb8,
+    )
     .map_err(|source| Error::Write {
         path: path.to_path_buf(),
         source,

@@ -31,7 +31,11 @@ fn convert_csv_is_exact() {
         "ptbxl_subset/records100/00000/00001_lr",
     ] {
         let out = tmp.path().join("x.csv");
-        let (ok, _, err) = run(bin().args(["data", "convert"]).arg(d.join(rel)).args(["--to", "csv", "--out"]).arg(&out));
+        let (ok, _, err) = run(bin()
+            .args(["data", "convert"])
+            .arg(d.join(rel))
+            .args(["--to", "csv", "--out"])
+            .arg(&out));
         assert!(ok, "{rel}: {err}");
         let rec = ecg_io::read_record(&d.join(rel), Default::default()).unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
@@ -42,7 +46,11 @@ fn convert_csv_is_exact() {
         for (k, line) in lines.enumerate() {
             for (j, v) in line.split(',').enumerate() {
                 let got: f64 = v.parse().unwrap();
-                assert_eq!(got.to_bits(), rec.channels[j].physical_at(k).to_bits(), "{rel} [{k},{j}]");
+                assert_eq!(
+                    got.to_bits(),
+                    rec.channels[j].physical_at(k).to_bits(),
+                    "{rel} [{k},{j}]"
+                );
             }
             n += 1;
         }
@@ -54,15 +62,26 @@ fn convert_csv_is_exact() {
 fn synth_then_read_back_and_render() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("syn");
-    let (ok, stdout, err) = run(bin().args(["--json", "data", "synth", "--n", "6", "--seed", "3", "--out"]).arg(&out));
+    let (ok, stdout, err) = run(bin()
+        .args([
+            "--json", "data", "synth", "--n", "6", "--seed", "3", "--out",
+        ])
+        .arg(&out));
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(v["type"], "summary");
     assert_eq!(v["data"]["n"], 6);
     let r = ecg_io::read_record(&out.join("synth000004"), Default::default()).unwrap();
-    assert_eq!(r, ecg_synth::generate(&ecg_synth::SynthConfig::default(), 3, 4).record);
+    assert_eq!(
+        r,
+        ecg_synth::generate(&ecg_synth::SynthConfig::default(), 3, 4).record
+    );
     let png = tmp.path().join("x.png");
-    let (ok, _, err) = run(bin().arg("render").arg(out.join("synth000004")).args(["--dpi", "60", "--rotate", "2", "--out"]).arg(&png));
+    let (ok, _, err) = run(bin()
+        .arg("render")
+        .arg(out.join("synth000004"))
+        .args(["--dpi", "60", "--rotate", "2", "--out"])
+        .arg(&png));
     assert!(ok, "{err}");
     let img = image::open(&png).unwrap();
     assert_eq!(img.width(), (279.4f32 * 60.0 / 25.4).round() as u32);
@@ -73,9 +92,18 @@ fn synth_then_read_back_and_render() {
 #[test]
 fn inspect_reports_bad_records_and_continues() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("bad.hea"), "bad 1 500 10\nbad.dat 16 oops 16 0 0 0 0 I\n").unwrap();
+    std::fs::write(
+        tmp.path().join("bad.hea"),
+        "bad 1 500 10\nbad.dat 16 oops 16 0 0 0 0 I\n",
+    )
+    .unwrap();
     let good = tmp.path().join("syn");
-    assert!(run(bin().args(["data", "synth", "--n", "1", "--out"]).arg(&good)).0);
+    assert!(
+        run(bin()
+            .args(["data", "synth", "--n", "1", "--out"])
+            .arg(&good))
+        .0
+    );
     let out = bin()
         .args(["--json", "data", "inspect"])
         .arg(tmp.path().join("bad"))
@@ -94,12 +122,27 @@ fn inspect_reports_bad_records_and_continues() {
 #[test]
 fn checksum_error_and_no_verify() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("c.hea"), "c 1 100 2\nc.dat 16 200 16 0 1 3 0 I\n").unwrap();
+    std::fs::write(
+        tmp.path().join("c.hea"),
+        "c 1 100 2\nc.dat 16 200 16 0 1 3 0 I\n",
+    )
+    .unwrap();
     std::fs::write(tmp.path().join("c.dat"), [1u8, 0, 1, 0]).unwrap();
     let csv = tmp.path().join("c.csv");
-    let (ok, _, err) = run(bin().args(["data", "convert"]).arg(tmp.path().join("c")).arg("--out").arg(&csv));
-    assert!(!ok && err.contains("checksum") && err.contains("--no-verify"), "{err}");
-    let (ok, _, err) = run(bin().args(["data", "convert", "--no-verify"]).arg(tmp.path().join("c")).arg("--out").arg(&csv));
+    let (ok, _, err) = run(bin()
+        .args(["data", "convert"])
+        .arg(tmp.path().join("c"))
+        .arg("--out")
+        .arg(&csv));
+    assert!(
+        !ok && err.contains("checksum") && err.contains("--no-verify"),
+        "{err}"
+    );
+    let (ok, _, err) = run(bin()
+        .args(["data", "convert", "--no-verify"])
+        .arg(tmp.path().join("c"))
+        .arg("--out")
+        .arg(&csv));
     assert!(ok, "{err}");
     assert_eq!(std::fs::read_to_string(&csv).unwrap(), "I\n0.005\n0.005\n");
 }
@@ -109,14 +152,16 @@ fn import_ptbxl_subset() {
     let Some(d) = data() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let idx = tmp.path().join("ptbxl.jsonl");
-    let (ok, _, err) = run(
-        bin().args(["data", "import", "ptbxl"]).arg(d.join("ptbxl_subset")).args([
+    let (ok, _, err) = run(bin()
+        .args(["data", "import", "ptbxl"])
+        .arg(d.join("ptbxl_subset"))
+        .args([
             "--database",
             "ptbxl_database_excerpt.csv",
             "--headers",
             "--out",
-        ]).arg(&idx),
-    );
+        ])
+        .arg(&idx));
     assert!(ok, "{err}");
     let ds = ecg_data::Dataset::read_index(&idx).unwrap();
     assert_eq!(ds.entries.len(), 33);
