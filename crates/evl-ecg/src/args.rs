@@ -24,9 +24,66 @@ pub enum Noun {
     ///
     /// Example: evl-ecg render ../shared/data/ptbxl_subset/records500/00000/00001_hr --out ecg.png
     Render(RenderArgs),
+    /// Score model answers: ECG-Bench parity (PULSE's scorer, quirks included).
+    #[command(subcommand)]
+    Score(ScoreVerb),
     /// Measure speed against reference implementations run in the same invocation.
     #[command(subcommand)]
     Bench(BenchVerb),
+}
+
+/// `evl-ecg score <verb>`.
+#[derive(Debug, Subcommand)]
+pub enum ScoreVerb {
+    /// Reproduce PULSE's evaluation/evaluate_ecgbench.py on one prediction file.
+    ///
+    /// Multi-label tasks (ptb, cpsc, code15) report macro F1, Hamming loss and the parity
+    /// "AUC": the mean of per-class ROC AUC computed on 0/1 answers (balanced accuracy, NaN if
+    /// a class has one gold value) - comparable with the paper, not a probability AUC.
+    /// Multiple choice (csn, g12, mmmu) reports accuracy; unparsable answers become letters
+    /// drawn from CPython's random.seed(42) stream as the script does (--strict counts them
+    /// wrong). ecgqa scores exact set matches of the options named in the prompt.
+    ///
+    /// Example: evl-ecg score ecgbench --task ecgqa
+    ///   --gold ../shared/data/ecgbench_formats/ecgqa/ecgqa_items_for_local_ptbxl_records.json
+    ///   --pred examples/ecgbench/ecgqa_first_option.jsonl
+    Ecgbench(ScoreEcgbenchArgs),
+}
+
+/// ECG-Bench subsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EcgbenchTask {
+    /// PTB-XL superclasses.
+    Ptb,
+    /// CPSC-2018 nine classes.
+    Cpsc,
+    /// CODE-15% with NORM/ABNORMAL handling.
+    Code15,
+    /// CSN multiple choice.
+    Csn,
+    /// G12EC multiple choice.
+    G12,
+    /// MMMU-ECG multiple choice.
+    Mmmu,
+    /// ECG-QA set match.
+    Ecgqa,
+}
+
+/// Arguments of `score ecgbench`.
+#[derive(Debug, Args)]
+pub struct ScoreEcgbenchArgs {
+    /// Task.
+    #[arg(long, value_enum)]
+    pub task: EcgbenchTask,
+    /// Predictions: PULSE output JSONL (`question_id`/`id`, `text`/`response`, `prompt`).
+    #[arg(long)]
+    pub pred: PathBuf,
+    /// Gold: ECG-Bench item JSON (`id`, `conversations`), or raw ECG-QA items.
+    #[arg(long)]
+    pub gold: PathBuf,
+    /// Count unparsable answers wrong instead of drawing a random letter.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// `evl-ecg data <verb>`.

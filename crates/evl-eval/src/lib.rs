@@ -8,7 +8,9 @@
 //!
 //! Entry points: [`multilabel_metrics`], [`multiple_choice_accuracy`], [`roc_auc`].
 
+pub mod ecgbench;
 pub mod metrics;
+pub mod pyrandom;
 
 pub use metrics::{
     MultilabelMetrics, f1_binary, multilabel_metrics, multiple_choice_accuracy, roc_auc,

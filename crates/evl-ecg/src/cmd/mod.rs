@@ -3,8 +3,9 @@
 mod bench;
 mod bench_data;
 mod data;
+mod score;
 
-use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun};
+use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb};
 
 /// Dispatches a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -17,5 +18,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Data(DataVerb::Synth(a)) => data::synth(&a, cli.json),
         Noun::Data(DataVerb::Import(ImportVerb::Ptbxl(a))) => data::import_ptbxl(&a, cli.json),
         Noun::Render(a) => data::render(&a),
+        Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }
