@@ -8,10 +8,12 @@
 //! - [`device`]: choosing the compute device (`flex` on CPU, `cuda` behind the cargo feature)
 //!   and the float precision, plus host <-> tensor conversion helpers.
 //!
-//! The ECG teacher and student models (issue #4) will live here too.
+//! - [`vlm`]: the ECG vision-language model family (image or signal encoder -> projector ->
+//!   decoder LM) and the [`vlm::Distillable`] view distillation reads.
 
 pub mod device;
 pub mod ops;
+pub mod vlm;
 
 pub use burn;
 pub use device::{DeviceSpec, Precision};

@@ -1,0 +1,327 @@
+//! An ECG vision-language model family: a patch encoder over the rendered ECG paper image (or,
+//! for the edge student, over the raw 12-lead signal) -> a projector -> a decoder-only
+//! transformer language model over `[visual tokens; prompt tokens; answer tokens]`, trained with
+//! next-token cross-entropy on the answer tokens, with greedy generation.
+//!
+//! The shapes follow LLaVA (CLIP ViT patch tokens -> MLP projector -> causal LM over image
+//! tokens prepended to the text) and Qwen3-VL (ViT with merged patches -> LM); the
+//! [`Distillable`] view exposes what distillation needs from either: visual tokens, hidden
+//! states of a chosen layer, logits, masks.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
+
+/// What the encoder reads.
+#[derive(Config, Debug, PartialEq)]
+pub enum InputKind {
+    /// A grayscale image `[batch, 1, height, width]` cut into `patch x patch` squares.
+    Image {
+        /// Image height, pixels.
+        height: usize,
+        /// Image width, pixels.
+        width: usize,
+        /// Patch side, pixels.
+        patch: usize,
+    },
+    /// A multi-lead signal `[batch, leads, samples]` cut into windows of `patch` samples.
+    Signal {
+        /// Leads.
+        leads: usize,
+        /// Samples per lead.
+        samples: usize,
+        /// Samples per token.
+        patch: usize,
+    },
+}
+
+impl InputKind {
+    /// Number of visual tokens.
+    pub fn n_tokens(&self) -> usize {
+        match self {
+            InputKind::Image { height, width, patch } => (height / patch) * (width / patch),
+            InputKind::Signal { samples, patch, .. } => samples / patch,
+        }
+    }
+
+    /// Values per token before the patch embedding.
+    pub fn patch_dim(&self) -> usize {
+        match self {
+            InputKind::Image { patch, .. } => patch * patch,
+            InputKind::Signal { leads, patch, .. } => leads * patch,
+        }
+    }
+}
+
+/// Configuration of an [`EcgVlm`].
+#[derive(Config, Debug)]
+pub struct EcgVlmConfig {
+    /// Encoder input.
+    pub input: InputKind,
+    /// Width of the visual encoder (`D_vis`).
+    pub d_vision: usize,
+    /// Visual encoder layers.
+    pub vision_layers: usize,
+    /// Visual encoder heads.
+    pub vision_heads: usize,
+    /// Width of the language model (`D`).
+    pub d_model: usize,
+    /// Language model layers.
+    pub layers: usize,
+    /// Language model heads.
+    pub heads: usize,
+    /// Vocabulary size of the model's tokenizer.
+    pub vocab: usize,
+    /// Longest text (prompt + answer) in tokens.
+    pub max_text: usize,
+    /// Feed-forward width as a multiple of the model width.
+    #[config(default = 4)]
+    pub ff_mult: usize,
+}
+
+/// The model.
+#[derive(Module, Debug)]
+pub struct EcgVlm {
+    patch_embed: Linear,
+    vis_pos: Param<Tensor<2>>,
+    vision: TransformerEncoder,
+    vis_norm: LayerNorm,
+    projector: Linear,
+    tok_emb: Embedding,
+    pos: Param<Tensor<2>>,
+    decoder: TransformerEncoder,
+    norm: LayerNorm,
+    lm_head: Linear,
+    // The input kind as plain constants (module fields must be modules or primitives):
+    // image (height, width, patch) or signal (leads, samples, patch).
+    is_signal: bool,
+    in_a: usize,
+    in_b: usize,
+    in_patch: usize,
+    n_visual: usize,
+}
+
+/// The distillation view of one forward pass.
+#[derive(Debug, Clone)]
+pub struct DistillView {
+    /// Visual tokens after the visual encoder `[batch, v, d_vision]`.
+    pub visual: Tensor<3>,
+    /// Language-model hidden states at the text positions `[batch, t, d_model]`.
+    pub hidden: Tensor<3>,
+    /// Valid (non-padding) text positions `[batch, t]`.
+    pub text_mask: Tensor<2, Bool>,
+    /// Next-token logits at the text positions `[batch, t, vocab]`: position `i` predicts
+    /// text token `i`.
+    pub logits: Tensor<3>,
+}
+
+/// Facts about a model that reports need (heterogeneity of teacher and student).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelFacts {
+    /// Trainable parameters.
+    pub params: usize,
+    /// Visual tokens per example.
+    pub visual_tokens: usize,
+    /// Visual encoder width.
+    pub d_vision: usize,
+    /// Language model width.
+    pub d_model: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Encoder input kind.
+    pub input: String,
+}
+
+/// A model that can be distilled from or into: built-in models implement it, and so can an
+/// adapter over a ported LLaVA or Qwen3-VL.
+pub trait Distillable {
+    /// One forward pass with everything distillation needs.
+    ///
+    /// # Shapes
+    /// - `pixels`: image `[b, 1, h, w]` or signal `[b, leads, samples]` flattened to 3-D
+    ///   `[b, c, n]` (images are passed as `[b, 1, h * w]`)
+    /// - `text`: `[b, t]` token ids (prompt then answer, padded), `text_pad`: `[b, t]`, true at
+    ///   padding
+    fn view(&self, pixels: Tensor<3>, text: Tensor<2, Int>, text_pad: Tensor<2, Bool>) -> DistillView;
+    /// Size facts.
+    fn facts(&self) -> ModelFacts;
+}
+
+impl EcgVlmConfig {
+    /// Build the model with random weights.
+    pub fn init(&self, device: &Device) -> EcgVlm {
+        let n_vis = self.input.n_tokens();
+        let enc = |d: usize, layers: usize, heads: usize| {
+            TransformerEncoderConfig::new(d, d * self.ff_mult, heads, layers)
+                .with_norm_first(true)
+                .with_dropout(0.0)
+                .init(device)
+        };
+        let pos = |n: usize, d: usize| {
+            Param::from_tensor(Tensor::<2>::random([n, d], Distribution::Normal(0.0, 0.02), device))
+        };
+        EcgVlm {
+            patch_embed: LinearConfig::new(self.input.patch_dim(), self.d_vision).init(device),
+            vis_pos: pos(n_vis, self.d_vision),
+            vision: enc(self.d_vision, self.vision_layers, self.vision_heads),
+            vis_norm: LayerNormConfig::new(self.d_vision).init(device),
+            projector: LinearConfig::new(self.d_vision, self.d_model).init(device),
+            tok_emb: EmbeddingConfig::new(self.vocab, self.d_model).init(device),
+            pos: pos(n_vis + self.max_text, self.d_model),
+            decoder: enc(self.d_model, self.layers, self.heads),
+            norm: LayerNormConfig::new(self.d_model).init(device),
+            lm_head: LinearConfig::new(self.d_model, self.vocab).with_bias(false).init(device),
+            is_signal: matches!(self.input, InputKind::Signal { .. }),
+            in_a: match self.input {
+                InputKind::Image { height, .. } => height,
+                InputKind::Signal { leads, .. } => leads,
+            },
+            in_b: match self.input {
+                InputKind::Image { width, .. } => width,
+                InputKind::Signal { samples, .. } => samples,
+            },
+            in_patch: match self.input {
+                InputKind::Image { patch, .. } | InputKind::Signal { patch, .. } => patch,
+            },
+            n_visual: n_vis,
+        }
+    }
+}
+
+impl EcgVlm {
+    /// The encoder input this model reads.
+    pub fn input(&self) -> InputKind {
+        if self.is_signal {
+            InputKind::Signal {
+                leads: self.in_a,
+                samples: self.in_b,
+                patch: self.in_patch,
+            }
+        } else {
+            InputKind::Image {
+                height: self.in_a,
+                width: self.in_b,
+                patch: self.in_patch,
+            }
+        }
+    }
+
+    /// Visual tokens `[b, v, d_vision]` from the input (see [`Distillable::view`]).
+    pub fn encode(&self, pixels: Tensor<3>) -> Tensor<3> {
+        let [b, _, _] = pixels.dims();
+        let patches = match &self.input() {
+            InputKind::Image { height, width, patch } => {
+                let (gh, gw) = (height / patch, width / patch);
+                pixels
+                    .reshape([b, *height, *width])
+                    .slice([0..b, 0..gh * patch, 0..gw * patch])
+                    .reshape([b, gh, *patch, gw, *patch])
+                    .swap_dims(2, 3)
+                    .reshape([b, gh * gw, patch * patch])
+            }
+            InputKind::Signal { leads, samples, patch } => {
+                let n = samples / patch;
+                pixels
+                    .slice([0..b, 0..*leads, 0..n * patch])
+                    .reshape([b, *leads, n, *patch])
+                    .swap_dims(1, 2)
+                    .reshape([b, n, leads * patch])
+            }
+        };
+        let x = self.patch_embed.forward(patches);
+        let [_, v, d] = x.dims();
+        let x = x + self.vis_pos.val().reshape([1, v, d]);
+        self.vis_norm.forward(self.vision.forward(TransformerEncoderInput::new(x)))
+    }
+
+    /// Language-model pass over `[visual; text]`; returns final hidden states of the whole
+    /// sequence `[b, v + t, d_model]`.
+    fn decode(&self, visual: Tensor<3>, text: Tensor<2, Int>, text_pad: Tensor<2, Bool>) -> Tensor<3> {
+        let [b, v, _] = visual.dims();
+        let [_, t] = text.dims();
+        let device = visual.device();
+        let x = Tensor::cat(vec![self.projector.forward(visual), self.tok_emb.forward(text)], 1);
+        let d = x.dims()[2];
+        let x = x + self.pos.val().slice([0..v + t, 0..d]).reshape([1, v + t, d]);
+        let vis_pad = Tensor::<2, Bool>::from_data(
+            burn::tensor::TensorData::new(vec![false; b * v], [b, v]),
+            &device,
+        );
+        let pad = Tensor::cat(vec![vis_pad, text_pad], 1);
+        let causal = generate_autoregressive_mask(b, v + t, &device);
+        let h = self.decoder.forward(TransformerEncoderInput::new(x).mask_pad(pad).mask_attn(causal));
+        self.norm.forward(h)
+    }
+
+    /// Number of visual tokens.
+    pub fn n_visual(&self) -> usize {
+        self.n_visual
+    }
+
+    /// Greedy generation of up to `max_new` tokens after `prompt` (one example), stopping at
+    /// `eos`. Recomputes the full sequence per token (models here are small).
+    pub fn generate(&self, pixels: Tensor<3>, prompt: &[i64], eos: i64, max_new: usize) -> Vec<i64> {
+        let device = pixels.device();
+        let visual = self.encode(pixels);
+        let mut ids: Vec<i64> = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let t = ids.len();
+            let text = Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids.clone(), [1, t]), &device);
+            let pad = Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(vec![false; t], [1, t]), &device);
+            let h = self.decode(visual.clone(), text, pad);
+            let v = self.n_visual;
+            let last = h.slice([0..1, v + t - 1..v + t]);
+            let logits = self.lm_head.forward(last).reshape([self.lm_head.weight.dims()[1]]);
+            let next = logits
+                .argmax(0)
+                .into_data()
+                .iter::<i64>()
+                .next()
+                .expect("argmax gives one integer");
+            if next == eos || ids.len() + 1 >= self.pos.dims()[0] - self.n_visual {
+                break;
+            }
+            out.push(next);
+            ids.push(next);
+        }
+        out
+    }
+}
+
+impl Distillable for EcgVlm {
+    fn view(&self, pixels: Tensor<3>, text: Tensor<2, Int>, text_pad: Tensor<2, Bool>) -> DistillView {
+        let visual = self.encode(pixels);
+        let [b, v, _] = visual.dims();
+        let [_, t] = text.dims();
+        let h = self.decode(visual.clone(), text, text_pad.clone());
+        let d = h.dims()[2];
+        // Position v - 1 + i predicts text token i.
+        let pred_pos = h.clone().slice([0..b, v - 1..v + t - 1, 0..d]);
+        let logits = self.lm_head.forward(pred_pos);
+        let hidden = h.slice([0..b, v..v + t, 0..d]);
+        DistillView {
+            visual,
+            hidden,
+            text_mask: text_pad.bool_not(),
+            logits,
+        }
+    }
+
+    fn facts(&self) -> ModelFacts {
+        ModelFacts {
+            params: self.num_params(),
+            visual_tokens: self.n_visual,
+            d_vision: self.patch_embed.weight.dims()[1],
+            d_model: self.projector.weight.dims()[1],
+            vocab: self.lm_head.weight.dims()[1],
+            input: match &self.input() {
+                InputKind::Image { height, width, patch } => format!("image {height}x{width}, patch {patch}"),
+                InputKind::Signal { leads, samples, patch } => format!("signal {leads}x{samples}, patch {patch}"),
+            },
+        }
+    }
+}

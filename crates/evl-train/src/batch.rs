@@ -1,0 +1,194 @@
+//! Records -> model inputs: the rendered ECG paper image (grayscale, downsampled to the model's
+//! input size, ink = 1) or the resampled 12-lead signal, and tokenized conversation turns.
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use ecg_io::Record;
+use evl_models::vlm::InputKind;
+
+use crate::text::{BOS, EOS, PAD, SEP, TextTokenizer, Turn};
+
+/// One example's encoder inputs, computed once.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Record id.
+    pub id: String,
+    /// Grayscale page `[height * width]`, ink = 1.0.
+    pub image: Vec<f32>,
+    /// Signal `[12 * samples]` in mV, lead-major.
+    pub signal: Vec<f32>,
+    /// Labels (superclasses).
+    pub labels: Vec<String>,
+    /// Findings (rhythm and specific statements).
+    pub findings: Vec<String>,
+    /// Conversation turns.
+    pub turns: Vec<Turn>,
+}
+
+/// Image and signal sizes the models read.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InputSpec {
+    /// Image height after downsampling.
+    pub height: usize,
+    /// Image width after downsampling.
+    pub width: usize,
+    /// Rendering resolution before downsampling, dpi.
+    pub dpi: f32,
+    /// Signal rate, Hz.
+    pub signal_fs: u32,
+    /// Signal samples per lead.
+    pub signal_len: usize,
+}
+
+impl Default for InputSpec {
+    fn default() -> Self {
+        InputSpec {
+            height: 120,
+            width: 160,
+            dpi: 40.0,
+            signal_fs: 100,
+            signal_len: 1000,
+        }
+    }
+}
+
+/// Render `record` and reduce it to `spec`'s size by area averaging; ink = 1.
+pub fn image_of(renderer: &ecg_render::Renderer, record: &Record, spec: &InputSpec) -> Result<Vec<f32>, ecg_render::Error> {
+    let img = renderer.render(record)?;
+    let (w0, h0) = img.dimensions();
+    let (w0, h0) = (w0 as usize, h0 as usize);
+    let mut out = vec![0.0f32; spec.height * spec.width];
+    let mut cnt = vec![0u32; spec.height * spec.width];
+    for (i, p) in img.pixels().enumerate() {
+        let (x, y) = (i % w0, i / w0);
+        let (tx, ty) = (x * spec.width / w0, y * spec.height / h0);
+        let g = 0.299 * p.0[0] as f32 + 0.587 * p.0[1] as f32 + 0.114 * p.0[2] as f32;
+        out[ty * spec.width + tx] += 1.0 - g / 255.0;
+        cnt[ty * spec.width + tx] += 1;
+    }
+    for (o, c) in out.iter_mut().zip(cnt) {
+        *o /= c.max(1) as f32;
+    }
+    Ok(out)
+}
+
+/// The 12 standard leads resampled to `spec.signal_fs` and cropped/padded.
+pub fn signal_of(record: &Record, spec: &InputSpec) -> Vec<f32> {
+    let leads = record.standard_12_mv();
+    let mut out = Vec::with_capacity(12 * spec.signal_len);
+    for l in leads {
+        let x = match l {
+            Some(x) => ecg_signal_resample(&x, record.fs as u32, spec.signal_fs),
+            None => vec![0.0; spec.signal_len],
+        };
+        let mut x: Vec<f32> = x.into_iter().map(|v| if v.is_finite() { v } else { 0.0 }).collect();
+        x.resize(spec.signal_len, 0.0);
+        out.extend(x);
+    }
+    out
+}
+
+fn ecg_signal_resample(x: &[f32], from: u32, to: u32) -> Vec<f32> {
+    ecg_signal::resample(x, from, to)
+}
+
+/// Token ids of `[BOS] prompt [SEP] answer [EOS]` and which positions are answer tokens
+/// (answer and EOS), plus the answer tokens' character offsets within the answer.
+pub fn encode_turn(tok: &TextTokenizer, turn: &Turn) -> (Vec<i64>, Vec<bool>, Vec<(usize, usize)>) {
+    let (p, _) = tok.encode(&turn.prompt);
+    let (a, offs) = tok.encode(&turn.answer);
+    let mut ids = vec![BOS];
+    ids.extend(&p);
+    ids.push(SEP);
+    let start = ids.len();
+    ids.extend(&a);
+    ids.push(EOS);
+    let mask = (0..ids.len()).map(|i| i >= start).collect();
+    (ids, mask, offs)
+}
+
+/// Token ids of `[BOS] prompt [SEP]` (generation and verification queries).
+pub fn encode_prompt(tok: &TextTokenizer, prompt: &str) -> Vec<i64> {
+    let (p, _) = tok.encode(prompt);
+    let mut ids = vec![BOS];
+    ids.extend(&p);
+    ids.push(SEP);
+    ids
+}
+
+/// A batch on a device.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Encoder input `[b, c, n]`.
+    pub pixels: Tensor<3>,
+    /// Token ids `[b, t]`.
+    pub text: Tensor<2, Int>,
+    /// Padding `[b, t]` (true at padding).
+    pub pad: Tensor<2, Bool>,
+    /// Answer positions `[b, t]`.
+    pub answer: Tensor<2, Bool>,
+    /// Host copies: ids and answer masks per row (unpadded).
+    pub rows: Vec<(Vec<i64>, Vec<bool>)>,
+}
+
+/// Encoder input of samples as `[b, c, n]`.
+pub fn pixels(samples: &[&Sample], input: &InputKind, device: &Device) -> Tensor<3> {
+    let b = samples.len();
+    match input {
+        InputKind::Image { height, width, .. } => {
+            let mut v = Vec::with_capacity(b * height * width);
+            for s in samples {
+                v.extend_from_slice(&s.image);
+            }
+            Tensor::from_data(TensorData::new(v, [b, 1, height * width]), device)
+        }
+        InputKind::Signal { leads, samples: n, .. } => {
+            let mut v = Vec::with_capacity(b * leads * n);
+            for s in samples {
+                v.extend_from_slice(&s.signal[..leads * n]);
+            }
+            Tensor::from_data(TensorData::new(v, [b, *leads, *n]), device)
+        }
+    }
+}
+
+/// Pad token rows into tensors.
+pub fn text_tensors(rows: Vec<(Vec<i64>, Vec<bool>)>, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Bool>, Vec<(Vec<i64>, Vec<bool>)>) {
+    let b = rows.len();
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
+    let mut ids = vec![PAD; b * t];
+    let mut pad = vec![true; b * t];
+    let mut ans = vec![false; b * t];
+    for (i, (r, m)) in rows.iter().enumerate() {
+        for (j, (&id, &a)) in r.iter().zip(m).enumerate() {
+            ids[i * t + j] = id;
+            pad[i * t + j] = false;
+            ans[i * t + j] = a;
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [b, t]), device),
+        Tensor::from_data(TensorData::new(pad, [b, t]), device),
+        Tensor::from_data(TensorData::new(ans, [b, t]), device),
+        rows,
+    )
+}
+
+/// A training batch: sample `i` with its turn `turn_of[i]`.
+pub fn make_batch(samples: &[&Sample], turn_of: &[usize], tok: &TextTokenizer, input: &InputKind, device: &Device) -> Batch {
+    let rows: Vec<(Vec<i64>, Vec<bool>)> = samples
+        .iter()
+        .zip(turn_of)
+        .map(|(s, &k)| {
+            let (ids, mask, _) = encode_turn(tok, &s.turns[k]);
+            (ids, mask)
+        })
+        .collect();
+    let (text, pad, answer, rows) = text_tensors(rows, device);
+    Batch {
+        pixels: pixels(samples, input, device),
+        text,
+        pad,
+        answer,
+        rows,
+    }
+}

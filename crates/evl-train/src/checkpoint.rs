@@ -1,0 +1,94 @@
+//! Checkpoints: model parameters as safetensors (burn-store), optimiser state as a burnpack,
+//! and `state.json` (step, logs). Every file is written to a temporary name and renamed, and
+//! `state.json` goes last, so a run killed mid-write resumes from the previous complete
+//! checkpoint.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::Device;
+
+use crate::train::StepLog;
+use crate::{Error, Result};
+
+/// The resumable part of a run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct State {
+    /// Completed optimiser steps.
+    pub step: usize,
+    /// Logs so far.
+    pub logs: Vec<StepLog>,
+}
+
+fn ck(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    }
+}
+
+fn tmp_of(path: &Path) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    s.into()
+}
+
+/// Write model, optimiser and state into `dir`.
+pub fn save<M: Module>(dir: &Path, model: &M, optim: &ModuleOptimizer, step: usize, logs: &[StepLog]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mpath = dir.join("model.safetensors");
+    let mtmp = tmp_of(&mpath);
+    let mut store = SafetensorsStore::from_file(&mtmp);
+    model.save_into(&mut store).map_err(|e| ck(&mtmp, e))?;
+    std::fs::rename(&mtmp, &mpath).map_err(|e| ck(&mpath, e))?;
+    let opath = dir.join("optimizer.bpk");
+    let otmp = tmp_of(&opath);
+    let bytes = optim.into_bytes().map_err(|e| ck(&opath, e))?;
+    std::fs::write(&otmp, &bytes[..]).map_err(|e| ck(&otmp, e))?;
+    std::fs::rename(&otmp, &opath).map_err(|e| ck(&opath, e))?;
+    let spath = dir.join("state.json");
+    let stmp = tmp_of(&spath);
+    let text = serde_json::to_string(&State {
+        step,
+        logs: logs.to_vec(),
+    })
+    .expect("plain data");
+    std::fs::write(&stmp, text).map_err(|e| ck(&stmp, e))?;
+    std::fs::rename(&stmp, &spath).map_err(|e| ck(&spath, e))
+}
+
+/// The state of a checkpoint in `dir`, if there is one.
+pub fn load_state(dir: &Path) -> Result<Option<State>> {
+    let p = dir.join("state.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
+        path: p.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map(Some).map_err(|e| ck(&p, e))
+}
+
+/// Load parameters into `model`.
+pub fn load_module<M: Module>(mut model: M, path: &Path, _device: &Device) -> Result<M> {
+    let mut store = SafetensorsStore::from_file(path);
+    model.load_from(&mut store).map_err(|e| ck(path, e))?;
+    Ok(model)
+}
+
+/// Load optimiser state.
+pub fn load_optimizer(optim: ModuleOptimizer, path: &Path) -> Result<ModuleOptimizer> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    optim
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| ck(path, e))
+}

@@ -1,0 +1,196 @@
+//! Tokenizers and conversations. Teacher and student get their own byte-pair-encoding
+//! tokenizers, trained here with the `tokenizers` crate (no hub features) at different
+//! vocabulary sizes, so the same answer has a different number of tokens for each model.
+//! Conversations are generated from labelled records with ECGInstruct-style templates whose
+//! answers the ECG-Bench scorer parses (label names verbatim, `Answer: X` for choices).
+
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
+use tokenizers::models::ModelWrapper;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerBuilder, TokenizerImpl,
+};
+
+use crate::{Error, Result};
+
+/// Special tokens, in id order 0..4.
+pub const SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<sep>", "<eos>"];
+/// Padding id.
+pub const PAD: i64 = 0;
+/// Begin-of-sequence id.
+pub const BOS: i64 = 1;
+/// Prompt/answer separator id.
+pub const SEP: i64 = 2;
+/// End-of-sequence id.
+pub const EOS: i64 = 3;
+
+/// A trained tokenizer with the ids the models use.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TextTokenizer(vocab {})", self.vocab_size())
+    }
+}
+
+impl TextTokenizer {
+    /// Train a BPE tokenizer of (at most) `vocab` tokens on `texts`.
+    pub fn train(texts: &[String], vocab: usize) -> Result<TextTokenizer> {
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab)
+            .min_frequency(1)
+            .show_progress(false)
+            .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+            .build()
+            .into();
+        let mut tok: TokenizerImpl<
+            ModelWrapper,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        > = TokenizerBuilder::new()
+            .with_model(BPE::default().into())
+            .with_pre_tokenizer(Some(Whitespace {}.into()))
+            .with_normalizer(None)
+            .with_post_processor(None)
+            .with_decoder(None)
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        tok.train(&mut trainer, texts.iter())
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let inner = Tokenizer::from(tok);
+        Ok(TextTokenizer { inner })
+    }
+
+    /// Load from a `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<TextTokenizer> {
+        Tokenizer::from_file(path)
+            .map(|inner| TextTokenizer { inner })
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// Save as `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token strings by id.
+    pub fn vocab(&self) -> Vec<String> {
+        let mut v = vec![String::new(); self.vocab_size()];
+        for (t, i) in self.inner.get_vocab(true) {
+            if let Some(slot) = v.get_mut(i as usize) {
+                *slot = t;
+            }
+        }
+        v
+    }
+
+    /// Ids and character offsets of `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> (Vec<i64>, Vec<(usize, usize)>) {
+        match self.inner.encode(text, false) {
+            Ok(enc) => (
+                enc.get_ids().iter().map(|&i| i as i64).collect(),
+                enc.get_offsets().to_vec(),
+            ),
+            Err(_) => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Text of ids (joined with spaces between whole words, as the whitespace pre-tokenizer
+    /// split them; punctuation re-attached).
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().filter(|&&i| i > EOS).map(|&i| i as u32).collect();
+        self.inner.decode(&ids, true).unwrap_or_default().replace(" ,", ",").replace(" .", ".").replace(" :", ":")
+    }
+}
+
+/// A prompt with its answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Turn {
+    /// Question.
+    pub prompt: String,
+    /// Answer.
+    pub answer: String,
+    /// Template name.
+    pub template: String,
+}
+
+/// The superclass diagnosis prompt (answer: label names, comma separated, in label order).
+pub const DIAGNOSIS_PROMPT: &str =
+    "Which diagnostic superclasses does this ECG show? Options: NORM, MI, STTC, CD, HYP.";
+
+/// The verification prompt for one label (answer `yes` or `no`); its `yes` probability is the
+/// model's per-label probability.
+pub fn verify_prompt(label: &str) -> String {
+    format!("Does this ECG show {label}? Answer yes or no.")
+}
+
+/// Conversations for one record: the diagnosis question, a verification question per label
+/// (balanced between present and absent labels), a rhythm question, and an 8-option multiple
+/// choice question.
+pub fn conversations(labels: &[String], findings: &[String], space: &[String], seed: u64) -> Vec<Turn> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let present: Vec<&String> = space.iter().filter(|l| labels.contains(l)).collect();
+    out.push(Turn {
+        prompt: DIAGNOSIS_PROMPT.to_string(),
+        answer: present.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+        template: "diagnosis".into(),
+    });
+    for l in space {
+        let yes = labels.contains(l);
+        out.push(Turn {
+            prompt: verify_prompt(l),
+            answer: if yes { "yes" } else { "no" }.into(),
+            template: "verify".into(),
+        });
+    }
+    let rhythm = findings
+        .iter()
+        .find(|f| ["SR", "SBRAD", "STACH", "AF"].contains(&f.as_str()))
+        .cloned()
+        .unwrap_or_else(|| "SR".into());
+    out.push(Turn {
+        prompt: "What is the rhythm? Options: SR, SBRAD, STACH, AF.".into(),
+        answer: rhythm,
+        template: "rhythm".into(),
+    });
+    // 8-option multiple choice over single superclasses and pairs.
+    if let Some(first) = present.first() {
+        let letters = ["A", "B", "C", "D", "E", "F", "G", "H"];
+        let mut options: Vec<String> = space.to_vec();
+        options.extend(["MI, STTC", "CD, HYP", "STTC, HYP"].iter().map(|s| s.to_string()));
+        let correct_text = present.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        let mut idx: Vec<usize> = (0..options.len()).collect();
+        for i in (1..idx.len()).rev() {
+            idx.swap(i, rng.random_range(0..=i));
+        }
+        let shown: Vec<&String> = idx.iter().map(|&i| &options[i]).collect();
+        if let Some(pos) = shown.iter().position(|o| **o == correct_text).or_else(|| shown.iter().position(|o| o == first)) {
+            let listing: Vec<String> = shown.iter().enumerate().map(|(i, o)| format!("{}. {o}", letters[i])).collect();
+            out.push(Turn {
+                prompt: format!("Which option fits best? {}", listing.join(" ")),
+                answer: format!("Answer: {}", letters[pos]),
+                template: "choice".into(),
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,538 @@
+//! Supervised fine-tuning and distillation loops.
+//!
+//! SFT trains a model with next-token cross-entropy on answer tokens. Distillation starts from
+//! the student's SFT weights and adds, per method:
+//! - `ce`: nothing (SFT continued for the same number of steps: the control);
+//! - `kl`: vanilla KD (Hinton, T = 2) on the answer tokens over the vocabulary the two
+//!   tokenizers share, student token `k` aligned with the teacher token whose answer-character
+//!   span contains the student token's first character (the tokenizers split differently);
+//!   `L = a L_CE + (1 - a) L_KD`;
+//! - `evl`: EVL-ECG (`L = a L_CE + (1 - a)(lm L_mhca + lr L_rel + lot L_ot)` with the paper's
+//!   defaults), MHCA and relation on the language model's hidden states at the text positions,
+//!   Sinkhorn OT between teacher and student visual tokens; any term switchable off.
+//!
+//! The frozen teacher runs once per (example, turn) before distillation: its visual tokens,
+//! hidden states and answer logits are cached in memory (offline KD).
+//!
+//! Optimiser: AdamW with a cosine schedule after linear warm-up, gradient-norm clipping and
+//! gradient accumulation. Batches are a pure function of (seed, step), so a run resumed from
+//! a checkpoint sees the same batches as an uninterrupted one.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use evl_kd::baselines::kd::SharedVocab;
+use evl_kd::task::masked_token_ce;
+use evl_kd::{EvlInputs, EvlLoss, EvlLossConfig, MhcaAlignConfig, OtAlignConfig};
+use evl_models::vlm::{Distillable, EcgVlm};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::batch::{Sample, encode_turn, make_batch, pixels, text_tensors};
+use crate::checkpoint;
+use crate::text::TextTokenizer;
+use crate::{Error, Result};
+
+/// Optimisation settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OptimConfig {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation).
+    pub accumulate: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Gradient-norm clipping.
+    pub clip_norm: f64,
+    /// Seed of batch order and initialisation.
+    pub seed: u64,
+    /// Checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            steps: 200,
+            batch_size: 16,
+            accumulate: 1,
+            lr: 1e-3,
+            warmup: 20,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            seed: 0,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// Learning rate at `step` (0-based): linear warm-up then cosine decay to 10% of the peak.
+pub fn lr_at(cfg: &OptimConfig, step: usize) -> f64 {
+    if step < cfg.warmup {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
+    }
+    let p = (step - cfg.warmup) as f64 / (cfg.steps.saturating_sub(cfg.warmup)).max(1) as f64;
+    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos()))
+}
+
+/// (sample, turn) pairs of micro-batch `micro` of a run: a pure function of the seed.
+pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec<(usize, usize)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(micro as u64));
+    (0..cfg.batch_size)
+        .map(|_| {
+            let i = rng.random_range(0..samples.len());
+            let k = rng.random_range(0..samples[i].turns.len());
+            (i, k)
+        })
+        .collect()
+}
+
+/// Distillation method.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Method {
+    /// Cross-entropy only (SFT continued).
+    Ce,
+    /// Vanilla KD over the shared vocabulary.
+    Kl,
+    /// EVL-ECG with terms switched off by name (`ot`, `mhca`, `rel`).
+    Evl {
+        /// Ablated terms.
+        ablate: Vec<String>,
+    },
+}
+
+impl Method {
+    /// Short name for tables (`evl`, `evl-ot`, `kl`, `ce`).
+    pub fn name(&self) -> String {
+        match self {
+            Method::Ce => "ce".into(),
+            Method::Kl => "kl".into(),
+            Method::Evl { ablate } if ablate.is_empty() => "evl".into(),
+            Method::Evl { ablate } => format!("evl-no-{}", ablate.join("-")),
+        }
+    }
+}
+
+/// One logged step.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StepLog {
+    /// Step (1-based).
+    pub step: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Total loss.
+    pub total: f64,
+    /// Cross-entropy term.
+    pub ce: f64,
+    /// Other terms by name.
+    pub terms: Vec<(String, f64)>,
+    /// Wall time of the step, ms.
+    pub ms: f64,
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data().iter::<f32>().next().map_or(f64::NAN, |v| v as f64)
+}
+
+/// Supervised fine-tuning on all turns. Resumes from `run_dir` if it holds a checkpoint.
+/// Returns the trained model and the per-step log.
+pub fn sft(
+    mut model: EcgVlm,
+    samples: &[Sample],
+    tok: &TextTokenizer,
+    cfg: &OptimConfig,
+    run_dir: Option<&Path>,
+    device: &Device,
+    mut on_step: impl FnMut(&StepLog),
+) -> Result<(EcgVlm, Vec<StepLog>)> {
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
+        .init();
+    let mut start = 0;
+    let mut logs = Vec::new();
+    if let Some(dir) = run_dir
+        && let Some(state) = checkpoint::load_state(dir)?
+    {
+        model = checkpoint::load_module(model, &dir.join("model.safetensors"), device)?;
+        optim = checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?;
+        start = state.step;
+        logs = state.logs;
+    }
+    let input = model.input();
+    for step in start..cfg.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(cfg, step);
+        let mut accum = GradientsAccumulator::new();
+        let mut total = 0.0;
+        for a in 0..cfg.accumulate {
+            let idx = batch_indices(samples, cfg, step * cfg.accumulate + a);
+            let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
+            let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
+            let b = make_batch(&ss, &turns, tok, &input, device);
+            let v = model.view(b.pixels, b.text.clone(), b.pad);
+            let loss = masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
+            total += scalar(loss.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accum.accumulate(&model, grads);
+        }
+        model = optim.step(lr, model, accum.grads());
+        let log = StepLog {
+            step: step + 1,
+            lr,
+            total,
+            ce: total,
+            terms: Vec::new(),
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        on_step(&log);
+        logs.push(log);
+        if let Some(dir) = run_dir
+            && cfg.checkpoint_every > 0
+            && (step + 1) % cfg.checkpoint_every == 0
+            && step + 1 < cfg.steps
+        {
+            checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
+        }
+    }
+    if let Some(dir) = run_dir {
+        checkpoint::save(dir, &model, &optim, cfg.steps, &logs)?;
+    }
+    Ok((model, logs))
+}
+
+/// The frozen teacher's outputs for one (example, turn).
+#[derive(Debug, Clone)]
+pub struct TeacherOut {
+    /// Visual tokens `[v_t * d_vis_t]`.
+    pub visual: Vec<f32>,
+    /// Hidden states at the text positions `[l_t * d_t]`.
+    pub hidden: Vec<f32>,
+    /// Text length `l_t`.
+    pub len: usize,
+    /// Logits at the answer positions `[n_answer * vocab_t]`.
+    pub answer_logits: Vec<f32>,
+    /// Answer-token character spans (answer tokens then EOS at the end).
+    pub answer_spans: Vec<(usize, usize)>,
+}
+
+/// Teacher outputs for every (sample, turn), computed once (offline KD).
+pub struct TeacherCache {
+    /// By sample, then turn.
+    pub outs: Vec<Vec<TeacherOut>>,
+    /// Visual tokens and width.
+    pub v: usize,
+    /// Visual width.
+    pub d_vis: usize,
+    /// Hidden width.
+    pub d: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+}
+
+/// Run the teacher over every (sample, turn) on the inference device.
+pub fn cache_teacher(teacher: &EcgVlm, samples: &[Sample], tok: &TextTokenizer, device: &Device) -> TeacherCache {
+    let facts = teacher.facts();
+    let input = teacher.input();
+    let mut outs = Vec::with_capacity(samples.len());
+    for s in samples {
+        let rows: Vec<(Vec<i64>, Vec<bool>)> = s.turns.iter().map(|t| {
+            let (ids, mask, _) = encode_turn(tok, t);
+            (ids, mask)
+        }).collect();
+        let spans: Vec<Vec<(usize, usize)>> = s.turns.iter().map(|t| encode_turn(tok, t).2).collect();
+        let n = rows.len();
+        let (text, pad, _, rows) = text_tensors(rows, device);
+        let px = pixels(&vec![s; n], &input, device);
+        let v = teacher.view(px, text, pad);
+        let [_, vt, dv] = v.visual.dims();
+        let [_, t, d] = v.hidden.dims();
+        let vocab = facts.vocab;
+        let visual: Vec<f32> = v.visual.into_data().iter::<f32>().collect();
+        let hidden: Vec<f32> = v.hidden.into_data().iter::<f32>().collect();
+        let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
+        let mut per = Vec::with_capacity(n);
+        for (r, (ids, mask)) in rows.iter().enumerate() {
+            let len = ids.len();
+            let mut al = Vec::new();
+            for (j, &m) in mask.iter().enumerate() {
+                if m {
+                    let base = (r * t + j) * vocab;
+                    al.extend_from_slice(&logits[base..base + vocab]);
+                }
+            }
+            per.push(TeacherOut {
+                visual: visual[r * vt * dv..(r + 1) * vt * dv].to_vec(),
+                hidden: hidden[r * t * d..r * t * d + len * d].to_vec(),
+                len,
+                answer_logits: al,
+                answer_spans: spans[r].clone(),
+            });
+        }
+        outs.push(per);
+    }
+    TeacherCache {
+        outs,
+        v: facts.visual_tokens,
+        d_vis: facts.d_vision,
+        d: facts.d_model,
+        vocab: facts.vocab,
+    }
+}
+
+/// Student plus the trainable distillation head, optimised together.
+#[derive(Module, Debug)]
+pub struct DistillModel {
+    /// The student.
+    pub student: EcgVlm,
+    /// EVL-ECG's aligner and projector (unused by `ce` and `kl`).
+    pub head: EvlLoss,
+}
+
+/// Settings of a distillation run.
+#[derive(Debug, Clone)]
+pub struct DistillConfig {
+    /// Method.
+    pub method: Method,
+    /// Optimisation.
+    pub optim: OptimConfig,
+    /// `a` (weight of the student's CE).
+    pub alpha: f64,
+    /// KD temperature.
+    pub temperature: f64,
+    /// MHCA heads.
+    pub heads: usize,
+}
+
+/// Distil into `student` (its SFT weights) from the cached teacher.
+#[allow(clippy::too_many_arguments)]
+pub fn distill(
+    student: EcgVlm,
+    samples: &[Sample],
+    s_tok: &TextTokenizer,
+    t_tok: &TextTokenizer,
+    cache: &TeacherCache,
+    cfg: &DistillConfig,
+    run_dir: Option<&Path>,
+    device: &Device,
+    mut on_step: impl FnMut(&StepLog),
+) -> Result<(EcgVlm, Vec<StepLog>)> {
+    let sf = student.facts();
+    let ablate = match &cfg.method {
+        Method::Evl { ablate } => ablate.clone(),
+        _ => Vec::new(),
+    };
+    let loss_cfg = EvlLossConfig::new(
+        MhcaAlignConfig::new(sf.d_model, cache.d).with_n_heads(cfg.heads),
+        OtAlignConfig::new(cache.d_vis, sf.d_vision),
+    )
+    .with_alpha(cfg.alpha)
+    .with_ablate(ablate);
+    let mut model = DistillModel {
+        student,
+        head: loss_cfg.init(device),
+    };
+    let shared = SharedVocab::new(&s_tok.vocab(), &t_tok.vocab());
+    if cfg.method == Method::Kl && shared.is_empty() {
+        return Err(Error::Config {
+            field: "method",
+            what: "kl needs tokens shared by the two vocabularies; there are none".into(),
+        });
+    }
+    let o = &cfg.optim;
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(o.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(o.clip_norm as f32)))
+        .init();
+    let mut start = 0;
+    let mut logs = Vec::new();
+    if let Some(dir) = run_dir
+        && let Some(state) = checkpoint::load_state(dir)?
+    {
+        model = checkpoint::load_module(model, &dir.join("model.safetensors"), device)?;
+        optim = checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?;
+        start = state.step;
+        logs = state.logs;
+    }
+    let input = model.student.input();
+    for step in start..o.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(o, step);
+        let mut accum = GradientsAccumulator::new();
+        let (mut tot, mut ce_sum) = (0.0, 0.0);
+        let mut term_sums: Vec<(String, f64)> = Vec::new();
+        for a in 0..o.accumulate {
+            let idx = batch_indices(samples, o, step * o.accumulate + a);
+            let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
+            let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
+            let b = make_batch(&ss, &turns, s_tok, &input, device);
+            let v = model.student.view(b.pixels, b.text.clone(), b.pad);
+            let ce = masked_token_ce(v.logits.clone(), b.text, b.answer);
+            let mut terms = Vec::new();
+            let loss = match &cfg.method {
+                Method::Ce => ce.clone(),
+                Method::Kl => {
+                    let kd = kl_term(&v.logits, &b.rows, &idx, samples, s_tok, cache, &shared, cfg.temperature, device);
+                    terms.push(("kd".to_string(), scalar(kd.clone())));
+                    ce.clone().mul_scalar(cfg.alpha) + kd.mul_scalar(1.0 - cfg.alpha)
+                }
+                Method::Evl { .. } => {
+                    let (ht, tmask, tvis) = teacher_tensors(&idx, cache, device);
+                    let inputs = EvlInputs {
+                        l_ce: ce.clone(),
+                        hs: v.hidden,
+                        ht,
+                        student_mask: Some(v.text_mask),
+                        teacher_mask: Some(tmask),
+                        t_vis: tvis,
+                        s_vis: v.visual,
+                        t_vis_mask: None,
+                        s_vis_mask: None,
+                    };
+                    let out = model.head.forward(inputs, &loss_cfg);
+                    if let Some(m) = out.mhca {
+                        terms.push(("mhca".to_string(), scalar(m)));
+                    }
+                    if let Some(r) = out.rel {
+                        terms.push(("rel".to_string(), scalar(r)));
+                    }
+                    if let Some(ot) = out.ot {
+                        terms.push(("ot".to_string(), scalar(ot.loss)));
+                    }
+                    out.total
+                }
+            };
+            let loss = loss.mul_scalar(1.0 / o.accumulate as f64);
+            tot += scalar(loss.clone());
+            ce_sum += scalar(ce) / o.accumulate as f64;
+            for (k, v) in terms {
+                match term_sums.iter_mut().find(|(n, _)| *n == k) {
+                    Some(e) => e.1 += v / o.accumulate as f64,
+                    None => term_sums.push((k, v / o.accumulate as f64)),
+                }
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accum.accumulate(&model, grads);
+        }
+        model = optim.step(lr, model, accum.grads());
+        let log = StepLog {
+            step: step + 1,
+            lr,
+            total: tot,
+            ce: ce_sum,
+            terms: term_sums,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        on_step(&log);
+        logs.push(log);
+        if let Some(dir) = run_dir
+            && o.checkpoint_every > 0
+            && (step + 1) % o.checkpoint_every == 0
+            && step + 1 < o.steps
+        {
+            checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
+        }
+    }
+    if let Some(dir) = run_dir {
+        checkpoint::save(dir, &model, &optim, o.steps, &logs)?;
+    }
+    Ok((model.student, logs))
+}
+
+/// Teacher hidden states `[b, l_t, d_t]` (padded), their validity mask, and visual tokens.
+fn teacher_tensors(idx: &[(usize, usize)], cache: &TeacherCache, device: &Device) -> (Tensor<3>, Tensor<2, Bool>, Tensor<3>) {
+    let b = idx.len();
+    let lt = idx.iter().map(|&(i, k)| cache.outs[i][k].len).max().unwrap_or(1);
+    let d = cache.d;
+    let mut h = vec![0.0f32; b * lt * d];
+    let mut m = vec![false; b * lt];
+    let mut vis = Vec::with_capacity(b * cache.v * cache.d_vis);
+    for (r, &(i, k)) in idx.iter().enumerate() {
+        let o = &cache.outs[i][k];
+        h[r * lt * d..r * lt * d + o.len * d].copy_from_slice(&o.hidden);
+        for j in 0..o.len {
+            m[r * lt + j] = true;
+        }
+        vis.extend_from_slice(&o.visual);
+    }
+    (
+        Tensor::from_data(TensorData::new(h, [b, lt, d]), device),
+        Tensor::from_data(TensorData::new(m, [b, lt]), device),
+        Tensor::from_data(TensorData::new(vis, [b, cache.v, cache.d_vis]), device),
+    )
+}
+
+/// Vanilla KD on answer tokens over the shared vocabulary, with character-span alignment.
+#[allow(clippy::too_many_arguments)]
+fn kl_term(
+    logits: &Tensor<3>,
+    rows: &[(Vec<i64>, Vec<bool>)],
+    idx: &[(usize, usize)],
+    samples: &[Sample],
+    s_tok: &TextTokenizer,
+    cache: &TeacherCache,
+    shared: &SharedVocab,
+    temperature: f64,
+    device: &Device,
+) -> Tensor<1> {
+    let [b, t, vs] = logits.dims();
+    let mut pos: Vec<i64> = Vec::new(); // flat student positions
+    let mut teacher_rows: Vec<f32> = Vec::new();
+    for (r, (&(i, k), (_, mask))) in idx.iter().zip(rows).enumerate() {
+        let o = &cache.outs[i][k];
+        let (_, _, s_spans) = encode_turn(s_tok, &samples[i].turns[k]);
+        let answer_pos: Vec<usize> = mask.iter().enumerate().filter(|(_, m)| **m).map(|(j, _)| j).collect();
+        let n_t = o.answer_logits.len() / cache.vocab;
+        for (q, &j) in answer_pos.iter().enumerate() {
+            // Student answer token q (the last one is EOS) -> teacher answer token.
+            let tj = if q >= s_spans.len() {
+                n_t - 1
+            } else {
+                let c = s_spans[q].0;
+                o.answer_spans.iter().position(|&(a, e)| a <= c && c < e).unwrap_or_else(|| {
+                    o.answer_spans.iter().rposition(|&(a, _)| a <= c).unwrap_or(0)
+                })
+            };
+            pos.push((r * t + j) as i64);
+            teacher_rows.extend_from_slice(&o.answer_logits[tj * cache.vocab..(tj + 1) * cache.vocab]);
+        }
+    }
+    let n = pos.len();
+    if n == 0 {
+        return Tensor::<1>::zeros([1], device);
+    }
+    let flat = logits.clone().reshape([b * t, vs]);
+    let sel = Tensor::<1, Int>::from_data(TensorData::new(pos, [n]), device);
+    let zs = flat.select(0, sel);
+    let zt = Tensor::<2>::from_data(TensorData::new(teacher_rows, [n, cache.vocab]), device);
+    shared.kd(zs, zt, temperature)
+}
+
+/// A model on the inference device (no autodiff).
+pub fn for_inference(model: &EcgVlm) -> EcgVlm {
+    model.clone().valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let cfg = OptimConfig { steps: 100, warmup: 10, lr: 1.0, ..OptimConfig::default() };
+        assert!((lr_at(&cfg, 0) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&cfg, 9) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&cfg, 99) - 0.1).abs() < 1e-3);
+        assert!(lr_at(&cfg, 50) < 1.0 && lr_at(&cfg, 50) > 0.1);
+    }
+}
