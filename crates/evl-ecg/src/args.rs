@@ -24,12 +24,44 @@ pub enum Noun {
     ///
     /// Example: evl-ecg render ../shared/data/ptbxl_subset/records500/00000/00001_hr --out ecg.png
     Render(RenderArgs),
+    /// Run the whole method on this machine: synthesize ECGs, train a teacher, SFT a
+    /// heterogeneous student, distil it with EVL-ECG, vanilla KD and CE only (and EVL
+    /// ablations) over 3 seeds, evaluate on synthetic and real PTB-XL records, write a report.
+    ///
+    /// Writes DIR/report.md and DIR/results.json (every number, per seed), plus data,
+    /// tokenizers, checkpoints (resumable), per-step metrics and predictions in PULSE's format.
+    Quickstart(QuickstartArgs),
     /// Score model answers: ECG-Bench parity (PULSE's scorer, quirks included).
     #[command(subcommand)]
     Score(ScoreVerb),
     /// Measure speed against reference implementations run in the same invocation.
     #[command(subcommand)]
     Bench(BenchVerb),
+}
+
+/// Quickstart sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PresetArg {
+    /// Seconds (a smoke test).
+    Tiny,
+    /// About 10 minutes on 2 CPU cores (default).
+    Quick,
+    /// More data and steps (tens of minutes).
+    Full,
+}
+
+/// Arguments of `quickstart`.
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Output directory.
+    #[arg(long, default_value = "quickstart-out")]
+    pub out: PathBuf,
+    /// Size preset.
+    #[arg(long, value_enum, default_value = "quick")]
+    pub preset: PresetArg,
+    /// Device: cpu or cuda:N (the latter needs the `cuda` cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// `evl-ecg score <verb>`.

@@ -33,6 +33,9 @@ pub struct InputSpec {
     pub width: usize,
     /// Rendering resolution before downsampling, dpi.
     pub dpi: f32,
+    /// Draw the red grid (off by default for the small CPU models: at 120x160 pixels the grid
+    /// is as dark as the traces).
+    pub grid: bool,
     /// Signal rate, Hz.
     pub signal_fs: u32,
     /// Signal samples per lead.
@@ -45,13 +48,15 @@ impl Default for InputSpec {
             height: 120,
             width: 160,
             dpi: 40.0,
+            grid: false,
             signal_fs: 100,
             signal_len: 1000,
         }
     }
 }
 
-/// Render `record` and reduce it to `spec`'s size by area averaging; ink = 1.
+/// Render `record` and reduce it to `spec`'s size by area averaging (ink = 1), then
+/// standardise the image to zero mean and unit variance.
 pub fn image_of(renderer: &ecg_render::Renderer, record: &Record, spec: &InputSpec) -> Result<Vec<f32>, ecg_render::Error> {
     let img = renderer.render(record)?;
     let (w0, h0) = img.dimensions();
@@ -67,6 +72,13 @@ pub fn image_of(renderer: &ecg_render::Renderer, record: &Record, spec: &InputSp
     }
     for (o, c) in out.iter_mut().zip(cnt) {
         *o /= c.max(1) as f32;
+    }
+    // Standardise per image so the thin traces are not drowned by the paper's level.
+    let n = out.len() as f32;
+    let mean = out.iter().sum::<f32>() / n;
+    let sd = (out.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n).sqrt().max(1e-6);
+    for o in out.iter_mut() {
+        *o = (*o - mean) / sd;
     }
     Ok(out)
 }

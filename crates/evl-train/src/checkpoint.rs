@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
-use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 
 use crate::train::StepLog;
@@ -46,6 +46,13 @@ pub fn save<M: Module>(dir: &Path, model: &M, optim: &ModuleOptimizer, step: usi
     let mut store = SafetensorsStore::from_file(&mtmp);
     model.save_into(&mut store).map_err(|e| ck(&mtmp, e))?;
     std::fs::rename(&mtmp, &mpath).map_err(|e| ck(&mpath, e))?;
+    // The burnpack copy keeps parameter identities, which the optimiser state is keyed by:
+    // resuming loads it; model.safetensors is the portable copy for other tools.
+    let bpath = dir.join("model.bpk");
+    let btmp = tmp_of(&bpath);
+    let mut bstore = BurnpackStore::from_file(&btmp);
+    model.save_into(&mut bstore).map_err(|e| ck(&btmp, e))?;
+    std::fs::rename(&btmp, &bpath).map_err(|e| ck(&bpath, e))?;
     let opath = dir.join("optimizer.bpk");
     let otmp = tmp_of(&opath);
     let bytes = optim.into_bytes().map_err(|e| ck(&opath, e))?;
@@ -75,10 +82,16 @@ pub fn load_state(dir: &Path) -> Result<Option<State>> {
     serde_json::from_str(&text).map(Some).map_err(|e| ck(&p, e))
 }
 
-/// Load parameters into `model`.
+/// Load parameters into `model`: from the burnpack (with parameter identities, for resuming)
+/// when `path` ends in `.bpk`, else from safetensors.
 pub fn load_module<M: Module>(mut model: M, path: &Path, _device: &Device) -> Result<M> {
-    let mut store = SafetensorsStore::from_file(path);
-    model.load_from(&mut store).map_err(|e| ck(path, e))?;
+    if path.extension().is_some_and(|e| e == "bpk") {
+        let mut store = BurnpackStore::from_file(path);
+        model.load_from(&mut store).map_err(|e| ck(path, e))?;
+    } else {
+        let mut store = SafetensorsStore::from_file(path);
+        model.load_from(&mut store).map_err(|e| ck(path, e))?;
+    }
     Ok(model)
 }
 

@@ -5,6 +5,8 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod eval;
+pub mod quickstart;
 pub mod text;
 pub mod train;
 

@@ -58,6 +58,11 @@ pub struct OptimConfig {
     pub seed: u64,
     /// Checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: usize,
+    /// Stop after this global step with a checkpoint, as if the job were killed there (for
+    /// time-boxed jobs and the kill-and-resume test); a later call with the same settings
+    /// resumes from it.
+    #[serde(default)]
+    pub stop_after: Option<usize>,
 }
 
 impl Default for OptimConfig {
@@ -72,6 +77,7 @@ impl Default for OptimConfig {
             clip_norm: 1.0,
             seed: 0,
             checkpoint_every: 0,
+            stop_after: None,
         }
     }
 }
@@ -164,7 +170,7 @@ pub fn sft(
     if let Some(dir) = run_dir
         && let Some(state) = checkpoint::load_state(dir)?
     {
-        model = checkpoint::load_module(model, &dir.join("model.safetensors"), device)?;
+        model = checkpoint::load_module(model, &dir.join("model.bpk"), device)?;
         optim = checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?;
         start = state.step;
         logs = state.logs;
@@ -203,6 +209,12 @@ pub fn sft(
             && step + 1 < cfg.steps
         {
             checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
+        }
+        if cfg.stop_after == Some(step + 1) && step + 1 < cfg.steps {
+            if let Some(dir) = run_dir {
+                checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
+            }
+            return Ok((model, logs));
         }
     }
     if let Some(dir) = run_dir {
@@ -338,6 +350,8 @@ pub fn distill(
     )
     .with_alpha(cfg.alpha)
     .with_ablate(ablate);
+    // The head's random initialisation is part of the run: seed it.
+    device.seed(cfg.optim.seed ^ 0x5EED);
     let mut model = DistillModel {
         student,
         head: loss_cfg.init(device),
@@ -359,7 +373,7 @@ pub fn distill(
     if let Some(dir) = run_dir
         && let Some(state) = checkpoint::load_state(dir)?
     {
-        model = checkpoint::load_module(model, &dir.join("model.safetensors"), device)?;
+        model = checkpoint::load_module(model, &dir.join("model.bpk"), device)?;
         optim = checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?;
         start = state.step;
         logs = state.logs;
@@ -441,6 +455,12 @@ pub fn distill(
             && step + 1 < o.steps
         {
             checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
+        }
+        if o.stop_after == Some(step + 1) && step + 1 < o.steps {
+            if let Some(dir) = run_dir {
+                checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
+            }
+            return Ok((model.student, logs));
         }
     }
     if let Some(dir) = run_dir {

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_data;
 mod data;
+mod quickstart;
 mod score;
 
 use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb};
@@ -18,6 +19,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Data(DataVerb::Synth(a)) => data::synth(&a, cli.json),
         Noun::Data(DataVerb::Import(ImportVerb::Ptbxl(a))) => data::import_ptbxl(&a, cli.json),
         Noun::Render(a) => data::render(&a),
+        Noun::Quickstart(a) => quickstart::run(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }

@@ -1,0 +1,139 @@
+//! Evaluating a model on labelled samples, two ways kept apart:
+//! - continuous: per-label probability = p("yes") / (p("yes") + p("no")) for the verification
+//!   question of that label, scored by macro ROC AUC (classes with one gold value skipped and
+//!   listed), macro F1 at 0.5, Hamming loss, subset accuracy;
+//! - ECG-Bench parity: the greedy answer to the diagnosis question, labels read from it with
+//!   the benchmark's substring rule, scored by PULSE's F1 / "AUC of 0/1 answers" / Hamming.
+//!
+//! It also writes predictions in PULSE's output format so `evl-ecg score ecgbench` reads them.
+
+use burn::tensor::Device;
+use evl_models::vlm::{Distillable, EcgVlm};
+
+use crate::batch::{Sample, encode_prompt, pixels, text_tensors};
+use crate::text::{DIAGNOSIS_PROMPT, EOS, TextTokenizer, verify_prompt};
+
+/// One prediction line (PULSE output format plus our probabilities).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PredLine {
+    /// Question id (the record id).
+    pub question_id: String,
+    /// Prompt.
+    pub prompt: String,
+    /// Generated answer.
+    pub text: String,
+    /// Per-label probabilities (label space order).
+    pub probs: Vec<f64>,
+    /// Gold labels.
+    pub gold: Vec<String>,
+}
+
+/// Scores of one evaluation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalScores {
+    /// Examples.
+    pub n: usize,
+    /// Macro ROC AUC over probabilities (None if no class has both values).
+    pub macro_auc: Option<f64>,
+    /// Per-class ROC AUC (None = skipped).
+    pub per_class_auc: Vec<Option<f64>>,
+    /// Macro F1 of probabilities thresholded at 0.5.
+    pub macro_f1_at_05: f64,
+    /// Subset accuracy at 0.5.
+    pub subset_accuracy: f64,
+    /// ECG-Bench parity F1 of the generated answers.
+    pub parity_f1: f64,
+    /// ECG-Bench parity "AUC" of 0/1 answers (None = NaN in the script).
+    pub parity_auc_binary: Option<f64>,
+    /// ECG-Bench parity Hamming loss.
+    pub parity_hamming: f64,
+}
+
+fn first_token(tok: &TextTokenizer, word: &str) -> i64 {
+    tok.encode(word).0.first().copied().unwrap_or(EOS)
+}
+
+/// Evaluate `model` (inference mode, on `device`) on `samples` over `space`.
+pub fn evaluate(
+    model: &EcgVlm,
+    tok: &TextTokenizer,
+    samples: &[Sample],
+    space: &[String],
+    device: &Device,
+) -> (EvalScores, Vec<PredLine>) {
+    let input = model.input();
+    let (yes, no) = (first_token(tok, "yes"), first_token(tok, "no"));
+    let k = space.len();
+    let mut probs = vec![0.0f64; samples.len() * k];
+    let prompts: Vec<Vec<i64>> = space.iter().map(|l| encode_prompt(tok, &verify_prompt(l))).collect();
+    let chunk = (64 / k.max(1)).max(1);
+    for (ci, group) in samples.chunks(chunk).enumerate() {
+        let mut rows = Vec::new();
+        let mut px: Vec<&Sample> = Vec::new();
+        for s in group {
+            for p in &prompts {
+                rows.push((p.clone(), vec![false; p.len()]));
+                px.push(s);
+            }
+        }
+        let lens: Vec<usize> = rows.iter().map(|r| r.0.len()).collect();
+        let (text, pad, _, _) = text_tensors(rows, device);
+        let v = model.view(pixels(&px, &input, device), text, pad);
+        let [_, t, vocab] = v.logits.dims();
+        let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
+        for (r, len) in lens.iter().enumerate() {
+            let base = (r * t + len - 1) * vocab;
+            let (ly, ln) = (logits[base + yes as usize] as f64, logits[base + no as usize] as f64);
+            let m = ly.max(ln);
+            let p = (ly - m).exp() / ((ly - m).exp() + (ln - m).exp());
+            let (si, li) = (r / k, r % k);
+            probs[(ci * chunk + si) * k + li] = p;
+        }
+    }
+    let dprompt = encode_prompt(tok, DIAGNOSIS_PROMPT);
+    let mut lines = Vec::with_capacity(samples.len());
+    for (i, s) in samples.iter().enumerate() {
+        let ids = model.generate(pixels(&[s], &input, device), &dprompt, EOS, 16);
+        lines.push(PredLine {
+            question_id: s.id.clone(),
+            prompt: DIAGNOSIS_PROMPT.to_string(),
+            text: tok.decode(&ids),
+            probs: probs[i * k..(i + 1) * k].to_vec(),
+            gold: s.labels.clone(),
+        });
+    }
+    (score_lines(&lines, space), lines)
+}
+
+/// Metrics of prediction lines.
+pub fn score_lines(lines: &[PredLine], space: &[String]) -> EvalScores {
+    let k = space.len();
+    let mut y_true = Vec::with_capacity(lines.len() * k);
+    let mut y_score = Vec::with_capacity(lines.len() * k);
+    let mut y_pred = Vec::with_capacity(lines.len() * k);
+    for l in lines {
+        for (j, c) in space.iter().enumerate() {
+            y_true.push(l.gold.contains(c) as i64);
+            y_score.push(l.probs[j]);
+            y_pred.push((l.probs[j] >= 0.5) as i64);
+        }
+    }
+    let m = evl_eval::multilabel_metrics(&y_true, &y_score, &y_pred, k).expect("shapes built above");
+    let sp: Vec<&str> = space.iter().map(String::as_str).collect();
+    let pred: Vec<Vec<String>> = lines.iter().map(|l| evl_eval::ecgbench::find_labels(&sp, &l.text)).collect();
+    let gold: Vec<Vec<String>> = lines
+        .iter()
+        .map(|l| evl_eval::ecgbench::find_labels(&sp, &l.gold.join(", ")))
+        .collect();
+    let (f1, auc, hl, _) = evl_eval::ecgbench::compute_f1_auc(&pred, &gold);
+    EvalScores {
+        n: lines.len(),
+        macro_auc: m.macro_auc,
+        per_class_auc: m.per_class_auc,
+        macro_f1_at_05: m.macro_f1,
+        subset_accuracy: m.subset_accuracy,
+        parity_f1: f1,
+        parity_auc_binary: (!auc.is_nan()).then_some(auc),
+        parity_hamming: hl,
+    }
+}

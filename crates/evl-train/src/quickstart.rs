@@ -1,0 +1,569 @@
+//! The whole method end to end on a CPU: synthesize labelled ECGs, train a teacher and a
+//! heterogeneous student (different encoder size, visual token count, width, tokenizer), SFT
+//! the student, distil it with EVL-ECG, vanilla KD and CE only (plus EVL ablations) over
+//! several seeds, evaluate everything on the held-out synthetic test split and on the real
+//! PTB-XL records in `../shared/data`, and write `results.json` and `report.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use ecg_io::labels::ptbxl::Split;
+use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
+use rayon::prelude::*;
+
+use crate::batch::{InputSpec, Sample, image_of, signal_of};
+use crate::eval::{EvalScores, PredLine, evaluate};
+use crate::text::{TextTokenizer, conversations};
+use crate::train::{DistillConfig, Method, OptimConfig, StepLog, cache_teacher, distill, sft};
+use crate::{Error, Result};
+
+/// Size presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Seconds: the CI smoke run (tiny data, few steps, one seed).
+    Tiny,
+    /// The default: <= 10 minutes on 2 CPU cores.
+    Quick,
+    /// More data and steps (tens of minutes).
+    Full,
+}
+
+/// Everything the quickstart does, resolved from a preset.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuickstartConfig {
+    /// Preset name.
+    pub preset: Preset,
+    /// Synthetic records (split 80/10/10).
+    pub n_records: usize,
+    /// Seed of the data.
+    pub data_seed: u64,
+    /// Distillation seeds.
+    pub seeds: Vec<u64>,
+    /// Input sizes.
+    pub input: InputSpec,
+    /// Teacher vocabulary size.
+    pub teacher_vocab: usize,
+    /// Student vocabulary size.
+    pub student_vocab: usize,
+    /// Teacher SFT.
+    pub teacher_sft: OptimConfig,
+    /// Student SFT.
+    pub student_sft: OptimConfig,
+    /// Each distillation run.
+    pub distill: OptimConfig,
+    /// Methods compared (table 1).
+    pub methods: Vec<String>,
+    /// EVL-ECG ablations (table 2): terms removed.
+    pub ablations: Vec<String>,
+    /// Test examples evaluated (synthetic).
+    pub n_test_eval: usize,
+}
+
+impl QuickstartConfig {
+    /// The settings of a preset.
+    pub fn preset(p: Preset) -> QuickstartConfig {
+        let o = |steps: usize, lr: f64, batch: usize| OptimConfig {
+            steps,
+            lr,
+            batch_size: batch,
+            warmup: (steps / 10).max(1),
+            ..OptimConfig::default()
+        };
+        match p {
+            Preset::Tiny => QuickstartConfig {
+                preset: p,
+                n_records: 40,
+                data_seed: 7,
+                seeds: vec![0],
+                input: InputSpec::default(),
+                teacher_vocab: 160,
+                student_vocab: 70,
+                teacher_sft: o(4, 2e-3, 4),
+                student_sft: o(4, 2e-3, 4),
+                distill: o(3, 1e-3, 4),
+                methods: vec!["evl".into(), "kl".into(), "ce".into()],
+                ablations: vec!["ot".into()],
+                n_test_eval: 4,
+            },
+            Preset::Quick => QuickstartConfig {
+                preset: p,
+                n_records: 500,
+                data_seed: 7,
+                seeds: vec![0, 1, 2],
+                input: InputSpec::default(),
+                teacher_vocab: 320,
+                student_vocab: 80,
+                teacher_sft: o(400, 1e-3, 16),
+                student_sft: o(200, 3e-3, 16),
+                distill: o(80, 1e-3, 16),
+                methods: vec!["evl".into(), "kl".into(), "ce".into()],
+                ablations: vec!["ot".into(), "mhca".into(), "rel".into()],
+                n_test_eval: 50,
+            },
+            Preset::Full => QuickstartConfig {
+                preset: p,
+                n_records: 3000,
+                data_seed: 7,
+                seeds: vec![0, 1, 2],
+                input: InputSpec::default(),
+                teacher_vocab: 400,
+                student_vocab: 90,
+                teacher_sft: o(2000, 1e-3, 32),
+                student_sft: o(1500, 2e-3, 32),
+                distill: o(600, 5e-4, 32),
+                methods: vec!["evl".into(), "kl".into(), "ce".into()],
+                ablations: vec!["ot".into(), "mhca".into(), "rel".into()],
+                n_test_eval: 300,
+            },
+        }
+    }
+
+    /// Teacher architecture: image encoder, 48 visual tokens, width 192.
+    pub fn teacher_model(&self) -> EcgVlmConfig {
+        EcgVlmConfig::new(
+            InputKind::Image {
+                height: self.input.height,
+                width: self.input.width,
+                patch: 20,
+            },
+            192,
+            2,
+            4,
+            192,
+            2,
+            4,
+            self.teacher_vocab,
+            64,
+        )
+    }
+
+    /// Student architecture: image encoder, 12 visual tokens (4x fewer), widths 32/48.
+    pub fn student_model(&self) -> EcgVlmConfig {
+        EcgVlmConfig::new(
+            InputKind::Image {
+                height: self.input.height,
+                width: self.input.width,
+                patch: 40,
+            },
+            32,
+            1,
+            2,
+            48,
+            2,
+            2,
+            self.student_vocab,
+            64,
+        )
+    }
+}
+
+/// One distillation run's outcome.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunResult {
+    /// Method name.
+    pub method: String,
+    /// Seed.
+    pub seed: u64,
+    /// Synthetic test scores.
+    pub synthetic: EvalScores,
+    /// Real PTB-XL scores (None without ../shared).
+    pub real: Option<EvalScores>,
+    /// Mean wall time per optimiser step, ms.
+    pub ms_per_step: f64,
+    /// Peak resident memory of the process after the run, MiB (monotonic, process-wide).
+    pub peak_rss_mib: Option<f64>,
+    /// Final loss terms.
+    pub final_terms: Vec<(String, f64)>,
+}
+
+/// Everything `results.json` holds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Results {
+    /// Settings.
+    pub config: QuickstartConfig,
+    /// Teacher facts.
+    pub teacher: FactsJson,
+    /// Student facts.
+    pub student: FactsJson,
+    /// Reference rows: teacher and the student after SFT.
+    pub references: Vec<RunResult>,
+    /// Distillation runs.
+    pub runs: Vec<RunResult>,
+    /// Wall time of each stage, s.
+    pub stage_seconds: BTreeMap<String, f64>,
+    /// Total wall time, s.
+    pub wall_seconds: f64,
+    /// Notes.
+    pub notes: Vec<String>,
+}
+
+/// Model facts in results.json.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FactsJson {
+    /// Parameters.
+    pub params: usize,
+    /// Visual tokens.
+    pub visual_tokens: usize,
+    /// Visual width.
+    pub d_vision: usize,
+    /// LM width.
+    pub d_model: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Input.
+    pub input: String,
+    /// Mean answer length in tokens over the diagnosis answers of the training set.
+    pub mean_answer_tokens: f64,
+}
+
+fn facts_json(f: ModelFacts, mean_answer_tokens: f64) -> FactsJson {
+    FactsJson {
+        params: f.params,
+        visual_tokens: f.visual_tokens,
+        d_vision: f.d_vision,
+        d_model: f.d_model,
+        vocab: f.vocab,
+        input: f.input,
+        mean_answer_tokens,
+    }
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn space() -> Vec<String> {
+    ecg_synth::SUPERCLASSES.iter().map(|s| s.to_string()).collect()
+}
+
+fn build_samples(records: Vec<(ecg_io::Record, Vec<String>, Vec<String>)>, spec: &InputSpec, seed: u64) -> Result<Vec<Sample>> {
+    let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
+        dpi: spec.dpi,
+        grid: spec.grid,
+        ..Default::default()
+    })
+    .map_err(|e| Error::Data(Box::new(e)))?;
+    let sp = space();
+    records
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, (rec, labels, findings))| {
+            let image = image_of(&renderer, &rec, spec).map_err(|e| Error::Data(Box::new(e)))?;
+            let signal = signal_of(&rec, spec);
+            let turns = conversations(&labels, &findings, &sp, seed ^ (i as u64 * 7919));
+            Ok(Sample {
+                id: rec.name.clone(),
+                image,
+                signal,
+                labels,
+                findings,
+                turns,
+            })
+        })
+        .collect()
+}
+
+/// Real PTB-XL records under `shared/data/ptbxl_subset/records500`, labelled from headers.
+fn real_samples(shared_data: &Path, spec: &InputSpec) -> Result<Vec<Sample>> {
+    let root = shared_data.join("ptbxl_subset");
+    let mut recs = Vec::new();
+    for hea in ecg_data::walk(&root.join("records500"), "hea") {
+        let rec = ecg_io::read_record(&hea, ecg_io::ReadOptions::default()).map_err(|e| Error::Data(Box::new(e)))?;
+        let labels = ecg_io::labels::ptbxl::header_labels(&rec.comments).unwrap_or_default();
+        recs.push((rec, labels.superclasses, labels.other));
+    }
+    build_samples(recs, spec, 99)
+}
+
+/// Run the quickstart into `out`. `shared_data` is `../shared/data` when present.
+pub fn run(out: &Path, cfg: &QuickstartConfig, shared_data: Option<&Path>, train_device: &Device, infer_device: &Device, mut say: impl FnMut(&str)) -> Result<Results> {
+    let t_all = Instant::now();
+    let mut stages = BTreeMap::new();
+    let mut notes = Vec::new();
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    // 1. Data.
+    let t = Instant::now();
+    let data_dir = out.join("data");
+    let synth_cfg = ecg_synth::SynthConfig::default();
+    ecg_synth::write_dataset(&data_dir, &synth_cfg, cfg.data_seed, cfg.n_records).map_err(|e| Error::Data(Box::new(e)))?;
+    let ds = ecg_data::Dataset::from_synth_dir(&data_dir).map_err(|e| Error::Data(Box::new(e)))?;
+    let mut by_split: BTreeMap<&str, Vec<(ecg_io::Record, Vec<String>, Vec<String>)>> = BTreeMap::new();
+    for e in &ds.entries {
+        let path = ds.record_path(e).expect("synthetic entries have records");
+        let rec = ecg_io::read_record(&path, ecg_io::ReadOptions::default()).map_err(|e| Error::Data(Box::new(e)))?;
+        by_split.entry(e.split.name()).or_default().push((rec, e.labels.clone(), e.findings.clone()));
+    }
+    let train = build_samples(by_split.remove(Split::Train.name()).unwrap_or_default(), &cfg.input, 1)?;
+    let mut test = build_samples(by_split.remove(Split::Test.name()).unwrap_or_default(), &cfg.input, 2)?;
+    test.truncate(cfg.n_test_eval.max(1));
+    let real = match shared_data {
+        Some(d) => Some(real_samples(d, &cfg.input)?),
+        None => {
+            notes.push("../shared/data not found: no evaluation on real PTB-XL records".into());
+            None
+        }
+    };
+    say(&format!(
+        "data: {} SYNTHETIC records ({} train, {} test evaluated), {} real PTB-XL records",
+        cfg.n_records,
+        train.len(),
+        test.len(),
+        real.as_ref().map_or(0, Vec::len)
+    ));
+    stages.insert("data".into(), t.elapsed().as_secs_f64());
+    // 2. Tokenizers.
+    let t = Instant::now();
+    let texts: Vec<String> = train.iter().flat_map(|s| s.turns.iter().flat_map(|t| [t.prompt.clone(), t.answer.clone()])).collect();
+    let t_tok = TextTokenizer::train(&texts, cfg.teacher_vocab)?;
+    let s_tok = TextTokenizer::train(&texts, cfg.student_vocab)?;
+    std::fs::create_dir_all(out.join("tokenizers")).map_err(|source| Error::Io { path: out.join("tokenizers"), source })?;
+    t_tok.save(&out.join("tokenizers/teacher.json"))?;
+    s_tok.save(&out.join("tokenizers/student.json"))?;
+    let mean_len = |tok: &TextTokenizer| {
+        let v: Vec<usize> = train.iter().map(|s| tok.encode(&s.turns[0].answer).0.len()).collect();
+        v.iter().sum::<usize>() as f64 / v.len().max(1) as f64
+    };
+    stages.insert("tokenizers".into(), t.elapsed().as_secs_f64());
+    // 3. Teacher SFT.
+    let t = Instant::now();
+    let mut teacher_cfg = cfg.teacher_model();
+    teacher_cfg.vocab = t_tok.vocab_size();
+    train_device.seed(cfg.data_seed);
+    let teacher = teacher_cfg.init(train_device);
+    let (teacher, _) = sft(teacher, &train, &t_tok, &cfg.teacher_sft, Some(&out.join("teacher")), train_device, |l| {
+        if l.step % 20 == 0 {
+            say(&format!("teacher SFT step {} loss {:.3} ({:.0} ms/step)", l.step, l.total, l.ms));
+        }
+    })?;
+    stages.insert("teacher_sft".into(), t.elapsed().as_secs_f64());
+    // 4. Student SFT.
+    let t = Instant::now();
+    let mut student_cfg = cfg.student_model();
+    student_cfg.vocab = s_tok.vocab_size();
+    train_device.seed(cfg.data_seed + 1);
+    let student = student_cfg.init(train_device);
+    let (student, _) = sft(student, &train, &s_tok, &cfg.student_sft, Some(&out.join("student-sft")), train_device, |l| {
+        if l.step % 40 == 0 {
+            say(&format!("student SFT step {} loss {:.3} ({:.0} ms/step)", l.step, l.total, l.ms));
+        }
+    })?;
+    stages.insert("student_sft".into(), t.elapsed().as_secs_f64());
+    let tf = facts_json(teacher.facts(), mean_len(&t_tok));
+    let sf = facts_json(student.facts(), mean_len(&s_tok));
+    say(&format!(
+        "teacher {} params, {} visual tokens, width {}/{}, vocab {}; student {} params ({:.1}x fewer), {} visual tokens, width {}/{}, vocab {}",
+        tf.params, tf.visual_tokens, tf.d_vision, tf.d_model, tf.vocab, sf.params, tf.params as f64 / sf.params as f64, sf.visual_tokens, sf.d_vision, sf.d_model, sf.vocab
+    ));
+    // 5. Teacher cache (offline KD) on the inference device.
+    let t = Instant::now();
+    let teacher_inf = teacher.valid();
+    let cache = cache_teacher(&teacher_inf, &train, &t_tok, infer_device);
+    stages.insert("teacher_cache".into(), t.elapsed().as_secs_f64());
+    // 6. References.
+    let t = Instant::now();
+    let eval_both = |m: &EcgVlm, tok: &TextTokenizer| -> (EvalScores, Option<EvalScores>, Vec<PredLine>) {
+        let (syn, lines) = evaluate(m, tok, &test, &space(), infer_device);
+        let r = real.as_ref().map(|r| evaluate(m, tok, r, &space(), infer_device).0);
+        (syn, r, lines)
+    };
+    let mut references = Vec::new();
+    for (name, m, tok) in [("teacher", &teacher_inf, &t_tok), ("student-sft", &student.valid(), &s_tok)] {
+        let (syn, r, lines) = eval_both(m, tok);
+        write_predictions(&out.join(format!("predictions/{name}.jsonl")), &lines)?;
+        say(&format!("{name}: synthetic macro AUC {:?}, parity F1 {:.3}", syn.macro_auc, syn.parity_f1));
+        references.push(RunResult {
+            method: name.into(),
+            seed: 0,
+            synthetic: syn,
+            real: r,
+            ms_per_step: f64::NAN,
+            peak_rss_mib: peak_rss_mib(),
+            final_terms: Vec::new(),
+        });
+    }
+    stages.insert("reference_eval".into(), t.elapsed().as_secs_f64());
+    // 7. Distillation runs.
+    let t = Instant::now();
+    let mut methods: Vec<Method> = cfg
+        .methods
+        .iter()
+        .map(|m| match m.as_str() {
+            "ce" => Ok(Method::Ce),
+            "kl" => Ok(Method::Kl),
+            "evl" => Ok(Method::Evl { ablate: Vec::new() }),
+            other => Err(Error::Config { field: "methods", what: format!("`{other}` is not wired into the quickstart (ce, kl, evl)") }),
+        })
+        .collect::<Result<_>>()?;
+    methods.extend(cfg.ablations.iter().map(|a| Method::Evl { ablate: vec![a.clone()] }));
+    let mut runs = Vec::new();
+    for &seed in &cfg.seeds {
+        for m in &methods {
+            let dcfg = DistillConfig {
+                method: m.clone(),
+                optim: OptimConfig { seed, ..cfg.distill.clone() },
+                alpha: 0.3,
+                temperature: 2.0,
+                heads: 8,
+            };
+            let run_dir = out.join(format!("runs/{}-seed{seed}", m.name()));
+            let (s, logs) = distill(student.clone(), &train, &s_tok, &t_tok, &cache, &dcfg, Some(&run_dir), train_device, |_| {})?;
+            write_logs(&run_dir.join("metrics.jsonl"), &logs)?;
+            let (syn, r, lines) = eval_both(&s.valid(), &s_tok);
+            write_predictions(&out.join(format!("predictions/{}-seed{seed}.jsonl", m.name())), &lines)?;
+            let ms = logs.iter().map(|l| l.ms).sum::<f64>() / logs.len().max(1) as f64;
+            say(&format!(
+                "{} seed {seed}: synthetic macro AUC {}, parity F1 {:.3}, {:.0} ms/step",
+                m.name(),
+                syn.macro_auc.map_or("n/a".into(), |a| format!("{a:.3}")),
+                syn.parity_f1,
+                ms
+            ));
+            let mut final_terms = logs.last().map(|l| l.terms.clone()).unwrap_or_default();
+            if let Some(l) = logs.last() {
+                final_terms.insert(0, ("ce".into(), l.ce));
+            }
+            runs.push(RunResult {
+                method: m.name(),
+                seed,
+                synthetic: syn,
+                real: r,
+                ms_per_step: ms,
+                peak_rss_mib: peak_rss_mib(),
+                final_terms,
+            });
+        }
+    }
+    stages.insert("distillation".into(), t.elapsed().as_secs_f64());
+    let results = Results {
+        config: cfg.clone(),
+        teacher: tf,
+        student: sf,
+        references,
+        runs,
+        stage_seconds: stages,
+        wall_seconds: t_all.elapsed().as_secs_f64(),
+        notes,
+    };
+    let json = serde_json::to_string_pretty(&results).expect("plain data");
+    ecg_io::wfdb::atomic_write(&out.join("results.json"), json.as_bytes()).map_err(|e| Error::Data(Box::new(e)))?;
+    ecg_io::wfdb::atomic_write(&out.join("report.md"), report(&results).as_bytes()).map_err(|e| Error::Data(Box::new(e)))?;
+    Ok(results)
+}
+
+fn write_predictions(path: &Path, lines: &[PredLine]) -> Result<()> {
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(PathBuf::new);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir, source })?;
+    let text: String = lines.iter().map(|l| serde_json::to_string(l).expect("plain data") + "\n").collect();
+    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
+}
+
+fn write_logs(path: &Path, logs: &[StepLog]) -> Result<()> {
+    let text: String = logs.iter().map(|l| serde_json::to_string(l).expect("plain data") + "\n").collect();
+    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    (m, sd)
+}
+
+fn cell(v: &[f64]) -> String {
+    let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let (m, sd) = mean_sd(&v);
+    format!("{m:.3} ± {sd:.3}")
+}
+
+/// The Markdown report: methods compared, loss ablation, time and memory per step.
+pub fn report(r: &Results) -> String {
+    let mut s = String::new();
+    s.push_str("# evl-ecg quickstart report\n\n");
+    s.push_str(&format!(
+        "Preset `{:?}`, {} SYNTHETIC records (labelled synthetic ECGs, not patients), seeds {:?}, wall time {:.0} s.\n\n",
+        r.config.preset, r.config.n_records, r.config.seeds, r.wall_seconds
+    ));
+    s.push_str("| model | params | visual tokens | width (vision/LM) | vocab | answer tokens (diagnosis) | input |\n|---|---:|---:|---|---:|---:|---|\n");
+    for (n, f) in [("teacher", &r.teacher), ("student", &r.student)] {
+        s.push_str(&format!(
+            "| {n} | {} | {} | {}/{} | {} | {:.2} | {} |\n",
+            f.params, f.visual_tokens, f.d_vision, f.d_model, f.vocab, f.mean_answer_tokens, f.input
+        ));
+    }
+    s.push_str(&format!(
+        "\nTeacher/student: {:.1}x parameters, {:.1}x visual tokens.\n\n",
+        r.teacher.params as f64 / r.student.params as f64,
+        r.teacher.visual_tokens as f64 / r.student.visual_tokens as f64
+    ));
+    let table = |s: &mut String, title: &str, names: &[String]| {
+        s.push_str(&format!("## {title}\n\n"));
+        s.push_str("Continuous: macro ROC AUC of per-label probabilities (verification question, p(yes)). Parity: ECG-Bench scoring of the generated diagnosis (F1; \"AUC\" of 0/1 answers). Mean ± sd over seeds.\n\n");
+        s.push_str("| method | synthetic macro AUC | synthetic parity F1 | synthetic parity AUC(0/1) | PTB-XL macro AUC | PTB-XL parity F1 |\n|---|---|---|---|---|---|\n");
+        for n in names {
+            let rows: Vec<&RunResult> = r.references.iter().chain(&r.runs).filter(|x| &x.method == n).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let get = |f: &dyn Fn(&RunResult) -> Option<f64>| -> Vec<f64> { rows.iter().map(|x| f(x).unwrap_or(f64::NAN)).collect() };
+            s.push_str(&format!(
+                "| {n} | {} | {} | {} | {} | {} |\n",
+                cell(&get(&|x| x.synthetic.macro_auc)),
+                cell(&get(&|x| Some(x.synthetic.parity_f1))),
+                cell(&get(&|x| x.synthetic.parity_auc_binary)),
+                cell(&get(&|x| x.real.as_ref().and_then(|y| y.macro_auc))),
+                cell(&get(&|x| x.real.as_ref().map(|y| y.parity_f1))),
+            ));
+        }
+        s.push('\n');
+    };
+    let mut main_names: Vec<String> = vec!["teacher".into(), "student-sft".into()];
+    main_names.extend(r.config.methods.iter().cloned());
+    table(&mut s, "Methods compared", &main_names);
+    let mut abl: Vec<String> = vec!["evl".into()];
+    abl.extend(r.config.ablations.iter().map(|a| format!("evl-no-{a}")));
+    table(&mut s, "Loss ablation (EVL-ECG without one term)", &abl);
+    s.push_str("## Time and memory per training step\n\n| method | ms/step (mean ± sd over seeds) | peak RSS after run, MiB (process-wide, monotonic) |\n|---|---|---|\n");
+    let mut seen = Vec::new();
+    for x in &r.runs {
+        if seen.contains(&x.method) {
+            continue;
+        }
+        seen.push(x.method.clone());
+        let rows: Vec<&RunResult> = r.runs.iter().filter(|y| y.method == x.method).collect();
+        let ms: Vec<f64> = rows.iter().map(|y| y.ms_per_step).collect();
+        let rss = rows.iter().filter_map(|y| y.peak_rss_mib).fold(f64::NAN, f64::max);
+        s.push_str(&format!("| {} | {} | {:.0} |\n", x.method, cell(&ms), rss));
+    }
+    s.push_str("\n## Verdict\n\n");
+    let avg = |n: &str| {
+        let v: Vec<f64> = r.runs.iter().filter(|x| x.method == n).filter_map(|x| x.synthetic.macro_auc).collect();
+        (!v.is_empty()).then(|| mean_sd(&v).0)
+    };
+    match (avg("evl"), avg("kl"), avg("ce")) {
+        (Some(e), Some(k), Some(c)) => {
+            if e > k && e > c {
+                s.push_str(&format!("EVL-ECG has the best mean synthetic macro AUC ({e:.3} vs KD {k:.3}, CE {c:.3}). Check the sd column before reading much into small gaps.\n"));
+            } else {
+                s.push_str(&format!("EVL-ECG does NOT beat the baselines here (synthetic macro AUC: EVL {e:.3}, KD {k:.3}, CE {c:.3}). See the notes in the issue tracker for the investigation; nothing was tuned on the test split.\n"));
+            }
+        }
+        _ => s.push_str("Not enough runs for a comparison.\n"),
+    }
+    for n in &r.notes {
+        s.push_str(&format!("\nNote: {n}\n"));
+    }
+    s
+}
