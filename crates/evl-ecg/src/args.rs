@@ -31,12 +31,31 @@ pub enum Noun {
     /// Writes DIR/report.md and DIR/results.json (every number, per seed), plus data,
     /// tokenizers, checkpoints (resumable), per-step metrics and predictions in PULSE's format.
     Quickstart(QuickstartArgs),
+    /// Read a WFDB or CinC record and print the student's answer and per-label probabilities.
+    ///
+    /// Example: evl-ecg interpret ../shared/data/ptbxl_subset/records500/00000/00001_hr
+    ///   --model quickstart-out/model
+    Interpret(InterpretArgs),
     /// Score model answers: ECG-Bench parity (PULSE's scorer, quirks included).
     #[command(subcommand)]
     Score(ScoreVerb),
     /// Measure speed against reference implementations run in the same invocation.
     #[command(subcommand)]
     Bench(BenchVerb),
+}
+
+/// Arguments of `interpret`.
+#[derive(Debug, Args)]
+pub struct InterpretArgs {
+    /// Record path(s).
+    #[arg(required = true)]
+    pub records: Vec<PathBuf>,
+    /// Model directory (config.json, input.json, tokenizer.json, model.safetensors).
+    #[arg(long, default_value = "quickstart-out/model")]
+    pub model: PathBuf,
+    /// Load even if a checksum does not match.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// Quickstart sizes.
@@ -62,6 +81,16 @@ pub struct QuickstartArgs {
     /// Device: cpu or cuda:N (the latter needs the `cuda` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Teacher encoder input: image (rendered ECG paper, as the paper) or signal.
+    #[arg(long, value_parser = ["image", "signal"])]
+    pub teacher_input: Option<String>,
+    /// Student encoder input: image, or signal (image-teacher -> signal-student is the
+    /// paper's open question and the edge option).
+    #[arg(long, value_parser = ["image", "signal"])]
+    pub student_input: Option<String>,
+    /// Finding size of the synthetic data.
+    #[arg(long, value_enum)]
+    pub difficulty: Option<DifficultyArg>,
 }
 
 /// `evl-ecg score <verb>`.
@@ -262,6 +291,12 @@ pub struct RenderArgs {
     /// Resolution in dots per inch (PULSE used about 200; 50-100 for training).
     #[arg(long, default_value_t = 200.0)]
     pub dpi: f32,
+    /// Paper width in mm (US letter landscape by default; A4 is 297).
+    #[arg(long, default_value_t = 279.4)]
+    pub width_mm: f32,
+    /// Paper height in mm (A4 is 210).
+    #[arg(long, default_value_t = 215.9)]
+    pub height_mm: f32,
     /// Gray levels instead of red paper.
     #[arg(long)]
     pub grayscale: bool,

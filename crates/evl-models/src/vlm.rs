@@ -11,7 +11,9 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::attention::generate_autoregressive_mask;
-use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
+use burn::nn::transformer::{
+    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
+};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
@@ -42,7 +44,11 @@ impl InputKind {
     /// Number of visual tokens.
     pub fn n_tokens(&self) -> usize {
         match self {
-            InputKind::Image { height, width, patch } => (height / patch) * (width / patch),
+            InputKind::Image {
+                height,
+                width,
+                patch,
+            } => (height / patch) * (width / patch),
             InputKind::Signal { samples, patch, .. } => samples / patch,
         }
     }
@@ -145,7 +151,12 @@ pub trait Distillable {
     ///   `[b, c, n]` (images are passed as `[b, 1, h * w]`)
     /// - `text`: `[b, t]` token ids (prompt then answer, padded), `text_pad`: `[b, t]`, true at
     ///   padding
-    fn view(&self, pixels: Tensor<3>, text: Tensor<2, Int>, text_pad: Tensor<2, Bool>) -> DistillView;
+    fn view(
+        &self,
+        pixels: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+    ) -> DistillView;
     /// Size facts.
     fn facts(&self) -> ModelFacts;
 }
@@ -161,7 +172,11 @@ impl EcgVlmConfig {
                 .init(device)
         };
         let pos = |n: usize, d: usize| {
-            Param::from_tensor(Tensor::<2>::random([n, d], Distribution::Normal(0.0, 0.02), device))
+            Param::from_tensor(Tensor::<2>::random(
+                [n, d],
+                Distribution::Normal(0.0, 0.02),
+                device,
+            ))
         };
         EcgVlm {
             patch_embed: LinearConfig::new(self.input.patch_dim(), self.d_vision).init(device),
@@ -173,7 +188,9 @@ impl EcgVlmConfig {
             pos: pos(n_vis + self.max_text, self.d_model),
             decoder: enc(self.d_model, self.layers, self.heads),
             norm: LayerNormConfig::new(self.d_model).init(device),
-            lm_head: LinearConfig::new(self.d_model, self.vocab).with_bias(false).init(device),
+            lm_head: LinearConfig::new(self.d_model, self.vocab)
+                .with_bias(false)
+                .init(device),
             is_signal: matches!(self.input, InputKind::Signal { .. }),
             in_a: match self.input {
                 InputKind::Image { height, .. } => height,
@@ -213,7 +230,11 @@ impl EcgVlm {
     pub fn encode(&self, pixels: Tensor<3>) -> Tensor<3> {
         let [b, _, _] = pixels.dims();
         let patches = match &self.input() {
-            InputKind::Image { height, width, patch } => {
+            InputKind::Image {
+                height,
+                width,
+                patch,
+            } => {
                 let (gh, gw) = (height / patch, width / patch);
                 pixels
                     .reshape([b, *height, *width])
@@ -222,7 +243,11 @@ impl EcgVlm {
                     .swap_dims(2, 3)
                     .reshape([b, gh * gw, patch * patch])
             }
-            InputKind::Signal { leads, samples, patch } => {
+            InputKind::Signal {
+                leads,
+                samples,
+                patch,
+            } => {
                 let n = samples / patch;
                 pixels
                     .slice([0..b, 0..*leads, 0..n * patch])
@@ -234,25 +259,42 @@ impl EcgVlm {
         let x = self.patch_embed.forward(patches);
         let [_, v, d] = x.dims();
         let x = x + self.vis_pos.val().reshape([1, v, d]);
-        self.vis_norm.forward(self.vision.forward(TransformerEncoderInput::new(x)))
+        self.vis_norm
+            .forward(self.vision.forward(TransformerEncoderInput::new(x)))
     }
 
     /// Language-model pass over `[visual; text]`; returns final hidden states of the whole
     /// sequence `[b, v + t, d_model]`.
-    fn decode(&self, visual: Tensor<3>, text: Tensor<2, Int>, text_pad: Tensor<2, Bool>) -> Tensor<3> {
+    fn decode(
+        &self,
+        visual: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+    ) -> Tensor<3> {
         let [b, v, _] = visual.dims();
         let [_, t] = text.dims();
         let device = visual.device();
-        let x = Tensor::cat(vec![self.projector.forward(visual), self.tok_emb.forward(text)], 1);
+        let x = Tensor::cat(
+            vec![self.projector.forward(visual), self.tok_emb.forward(text)],
+            1,
+        );
         let d = x.dims()[2];
-        let x = x + self.pos.val().slice([0..v + t, 0..d]).reshape([1, v + t, d]);
+        let x = x + self
+            .pos
+            .val()
+            .slice([0..v + t, 0..d])
+            .reshape([1, v + t, d]);
         let vis_pad = Tensor::<2, Bool>::from_data(
             burn::tensor::TensorData::new(vec![false; b * v], [b, v]),
             &device,
         );
         let pad = Tensor::cat(vec![vis_pad, text_pad], 1);
         let causal = generate_autoregressive_mask(b, v + t, &device);
-        let h = self.decoder.forward(TransformerEncoderInput::new(x).mask_pad(pad).mask_attn(causal));
+        let h = self.decoder.forward(
+            TransformerEncoderInput::new(x)
+                .mask_pad(pad)
+                .mask_attn(causal),
+        );
         self.norm.forward(h)
     }
 
@@ -263,19 +305,34 @@ impl EcgVlm {
 
     /// Greedy generation of up to `max_new` tokens after `prompt` (one example), stopping at
     /// `eos`. Recomputes the full sequence per token (models here are small).
-    pub fn generate(&self, pixels: Tensor<3>, prompt: &[i64], eos: i64, max_new: usize) -> Vec<i64> {
+    pub fn generate(
+        &self,
+        pixels: Tensor<3>,
+        prompt: &[i64],
+        eos: i64,
+        max_new: usize,
+    ) -> Vec<i64> {
         let device = pixels.device();
         let visual = self.encode(pixels);
         let mut ids: Vec<i64> = prompt.to_vec();
         let mut out = Vec::new();
         for _ in 0..max_new {
             let t = ids.len();
-            let text = Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids.clone(), [1, t]), &device);
-            let pad = Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(vec![false; t], [1, t]), &device);
+            let text = Tensor::<2, Int>::from_data(
+                burn::tensor::TensorData::new(ids.clone(), [1, t]),
+                &device,
+            );
+            let pad = Tensor::<2, Bool>::from_data(
+                burn::tensor::TensorData::new(vec![false; t], [1, t]),
+                &device,
+            );
             let h = self.decode(visual.clone(), text, pad);
             let v = self.n_visual;
             let last = h.slice([0..1, v + t - 1..v + t]);
-            let logits = self.lm_head.forward(last).reshape([self.lm_head.weight.dims()[1]]);
+            let logits = self
+                .lm_head
+                .forward(last)
+                .reshape([self.lm_head.weight.dims()[1]]);
             let next = logits
                 .argmax(0)
                 .into_data()
@@ -293,7 +350,12 @@ impl EcgVlm {
 }
 
 impl Distillable for EcgVlm {
-    fn view(&self, pixels: Tensor<3>, text: Tensor<2, Int>, text_pad: Tensor<2, Bool>) -> DistillView {
+    fn view(
+        &self,
+        pixels: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+    ) -> DistillView {
         let visual = self.encode(pixels);
         let [b, v, _] = visual.dims();
         let [_, t] = text.dims();
@@ -319,8 +381,16 @@ impl Distillable for EcgVlm {
             d_model: self.projector.weight.dims()[1],
             vocab: self.lm_head.weight.dims()[1],
             input: match &self.input() {
-                InputKind::Image { height, width, patch } => format!("image {height}x{width}, patch {patch}"),
-                InputKind::Signal { leads, samples, patch } => format!("signal {leads}x{samples}, patch {patch}"),
+                InputKind::Image {
+                    height,
+                    width,
+                    patch,
+                } => format!("image {height}x{width}, patch {patch}"),
+                InputKind::Signal {
+                    leads,
+                    samples,
+                    patch,
+                } => format!("signal {leads}x{samples}, patch {patch}"),
             },
         }
     }

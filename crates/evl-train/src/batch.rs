@@ -45,9 +45,9 @@ pub struct InputSpec {
 impl Default for InputSpec {
     fn default() -> Self {
         InputSpec {
-            height: 120,
-            width: 160,
-            dpi: 40.0,
+            height: 240,
+            width: 320,
+            dpi: 80.0,
             grid: false,
             signal_fs: 100,
             signal_len: 1000,
@@ -57,7 +57,11 @@ impl Default for InputSpec {
 
 /// Render `record` and reduce it to `spec`'s size by area averaging (ink = 1), then
 /// standardise the image to zero mean and unit variance.
-pub fn image_of(renderer: &ecg_render::Renderer, record: &Record, spec: &InputSpec) -> Result<Vec<f32>, ecg_render::Error> {
+pub fn image_of(
+    renderer: &ecg_render::Renderer,
+    record: &Record,
+    spec: &InputSpec,
+) -> Result<Vec<f32>, ecg_render::Error> {
     let img = renderer.render(record)?;
     let (w0, h0) = img.dimensions();
     let (w0, h0) = (w0 as usize, h0 as usize);
@@ -76,7 +80,9 @@ pub fn image_of(renderer: &ecg_render::Renderer, record: &Record, spec: &InputSp
     // Standardise per image so the thin traces are not drowned by the paper's level.
     let n = out.len() as f32;
     let mean = out.iter().sum::<f32>() / n;
-    let sd = (out.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n).sqrt().max(1e-6);
+    let sd = (out.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n)
+        .sqrt()
+        .max(1e-6);
     for o in out.iter_mut() {
         *o = (*o - mean) / sd;
     }
@@ -92,7 +98,10 @@ pub fn signal_of(record: &Record, spec: &InputSpec) -> Vec<f32> {
             Some(x) => ecg_signal_resample(&x, record.fs as u32, spec.signal_fs),
             None => vec![0.0; spec.signal_len],
         };
-        let mut x: Vec<f32> = x.into_iter().map(|v| if v.is_finite() { v } else { 0.0 }).collect();
+        let mut x: Vec<f32> = x
+            .into_iter()
+            .map(|v| if v.is_finite() { v } else { 0.0 })
+            .collect();
         x.resize(spec.signal_len, 0.0);
         out.extend(x);
     }
@@ -149,11 +158,32 @@ pub fn pixels(samples: &[&Sample], input: &InputKind, device: &Device) -> Tensor
         InputKind::Image { height, width, .. } => {
             let mut v = Vec::with_capacity(b * height * width);
             for s in samples {
-                v.extend_from_slice(&s.image);
+                // Samples hold the largest image; a model reading a smaller one gets it by
+                // integer-factor area pooling (its own image processor).
+                let n = s.image.len();
+                let f = ((n / (height * width)) as f64).sqrt().round() as usize;
+                if f <= 1 {
+                    v.extend_from_slice(&s.image[..height * width]);
+                } else {
+                    let w0 = width * f;
+                    for y in 0..*height {
+                        for x in 0..*width {
+                            let mut acc = 0.0;
+                            for dy in 0..f {
+                                for dx in 0..f {
+                                    acc += s.image[(y * f + dy) * w0 + x * f + dx];
+                                }
+                            }
+                            v.push(acc / (f * f) as f32);
+                        }
+                    }
+                }
             }
             Tensor::from_data(TensorData::new(v, [b, 1, height * width]), device)
         }
-        InputKind::Signal { leads, samples: n, .. } => {
+        InputKind::Signal {
+            leads, samples: n, ..
+        } => {
             let mut v = Vec::with_capacity(b * leads * n);
             for s in samples {
                 v.extend_from_slice(&s.signal[..leads * n]);
@@ -163,8 +193,16 @@ pub fn pixels(samples: &[&Sample], input: &InputKind, device: &Device) -> Tensor
     }
 }
 
+/// Padded text tensors: ids, padding mask, answer mask, and the host rows.
+pub type TextTensors = (
+    Tensor<2, Int>,
+    Tensor<2, Bool>,
+    Tensor<2, Bool>,
+    Vec<(Vec<i64>, Vec<bool>)>,
+);
+
 /// Pad token rows into tensors.
-pub fn text_tensors(rows: Vec<(Vec<i64>, Vec<bool>)>, device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Bool>, Vec<(Vec<i64>, Vec<bool>)>) {
+pub fn text_tensors(rows: Vec<(Vec<i64>, Vec<bool>)>, device: &Device) -> TextTensors {
     let b = rows.len();
     let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
     let mut ids = vec![PAD; b * t];
@@ -186,7 +224,13 @@ pub fn text_tensors(rows: Vec<(Vec<i64>, Vec<bool>)>, device: &Device) -> (Tenso
 }
 
 /// A training batch: sample `i` with its turn `turn_of[i]`.
-pub fn make_batch(samples: &[&Sample], turn_of: &[usize], tok: &TextTokenizer, input: &InputKind, device: &Device) -> Batch {
+pub fn make_batch(
+    samples: &[&Sample],
+    turn_of: &[usize],
+    tok: &TextTokenizer,
+    input: &InputKind,
+    device: &Device,
+) -> Batch {
     let rows: Vec<(Vec<i64>, Vec<bool>)> = samples
         .iter()
         .zip(turn_of)

@@ -36,7 +36,13 @@ fn tmp_of(path: &Path) -> std::path::PathBuf {
 }
 
 /// Write model, optimiser and state into `dir`.
-pub fn save<M: Module>(dir: &Path, model: &M, optim: &ModuleOptimizer, step: usize, logs: &[StepLog]) -> Result<()> {
+pub fn save<M: Module>(
+    dir: &Path,
+    model: &M,
+    optim: &ModuleOptimizer,
+    step: usize,
+    logs: &[StepLog],
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,

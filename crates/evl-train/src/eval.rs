@@ -65,7 +65,10 @@ pub fn evaluate(
     let (yes, no) = (first_token(tok, "yes"), first_token(tok, "no"));
     let k = space.len();
     let mut probs = vec![0.0f64; samples.len() * k];
-    let prompts: Vec<Vec<i64>> = space.iter().map(|l| encode_prompt(tok, &verify_prompt(l))).collect();
+    let prompts: Vec<Vec<i64>> = space
+        .iter()
+        .map(|l| encode_prompt(tok, &verify_prompt(l)))
+        .collect();
     let chunk = (64 / k.max(1)).max(1);
     for (ci, group) in samples.chunks(chunk).enumerate() {
         let mut rows = Vec::new();
@@ -83,7 +86,10 @@ pub fn evaluate(
         let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
         for (r, len) in lens.iter().enumerate() {
             let base = (r * t + len - 1) * vocab;
-            let (ly, ln) = (logits[base + yes as usize] as f64, logits[base + no as usize] as f64);
+            let (ly, ln) = (
+                logits[base + yes as usize] as f64,
+                logits[base + no as usize] as f64,
+            );
             let m = ly.max(ln);
             let p = (ly - m).exp() / ((ly - m).exp() + (ln - m).exp());
             let (si, li) = (r / k, r % k);
@@ -118,9 +124,13 @@ pub fn score_lines(lines: &[PredLine], space: &[String]) -> EvalScores {
             y_pred.push((l.probs[j] >= 0.5) as i64);
         }
     }
-    let m = evl_eval::multilabel_metrics(&y_true, &y_score, &y_pred, k).expect("shapes built above");
+    let m =
+        evl_eval::multilabel_metrics(&y_true, &y_score, &y_pred, k).expect("shapes built above");
     let sp: Vec<&str> = space.iter().map(String::as_str).collect();
-    let pred: Vec<Vec<String>> = lines.iter().map(|l| evl_eval::ecgbench::find_labels(&sp, &l.text)).collect();
+    let pred: Vec<Vec<String>> = lines
+        .iter()
+        .map(|l| evl_eval::ecgbench::find_labels(&sp, &l.text))
+        .collect();
     let gold: Vec<Vec<String>> = lines
         .iter()
         .map(|l| evl_eval::ecgbench::find_labels(&sp, &l.gold.join(", ")))

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod eval;
+pub mod infer;
 pub mod quickstart;
 pub mod text;
 pub mod train;

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
-use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::models::ModelWrapper;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
     Tokenizer, TokenizerBuilder, TokenizerImpl,
@@ -49,7 +49,12 @@ impl TextTokenizer {
             .vocab_size(vocab)
             .min_frequency(1)
             .show_progress(false)
-            .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+            .special_tokens(
+                SPECIALS
+                    .iter()
+                    .map(|s| AddedToken::from(*s, true))
+                    .collect(),
+            )
             .build()
             .into();
         let mut tok: TokenizerImpl<
@@ -116,8 +121,17 @@ impl TextTokenizer {
     /// Text of ids (joined with spaces between whole words, as the whitespace pre-tokenizer
     /// split them; punctuation re-attached).
     pub fn decode(&self, ids: &[i64]) -> String {
-        let ids: Vec<u32> = ids.iter().filter(|&&i| i > EOS).map(|&i| i as u32).collect();
-        self.inner.decode(&ids, true).unwrap_or_default().replace(" ,", ",").replace(" .", ".").replace(" :", ":")
+        let ids: Vec<u32> = ids
+            .iter()
+            .filter(|&&i| i > EOS)
+            .map(|&i| i as u32)
+            .collect();
+        self.inner
+            .decode(&ids, true)
+            .unwrap_or_default()
+            .replace(" ,", ",")
+            .replace(" .", ".")
+            .replace(" :", ":")
     }
 }
 
@@ -145,13 +159,22 @@ pub fn verify_prompt(label: &str) -> String {
 /// Conversations for one record: the diagnosis question, a verification question per label
 /// (balanced between present and absent labels), a rhythm question, and an 8-option multiple
 /// choice question.
-pub fn conversations(labels: &[String], findings: &[String], space: &[String], seed: u64) -> Vec<Turn> {
+pub fn conversations(
+    labels: &[String],
+    findings: &[String],
+    space: &[String],
+    seed: u64,
+) -> Vec<Turn> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
     let present: Vec<&String> = space.iter().filter(|l| labels.contains(l)).collect();
     out.push(Turn {
         prompt: DIAGNOSIS_PROMPT.to_string(),
-        answer: present.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+        answer: present
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         template: "diagnosis".into(),
     });
     for l in space {
@@ -176,15 +199,31 @@ pub fn conversations(labels: &[String], findings: &[String], space: &[String], s
     if let Some(first) = present.first() {
         let letters = ["A", "B", "C", "D", "E", "F", "G", "H"];
         let mut options: Vec<String> = space.to_vec();
-        options.extend(["MI, STTC", "CD, HYP", "STTC, HYP"].iter().map(|s| s.to_string()));
-        let correct_text = present.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        options.extend(
+            ["MI, STTC", "CD, HYP", "STTC, HYP"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        let correct_text = present
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut idx: Vec<usize> = (0..options.len()).collect();
         for i in (1..idx.len()).rev() {
             idx.swap(i, rng.random_range(0..=i));
         }
         let shown: Vec<&String> = idx.iter().map(|&i| &options[i]).collect();
-        if let Some(pos) = shown.iter().position(|o| **o == correct_text).or_else(|| shown.iter().position(|o| o == first)) {
-            let listing: Vec<String> = shown.iter().enumerate().map(|(i, o)| format!("{}. {o}", letters[i])).collect();
+        if let Some(pos) = shown
+            .iter()
+            .position(|o| **o == correct_text)
+            .or_else(|| shown.iter().position(|o| o == first))
+        {
+            let listing: Vec<String> = shown
+                .iter()
+                .enumerate()
+                .map(|(i, o)| format!("{}. {o}", letters[i]))
+                .collect();
             out.push(Turn {
                 prompt: format!("Which option fits best? {}", listing.join(" ")),
                 answer: format!("Answer: {}", letters[pos]),

@@ -22,8 +22,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_kd::baselines::kd::SharedVocab;
 use evl_kd::task::masked_token_ce;
@@ -93,7 +93,11 @@ pub fn lr_at(cfg: &OptimConfig, step: usize) -> f64 {
 
 /// (sample, turn) pairs of micro-batch `micro` of a run: a pure function of the seed.
 pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec<(usize, usize)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(micro as u64));
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        cfg.seed
+            .wrapping_mul(0x9E37_79B9)
+            .wrapping_add(micro as u64),
+    );
     (0..cfg.batch_size)
         .map(|_| {
             let i = rng.random_range(0..samples.len());
@@ -147,7 +151,10 @@ pub struct StepLog {
 }
 
 fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data().iter::<f32>().next().map_or(f64::NAN, |v| v as f64)
+    t.into_data()
+        .iter::<f32>()
+        .next()
+        .map_or(f64::NAN, |v| v as f64)
 }
 
 /// Supervised fine-tuning on all turns. Resumes from `run_dir` if it holds a checkpoint.
@@ -187,7 +194,8 @@ pub fn sft(
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let b = make_batch(&ss, &turns, tok, &input, device);
             let v = model.view(b.pixels, b.text.clone(), b.pad);
-            let loss = masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
+            let loss =
+                masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
             total += scalar(loss.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accum.accumulate(&model, grads);
@@ -253,16 +261,26 @@ pub struct TeacherCache {
 }
 
 /// Run the teacher over every (sample, turn) on the inference device.
-pub fn cache_teacher(teacher: &EcgVlm, samples: &[Sample], tok: &TextTokenizer, device: &Device) -> TeacherCache {
+pub fn cache_teacher(
+    teacher: &EcgVlm,
+    samples: &[Sample],
+    tok: &TextTokenizer,
+    device: &Device,
+) -> TeacherCache {
     let facts = teacher.facts();
     let input = teacher.input();
     let mut outs = Vec::with_capacity(samples.len());
     for s in samples {
-        let rows: Vec<(Vec<i64>, Vec<bool>)> = s.turns.iter().map(|t| {
-            let (ids, mask, _) = encode_turn(tok, t);
-            (ids, mask)
-        }).collect();
-        let spans: Vec<Vec<(usize, usize)>> = s.turns.iter().map(|t| encode_turn(tok, t).2).collect();
+        let rows: Vec<(Vec<i64>, Vec<bool>)> = s
+            .turns
+            .iter()
+            .map(|t| {
+                let (ids, mask, _) = encode_turn(tok, t);
+                (ids, mask)
+            })
+            .collect();
+        let spans: Vec<Vec<(usize, usize)>> =
+            s.turns.iter().map(|t| encode_turn(tok, t).2).collect();
         let n = rows.len();
         let (text, pad, _, rows) = text_tensors(rows, device);
         let px = pixels(&vec![s; n], &input, device);
@@ -396,7 +414,17 @@ pub fn distill(
             let loss = match &cfg.method {
                 Method::Ce => ce.clone(),
                 Method::Kl => {
-                    let kd = kl_term(&v.logits, &b.rows, &idx, samples, s_tok, cache, &shared, cfg.temperature, device);
+                    let kd = kl_term(
+                        &v.logits,
+                        &b.rows,
+                        &idx,
+                        samples,
+                        s_tok,
+                        cache,
+                        &shared,
+                        cfg.temperature,
+                        device,
+                    );
                     terms.push(("kd".to_string(), scalar(kd.clone())));
                     ce.clone().mul_scalar(cfg.alpha) + kd.mul_scalar(1.0 - cfg.alpha)
                 }
@@ -470,9 +498,17 @@ pub fn distill(
 }
 
 /// Teacher hidden states `[b, l_t, d_t]` (padded), their validity mask, and visual tokens.
-fn teacher_tensors(idx: &[(usize, usize)], cache: &TeacherCache, device: &Device) -> (Tensor<3>, Tensor<2, Bool>, Tensor<3>) {
+fn teacher_tensors(
+    idx: &[(usize, usize)],
+    cache: &TeacherCache,
+    device: &Device,
+) -> (Tensor<3>, Tensor<2, Bool>, Tensor<3>) {
     let b = idx.len();
-    let lt = idx.iter().map(|&(i, k)| cache.outs[i][k].len).max().unwrap_or(1);
+    let lt = idx
+        .iter()
+        .map(|&(i, k)| cache.outs[i][k].len)
+        .max()
+        .unwrap_or(1);
     let d = cache.d;
     let mut h = vec![0.0f32; b * lt * d];
     let mut m = vec![false; b * lt];
@@ -511,7 +547,12 @@ fn kl_term(
     for (r, (&(i, k), (_, mask))) in idx.iter().zip(rows).enumerate() {
         let o = &cache.outs[i][k];
         let (_, _, s_spans) = encode_turn(s_tok, &samples[i].turns[k]);
-        let answer_pos: Vec<usize> = mask.iter().enumerate().filter(|(_, m)| **m).map(|(j, _)| j).collect();
+        let answer_pos: Vec<usize> = mask
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m)
+            .map(|(j, _)| j)
+            .collect();
         let n_t = o.answer_logits.len() / cache.vocab;
         for (q, &j) in answer_pos.iter().enumerate() {
             // Student answer token q (the last one is EOS) -> teacher answer token.
@@ -519,12 +560,19 @@ fn kl_term(
                 n_t - 1
             } else {
                 let c = s_spans[q].0;
-                o.answer_spans.iter().position(|&(a, e)| a <= c && c < e).unwrap_or_else(|| {
-                    o.answer_spans.iter().rposition(|&(a, _)| a <= c).unwrap_or(0)
-                })
+                o.answer_spans
+                    .iter()
+                    .position(|&(a, e)| a <= c && c < e)
+                    .unwrap_or_else(|| {
+                        o.answer_spans
+                            .iter()
+                            .rposition(|&(a, _)| a <= c)
+                            .unwrap_or(0)
+                    })
             };
             pos.push((r * t + j) as i64);
-            teacher_rows.extend_from_slice(&o.answer_logits[tj * cache.vocab..(tj + 1) * cache.vocab]);
+            teacher_rows
+                .extend_from_slice(&o.answer_logits[tj * cache.vocab..(tj + 1) * cache.vocab]);
         }
     }
     let n = pos.len();
@@ -549,7 +597,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let cfg = OptimConfig { steps: 100, warmup: 10, lr: 1.0, ..OptimConfig::default() };
+        let cfg = OptimConfig {
+            steps: 100,
+            warmup: 10,
+            lr: 1.0,
+            ..OptimConfig::default()
+        };
         assert!((lr_at(&cfg, 0) - 0.1).abs() < 1e-12);
         assert!((lr_at(&cfg, 9) - 1.0).abs() < 1e-12);
         assert!((lr_at(&cfg, 99) - 0.1).abs() < 1e-3);

@@ -13,8 +13,16 @@ use evl_train::train::{DistillConfig, Method, OptimConfig, cache_teacher, distil
 
 fn samples(n: usize) -> Vec<Sample> {
     let spec = InputSpec::default();
-    let r = ecg_render::Renderer::new(ecg_render::RenderConfig { dpi: spec.dpi, grid: spec.grid, ..Default::default() }).unwrap();
-    let space: Vec<String> = ecg_synth::SUPERCLASSES.iter().map(|s| s.to_string()).collect();
+    let r = ecg_render::Renderer::new(ecg_render::RenderConfig {
+        dpi: spec.dpi,
+        grid: spec.grid,
+        ..Default::default()
+    })
+    .unwrap();
+    let space: Vec<String> = ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     (0..n)
         .map(|i| {
             let e = ecg_synth::generate(&ecg_synth::SynthConfig::default(), 3, i);
@@ -38,7 +46,11 @@ fn weights(m: &impl Module) -> Vec<(String, Vec<u8>)> {
     m.save_into(&mut store).unwrap();
     let bytes = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(k, t)| (k, t.data().to_vec())).collect();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.data().to_vec()))
+        .collect();
     v.sort();
     v
 }
@@ -48,7 +60,14 @@ fn distillation_resumes_to_the_same_weights() {
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(12);
-    let texts: Vec<String> = data.iter().flat_map(|s| s.turns.iter().flat_map(|t| [t.prompt.clone(), t.answer.clone()])).collect();
+    let texts: Vec<String> = data
+        .iter()
+        .flat_map(|s| {
+            s.turns
+                .iter()
+                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
+        })
+        .collect();
     let t_tok = TextTokenizer::train(&texts, 120).unwrap();
     let s_tok = TextTokenizer::train(&texts, 90).unwrap();
     assert_ne!(t_tok.vocab_size(), s_tok.vocab_size());
@@ -63,23 +82,96 @@ fn distillation_resumes_to_the_same_weights() {
     train_dev.seed(2);
     let student = sc.init(&train_dev);
     let w0 = weights(&student);
-    let optim = OptimConfig { steps: 6, batch_size: 4, warmup: 2, seed: 5, ..OptimConfig::default() };
-    let cfg = DistillConfig { method: Method::Evl { ablate: vec![] }, optim: optim.clone(), alpha: 0.3, temperature: 2.0, heads: 8 };
+    let optim = OptimConfig {
+        steps: 6,
+        batch_size: 4,
+        warmup: 2,
+        seed: 5,
+        ..OptimConfig::default()
+    };
+    let cfg = DistillConfig {
+        method: Method::Evl { ablate: vec![] },
+        optim: optim.clone(),
+        alpha: 0.3,
+        temperature: 2.0,
+        heads: 8,
+    };
     let dir = tempfile::tempdir().unwrap();
     // Materialise the lazily initialised weights before the runs (a trained student is).
     // Uninterrupted.
-    let (a, logs_a) = distill(student.clone(), &data, &s_tok, &t_tok, &cache, &cfg, Some(&dir.path().join("a")), &train_dev, |_| {}).unwrap();
+    let (a, logs_a) = distill(
+        student.clone(),
+        &data,
+        &s_tok,
+        &t_tok,
+        &cache,
+        &cfg,
+        Some(&dir.path().join("a")),
+        &train_dev,
+        |_| {},
+    )
+    .unwrap();
     // Killed after step 3 (checkpoint written), then resumed with the same settings.
-    let killed = DistillConfig { optim: OptimConfig { stop_after: Some(3), ..optim.clone() }, ..cfg.clone() };
-    let (_, logs_k) = distill(student.clone(), &data, &s_tok, &t_tok, &cache, &killed, Some(&dir.path().join("b")), &train_dev, |_| {}).unwrap();
+    let killed = DistillConfig {
+        optim: OptimConfig {
+            stop_after: Some(3),
+            ..optim.clone()
+        },
+        ..cfg.clone()
+    };
+    let (_, logs_k) = distill(
+        student.clone(),
+        &data,
+        &s_tok,
+        &t_tok,
+        &cache,
+        &killed,
+        Some(&dir.path().join("b")),
+        &train_dev,
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(logs_k.len(), 3);
-    let (a2, logs_a2) = distill(student.clone(), &data, &s_tok, &t_tok, &cache, &cfg, Some(&dir.path().join("a2")), &train_dev, |_| {}).unwrap();
-    let _ = a2;
-    assert!(weights(&student) == w0, "distillation must not change the caller's student");
-    let (b, logs_b) = distill(student, &data, &s_tok, &t_tok, &cache, &cfg, Some(&dir.path().join("b")), &train_dev, |_| {}).unwrap();
+    let (a2, logs_a2) = distill(
+        student.clone(),
+        &data,
+        &s_tok,
+        &t_tok,
+        &cache,
+        &cfg,
+        Some(&dir.path().join("a2")),
+        &train_dev,
+        |_| {},
+    )
+    .unwrap();
+    // A repeated uninterrupted run is bit-identical (the precondition of the resume check).
+    assert_eq!(
+        logs_a2.iter().map(|l| l.total).collect::<Vec<_>>(),
+        logs_a.iter().map(|l| l.total).collect::<Vec<_>>()
+    );
+    assert!(weights(&a2) == weights(&a));
+    assert!(
+        weights(&student) == w0,
+        "distillation must not change the caller's student"
+    );
+    let (b, logs_b) = distill(
+        student,
+        &data,
+        &s_tok,
+        &t_tok,
+        &cache,
+        &cfg,
+        Some(&dir.path().join("b")),
+        &train_dev,
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(logs_b.len(), 6);
     assert_eq!(logs_a.last().unwrap().total, logs_b.last().unwrap().total);
-    assert!(weights(&a) == weights(&b), "resumed weights differ from the uninterrupted run");
+    assert!(
+        weights(&a) == weights(&b),
+        "resumed weights differ from the uninterrupted run"
+    );
 }
 
 #[test]
@@ -87,17 +179,37 @@ fn tiny_quickstart_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let device = Device::flex();
     let cfg = QuickstartConfig::preset(Preset::Tiny);
-    let r = evl_train::quickstart::run(dir.path(), &cfg, None, &device.clone().autodiff(), &device, |_| {}).unwrap();
+    let r = evl_train::quickstart::run(
+        dir.path(),
+        &cfg,
+        None,
+        &device.clone().autodiff(),
+        &device,
+        |_| {},
+    )
+    .unwrap();
     assert!(r.teacher.params >= 10 * r.student.params);
     assert!(r.teacher.visual_tokens >= 4 * r.student.visual_tokens);
     assert_ne!(r.teacher.vocab, r.student.vocab);
     assert_ne!(r.teacher.d_model, r.student.d_model);
-    assert_eq!(r.runs.len(), cfg.seeds.len() * (cfg.methods.len() + cfg.ablations.len()));
+    assert!(r.teacher.mean_text_tokens < r.student.mean_text_tokens);
+    assert_eq!(
+        r.runs.len(),
+        cfg.seeds.len() * (cfg.methods.len() + cfg.ablations.len())
+    );
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
-    assert!(report.contains("Methods compared") && report.contains("Loss ablation") && report.contains("ms/step"));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap()).unwrap();
+    assert!(
+        report.contains("Methods compared")
+            && report.contains("Loss ablation")
+            && report.contains("ms/step")
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
+            .unwrap();
     assert!(v["runs"][0]["synthetic"]["parity_f1"].is_number());
     // Predictions are in PULSE's format: the parity scorer reads them.
-    let preds = evl_eval::ecgbench::read_predictions(&dir.path().join("predictions/evl-seed0.jsonl")).unwrap();
+    let preds =
+        evl_eval::ecgbench::read_predictions(&dir.path().join("predictions/evl-seed0.jsonl"))
+            .unwrap();
     assert_eq!(preds.len(), r.runs[0].synthetic.n);
 }

@@ -193,6 +193,7 @@ pub fn render(a: &RenderArgs) -> Result<()> {
     let synthetic = r.comments.iter().any(|c| c.contains("SYNTHETIC"));
     let cfg = ecg_render::RenderConfig {
         dpi: a.dpi,
+        paper_mm: (a.width_mm, a.height_mm),
         grayscale: a.grayscale,
         grid: !a.no_grid,
         banner: synthetic.then(|| "SYNTHETIC".to_string()),

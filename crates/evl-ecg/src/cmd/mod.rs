@@ -2,7 +2,7 @@
 
 mod bench;
 mod bench_data;
-mod data;
+pub(crate) mod data;
 mod quickstart;
 mod score;
 
@@ -20,6 +20,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Data(DataVerb::Import(ImportVerb::Ptbxl(a))) => data::import_ptbxl(&a, cli.json),
         Noun::Render(a) => data::render(&a),
         Noun::Quickstart(a) => quickstart::run(&a, cli.json),
+        Noun::Interpret(a) => quickstart::interpret(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }

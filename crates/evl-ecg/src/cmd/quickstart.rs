@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use evl_models::DeviceSpec;
 use evl_train::quickstart::{Preset, QuickstartConfig, run as run_quickstart};
 
-use crate::args::{PresetArg, QuickstartArgs};
+use crate::args::{DifficultyArg, InterpretArgs, PresetArg, QuickstartArgs};
 
 /// `quickstart`.
 pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
@@ -15,9 +15,27 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
         PresetArg::Quick => Preset::Quick,
         PresetArg::Full => Preset::Full,
     };
-    let cfg = QuickstartConfig::preset(preset);
-    let spec: DeviceSpec = a.device.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    let device = spec.device().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let mut cfg = QuickstartConfig::preset(preset);
+    if let Some(t) = &a.teacher_input {
+        cfg.teacher_input = t.clone();
+    }
+    if let Some(t) = &a.student_input {
+        cfg.student_input = t.clone();
+    }
+    if let Some(d) = a.difficulty {
+        cfg.difficulty = match d {
+            DifficultyArg::Obvious => ecg_synth::Difficulty::Obvious,
+            DifficultyArg::Subtle => ecg_synth::Difficulty::Subtle,
+            DifficultyArg::Mixed => ecg_synth::Difficulty::Mixed,
+        };
+    }
+    let spec: DeviceSpec = a
+        .device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = spec
+        .device()
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let train_device = device.clone().autodiff();
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
     let shared = shared.is_dir().then_some(shared);
@@ -34,9 +52,62 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
     })
     .with_context(|| format!("quickstart into {}", a.out.display()))?;
     if json {
-        println!("{}", serde_json::json!({"type": "summary", "data": {"out": a.out, "wall_seconds": r.wall_seconds}}));
+        println!(
+            "{}",
+            serde_json::json!({"type": "summary", "data": {"out": a.out, "wall_seconds": r.wall_seconds}})
+        );
     } else {
-        eprintln!("wrote {}/report.md and results.json in {:.0} s", a.out.display(), r.wall_seconds);
+        eprintln!(
+            "wrote {}/report.md and results.json in {:.0} s",
+            a.out.display(),
+            r.wall_seconds
+        );
     }
     Ok(())
+}
+
+/// `interpret`.
+pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
+    let device = burn_device()?;
+    let t = std::time::Instant::now();
+    let bundle = evl_train::infer::ModelBundle::load(&a.model, &device)
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let space: Vec<String> = ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for path in &a.records {
+        let rec = crate::cmd::data::load(path, a.no_verify)?;
+        let r = bundle
+            .interpret(&rec, &space, &device)
+            .with_context(|| format!("interpreting {}", path.display()))?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"type": "interpretation", "data": r})
+            );
+        } else {
+            println!(
+                "{}: {}",
+                r.record,
+                if r.answer.is_empty() {
+                    "(empty answer)"
+                } else {
+                    &r.answer
+                }
+            );
+            for (l, p) in &r.probabilities {
+                println!("  {l:5} {p:.3}");
+            }
+            println!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
+        }
+    }
+    Ok(())
+}
+
+fn burn_device() -> Result<evl_models::burn::tensor::Device> {
+    DeviceSpec::Cpu
+        .device()
+        .map_err(|e| anyhow::anyhow!("device: {e}"))
 }

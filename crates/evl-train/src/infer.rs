@@ -1,0 +1,138 @@
+//! A trained model on disk and its use on one record: `model.safetensors` + `config.json`
+//! (the architecture) + `input.json` (image/signal preprocessing) + `tokenizer.json`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::Device;
+use evl_models::vlm::{EcgVlm, EcgVlmConfig};
+
+use crate::batch::{InputSpec, Sample, image_of, signal_of};
+use crate::checkpoint;
+use crate::eval::evaluate;
+use crate::text::TextTokenizer;
+use crate::{Error, Result};
+
+/// A model ready for inference.
+#[derive(Debug)]
+pub struct ModelBundle {
+    /// The model (inference mode).
+    pub model: EcgVlm,
+    /// Its tokenizer.
+    pub tok: TextTokenizer,
+    /// Input preprocessing.
+    pub spec: InputSpec,
+}
+
+/// What the model says about one record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Interpretation {
+    /// Record name.
+    pub record: String,
+    /// Generated answer to the diagnosis question.
+    pub answer: String,
+    /// Per-label probabilities (from the verification question's yes/no likelihoods).
+    pub probabilities: Vec<(String, f64)>,
+    /// Time spent after loading (rendering + model), ms.
+    pub ms: f64,
+}
+
+/// Write a model directory.
+pub fn save_bundle(
+    dir: &Path,
+    model: &EcgVlm,
+    cfg: &EcgVlmConfig,
+    tok: &TextTokenizer,
+    spec: &InputSpec,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    cfg.save(dir.join("config.json"))
+        .map_err(|source| Error::Io {
+            path: dir.join("config.json"),
+            source,
+        })?;
+    let spec_text = serde_json::to_string_pretty(spec).expect("plain data");
+    std::fs::write(dir.join("input.json"), spec_text).map_err(|source| Error::Io {
+        path: dir.join("input.json"),
+        source,
+    })?;
+    tok.save(&dir.join("tokenizer.json"))?;
+    let path = dir.join("model.safetensors");
+    let mut store = burn::store::SafetensorsStore::from_file(&path);
+    use burn::store::ModuleSnapshot;
+    model.save_into(&mut store).map_err(|e| Error::Checkpoint {
+        path,
+        what: e.to_string(),
+    })
+}
+
+impl ModelBundle {
+    /// Load a model directory onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle> {
+        let cfg = EcgVlmConfig::load(dir.join("config.json")).map_err(|e| Error::Checkpoint {
+            path: dir.join("config.json"),
+            what: e.to_string(),
+        })?;
+        let spec_path = dir.join("input.json");
+        let text = std::fs::read_to_string(&spec_path).map_err(|source| Error::Io {
+            path: spec_path.clone(),
+            source,
+        })?;
+        let spec: InputSpec = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: spec_path,
+            what: e.to_string(),
+        })?;
+        let tok = TextTokenizer::load(&dir.join("tokenizer.json"))?;
+        let model =
+            checkpoint::load_module(cfg.init(device), &dir.join("model.safetensors"), device)?
+                .valid();
+        Ok(ModelBundle { model, tok, spec })
+    }
+
+    /// Interpret one record.
+    pub fn interpret(
+        &self,
+        record: &ecg_io::Record,
+        space: &[String],
+        device: &Device,
+    ) -> Result<Interpretation> {
+        let t = Instant::now();
+        let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
+            dpi: self.spec.dpi,
+            grid: self.spec.grid,
+            ..Default::default()
+        })
+        .map_err(|e| Error::Data(Box::new(e)))?;
+        let sample = Sample {
+            id: record.name.clone(),
+            image: image_of(&renderer, record, &self.spec).map_err(|e| Error::Data(Box::new(e)))?,
+            signal: signal_of(record, &self.spec),
+            labels: Vec::new(),
+            findings: Vec::new(),
+            turns: Vec::new(),
+        };
+        let (_, lines) = evaluate(
+            &self.model,
+            &self.tok,
+            std::slice::from_ref(&sample),
+            space,
+            device,
+        );
+        let line = &lines[0];
+        Ok(Interpretation {
+            record: record.name.clone(),
+            answer: line.text.clone(),
+            probabilities: space
+                .iter()
+                .cloned()
+                .zip(line.probs.iter().copied())
+                .collect(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
