@@ -8,6 +8,7 @@
 //!
 //! Entry points: [`multilabel_metrics`], [`multiple_choice_accuracy`], [`roc_auc`].
 
+pub mod continuous;
 pub mod ecgbench;
 pub mod metrics;
 pub mod pyrandom;

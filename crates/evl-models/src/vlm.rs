@@ -303,6 +303,11 @@ impl EcgVlm {
         self.n_visual
     }
 
+    /// Longest text (prompt + answer, with specials) the position table covers.
+    pub fn max_text(&self) -> usize {
+        self.pos.dims()[0] - self.n_visual
+    }
+
     /// Greedy generation of up to `max_new` tokens after `prompt` (one example), stopping at
     /// `eos`. Recomputes the full sequence per token (models here are small).
     pub fn generate(

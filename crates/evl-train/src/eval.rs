@@ -47,6 +47,19 @@ pub struct EvalScores {
     pub parity_auc_binary: Option<f64>,
     /// ECG-Bench parity Hamming loss.
     pub parity_hamming: f64,
+    /// Macro average precision (PR AUC) over classes with positives.
+    #[serde(default)]
+    pub macro_ap: Option<f64>,
+    /// Fmax over thresholds 0..1 (PTB-XL benchmark definition).
+    #[serde(default)]
+    pub fmax: f64,
+    /// Expected calibration error of the per-label probabilities (10 bins).
+    #[serde(default)]
+    pub ece: f64,
+    /// 95% percentile bootstrap interval of the macro ROC AUC (1000 resamples of records,
+    /// seed 0).
+    #[serde(default)]
+    pub macro_auc_ci95: Option<(f64, f64)>,
 }
 
 fn first_token(tok: &TextTokenizer, word: &str) -> i64 {
@@ -136,7 +149,32 @@ pub fn score_lines(lines: &[PredLine], space: &[String]) -> EvalScores {
         .map(|l| evl_eval::ecgbench::find_labels(&sp, &l.gold.join(", ")))
         .collect();
     let (f1, auc, hl, _) = evl_eval::ecgbench::compute_f1_auc(&pred, &gold);
+    let yb: Vec<bool> = y_true.iter().map(|&v| v == 1).collect();
+    let (macro_ap, _) = evl_eval::continuous::macro_average_precision(&yb, &y_score, k);
+    let fmax = evl_eval::continuous::fmax(&yb, &y_score, k);
+    let (ece, _) = evl_eval::continuous::expected_calibration_error(&yb, &y_score, 10);
+    let ci = evl_eval::continuous::bootstrap_ci(
+        lines.len(),
+        |rows| {
+            let (mut t, mut sc, mut p) = (Vec::new(), Vec::new(), Vec::new());
+            for &r in rows {
+                t.extend_from_slice(&y_true[r * k..(r + 1) * k]);
+                sc.extend_from_slice(&y_score[r * k..(r + 1) * k]);
+                p.extend_from_slice(&y_pred[r * k..(r + 1) * k]);
+            }
+            evl_eval::multilabel_metrics(&t, &sc, &p, k)
+                .ok()
+                .and_then(|m| m.macro_auc)
+        },
+        1000,
+        0.95,
+        0,
+    );
     EvalScores {
+        macro_ap,
+        fmax,
+        ece,
+        macro_auc_ci95: (ci.lo.is_finite() && ci.hi.is_finite()).then_some((ci.lo, ci.hi)),
         n: lines.len(),
         macro_auc: m.macro_auc,
         per_class_auc: m.per_class_auc,

@@ -91,7 +91,7 @@ impl QuickstartConfig {
                 seeds: vec![0],
                 input: InputSpec::default(),
                 teacher_vocab: 160,
-                student_vocab: 70,
+                student_vocab: 56,
                 teacher_sft: o(4, 2e-3, 4),
                 student_sft: o(4, 2e-3, 4),
                 distill: o(3, 1e-3, 4),
@@ -109,7 +109,7 @@ impl QuickstartConfig {
                 seeds: vec![0, 1, 2],
                 input: InputSpec::default(),
                 teacher_vocab: 320,
-                student_vocab: 80,
+                student_vocab: 56,
                 teacher_sft: o(400, 1e-3, 16),
                 student_sft: o(200, 3e-3, 16),
                 distill: o(80, 1e-3, 16),
@@ -157,7 +157,7 @@ impl QuickstartConfig {
                 patch: 40,
             }
         };
-        EcgVlmConfig::new(input, 192, 2, 4, 192, 2, 4, self.teacher_vocab, 64)
+        EcgVlmConfig::new(input, 192, 2, 4, 192, 2, 4, self.teacher_vocab, 192)
     }
 
     /// Student architecture: widths 32/48; 12 visual tokens from the page at half the
@@ -176,7 +176,7 @@ impl QuickstartConfig {
                 patch: 40,
             }
         };
-        EcgVlmConfig::new(input, 32, 1, 2, 48, 2, 2, self.student_vocab, 64)
+        EcgVlmConfig::new(input, 32, 1, 2, 48, 2, 2, self.student_vocab, 192)
     }
 }
 
@@ -214,6 +214,8 @@ pub struct Results {
     pub runs: Vec<RunResult>,
     /// Wall time of each stage, s.
     pub stage_seconds: BTreeMap<String, f64>,
+    /// Training turns whose teacher and student token counts differ, and all turns.
+    pub length_differs: (usize, usize),
     /// Total wall time, s.
     pub wall_seconds: f64,
     /// Notes.
@@ -609,6 +611,7 @@ pub fn run(
         references,
         runs,
         stage_seconds: stages,
+        length_differs: (differ, lt.len()),
         wall_seconds: t_all.elapsed().as_secs_f64(),
         notes,
     };
@@ -687,8 +690,8 @@ pub fn report(r: &Results) -> String {
     ));
     let table = |s: &mut String, title: &str, names: &[String]| {
         s.push_str(&format!("## {title}\n\n"));
-        s.push_str("Continuous: macro ROC AUC of per-label probabilities (verification question, p(yes)). Parity: ECG-Bench scoring of the generated diagnosis (F1; \"AUC\" of 0/1 answers). Mean ± sd over seeds.\n\n");
-        s.push_str("| method | synthetic macro AUC | synthetic parity F1 | synthetic parity AUC(0/1) | PTB-XL macro AUC | PTB-XL parity F1 |\n|---|---|---|---|---|---|\n");
+        s.push_str("Continuous: macro ROC AUC, macro PR AUC (average precision), Fmax and expected calibration error (10 bins) of per-label probabilities (verification question, p(yes)); per-run 95% bootstrap intervals of the macro AUC are in results.json. Parity: ECG-Bench scoring of the generated diagnosis (F1; \"AUC\" of 0/1 answers). Mean ± sd over seeds.\n\n");
+        s.push_str("| method | synthetic macro AUC | PR AUC | Fmax | ECE | synthetic parity F1 | synthetic parity AUC(0/1) | PTB-XL macro AUC | PTB-XL parity F1 |\n|---|---|---|---|---|---|---|---|---|\n");
         for n in names {
             let rows: Vec<&RunResult> = r
                 .references
@@ -703,8 +706,11 @@ pub fn report(r: &Results) -> String {
                 rows.iter().map(|x| f(x).unwrap_or(f64::NAN)).collect()
             };
             s.push_str(&format!(
-                "| {n} | {} | {} | {} | {} | {} |\n",
+                "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 cell(&get(&|x| x.synthetic.macro_auc)),
+                cell(&get(&|x| x.synthetic.macro_ap)),
+                cell(&get(&|x| Some(x.synthetic.fmax))),
+                cell(&get(&|x| Some(x.synthetic.ece))),
                 cell(&get(&|x| Some(x.synthetic.parity_f1))),
                 cell(&get(&|x| x.synthetic.parity_auc_binary)),
                 cell(&get(&|x| x.real.as_ref().and_then(|y| y.macro_auc))),

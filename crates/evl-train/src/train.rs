@@ -193,6 +193,7 @@ pub fn sft(
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let b = make_batch(&ss, &turns, tok, &input, device);
+            check_len(&b, model.max_text(), &ss, &turns)?;
             let v = model.view(b.pixels, b.text.clone(), b.pad);
             let loss =
                 masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
@@ -229,6 +230,24 @@ pub fn sft(
         checkpoint::save(dir, &model, &optim, cfg.steps, &logs)?;
     }
     Ok((model, logs))
+}
+
+/// A text longer than the model's position table is a configuration error, named.
+fn check_len(b: &crate::batch::Batch, max: usize, ss: &[&Sample], turns: &[usize]) -> Result<()> {
+    for (i, (ids, _)) in b.rows.iter().enumerate() {
+        if ids.len() > max {
+            return Err(Error::Config {
+                field: "max_text",
+                what: format!(
+                    "record `{}`, turn {}: {} tokens, the model's max_text is {max}",
+                    ss[i].id,
+                    turns[i],
+                    ids.len()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The frozen teacher's outputs for one (example, turn).
@@ -408,6 +427,7 @@ pub fn distill(
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let b = make_batch(&ss, &turns, s_tok, &input, device);
+            check_len(&b, model.student.max_text(), &ss, &turns)?;
             let v = model.student.view(b.pixels, b.text.clone(), b.pad);
             let ce = masked_token_ce(v.logits.clone(), b.text, b.answer);
             let mut terms = Vec::new();

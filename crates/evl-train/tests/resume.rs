@@ -194,6 +194,10 @@ fn tiny_quickstart_end_to_end() {
     assert_ne!(r.teacher.d_model, r.student.d_model);
     assert!(r.teacher.mean_text_tokens < r.student.mean_text_tokens);
     assert_eq!(
+        r.length_differs.0, r.length_differs.1,
+        "L_t must differ from L_s on every turn"
+    );
+    assert_eq!(
         r.runs.len(),
         cfg.seeds.len() * (cfg.methods.len() + cfg.ablations.len())
     );
