@@ -160,6 +160,16 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An HDF5 file (SPH) without the expected dataset, type or shape.
+    #[error("{}: HDF5 dataset `{dataset}`: {what}", .path.display())]
+    Hdf5 {
+        /// The file.
+        path: PathBuf,
+        /// Dataset name.
+        dataset: String,
+        /// Problem.
+        what: String,
+    },
     /// A value that cannot be written in the requested format.
     #[error("record `{record}`, signal {signal}: {what}")]
     Write {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod labels;
 pub mod lead;
 pub mod record;
+pub mod sph;
 pub mod wfdb;
 
 pub use error::{Error, Result};

@@ -44,7 +44,12 @@ pub fn header_path(record: &Path) -> PathBuf {
 }
 
 /// Read a WFDB record (header plus signal files).
+///
+/// A path ending in `.h5` is read as an SPH HDF5 record instead (see [`crate::sph`]).
 pub fn read_record(record: &Path, opts: ReadOptions) -> Result<Record> {
+    if record.extension().is_some_and(|e| e == "h5") {
+        return crate::sph::read_sph(record);
+    }
     let hpath = header_path(record);
     let header = Header::read(&hpath)?;
     read_signals(&hpath, &header, opts)

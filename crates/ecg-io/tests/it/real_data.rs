@@ -249,3 +249,35 @@ fn conversations_read() {
     assert_eq!(ex.len(), 1);
     assert!(ex[0].1.contains("Sinus rhythm"));
 }
+
+/// SPH HDF5 records (float16 mV) against h5py: exact first/last values, sums to 1e-9.
+#[test]
+fn sph_records_match_h5py() {
+    let Some(data) = data_dir() else { return };
+    let reference: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(include_str!("reference/sph_reference.json")).unwrap();
+    assert_eq!(reference.len(), 10);
+    for (file, exp) in &reference {
+        let rec = read_record(&data.join("sph_subset").join(file), ReadOptions::default()).unwrap();
+        assert_eq!(
+            rec.n_samples as u64,
+            exp["shape"][1].as_u64().unwrap(),
+            "{file}"
+        );
+        assert_eq!(rec.leads(), Lead::STANDARD_12.to_vec());
+        for (j, c) in rec.channels.iter().enumerate() {
+            let p = c.physical();
+            assert_eq!(p[0], exp["first"][j].as_f64().unwrap(), "{file} lead {j}");
+            assert_eq!(
+                *p.last().unwrap(),
+                exp["last"][j].as_f64().unwrap(),
+                "{file} lead {j}"
+            );
+            let sum: f64 = p.iter().sum();
+            assert!(
+                close(sum, exp["sum"][j].as_f64().unwrap(), 1e-9),
+                "{file} lead {j}"
+            );
+        }
+    }
+}
