@@ -89,13 +89,23 @@ pub fn image_of(
     Ok(out)
 }
 
-/// The 12 standard leads resampled to `spec.signal_fs` and cropped/padded.
-pub fn signal_of(record: &Record, spec: &InputSpec) -> Vec<f32> {
-    let leads = record.standard_12_mv();
+/// The 12 standard leads resampled to `spec.signal_fs` and cropped/padded. A record whose
+/// rate is not a positive whole number of Hz is an error (resampling is rational).
+pub fn signal_of(record: &Record, spec: &InputSpec) -> crate::Result<Vec<f32>> {
+    let fs = record.fs.round();
+    if fs < 1.0 || (record.fs - fs).abs() > 1e-9 {
+        return Err(crate::Error::Config {
+            field: "fs",
+            what: format!(
+                "record `{}`: sampling rate {} Hz is not a positive whole number",
+                record.name, record.fs
+            ),
+        });
+    }
     let mut out = Vec::with_capacity(12 * spec.signal_len);
-    for l in leads {
+    for l in record.standard_12_mv() {
         let x = match l {
-            Some(x) => ecg_signal_resample(&x, record.fs as u32, spec.signal_fs),
+            Some(x) => ecg_signal::resample(&x, fs as u32, spec.signal_fs),
             None => vec![0.0; spec.signal_len],
         };
         let mut x: Vec<f32> = x
@@ -105,11 +115,7 @@ pub fn signal_of(record: &Record, spec: &InputSpec) -> Vec<f32> {
         x.resize(spec.signal_len, 0.0);
         out.extend(x);
     }
-    out
-}
-
-fn ecg_signal_resample(x: &[f32], from: u32, to: u32) -> Vec<f32> {
-    ecg_signal::resample(x, from, to)
+    Ok(out)
 }
 
 /// Token ids of `[BOS] prompt [SEP] answer [EOS]` and which positions are answer tokens

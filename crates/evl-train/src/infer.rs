@@ -111,7 +111,7 @@ impl ModelBundle {
         let sample = Sample {
             id: record.name.clone(),
             image: image_of(&renderer, record, &self.spec).map_err(|e| Error::Data(Box::new(e)))?,
-            signal: signal_of(record, &self.spec),
+            signal: signal_of(record, &self.spec)?,
             labels: Vec::new(),
             findings: Vec::new(),
             turns: Vec::new(),

@@ -286,7 +286,7 @@ fn build_samples(records: Vec<Labelled>, spec: &InputSpec, seed: u64) -> Result<
         .enumerate()
         .map(|(i, (rec, labels, findings))| {
             let image = image_of(&renderer, &rec, spec).map_err(|e| Error::Data(Box::new(e)))?;
-            let signal = signal_of(&rec, spec);
+            let signal = signal_of(&rec, spec)?;
             let turns = conversations(&labels, &findings, &sp, seed ^ (i as u64 * 7919));
             Ok(Sample {
                 id: rec.name.clone(),

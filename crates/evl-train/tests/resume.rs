@@ -29,7 +29,7 @@ fn samples(n: usize) -> Vec<Sample> {
             Sample {
                 id: e.record.name.clone(),
                 image: image_of(&r, &e.record, &spec).unwrap(),
-                signal: signal_of(&e.record, &spec),
+                signal: signal_of(&e.record, &spec).unwrap(),
                 labels: e.truth.superclasses.clone(),
                 findings: e.truth.findings.clone(),
                 turns: conversations(&e.truth.superclasses, &e.truth.findings, &space, i as u64),

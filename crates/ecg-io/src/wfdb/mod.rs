@@ -120,11 +120,15 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
             Some(n) => n as u64,
             None => format::samples_in(spec.format, data_len) / nsig,
         };
-        let need = format::bytes_for(spec.format, frames * nsig);
+        // A header can claim any sample count: overflow means "more than any file holds".
+        let need = frames
+            .checked_mul(nsig)
+            .filter(|&s| s.checked_mul(4).is_some())
+            .map_or(u64::MAX, |s| format::bytes_for(spec.format, s));
         // Accept padding shorter than one frame (packed formats round up); anything else
-        // means the header and the file disagree.
+        // means the header and the file disagree. An offset past the end holds nothing.
         let frame_bytes = format::bytes_for(spec.format, nsig).max(1);
-        if data_len < need || data_len - need >= frame_bytes {
+        if offset > bytes.len() as u64 || data_len < need || data_len - need >= frame_bytes {
             return Err(Error::SampleCount {
                 path: fpath,
                 record: header.record.clone(),

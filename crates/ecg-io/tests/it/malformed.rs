@@ -204,3 +204,24 @@ fn malformed_ptbxl_and_json() {
     let e = ecg_io::conversation::read_conversations(&d.path().join("c.jsonl")).unwrap_err();
     assert!(matches!(e, Error::Json { line: 2, .. }), "{e}");
 }
+
+/// A byte offset past the end of the file and an absurd sample count are errors, not panics.
+#[test]
+fn offset_past_end_and_huge_sample_count() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "r.dat", &dat16(2));
+    write(
+        d.path(),
+        "r.hea",
+        b"r 1 100 0\nr.dat 16+999 200 16 0 0 0 0 I\n",
+    );
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::SampleCount { offset: 999, .. }), "{e}");
+    write(
+        d.path(),
+        "r.hea",
+        b"r 2 100 18446744073709551615\nr.dat 16 200 16 0 0 0 0 I\nr.dat 16 200 16 0 0 0 0 II\n",
+    );
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::SampleCount { .. }), "{e}");
+}
