@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_kd::baselines::kd::SharedVocab;
 use evl_kd::task::masked_token_ce;
@@ -157,6 +157,57 @@ fn scalar(t: Tensor<1>) -> f64 {
         .map_or(f64::NAN, |v| v as f64)
 }
 
+/// AdamW as configured, and, when `run_dir` holds a checkpoint, the model, optimiser state,
+/// completed steps and logs restored from it (the burnpack copy, which keeps the parameter
+/// identities the optimiser state is keyed by).
+fn start_or_resume<M: Module>(
+    model: M,
+    cfg: &OptimConfig,
+    run_dir: Option<&Path>,
+    device: &Device,
+) -> Result<(M, ModuleOptimizer, usize, Vec<StepLog>)> {
+    let optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
+        .init();
+    match run_dir {
+        Some(dir) => match checkpoint::load_state(dir)? {
+            Some(state) => Ok((
+                checkpoint::load_module(model, &dir.join("model.bpk"), device)?,
+                checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?,
+                state.step,
+                state.logs,
+            )),
+            None => Ok((model, optim, 0, Vec::new())),
+        },
+        None => Ok((model, optim, 0, Vec::new())),
+    }
+}
+
+/// After optimiser step `step` (0-based): write the periodic checkpoint, and return true when
+/// the run must stop here (`stop_after`), with its checkpoint written.
+fn after_step<M: Module>(
+    run_dir: Option<&Path>,
+    cfg: &OptimConfig,
+    step: usize,
+    model: &M,
+    optim: &ModuleOptimizer,
+    logs: &[StepLog],
+) -> Result<bool> {
+    let done = step + 1;
+    if done >= cfg.steps {
+        return Ok(false);
+    }
+    let periodic = cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every);
+    let stop = cfg.stop_after == Some(done);
+    if let Some(dir) = run_dir
+        && (periodic || stop)
+    {
+        checkpoint::save(dir, model, optim, done, logs)?;
+    }
+    Ok(stop)
+}
+
 /// Supervised fine-tuning on all turns. Resumes from `run_dir` if it holds a checkpoint.
 /// Returns the trained model and the per-step log.
 pub fn sft(
@@ -168,20 +219,8 @@ pub fn sft(
     device: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(EcgVlm, Vec<StepLog>)> {
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
-        .init();
-    let mut start = 0;
-    let mut logs = Vec::new();
-    if let Some(dir) = run_dir
-        && let Some(state) = checkpoint::load_state(dir)?
-    {
-        model = checkpoint::load_module(model, &dir.join("model.bpk"), device)?;
-        optim = checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?;
-        start = state.step;
-        logs = state.logs;
-    }
+    let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
+    model = resumed;
     let input = model.input();
     for step in start..cfg.steps {
         let t0 = Instant::now();
@@ -212,17 +251,7 @@ pub fn sft(
         };
         on_step(&log);
         logs.push(log);
-        if let Some(dir) = run_dir
-            && cfg.checkpoint_every > 0
-            && (step + 1) % cfg.checkpoint_every == 0
-            && step + 1 < cfg.steps
-        {
-            checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
-        }
-        if cfg.stop_after == Some(step + 1) && step + 1 < cfg.steps {
-            if let Some(dir) = run_dir {
-                checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
-            }
+        if after_step(run_dir, cfg, step, &model, &optim, &logs)? {
             return Ok((model, logs));
         }
     }
@@ -401,20 +430,8 @@ pub fn distill(
         });
     }
     let o = &cfg.optim;
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(o.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(o.clip_norm as f32)))
-        .init();
-    let mut start = 0;
-    let mut logs = Vec::new();
-    if let Some(dir) = run_dir
-        && let Some(state) = checkpoint::load_state(dir)?
-    {
-        model = checkpoint::load_module(model, &dir.join("model.bpk"), device)?;
-        optim = checkpoint::load_optimizer(optim, &dir.join("optimizer.bpk"))?;
-        start = state.step;
-        logs = state.logs;
-    }
+    let (resumed, mut optim, start, mut logs) = start_or_resume(model, o, run_dir, device)?;
+    model = resumed;
     let input = model.student.input();
     for step in start..o.steps {
         let t0 = Instant::now();
@@ -497,17 +514,7 @@ pub fn distill(
         };
         on_step(&log);
         logs.push(log);
-        if let Some(dir) = run_dir
-            && o.checkpoint_every > 0
-            && (step + 1) % o.checkpoint_every == 0
-            && step + 1 < o.steps
-        {
-            checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
-        }
-        if o.stop_after == Some(step + 1) && step + 1 < o.steps {
-            if let Some(dir) = run_dir {
-                checkpoint::save(dir, &model, &optim, step + 1, &logs)?;
-            }
+        if after_step(run_dir, o, step, &model, &optim, &logs)? {
             return Ok((model.student, logs));
         }
     }

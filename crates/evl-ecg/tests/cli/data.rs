@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn bin() -> Command {
@@ -167,5 +167,4 @@ fn import_ptbxl_subset() {
     assert_eq!(ds.entries.len(), 33);
     let ex = ds.load(0, &ecg_data::Preprocess::default()).unwrap();
     assert_eq!(ex.signal.len(), 12_000);
-    let _ = Path::new(".");
 }
