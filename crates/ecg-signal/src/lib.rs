@@ -1,6 +1,8 @@
 //! Signal processing for ECGs: band-limited rational resampling, zero-phase IIR filtering
 //! (band-pass, baseline-wander high-pass, powerline notch), per-lead standardisation,
-//! crop/pad, lead selection, and a Pan-Tompkins QRS detector with heart rate.
+//! crop/pad, lead selection, a Pan-Tompkins QRS detector with heart rate, and clinical
+//! perturbations (noise, wander, powerline, electrode motion, lead dropout, ...) for
+//! robustness evaluation.
 //!
 //! Signals are lead-major `&[f32]`/`Vec<f32>` slices in millivolts. The filters are written
 //! here (a few dozen lines each, with tests against closed forms) rather than pulled from a
@@ -10,6 +12,7 @@
 pub mod delineate;
 pub mod filter;
 pub mod leads;
+pub mod perturb;
 pub mod qrs;
 pub mod resample;
 
