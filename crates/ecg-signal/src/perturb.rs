@@ -322,14 +322,10 @@ impl Perturbation {
                     let noise = electrode_motion(n, fs, &mut rng);
                     add_at_snr(&mut x, &noise, *snr_db);
                 }
-                Perturbation::LeadDropout { leads } => {
-                    if leads.contains(&ch.lead) {
-                        x.iter_mut().for_each(|v| {
-                            if v.is_finite() {
-                                *v = 0.0
-                            }
-                        });
-                    }
+                Perturbation::LeadDropout { leads } if leads.contains(&ch.lead) => {
+                    x.iter_mut()
+                        .filter(|v| v.is_finite())
+                        .for_each(|v| *v = 0.0);
                 }
                 Perturbation::Amplitude { scale } => x.iter_mut().for_each(|v| *v *= scale),
                 Perturbation::TimeShift { ms } => {
@@ -345,7 +341,10 @@ impl Perturbation {
             let (b, g) = (ch.baseline as f64, ch.gain);
             for (a, v) in ch.adc.iter_mut().zip(&x) {
                 if v.is_finite() {
-                    *a = (v * g + b).round().clamp(i32::MIN as f64 + 1.0, i32::MAX as f64) as i32;
+                    *a = (v * g + b)
+                        .round()
+                        .clamp(i32::MIN as f64 + 1.0, i32::MAX as f64)
+                        as i32;
                 }
             }
         }

@@ -36,7 +36,11 @@ fn measured_snr_db(clean: &[f64], noisy: &[f64]) -> f64 {
 fn additive_noise_hits_the_requested_snr_on_every_lead() {
     let Some(rec) = record() else { return };
     let clean = mv(&rec);
-    for (spec, snr) in [("noise:20", 20.0), ("noise:0", 0.0), ("electrode-motion:6", 6.0)] {
+    for (spec, snr) in [
+        ("noise:20", 20.0),
+        ("noise:0", 0.0),
+        ("electrode-motion:6", 6.0),
+    ] {
         let mut r = rec.clone();
         spec.parse::<Perturbation>().unwrap().apply(&mut r, 3);
         for (c, n) in clean.iter().zip(mv(&r)) {
@@ -65,7 +69,10 @@ fn powerline_and_wander_have_the_stated_amplitude_and_band() {
     let Some(rec) = record() else { return };
     let clean = mv(&rec);
     let mut r = rec.clone();
-    "powerline:60:0.2".parse::<Perturbation>().unwrap().apply(&mut r, 0);
+    "powerline:60:0.2"
+        .parse::<Perturbation>()
+        .unwrap()
+        .apply(&mut r, 0);
     for (c, n) in clean.iter().zip(mv(&r)) {
         let d: Vec<f64> = n.iter().zip(c).map(|(a, b)| a - b).collect();
         // A sinusoid of amplitude A has variance A^2 / 2; its 60 Hz DFT bin holds all of it.
@@ -78,7 +85,10 @@ fn powerline_and_wander_have_the_stated_amplitude_and_band() {
         assert!((amp - 0.2).abs() < 0.005, "{amp}");
     }
     let mut r = rec.clone();
-    "wander:1.0".parse::<Perturbation>().unwrap().apply(&mut r, 0);
+    "wander:1.0"
+        .parse::<Perturbation>()
+        .unwrap()
+        .apply(&mut r, 0);
     for (c, n) in clean.iter().zip(mv(&r)) {
         let d: Vec<f64> = n.iter().zip(c).map(|(a, b)| a - b).collect();
         let peak = d.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -94,7 +104,10 @@ fn dropout_amplitude_and_shift_are_exact() {
     let Some(rec) = record() else { return };
     let clean = mv(&rec);
     let mut r = rec.clone();
-    "lead-dropout:V1,II".parse::<Perturbation>().unwrap().apply(&mut r, 0);
+    "lead-dropout:V1,II"
+        .parse::<Perturbation>()
+        .unwrap()
+        .apply(&mut r, 0);
     let out = mv(&r);
     for (i, ch) in rec.channels.iter().enumerate() {
         if ch.lead == Lead::V1 || ch.lead == Lead::II {
@@ -104,14 +117,20 @@ fn dropout_amplitude_and_shift_are_exact() {
         }
     }
     let mut r = rec.clone();
-    "amplitude:2".parse::<Perturbation>().unwrap().apply(&mut r, 0);
+    "amplitude:2"
+        .parse::<Perturbation>()
+        .unwrap()
+        .apply(&mut r, 0);
     for (a, b) in rec.channels.iter().zip(&r.channels) {
         for (x, y) in a.adc.iter().zip(&b.adc) {
             assert_eq!(2 * (*x as i64 - a.baseline) + a.baseline, *y as i64);
         }
     }
     let mut r = rec.clone();
-    "time-shift:20".parse::<Perturbation>().unwrap().apply(&mut r, 0);
+    "time-shift:20"
+        .parse::<Perturbation>()
+        .unwrap()
+        .apply(&mut r, 0);
     let k = (0.02 * rec.fs) as usize;
     for (a, b) in rec.channels.iter().zip(&r.channels) {
         assert_eq!(&b.adc[k..], &a.adc[..a.adc.len() - k]);

@@ -139,7 +139,7 @@ pub fn fmax(y_true: &[bool], score: &[f64], k: usize) -> f64 {
 }
 
 /// One bin of a reliability diagram.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReliabilityBin {
     /// Lower edge.
     pub lo: f64,

@@ -6,6 +6,7 @@ use ecg_io::Record;
 use evl_models::vlm::InputKind;
 
 use crate::text::{BOS, EOS, PAD, SEP, TextTokenizer, Turn};
+use crate::{Error, Result};
 
 /// One example's encoder inputs, computed once.
 #[derive(Debug, Clone)]
@@ -253,4 +254,45 @@ pub fn make_batch(
         answer,
         rows,
     }
+}
+
+/// A record with its gold labels and findings.
+pub type Labelled = (ecg_io::Record, Vec<String>, Vec<String>);
+
+/// Render and prepare records for the models (in parallel), with conversations over the
+/// superclass label space drawn from `seed`.
+pub fn samples_from_records(
+    records: Vec<Labelled>,
+    spec: &InputSpec,
+    seed: u64,
+) -> Result<Vec<Sample>> {
+    use rayon::prelude::*;
+    let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
+        dpi: spec.dpi,
+        grid: spec.grid,
+        ..Default::default()
+    })
+    .map_err(|e| Error::Data(Box::new(e)))?;
+    let sp: Vec<String> = ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    records
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, (rec, labels, findings))| {
+            let image = image_of(&renderer, &rec, spec).map_err(|e| Error::Data(Box::new(e)))?;
+            let signal = signal_of(&rec, spec)?;
+            let turns =
+                crate::text::conversations(&labels, &findings, &sp, seed ^ (i as u64 * 7919));
+            Ok(Sample {
+                id: rec.name.clone(),
+                image,
+                signal,
+                labels,
+                findings,
+                turns,
+            })
+        })
+        .collect()
 }

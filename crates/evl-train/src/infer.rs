@@ -1,5 +1,6 @@
 //! A trained model on disk and its use on one record: `model.safetensors` + `config.json`
-//! (the architecture) + `input.json` (image/signal preprocessing) + `tokenizer.json`.
+//! (the architecture) + `input.json` (image/signal preprocessing) + `tokenizer.json` +
+//! `labels.json` (the label space it was trained on).
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,6 +25,8 @@ pub struct ModelBundle {
     pub tok: TextTokenizer,
     /// Input preprocessing.
     pub spec: InputSpec,
+    /// The label space its per-label probabilities are over (`labels.json`).
+    pub space: Vec<String>,
 }
 
 /// What the model says about one record.
@@ -46,6 +49,7 @@ pub fn save_bundle(
     cfg: &EcgVlmConfig,
     tok: &TextTokenizer,
     spec: &InputSpec,
+    space: &[String],
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
@@ -59,6 +63,11 @@ pub fn save_bundle(
     let spec_text = serde_json::to_string_pretty(spec).expect("plain data");
     std::fs::write(dir.join("input.json"), spec_text).map_err(|source| Error::Io {
         path: dir.join("input.json"),
+        source,
+    })?;
+    let labels = serde_json::to_string(space).expect("plain data");
+    std::fs::write(dir.join("labels.json"), labels).map_err(|source| Error::Io {
+        path: dir.join("labels.json"),
         source,
     })?;
     tok.save(&dir.join("tokenizer.json"))?;
@@ -87,20 +96,30 @@ impl ModelBundle {
             path: spec_path,
             what: e.to_string(),
         })?;
+        let labels_path = dir.join("labels.json");
+        let text = std::fs::read_to_string(&labels_path).map_err(|source| Error::Io {
+            path: labels_path.clone(),
+            source,
+        })?;
+        let space: Vec<String> = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: labels_path,
+            what: format!("expected a JSON list of label names: {e}"),
+        })?;
         let tok = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let model =
             checkpoint::load_module(cfg.init(device), &dir.join("model.safetensors"), device)?
                 .valid();
-        Ok(ModelBundle { model, tok, spec })
+        Ok(ModelBundle {
+            model,
+            tok,
+            spec,
+            space,
+        })
     }
 
     /// Interpret one record.
-    pub fn interpret(
-        &self,
-        record: &ecg_io::Record,
-        space: &[String],
-        device: &Device,
-    ) -> Result<Interpretation> {
+    pub fn interpret(&self, record: &ecg_io::Record, device: &Device) -> Result<Interpretation> {
+        let space = &self.space;
         let t = Instant::now();
         let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
             dpi: self.spec.dpi,

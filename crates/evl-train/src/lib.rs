@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod dataset_eval;
 pub mod eval;
 pub mod infer;
 pub mod quickstart;

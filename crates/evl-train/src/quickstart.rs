@@ -12,11 +12,10 @@ use burn::module::Module;
 use burn::tensor::Device;
 use ecg_io::labels::ptbxl::Split;
 use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
-use rayon::prelude::*;
 
-use crate::batch::{InputSpec, Sample, image_of, signal_of};
+use crate::batch::{InputSpec, Labelled, Sample, samples_from_records};
 use crate::eval::{EvalScores, PredLine, evaluate};
-use crate::text::{TextTokenizer, conversations};
+use crate::text::TextTokenizer;
 use crate::train::{DistillConfig, Method, OptimConfig, StepLog, cache_teacher, distill, sft};
 use crate::{Error, Result};
 
@@ -270,36 +269,6 @@ fn space() -> Vec<String> {
         .collect()
 }
 
-/// A record with its labels and findings.
-type Labelled = (ecg_io::Record, Vec<String>, Vec<String>);
-
-fn build_samples(records: Vec<Labelled>, spec: &InputSpec, seed: u64) -> Result<Vec<Sample>> {
-    let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
-        dpi: spec.dpi,
-        grid: spec.grid,
-        ..Default::default()
-    })
-    .map_err(|e| Error::Data(Box::new(e)))?;
-    let sp = space();
-    records
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, (rec, labels, findings))| {
-            let image = image_of(&renderer, &rec, spec).map_err(|e| Error::Data(Box::new(e)))?;
-            let signal = signal_of(&rec, spec)?;
-            let turns = conversations(&labels, &findings, &sp, seed ^ (i as u64 * 7919));
-            Ok(Sample {
-                id: rec.name.clone(),
-                image,
-                signal,
-                labels,
-                findings,
-                turns,
-            })
-        })
-        .collect()
-}
-
 /// Real PTB-XL records under `shared/data/ptbxl_subset/records500`, labelled from headers.
 fn real_samples(shared_data: &Path, spec: &InputSpec) -> Result<Vec<Sample>> {
     let root = shared_data.join("ptbxl_subset");
@@ -310,7 +279,7 @@ fn real_samples(shared_data: &Path, spec: &InputSpec) -> Result<Vec<Sample>> {
         let labels = ecg_io::labels::ptbxl::header_labels(&rec.comments).unwrap_or_default();
         recs.push((rec, labels.superclasses, labels.other));
     }
-    build_samples(recs, spec, 99)
+    samples_from_records(recs, spec, 99)
 }
 
 /// Run the quickstart into `out`. `shared_data` is `../shared/data` when present.
@@ -350,12 +319,12 @@ pub fn run(
             e.findings.clone(),
         ));
     }
-    let train = build_samples(
+    let train = samples_from_records(
         by_split.remove(Split::Train.name()).unwrap_or_default(),
         &cfg.input,
         1,
     )?;
-    let mut test = build_samples(
+    let mut test = samples_from_records(
         by_split.remove(Split::Test.name()).unwrap_or_default(),
         &cfg.input,
         2,
@@ -573,6 +542,7 @@ pub fn run(
                     &student_cfg,
                     &s_tok,
                     &cfg.input,
+                    &space(),
                 )?;
             }
             let (syn, r, lines) = eval_both(&s.valid(), &s_tok);

@@ -3,7 +3,8 @@
 mod bench;
 mod bench_data;
 pub(crate) mod data;
-mod quickstart;
+mod eval;
+pub(crate) mod quickstart;
 mod score;
 
 use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb};
@@ -21,6 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Render(a) => data::render(&a),
         Noun::Quickstart(a) => quickstart::run(&a, cli.json),
         Noun::Interpret(a) => quickstart::interpret(&a, cli.json),
+        Noun::Eval(a) => eval::run(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }

@@ -73,14 +73,10 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
     let bundle = evl_train::infer::ModelBundle::load(&a.model, &device)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
-    let space: Vec<String> = ecg_synth::SUPERCLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
     for path in &a.records {
         let rec = crate::cmd::data::load(path, a.no_verify)?;
         let r = bundle
-            .interpret(&rec, &space, &device)
+            .interpret(&rec, &device)
             .with_context(|| format!("interpreting {}", path.display()))?;
         if json {
             println!(
@@ -106,7 +102,7 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn burn_device() -> Result<evl_models::burn::tensor::Device> {
+pub(crate) fn burn_device() -> Result<evl_models::burn::tensor::Device> {
     DeviceSpec::Cpu
         .device()
         .map_err(|e| anyhow::anyhow!("device: {e}"))

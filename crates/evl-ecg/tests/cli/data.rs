@@ -1,22 +1,4 @@
-use std::path::PathBuf;
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_evl-ecg"))
-}
-
-fn data() -> Option<PathBuf> {
-    evl_testkit::shared_dir().map(|d| d.join("data"))
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+use super::*;
 
 /// `data convert --to csv` writes every physical value so that it parses back to exactly the
 /// reader's f64 (and so to wfdb-python's, see ecg-io's reference test).

@@ -2,3 +2,24 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod data;
+mod model;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub(crate) fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_evl-ecg"))
+}
+
+pub(crate) fn data() -> Option<PathBuf> {
+    evl_testkit::shared_dir().map(|d| d.join("data"))
+}
+
+pub(crate) fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

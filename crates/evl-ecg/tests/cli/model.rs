@@ -1,0 +1,103 @@
+//! A tiny model trained by `quickstart`, then `interpret`, `eval` (with perturbations) and the
+//! parity scorer on eval's own output.
+
+use super::*;
+
+fn tiny_model(dir: &std::path::Path) {
+    let (ok, _, err) = run(bin()
+        .args(["quickstart", "--preset", "tiny", "--out"])
+        .arg(dir));
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn eval_writes_pulse_predictions_metrics_and_paired_perturbation_deltas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    tiny_model(&q);
+    let out = tmp.path().join("eval");
+    let (ok, stdout, err) = run(bin()
+        .args(["--json", "eval", "--model"])
+        .arg(q.join("model"))
+        .arg("--data")
+        .arg(q.join("data"))
+        .args([
+            "--perturb",
+            "amplitude:1",
+            "--perturb",
+            "noise:0",
+            "--resamples",
+            "200",
+        ])
+        .arg("--out")
+        .arg(&out));
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(summary["data"], m);
+    let n = m["n"].as_u64().unwrap() as usize;
+    assert!(n > 0 && m["per_class"].as_array().unwrap().len() == 5);
+    assert_eq!(m["reliability"].as_array().unwrap().len(), 10);
+    // The identity perturbation changes nothing: every paired delta and its interval is 0.
+    let id = &m["perturbations"][0];
+    assert_eq!(id["spec"], "amplitude:1");
+    for d in id["deltas"].as_array().unwrap() {
+        if d["delta"].is_number() {
+            assert_eq!(d["delta"].as_f64().unwrap(), 0.0, "{d}");
+            assert_eq!(d["ci95"][0].as_f64().unwrap(), 0.0, "{d}");
+            assert_eq!(d["ci95"][1].as_f64().unwrap(), 0.0, "{d}");
+        }
+    }
+    assert_eq!(m["perturbations"][1]["spec"], "noise:0");
+    assert!(out.join("predictions-noise_0.jsonl").is_file());
+    // The parity scorer reads eval's predictions and gold and agrees with metrics.json.
+    let (ok, stdout, err) = run(bin()
+        .args(["--json", "score", "ecgbench", "--task", "ptb", "--pred"])
+        .arg(out.join("predictions.jsonl"))
+        .arg("--gold")
+        .arg(out.join("gold.json")));
+    assert!(ok, "{err}");
+    let score: serde_json::Value = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["type"] == "score")
+        .unwrap();
+    let f1 = score["data"]["f1"].as_f64().unwrap();
+    let expect = m["scores"]["parity_f1"].as_f64().unwrap();
+    assert!((f1 - expect).abs() < 1e-12, "{f1} vs {expect}");
+    // interpret reads the same model directory.
+    let labels = std::fs::read_to_string(q.join("data/labels.csv")).unwrap();
+    let first = labels.lines().nth(1).unwrap().split(',').next().unwrap();
+    let rec = q.join("data").join(first);
+    let (ok, stdout, err) = run(bin()
+        .args(["--json", "interpret", "--model"])
+        .arg(q.join("model"))
+        .arg(&rec));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("probabilities"), "{stdout}");
+}
+
+#[test]
+fn eval_refuses_bad_perturbations_and_unlabelled_data_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    tiny_model(&q);
+    let (ok, _, err) = run(bin()
+        .args(["eval", "--model"])
+        .arg(q.join("model"))
+        .arg("--data")
+        .arg(q.join("data"))
+        .args(["--perturb", "lead-dropout:V9"]));
+    assert!(
+        !ok && err.contains("lead-dropout:V9") && err.contains("`V9`"),
+        "{err}"
+    );
+    let Some(d) = data() else { return };
+    let (ok, _, err) = run(bin()
+        .args(["eval", "--split", "all", "--model"])
+        .arg(q.join("model"))
+        .arg("--data")
+        .arg(d.join("cinc2021_subset/cpsc2018")));
+    assert!(!ok && err.contains("label space"), "{err}");
+}

@@ -1,0 +1,488 @@
+//! `evl-ecg eval`: a saved model over a labelled dataset, optionally under perturbations.
+//!
+//! Writes what a user needs to compare models: the predictions in PULSE's output format (so
+//! `evl-ecg score ecgbench --task ptb` reads them), gold items in ECG-Bench's format, and a
+//! metrics JSON with the continuous metrics, per-class rows, the reliability diagram, per-class
+//! thresholds chosen on the validation split, and for each perturbation the change of every
+//! metric with a paired bootstrap interval (the same resampled records on both sides).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use ecg_data::Dataset;
+use ecg_io::labels::ptbxl::Split;
+use ecg_signal::perturb::Perturbation;
+use evl_eval::continuous::{self, ReliabilityBin};
+
+use crate::batch::{Labelled, samples_from_records};
+use crate::eval::{EvalScores, PredLine, evaluate};
+use crate::infer::ModelBundle;
+use crate::{Error, Result};
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Split of an index / synthetic directory (`None` = every entry).
+    pub split: Option<Split>,
+    /// At most this many records (in the dataset's order).
+    pub limit: Option<usize>,
+    /// Perturbations, each evaluated separately against the clean run.
+    pub perturb: Vec<Perturbation>,
+    /// Seed of the perturbations' random parts and of the bootstrap.
+    pub seed: u64,
+    /// Bootstrap resamples.
+    pub resamples: usize,
+    /// Accept records whose checksum does not match.
+    pub no_verify: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            split: Some(Split::Test),
+            limit: None,
+            perturb: Vec::new(),
+            seed: 0,
+            resamples: 1000,
+            no_verify: false,
+        }
+    }
+}
+
+/// One class's row.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClassRow {
+    /// Label.
+    pub label: String,
+    /// Records with the label.
+    pub positives: usize,
+    /// ROC AUC of the probabilities (None when the class has one gold value).
+    pub auc: Option<f64>,
+    /// Average precision (None without positives).
+    pub ap: Option<f64>,
+    /// Threshold chosen on the validation split (None without one).
+    pub val_threshold: Option<f64>,
+}
+
+/// A metric's change under a perturbation.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Delta {
+    /// Metric name.
+    pub metric: String,
+    /// Clean value.
+    pub clean: Option<f64>,
+    /// Perturbed value.
+    pub perturbed: Option<f64>,
+    /// perturbed - clean.
+    pub delta: Option<f64>,
+    /// 95% paired percentile bootstrap interval of the change.
+    pub ci95: Option<(f64, f64)>,
+}
+
+/// One perturbation's outcome.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PerturbResult {
+    /// Canonical spec.
+    pub spec: String,
+    /// Scores under the perturbation.
+    pub scores: EvalScores,
+    /// Every metric's change.
+    pub deltas: Vec<Delta>,
+    /// Predictions file written.
+    pub predictions: Option<PathBuf>,
+}
+
+/// Everything `metrics.json` holds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DatasetEval {
+    /// Model directory.
+    pub model: PathBuf,
+    /// Data spec.
+    pub data: PathBuf,
+    /// Split evaluated (`all` when none).
+    pub split: String,
+    /// Label space.
+    pub space: Vec<String>,
+    /// Records evaluated.
+    pub n: usize,
+    /// Records none of whose labels is in the label space (scored as all-negative).
+    pub outside_space: usize,
+    /// Clean scores.
+    pub scores: EvalScores,
+    /// Per-class rows.
+    pub per_class: Vec<ClassRow>,
+    /// Macro F1 at the per-class thresholds chosen on the validation split.
+    pub macro_f1_at_val_thresholds: Option<f64>,
+    /// Records of the validation split used for thresholds.
+    pub n_val: usize,
+    /// Reliability diagram of all per-label probabilities (10 bins).
+    pub reliability: Vec<ReliabilityBin>,
+    /// Perturbation results.
+    pub perturbations: Vec<PerturbResult>,
+    /// Mean model time per record (rendering excluded), ms.
+    pub ms_per_record: f64,
+}
+
+fn data_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Data(Box::new(e))
+}
+
+/// Records of a data spec: an index file (`*.jsonl`, `evl-ecg data import`), a directory of
+/// `evl-ecg data synth` (with `labels.csv`), or any directory of WFDB records labelled in
+/// their headers (`# Labels:` / `#Dx:` as in PTB-XL's Challenge preparation; split ignored).
+pub fn load_labelled(
+    spec: &Path,
+    split: Option<Split>,
+    limit: Option<usize>,
+    no_verify: bool,
+) -> Result<Vec<Labelled>> {
+    let opts = ecg_io::ReadOptions {
+        verify_checksum: !no_verify,
+    };
+    let ds = if spec.is_file() {
+        Some(Dataset::read_index(spec).map_err(data_err)?)
+    } else if spec.join("labels.csv").is_file() {
+        Some(Dataset::from_synth_dir(spec).map_err(data_err)?)
+    } else if spec.is_dir() {
+        None
+    } else {
+        return Err(Error::Config {
+            field: "data",
+            what: format!(
+                "{} is neither an index file nor a directory of records",
+                spec.display()
+            ),
+        });
+    };
+    let cap = limit.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    match ds {
+        Some(ds) => {
+            for e in ds
+                .entries
+                .iter()
+                .filter(|e| split.is_none_or(|s| e.split == s))
+                .take(cap)
+            {
+                let path = ds.record_path(e).ok_or_else(|| Error::Config {
+                    field: "data",
+                    what: format!("entry `{}` has no record (image-only items)", e.id),
+                })?;
+                let rec = ecg_io::read_record(&path, opts).map_err(data_err)?;
+                out.push((rec, e.labels.clone(), e.findings.clone()));
+            }
+        }
+        None => {
+            for hea in ecg_data::walk(spec, "hea").into_iter().take(cap) {
+                let rec = ecg_io::read_record(&hea, opts).map_err(data_err)?;
+                let labels =
+                    ecg_io::labels::ptbxl::header_labels(&rec.comments).ok_or_else(|| {
+                        Error::Config {
+                            field: "data",
+                            what: format!(
+                                "{}: no `# Labels:` or `#Dx:` comment to take gold labels from",
+                                hea.display()
+                            ),
+                        }
+                    })?;
+                out.push((rec, labels.superclasses, labels.other));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Config {
+            field: "data",
+            what: format!(
+                "no records in {}{}",
+                spec.display(),
+                split.map_or(String::new(), |s| format!(" (split {})", s.name()))
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// The metrics compared under perturbation, on a subset of rows.
+fn metric_values(lines: &[PredLine], rows: &[usize], space: &[String]) -> Vec<Option<f64>> {
+    let sub: Vec<PredLine> = rows.iter().map(|&r| lines[r].clone()).collect();
+    let k = space.len();
+    let mut y_true = Vec::with_capacity(sub.len() * k);
+    let mut y_score = Vec::with_capacity(sub.len() * k);
+    let mut y_pred = Vec::with_capacity(sub.len() * k);
+    for l in &sub {
+        for (j, c) in space.iter().enumerate() {
+            y_true.push(l.gold.contains(c) as i64);
+            y_score.push(l.probs[j]);
+            y_pred.push((l.probs[j] >= 0.5) as i64);
+        }
+    }
+    let yb: Vec<bool> = y_true.iter().map(|&v| v == 1).collect();
+    let m = evl_eval::multilabel_metrics(&y_true, &y_score, &y_pred, k).ok();
+    let sp: Vec<&str> = space.iter().map(String::as_str).collect();
+    let pred: Vec<Vec<String>> = sub
+        .iter()
+        .map(|l| evl_eval::ecgbench::find_labels(&sp, &l.text))
+        .collect();
+    let gold: Vec<Vec<String>> = sub
+        .iter()
+        .map(|l| evl_eval::ecgbench::find_labels(&sp, &l.gold.join(", ")))
+        .collect();
+    let (f1, _, _, _) = evl_eval::ecgbench::compute_f1_auc(&pred, &gold);
+    vec![
+        m.as_ref().and_then(|m| m.macro_auc),
+        continuous::macro_average_precision(&yb, &y_score, k).0,
+        Some(continuous::fmax(&yb, &y_score, k)),
+        m.as_ref().map(|m| m.macro_f1),
+        Some(continuous::expected_calibration_error(&yb, &y_score, 10).0),
+        Some(f1),
+    ]
+}
+
+const METRICS: [&str; 6] = [
+    "macro_auc",
+    "macro_ap",
+    "fmax",
+    "macro_f1_at_05",
+    "ece",
+    "parity_f1",
+];
+
+/// Paired bootstrap of every metric's change between two prediction sets of the same records.
+pub fn paired_deltas(
+    clean: &[PredLine],
+    pert: &[PredLine],
+    space: &[String],
+    resamples: usize,
+    seed: u64,
+) -> Vec<Delta> {
+    let all: Vec<usize> = (0..clean.len()).collect();
+    let (c0, p0) = (
+        metric_values(clean, &all, space),
+        metric_values(pert, &all, space),
+    );
+    METRICS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let ci = continuous::bootstrap_ci(
+                clean.len(),
+                |rows| {
+                    let a = metric_values(clean, rows, space)[i]?;
+                    let b = metric_values(pert, rows, space)[i]?;
+                    Some(b - a)
+                },
+                resamples,
+                0.95,
+                seed,
+            );
+            Delta {
+                metric: name.to_string(),
+                clean: c0[i],
+                perturbed: p0[i],
+                delta: c0[i].zip(p0[i]).map(|(a, b)| b - a),
+                ci95: (ci.lo.is_finite() && ci.hi.is_finite()).then_some((ci.lo, ci.hi)),
+            }
+        })
+        .collect()
+}
+
+fn write_jsonl(path: &Path, lines: &[PredLine]) -> Result<()> {
+    let text: String = lines
+        .iter()
+        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
+        .collect();
+    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(data_err)
+}
+
+/// Gold items in ECG-Bench's format (`id`, `conversations`), for `score ecgbench`.
+fn write_gold(path: &Path, lines: &[PredLine]) -> Result<()> {
+    let items: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "id": l.question_id,
+                "conversations": [
+                    {"from": "human", "value": l.prompt},
+                    {"from": "gpt", "value": l.gold.join(", ")},
+                ],
+            })
+        })
+        .collect();
+    let text = serde_json::to_string_pretty(&items).expect("plain data");
+    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(data_err)
+}
+
+fn file_name(spec: &str) -> String {
+    spec.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Evaluate `bundle` on `data`; with `out`, write `predictions.jsonl`, `gold.json`,
+/// `predictions-<perturbation>.jsonl` and `metrics.json` there.
+pub fn eval_dataset(
+    bundle: &ModelBundle,
+    model_dir: &Path,
+    data: &Path,
+    opts: &EvalOptions,
+    out: Option<&Path>,
+    device: &Device,
+    mut say: impl FnMut(&str),
+) -> Result<DatasetEval> {
+    let space = &bundle.space;
+    let records = load_labelled(data, opts.split, opts.limit, opts.no_verify)?;
+    let outside_space = records
+        .iter()
+        .filter(|(_, l, _)| !l.iter().any(|x| space.contains(x)))
+        .count();
+    if outside_space == records.len() {
+        return Err(Error::Config {
+            field: "data",
+            what: format!(
+                "none of the {} records of {} carries a label of the model's label space {:?} \
+                 (labels seen: {:?}); nothing can be scored",
+                records.len(),
+                data.display(),
+                space,
+                records
+                    .iter()
+                    .flat_map(|(_, l, _)| l.iter().cloned())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .take(8)
+                    .collect::<Vec<_>>()
+            ),
+        });
+    }
+    if let Some(o) = out {
+        std::fs::create_dir_all(o).map_err(|source| Error::Io {
+            path: o.to_path_buf(),
+            source,
+        })?;
+    }
+    // Thresholds from the validation split, when the data has one and the test split is asked.
+    let (mut thresholds, mut n_val) = (None, 0);
+    if opts.split == Some(Split::Test)
+        && let Ok(val) = load_labelled(data, Some(Split::Val), opts.limit, opts.no_verify)
+    {
+        n_val = val.len();
+        let vs = samples_from_records(val, &bundle.spec, 2)?;
+        let (_, vl) = evaluate(&bundle.model, &bundle.tok, &vs, space, device);
+        let (yt, ys) = flat(&vl, space);
+        thresholds = Some(continuous::best_thresholds(&yt, &ys, space.len()));
+        say(&format!("thresholds chosen on {n_val} validation records"));
+    }
+    let samples = samples_from_records(records.clone(), &bundle.spec, 2)?;
+    let t = Instant::now();
+    let (scores, lines) = evaluate(&bundle.model, &bundle.tok, &samples, space, device);
+    let ms_per_record = t.elapsed().as_secs_f64() * 1e3 / samples.len() as f64;
+    say(&format!(
+        "clean: {} records, macro AUC {}, parity F1 {:.3}",
+        lines.len(),
+        fmt_opt(scores.macro_auc),
+        scores.parity_f1
+    ));
+    let (yt, ys) = flat(&lines, space);
+    let k = space.len();
+    let (_, per_ap) = continuous::macro_average_precision(&yt, &ys, k);
+    let per_class = space
+        .iter()
+        .enumerate()
+        .map(|(c, label)| ClassRow {
+            label: label.clone(),
+            positives: (0..lines.len()).filter(|&r| yt[r * k + c]).count(),
+            auc: scores.per_class_auc.get(c).copied().flatten(),
+            ap: per_ap.get(c).copied().flatten(),
+            val_threshold: thresholds.as_ref().map(|t| t[c]),
+        })
+        .collect();
+    let macro_f1_at_val_thresholds = thresholds
+        .as_ref()
+        .map(|t| continuous::macro_f1_at(&yt, &ys, t));
+    let (_, reliability) = continuous::expected_calibration_error(&yt, &ys, 10);
+    if let Some(o) = out {
+        write_jsonl(&o.join("predictions.jsonl"), &lines)?;
+        write_gold(&o.join("gold.json"), &lines)?;
+    }
+    let mut perturbations = Vec::new();
+    for p in &opts.perturb {
+        let spec = p.to_string();
+        let recs: Vec<Labelled> = records
+            .iter()
+            .map(|(r, l, f)| {
+                let mut r = r.clone();
+                p.apply(&mut r, opts.seed);
+                (r, l.clone(), f.clone())
+            })
+            .collect();
+        let ps = samples_from_records(recs, &bundle.spec, 2)?;
+        let (pscores, plines) = evaluate(&bundle.model, &bundle.tok, &ps, space, device);
+        let deltas = paired_deltas(&lines, &plines, space, opts.resamples, opts.seed);
+        let predictions = match out {
+            Some(o) => {
+                let path = o.join(format!("predictions-{}.jsonl", file_name(&spec)));
+                write_jsonl(&path, &plines)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let d = &deltas[0];
+        say(&format!(
+            "{spec}: macro AUC {} (change {}{})",
+            fmt_opt(pscores.macro_auc),
+            fmt_opt(d.delta),
+            d.ci95.map_or(String::new(), |(a, b)| format!(
+                ", 95% CI {a:+.3} .. {b:+.3}"
+            ))
+        ));
+        perturbations.push(PerturbResult {
+            spec,
+            scores: pscores,
+            deltas,
+            predictions,
+        });
+    }
+    let result = DatasetEval {
+        model: model_dir.to_path_buf(),
+        data: data.to_path_buf(),
+        split: opts.split.map_or("all".into(), |s| s.name().to_string()),
+        space: space.clone(),
+        n: lines.len(),
+        outside_space,
+        scores,
+        per_class,
+        macro_f1_at_val_thresholds,
+        n_val,
+        reliability,
+        perturbations,
+        ms_per_record,
+    };
+    if let Some(o) = out {
+        let text = serde_json::to_string_pretty(&result).expect("plain data");
+        ecg_io::wfdb::atomic_write(&o.join("metrics.json"), text.as_bytes()).map_err(data_err)?;
+    }
+    Ok(result)
+}
+
+fn flat(lines: &[PredLine], space: &[String]) -> (Vec<bool>, Vec<f64>) {
+    let mut yt = Vec::with_capacity(lines.len() * space.len());
+    let mut ys = Vec::with_capacity(lines.len() * space.len());
+    for l in lines {
+        for (j, c) in space.iter().enumerate() {
+            yt.push(l.gold.contains(c));
+            ys.push(l.probs[j]);
+        }
+    }
+    (yt, ys)
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |x| format!("{x:.3}"))
+}
