@@ -3,6 +3,7 @@
 //! ([`train`]), checkpoints that survive interruption ([`checkpoint`]), evaluation
 //! ([`eval`]) and the end-to-end quickstart ([`quickstart`]).
 
+pub mod analysis;
 pub mod batch;
 pub mod checkpoint;
 pub mod dataset_eval;

@@ -508,6 +508,9 @@ pub fn run(
         ablate: vec![a.clone()],
     }));
     let mut runs = Vec::new();
+    // Seed-0 students and the EVL run's head, for the report's figures.
+    let mut seed0: Vec<(String, EcgVlm)> = vec![("student-sft".into(), student.valid())];
+    let mut evl_head = None;
     for &seed in &cfg.seeds {
         for m in &methods {
             let dcfg = DistillConfig {
@@ -521,7 +524,7 @@ pub fn run(
                 heads: 8,
             };
             let run_dir = out.join(format!("runs/{}-seed{seed}", m.name()));
-            let (s, logs) = distill(
+            let (dm, logs) = distill(
                 student.clone(),
                 &train,
                 &s_tok,
@@ -533,9 +536,13 @@ pub fn run(
                 |_| {},
             )?;
             write_logs(&run_dir.join("metrics.jsonl"), &logs)?;
-            if matches!(m, Method::Evl { ablate } if ablate.is_empty())
-                && Some(&seed) == cfg.seeds.first()
-            {
+            let s = dm.student.clone();
+            let first_seed = Some(&seed) == cfg.seeds.first();
+            if first_seed && (m == &Method::Ce || m == &Method::Kl || m.name() == "evl") {
+                seed0.push((m.name(), s.valid()));
+            }
+            if matches!(m, Method::Evl { ablate } if ablate.is_empty()) && first_seed {
+                evl_head = Some(dm);
                 crate::infer::save_bundle(
                     &out.join("model"),
                     &s.valid(),
@@ -574,6 +581,36 @@ pub fn run(
         }
     }
     stages.insert("distillation".into(), t.elapsed().as_secs_f64());
+    // 8. Figure data: the transport plan for one test example, feature spectra.
+    let t = Instant::now();
+    let plan = match (&evl_head, test.first()) {
+        (Some(dm), Some(ex)) => {
+            let ot = evl_kd::ot::OtAlignConfig::new(cache.d_vis, dm.student.facts().d_vision)
+                .loss_config();
+            Some(crate::analysis::transport_plan(
+                &teacher_inf,
+                dm,
+                &ot,
+                ex,
+                infer_device,
+            ))
+        }
+        _ => None,
+    };
+    let mut spectra = vec![crate::analysis::spectrum(
+        "teacher",
+        &teacher_inf,
+        &test,
+        infer_device,
+    )];
+    for (name, m) in &seed0 {
+        spectra.push(crate::analysis::spectrum(name, m, &test, infer_device));
+    }
+    let analysis = crate::analysis::Analysis { plan, spectra };
+    let json = serde_json::to_string_pretty(&analysis).expect("plain data");
+    ecg_io::wfdb::atomic_write(&out.join("analysis.json"), json.as_bytes())
+        .map_err(|e| Error::Data(Box::new(e)))?;
+    stages.insert("analysis".into(), t.elapsed().as_secs_f64());
     let results = Results {
         config: cfg.clone(),
         teacher: tf,

@@ -392,7 +392,8 @@ pub struct DistillConfig {
     pub heads: usize,
 }
 
-/// Distil into `student` (its SFT weights) from the cached teacher.
+/// Distil into `student` (its SFT weights) from the cached teacher. Returns the student with
+/// the trained distillation head (its visual projector is what the transport-plan figure uses).
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
     student: EcgVlm,
@@ -404,7 +405,7 @@ pub fn distill(
     run_dir: Option<&Path>,
     device: &Device,
     mut on_step: impl FnMut(&StepLog),
-) -> Result<(EcgVlm, Vec<StepLog>)> {
+) -> Result<(DistillModel, Vec<StepLog>)> {
     let sf = student.facts();
     let ablate = match &cfg.method {
         Method::Evl { ablate } => ablate.clone(),
@@ -515,13 +516,13 @@ pub fn distill(
         on_step(&log);
         logs.push(log);
         if after_step(run_dir, o, step, &model, &optim, &logs)? {
-            return Ok((model.student, logs));
+            return Ok((model, logs));
         }
     }
     if let Some(dir) = run_dir {
         checkpoint::save(dir, &model, &optim, o.steps, &logs)?;
     }
-    Ok((model.student, logs))
+    Ok((model, logs))
 }
 
 /// Teacher hidden states `[b, l_t, d_t]` (padded), their validity mask, and visual tokens.
