@@ -12,18 +12,19 @@ use crate::metrics::f1_binary;
 /// Average precision of one class: `sum_n (R_n - R_{n-1}) P_n` over the distinct scores in
 /// decreasing order (scikit-learn's `average_precision_score`). `None` without positives.
 pub fn average_precision(y_true: &[bool], score: &[f64]) -> Option<f64> {
-    let n_pos = y_true.iter().filter(|&&y| y).count();
-    if n_pos == 0 {
-        return None;
-    }
+    let pts = pr_curve(y_true, score)?;
+    Some(pts.windows(2).map(|w| (w[1].0 - w[0].0) * w[1].1).sum())
+}
+
+/// Points of a curve swept over the distinct scores in decreasing order: `(tp, fp)` after all
+/// samples tied at each score have entered.
+fn sweep(y_true: &[bool], score: &[f64]) -> Vec<(usize, usize)> {
     let mut idx: Vec<usize> = (0..score.len()).collect();
     idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
     let (mut tp, mut fp) = (0usize, 0usize);
-    let mut ap = 0.0;
-    let mut prev_recall = 0.0;
+    let mut out = Vec::new();
     let mut i = 0;
     while i < idx.len() {
-        // All samples tied at this score enter together.
         let s = score[idx[i]];
         while i < idx.len() && score[idx[i]] == s {
             if y_true[idx[i]] {
@@ -33,12 +34,44 @@ pub fn average_precision(y_true: &[bool], score: &[f64]) -> Option<f64> {
             }
             i += 1;
         }
-        let recall = tp as f64 / n_pos as f64;
-        let precision = tp as f64 / (tp + fp) as f64;
-        ap += (recall - prev_recall) * precision;
-        prev_recall = recall;
+        out.push((tp, fp));
     }
-    Some(ap)
+    out
+}
+
+/// ROC curve `(false positive rate, true positive rate)` from `(0, 0)` through every distinct
+/// score threshold to `(1, 1)`. `None` when the class has one gold value. Its trapezoidal area
+/// is the ROC AUC.
+pub fn roc_curve(y_true: &[bool], score: &[f64]) -> Option<Vec<(f64, f64)>> {
+    let p = y_true.iter().filter(|&&y| y).count();
+    let n = y_true.len() - p;
+    if p == 0 || n == 0 {
+        return None;
+    }
+    let mut pts = vec![(0.0, 0.0)];
+    pts.extend(
+        sweep(y_true, score)
+            .into_iter()
+            .map(|(tp, fp)| (fp as f64 / n as f64, tp as f64 / p as f64)),
+    );
+    Some(pts)
+}
+
+/// Precision-recall curve `(recall, precision)` at every distinct score threshold, in
+/// increasing recall, starting at `(0, 1)` as scikit-learn draws it. `None` without positives.
+/// Its step-wise area (`sum (R_n - R_{n-1}) P_n`) is the average precision.
+pub fn pr_curve(y_true: &[bool], score: &[f64]) -> Option<Vec<(f64, f64)>> {
+    let p = y_true.iter().filter(|&&y| y).count();
+    if p == 0 {
+        return None;
+    }
+    let mut pts = vec![(0.0, 1.0)];
+    pts.extend(
+        sweep(y_true, score)
+            .into_iter()
+            .map(|(tp, fp)| (tp as f64 / p as f64, tp as f64 / (tp + fp) as f64)),
+    );
+    Some(pts)
 }
 
 /// Column `c` of a row-major `(n, k)` matrix.

@@ -29,3 +29,40 @@ fn average_precision_matches_sklearn() {
         );
     }
 }
+
+/// The curves the report draws integrate to the metrics we report: trapezoids under the ROC
+/// curve give `roc_auc`, steps under the PR curve give `average_precision` (on random data with
+/// ties, 50 draws).
+#[test]
+fn curves_integrate_to_their_metrics() {
+    use evl_eval::continuous::{average_precision, pr_curve, roc_curve};
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as f64 / (1u64 << 31) as f64
+    };
+    for _ in 0..50 {
+        let n = 5 + (next() * 40.0) as usize;
+        let y: Vec<bool> = (0..n).map(|_| next() < 0.4).collect();
+        // Coarse scores so that ties occur.
+        let s: Vec<f64> = (0..n).map(|_| (next() * 6.0).floor() / 6.0).collect();
+        let roc = roc_curve(&y, &s);
+        match evl_eval::roc_auc(&y, &s) {
+            Some(auc) => {
+                let r = roc.unwrap();
+                let area: f64 = r.windows(2).map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0).sum();
+                assert!((area - auc).abs() < 1e-12, "{area} vs {auc}");
+                assert_eq!(*r.last().unwrap(), (1.0, 1.0));
+            }
+            None => assert!(roc.is_none()),
+        }
+        match average_precision(&y, &s) {
+            Some(ap) => {
+                let p = pr_curve(&y, &s).unwrap();
+                let area: f64 = p.windows(2).map(|w| (w[1].0 - w[0].0) * w[1].1).sum();
+                assert!((area - ap).abs() < 1e-12, "{area} vs {ap}");
+            }
+            None => assert!(pr_curve(&y, &s).is_none()),
+        }
+    }
+}
