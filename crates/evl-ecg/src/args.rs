@@ -54,6 +54,13 @@ pub enum Noun {
     /// Example: evl-ecg eval --model quickstart-out/model --data quickstart-out/data
     ///   --perturb noise:10 --perturb lead-dropout:V1,V2 --out eval-out
     Eval(EvalArgs),
+    /// Write an offline HTML report (index.html + figures/) for a quickstart or eval run:
+    /// tables, training curves per loss term, ROC and PR curves per class, reliability diagram,
+    /// the Sinkhorn transport plan (paper Fig. 2), feature spectra (Fig. 3), and a rendered ECG
+    /// with the model's answer.
+    ///
+    /// Example: evl-ecg report quickstart-out   (writes quickstart-out/report/index.html)
+    Report(ReportArgs),
     /// Score model answers: ECG-Bench parity (PULSE's scorer, quirks included).
     #[command(subcommand)]
     Score(ScoreVerb),
@@ -107,6 +114,16 @@ pub struct EvalArgs {
     /// Load records even if a checksum does not match.
     #[arg(long)]
     pub no_verify: bool,
+}
+
+/// Arguments of `report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directory (`quickstart --out` or `eval --out`).
+    pub run: PathBuf,
+    /// Output directory (default RUN/report).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Quickstart sizes.

@@ -38,7 +38,9 @@ fn curves_integrate_to_their_metrics() {
     use evl_eval::continuous::{average_precision, pr_curve, roc_curve};
     let mut state = 12345u64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as f64 / (1u64 << 31) as f64
     };
     for _ in 0..50 {
@@ -50,7 +52,10 @@ fn curves_integrate_to_their_metrics() {
         match evl_eval::roc_auc(&y, &s) {
             Some(auc) => {
                 let r = roc.unwrap();
-                let area: f64 = r.windows(2).map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0).sum();
+                let area: f64 = r
+                    .windows(2)
+                    .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+                    .sum();
                 assert!((area - auc).abs() < 1e-12, "{area} vs {auc}");
                 assert_eq!(*r.last().unwrap(), (1.0, 1.0));
             }

@@ -23,6 +23,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Quickstart(a) => quickstart::run(&a, cli.json),
         Noun::Interpret(a) => quickstart::interpret(&a, cli.json),
         Noun::Eval(a) => eval::run(&a, cli.json),
+        Noun::Report(a) => report(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
+}
+
+/// `report`.
+fn report(a: &crate::args::ReportArgs, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let w = evl_report::write_report(&a.run, a.out.as_deref())
+        .with_context(|| format!("writing the report of {}", a.run.display()))?;
+    if json {
+        println!("{}", serde_json::json!({"type": "summary", "data": w}));
+    } else {
+        for s in &w.skipped {
+            eprintln!("note: not drawn: {s}");
+        }
+        println!("wrote {} ({} figures)", w.html.display(), w.figures.len());
+    }
+    Ok(())
 }

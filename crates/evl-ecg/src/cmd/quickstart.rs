@@ -51,15 +51,18 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
         }
     })
     .with_context(|| format!("quickstart into {}", a.out.display()))?;
+    let w = evl_report::write_report(&a.out, None)
+        .with_context(|| format!("writing the report of {}", a.out.display()))?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"type": "summary", "data": {"out": a.out, "wall_seconds": r.wall_seconds}})
+            serde_json::json!({"type": "summary", "data": {"out": a.out, "wall_seconds": r.wall_seconds, "html": w.html}})
         );
     } else {
         eprintln!(
-            "wrote {}/report.md and results.json in {:.0} s",
+            "wrote {}/report.md, results.json and {} in {:.0} s",
             a.out.display(),
+            w.html.display(),
             r.wall_seconds
         );
     }

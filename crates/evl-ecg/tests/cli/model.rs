@@ -66,6 +66,36 @@ fn eval_writes_pulse_predictions_metrics_and_paired_perturbation_deltas() {
     let f1 = score["data"]["f1"].as_f64().unwrap();
     let expect = m["scores"]["parity_f1"].as_f64().unwrap();
     assert!((f1 - expect).abs() < 1e-12, "{f1} vs {expect}");
+    // The quickstart wrote its HTML report; `report` also draws an eval run.
+    let html = std::fs::read_to_string(q.join("report/index.html")).unwrap();
+    for part in [
+        "Methods compared",
+        "Training curves",
+        "ROC per class",
+        "Reliability",
+        "Sinkhorn plan",
+        "Singular values",
+        "data:image/png;base64,",
+    ] {
+        assert!(html.contains(part), "quickstart report lacks {part}");
+    }
+    // Offline: nothing fetched (SVG's xmlns URI is a name, not a fetch).
+    for bad in [
+        "<script",
+        "src=\"http",
+        "href=\"http",
+        "url(http",
+        "@import",
+    ] {
+        assert!(!html.contains(bad), "report would load {bad}");
+    }
+    let (ok, stdout, err) = run(bin().args(["--json", "report"]).arg(&out));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("index.html"));
+    let html = std::fs::read_to_string(out.join("report/index.html")).unwrap();
+    assert!(
+        html.contains("Robustness") && html.contains("noise:0") && html.contains("ROC per class")
+    );
     // interpret reads the same model directory.
     let labels = std::fs::read_to_string(q.join("data/labels.csv")).unwrap();
     let first = labels.lines().nth(1).unwrap().split(',').next().unwrap();
