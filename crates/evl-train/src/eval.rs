@@ -88,17 +88,22 @@ pub fn evaluate(
         let mut px: Vec<&Sample> = Vec::new();
         for s in group {
             for p in &prompts {
-                rows.push((p.clone(), vec![false; p.len()]));
+                // Logit row j predicts token j (from position j - 1), so the first answer
+                // token's distribution sits one past the prompt: append a placeholder token
+                // (causal attention keeps it from influencing that prediction).
+                let mut ids = p.clone();
+                ids.push(EOS);
+                rows.push((ids, vec![false; p.len() + 1]));
                 px.push(s);
             }
         }
-        let lens: Vec<usize> = rows.iter().map(|r| r.0.len()).collect();
+        let lens: Vec<usize> = rows.iter().map(|r| r.0.len() - 1).collect();
         let (text, pad, _, _) = text_tensors(rows, device);
         let v = model.view(pixels(&px, &input, device), text, pad);
         let [_, t, vocab] = v.logits.dims();
         let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
         for (r, len) in lens.iter().enumerate() {
-            let base = (r * t + len - 1) * vocab;
+            let base = (r * t + len) * vocab;
             let (ly, ln) = (
                 logits[base + yes as usize] as f64,
                 logits[base + no as usize] as f64,

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use evl_train::batch::{InputSpec, Sample, image_of, signal_of};
 use evl_train::quickstart::{Preset, QuickstartConfig};
 use evl_train::text::{TextTokenizer, conversations};
-use evl_train::train::{DistillConfig, Method, OptimConfig, cache_teacher, distill};
+use evl_train::train::{DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill};
 
 fn samples(n: usize) -> Vec<Sample> {
     let spec = InputSpec::default();
@@ -89,13 +89,7 @@ fn distillation_resumes_to_the_same_weights() {
         seed: 5,
         ..OptimConfig::default()
     };
-    let cfg = DistillConfig {
-        method: Method::Evl { ablate: vec![] },
-        optim: optim.clone(),
-        alpha: 0.3,
-        temperature: 2.0,
-        heads: 8,
-    };
+    let cfg = DistillConfig::paper(Method::Evl { ablate: vec![] }, optim.clone());
     let dir = tempfile::tempdir().unwrap();
     // Materialise the lazily initialised weights before the runs (a trained student is).
     // Uninterrupted.
@@ -104,7 +98,7 @@ fn distillation_resumes_to_the_same_weights() {
         &data,
         &s_tok,
         &t_tok,
-        &cache,
+        Teacher::Cached(&cache),
         &cfg,
         Some(&dir.path().join("a")),
         &train_dev,
@@ -124,7 +118,7 @@ fn distillation_resumes_to_the_same_weights() {
         &data,
         &s_tok,
         &t_tok,
-        &cache,
+        Teacher::Cached(&cache),
         &killed,
         Some(&dir.path().join("b")),
         &train_dev,
@@ -137,7 +131,7 @@ fn distillation_resumes_to_the_same_weights() {
         &data,
         &s_tok,
         &t_tok,
-        &cache,
+        Teacher::Cached(&cache),
         &cfg,
         Some(&dir.path().join("a2")),
         &train_dev,
@@ -159,7 +153,7 @@ fn distillation_resumes_to_the_same_weights() {
         &data,
         &s_tok,
         &t_tok,
-        &cache,
+        Teacher::Cached(&cache),
         &cfg,
         Some(&dir.path().join("b")),
         &train_dev,
@@ -216,4 +210,48 @@ fn tiny_quickstart_end_to_end() {
         evl_eval::ecgbench::read_predictions(&dir.path().join("predictions/evl-seed0.jsonl"))
             .unwrap();
     assert_eq!(preds.len(), r.runs[0].synthetic.n);
+}
+
+/// The per-label probability is read where training puts the answer: p(yes) / (p(yes) + p(no))
+/// of the logit row that the CE trains for the first answer token of the full verification
+/// turn `[BOS] prompt [SEP] yes [EOS]`. (An off-by-one here once read the prediction of SEP.)
+#[test]
+fn label_probability_is_read_at_the_trained_answer_position() {
+    use evl_models::vlm::Distillable;
+    let device = Device::flex();
+    let data = samples(3);
+    let texts: Vec<String> = data
+        .iter()
+        .flat_map(|s| s.turns.iter().flat_map(|t| [t.prompt.clone(), t.answer.clone()]))
+        .collect();
+    let tok = TextTokenizer::train(&texts, 120).unwrap();
+    let mut cfg = QuickstartConfig::preset(Preset::Tiny).student_model();
+    cfg.vocab = tok.vocab_size();
+    device.seed(4);
+    let model = cfg.init(&device);
+    let space: Vec<String> = ecg_synth::SUPERCLASSES.iter().map(|s| s.to_string()).collect();
+    let (_, lines) = evl_train::eval::evaluate(&model, &tok, &data, &space, &device);
+    let yes = tok.encode("yes").0[0] as usize;
+    let no = tok.encode("no").0[0] as usize;
+    for (s, line) in data.iter().zip(&lines) {
+        for (j, label) in space.iter().enumerate() {
+            let turn = evl_train::text::Turn {
+                prompt: evl_train::text::verify_prompt(label),
+                answer: "yes".into(),
+                template: "verify".into(),
+            };
+            let (ids, mask, _) = evl_train::batch::encode_turn(&tok, &turn);
+            let first_answer = mask.iter().position(|&m| m).unwrap();
+            let (text, pad, _, _) = evl_train::batch::text_tensors(vec![(ids, mask)], &device);
+            let px = evl_train::batch::pixels(&[s], &model.input(), &device);
+            let v = model.view(px, text, pad);
+            let [_, t, vocab] = v.logits.dims();
+            let z: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
+            assert!(first_answer < t);
+            let row = &z[first_answer * vocab..(first_answer + 1) * vocab];
+            let (ly, ln) = (row[yes] as f64, row[no] as f64);
+            let p = 1.0 / (1.0 + (ln - ly).exp());
+            assert!((p - line.probs[j]).abs() < 1e-5, "{label}: {p} vs {}", line.probs[j]);
+        }
+    }
 }
