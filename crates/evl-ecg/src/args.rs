@@ -31,6 +31,19 @@ pub enum Noun {
     /// Writes DIR/report.md and DIR/results.json (every number, per seed), plus data,
     /// tokenizers, checkpoints (resumable), per-step metrics and predictions in PULSE's format.
     Quickstart(QuickstartArgs),
+    /// Supervised fine-tuning of a teacher or a student on a dataset's training split
+    /// (the paper's first stage). Resumable: run the same command again after a kill.
+    ///
+    /// Example: evl-ecg train teacher --data synth-dir --out runs/teacher
+    #[command(subcommand)]
+    Train(TrainVerb),
+    /// Distil a student (its SFT bundle) from a teacher bundle with EVL-ECG or a baseline
+    /// (the paper's second stage). Resumable; offline teacher cache by default, --online runs
+    /// the teacher on every batch.
+    ///
+    /// Example: evl-ecg distill --method evl --teacher runs/teacher/model
+    ///   --student runs/student/model --data synth-dir --out runs/evl
+    Distill(DistillArgs),
     /// Read a WFDB or CinC record and print the student's answer and per-label probabilities.
     ///
     /// Example: evl-ecg interpret ../shared/data/ptbxl_subset/records500/00000/00001_hr
@@ -114,6 +127,86 @@ pub struct EvalArgs {
     /// Load records even if a checksum does not match.
     #[arg(long)]
     pub no_verify: bool,
+}
+
+/// `evl-ecg train <role>`.
+#[derive(Debug, Subcommand)]
+pub enum TrainVerb {
+    /// Train the teacher (default: width 192, 50 signal tokens or 48 image tokens).
+    Teacher(TrainArgs),
+    /// Train the student (default: width 32/48, 12 visual tokens, a smaller tokenizer).
+    Student(TrainArgs),
+}
+
+/// Settings shared by `train` and `distill`.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// Training data: an index file (.jsonl) or a `data synth` directory (train/val splits).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output directory (model/, checkpoint/, metrics.jsonl, config.toml, val_metrics.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// TOML configuration (every key optional; `evl-ecg train teacher --print-config` shows
+    /// the defaults).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Optimiser steps (overrides the config).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate (overrides the config).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Examples per step (overrides the config).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Seed (overrides the config).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this step with a checkpoint (a later run resumes).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Device: cpu or cuda:N (the latter needs the `cuda` cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Arguments of `train teacher|student`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Encoder input: image (rendered paper) or signal (raw 12 leads).
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Tokenizer vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+}
+
+/// Arguments of `distill`.
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Method: evl (EVL-ECG), ce (SFT continued), kl (vanilla KD over shared tokens).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// EVL-ECG terms to switch off, comma separated: ot, mhca, rel.
+    #[arg(long, value_delimiter = ',')]
+    pub ablate: Vec<String>,
+    /// Teacher model directory.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Student model directory (after SFT).
+    #[arg(long)]
+    pub student: PathBuf,
+    /// Run the teacher on each batch instead of caching its outputs once.
+    #[arg(long)]
+    pub online: bool,
 }
 
 /// Arguments of `report`.

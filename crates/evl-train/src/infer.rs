@@ -72,7 +72,7 @@ pub fn save_bundle(
     })?;
     tok.save(&dir.join("tokenizer.json"))?;
     let path = dir.join("model.safetensors");
-    let mut store = burn::store::SafetensorsStore::from_file(&path);
+    let mut store = burn::store::SafetensorsStore::from_file(&path).overwrite(true);
     use burn::store::ModuleSnapshot;
     model.save_into(&mut store).map_err(|e| Error::Checkpoint {
         path,

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod dataset_eval;
 pub mod eval;
 pub mod infer;
+pub mod job;
 pub mod quickstart;
 pub mod text;
 pub mod train;

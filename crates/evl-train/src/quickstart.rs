@@ -16,7 +16,9 @@ use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
 use crate::batch::{InputSpec, Labelled, Sample, samples_from_records};
 use crate::eval::{EvalScores, PredLine, evaluate};
 use crate::text::TextTokenizer;
-use crate::train::{DistillConfig, Method, OptimConfig, StepLog, cache_teacher, distill, sft};
+use crate::train::{
+    DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
+};
 use crate::{Error, Result};
 
 /// Size presets.
@@ -513,23 +515,20 @@ pub fn run(
     let mut evl_head = None;
     for &seed in &cfg.seeds {
         for m in &methods {
-            let dcfg = DistillConfig {
-                method: m.clone(),
-                optim: OptimConfig {
+            let dcfg = DistillConfig::paper(
+                m.clone(),
+                OptimConfig {
                     seed,
                     ..cfg.distill.clone()
                 },
-                alpha: 0.3,
-                temperature: 2.0,
-                heads: 8,
-            };
+            );
             let run_dir = out.join(format!("runs/{}-seed{seed}", m.name()));
             let (dm, logs) = distill(
                 student.clone(),
                 &train,
                 &s_tok,
                 &t_tok,
-                &cache,
+                Teacher::Cached(&cache),
                 &dcfg,
                 Some(&run_dir),
                 train_device,

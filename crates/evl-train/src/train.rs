@@ -308,57 +308,85 @@ pub struct TeacherCache {
     pub vocab: usize,
 }
 
-/// Run the teacher over every (sample, turn) on the inference device.
-pub fn cache_teacher(
+/// Where distillation gets the frozen teacher's outputs.
+pub enum Teacher<'a> {
+    /// Computed once for every (sample, turn) before training (offline KD, the default).
+    Cached(&'a TeacherCache),
+    /// Computed for each step's batch by running the teacher (online KD: no memory for the
+    /// cache, and the place to add per-step input augmentation).
+    Online {
+        /// The teacher (inference mode).
+        model: &'a EcgVlm,
+        /// Device it runs on.
+        device: &'a Device,
+    },
+}
+
+/// The teacher's outputs for every turn of one sample.
+fn teacher_outs(
+    teacher: &EcgVlm,
+    s: &Sample,
+    tok: &TextTokenizer,
+    device: &Device,
+) -> Vec<TeacherOut> {
+    let vocab = teacher.facts().vocab;
+    let input = teacher.input();
+    let rows: Vec<(Vec<i64>, Vec<bool>)> = s
+        .turns
+        .iter()
+        .map(|t| {
+            let (ids, mask, _) = encode_turn(tok, t);
+            (ids, mask)
+        })
+        .collect();
+    let spans: Vec<Vec<(usize, usize)>> = s.turns.iter().map(|t| encode_turn(tok, t).2).collect();
+    let n = rows.len();
+    let (text, pad, _, rows) = text_tensors(rows, device);
+    let px = pixels(&vec![s; n], &input, device);
+    let v = teacher.view(px, text, pad);
+    let [_, vt, dv] = v.visual.dims();
+    let [_, t, d] = v.hidden.dims();
+    let visual: Vec<f32> = v.visual.into_data().iter::<f32>().collect();
+    let hidden: Vec<f32> = v.hidden.into_data().iter::<f32>().collect();
+    let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
+    let mut per = Vec::with_capacity(n);
+    for (r, (ids, mask)) in rows.iter().enumerate() {
+        let len = ids.len();
+        let mut al = Vec::new();
+        for (j, &m) in mask.iter().enumerate() {
+            if m {
+                let base = (r * t + j) * vocab;
+                al.extend_from_slice(&logits[base..base + vocab]);
+            }
+        }
+        per.push(TeacherOut {
+            visual: visual[r * vt * dv..(r + 1) * vt * dv].to_vec(),
+            hidden: hidden[r * t * d..r * t * d + len * d].to_vec(),
+            len,
+            answer_logits: al,
+            answer_spans: spans[r].clone(),
+        });
+    }
+    per
+}
+
+/// Teacher outputs for the samples in `which` (others left empty), or all when `None`.
+fn teacher_cache(
     teacher: &EcgVlm,
     samples: &[Sample],
+    which: Option<&[usize]>,
     tok: &TextTokenizer,
     device: &Device,
 ) -> TeacherCache {
     let facts = teacher.facts();
-    let input = teacher.input();
-    let mut outs = Vec::with_capacity(samples.len());
-    for s in samples {
-        let rows: Vec<(Vec<i64>, Vec<bool>)> = s
-            .turns
-            .iter()
-            .map(|t| {
-                let (ids, mask, _) = encode_turn(tok, t);
-                (ids, mask)
-            })
-            .collect();
-        let spans: Vec<Vec<(usize, usize)>> =
-            s.turns.iter().map(|t| encode_turn(tok, t).2).collect();
-        let n = rows.len();
-        let (text, pad, _, rows) = text_tensors(rows, device);
-        let px = pixels(&vec![s; n], &input, device);
-        let v = teacher.view(px, text, pad);
-        let [_, vt, dv] = v.visual.dims();
-        let [_, t, d] = v.hidden.dims();
-        let vocab = facts.vocab;
-        let visual: Vec<f32> = v.visual.into_data().iter::<f32>().collect();
-        let hidden: Vec<f32> = v.hidden.into_data().iter::<f32>().collect();
-        let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
-        let mut per = Vec::with_capacity(n);
-        for (r, (ids, mask)) in rows.iter().enumerate() {
-            let len = ids.len();
-            let mut al = Vec::new();
-            for (j, &m) in mask.iter().enumerate() {
-                if m {
-                    let base = (r * t + j) * vocab;
-                    al.extend_from_slice(&logits[base..base + vocab]);
-                }
-            }
-            per.push(TeacherOut {
-                visual: visual[r * vt * dv..(r + 1) * vt * dv].to_vec(),
-                hidden: hidden[r * t * d..r * t * d + len * d].to_vec(),
-                len,
-                answer_logits: al,
-                answer_spans: spans[r].clone(),
-            });
-        }
-        outs.push(per);
-    }
+    let outs = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match which {
+            Some(w) if !w.contains(&i) => Vec::new(),
+            _ => teacher_outs(teacher, s, tok, device),
+        })
+        .collect();
     TeacherCache {
         outs,
         v: facts.visual_tokens,
@@ -366,6 +394,16 @@ pub fn cache_teacher(
         d: facts.d_model,
         vocab: facts.vocab,
     }
+}
+
+/// Run the teacher over every (sample, turn) on the inference device.
+pub fn cache_teacher(
+    teacher: &EcgVlm,
+    samples: &[Sample],
+    tok: &TextTokenizer,
+    device: &Device,
+) -> TeacherCache {
+    teacher_cache(teacher, samples, None, tok, device)
 }
 
 /// Student plus the trainable distillation head, optimised together.
@@ -390,6 +428,26 @@ pub struct DistillConfig {
     pub temperature: f64,
     /// MHCA heads.
     pub heads: usize,
+    /// `lm`, `lr`, `lot` (paper: 1.0, 0.03, 0.1).
+    pub lambdas: (f64, f64, f64),
+    /// Sinkhorn entropic regularisation (paper: 0.1).
+    pub eps: f64,
+}
+
+impl DistillConfig {
+    /// The paper's settings for `method` and `optim`: a = 0.3, T = 2, h = 8, lm = 1.0,
+    /// lr = 0.03, lot = 0.1, eps = 0.1.
+    pub fn paper(method: Method, optim: OptimConfig) -> DistillConfig {
+        DistillConfig {
+            method,
+            optim,
+            alpha: 0.3,
+            temperature: 2.0,
+            heads: 8,
+            lambdas: (1.0, 0.03, 0.1),
+            eps: 0.1,
+        }
+    }
 }
 
 /// Distil into `student` (its SFT weights) from the cached teacher. Returns the student with
@@ -400,22 +458,29 @@ pub fn distill(
     samples: &[Sample],
     s_tok: &TextTokenizer,
     t_tok: &TextTokenizer,
-    cache: &TeacherCache,
+    teacher: Teacher<'_>,
     cfg: &DistillConfig,
     run_dir: Option<&Path>,
     device: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(DistillModel, Vec<StepLog>)> {
     let sf = student.facts();
+    let (t_d, t_d_vis) = match &teacher {
+        Teacher::Cached(c) => (c.d, c.d_vis),
+        Teacher::Online { model, .. } => (model.facts().d_model, model.facts().d_vision),
+    };
     let ablate = match &cfg.method {
         Method::Evl { ablate } => ablate.clone(),
         _ => Vec::new(),
     };
     let loss_cfg = EvlLossConfig::new(
-        MhcaAlignConfig::new(sf.d_model, cache.d).with_n_heads(cfg.heads),
-        OtAlignConfig::new(cache.d_vis, sf.d_vision),
+        MhcaAlignConfig::new(sf.d_model, t_d).with_n_heads(cfg.heads),
+        OtAlignConfig::new(t_d_vis, sf.d_vision).with_eps(cfg.eps),
     )
     .with_alpha(cfg.alpha)
+    .with_lambda_mhca(cfg.lambdas.0)
+    .with_lambda_rel(cfg.lambdas.1)
+    .with_lambda_ot(cfg.lambdas.2)
     .with_ablate(ablate);
     // The head's random initialisation is part of the run: seed it.
     device.seed(cfg.optim.seed ^ 0x5EED);
@@ -444,6 +509,15 @@ pub fn distill(
             let idx = batch_indices(samples, o, step * o.accumulate + a);
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
+            let online;
+            let cache = match &teacher {
+                Teacher::Cached(c) => *c,
+                Teacher::Online { model, device } => {
+                    let which: Vec<usize> = idx.iter().map(|&(i, _)| i).collect();
+                    online = teacher_cache(model, samples, Some(&which), t_tok, device);
+                    &online
+                }
+            };
             let b = make_batch(&ss, &turns, s_tok, &input, device);
             check_len(&b, model.student.max_text(), &ss, &turns)?;
             let v = model.student.view(b.pixels, b.text.clone(), b.pad);

@@ -222,14 +222,21 @@ fn label_probability_is_read_at_the_trained_answer_position() {
     let data = samples(3);
     let texts: Vec<String> = data
         .iter()
-        .flat_map(|s| s.turns.iter().flat_map(|t| [t.prompt.clone(), t.answer.clone()]))
+        .flat_map(|s| {
+            s.turns
+                .iter()
+                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
+        })
         .collect();
     let tok = TextTokenizer::train(&texts, 120).unwrap();
     let mut cfg = QuickstartConfig::preset(Preset::Tiny).student_model();
     cfg.vocab = tok.vocab_size();
     device.seed(4);
     let model = cfg.init(&device);
-    let space: Vec<String> = ecg_synth::SUPERCLASSES.iter().map(|s| s.to_string()).collect();
+    let space: Vec<String> = ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let (_, lines) = evl_train::eval::evaluate(&model, &tok, &data, &space, &device);
     let yes = tok.encode("yes").0[0] as usize;
     let no = tok.encode("no").0[0] as usize;
@@ -251,7 +258,11 @@ fn label_probability_is_read_at_the_trained_answer_position() {
             let row = &z[first_answer * vocab..(first_answer + 1) * vocab];
             let (ly, ln) = (row[yes] as f64, row[no] as f64);
             let p = 1.0 / (1.0 + (ln - ly).exp());
-            assert!((p - line.probs[j]).abs() < 1e-5, "{label}: {p} vs {}", line.probs[j]);
+            assert!(
+                (p - line.probs[j]).abs() < 1e-5,
+                "{label}: {p} vs {}",
+                line.probs[j]
+            );
         }
     }
 }

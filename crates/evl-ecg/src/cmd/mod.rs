@@ -6,8 +6,9 @@ pub(crate) mod data;
 mod eval;
 pub(crate) mod quickstart;
 mod score;
+mod train;
 
-use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb};
+use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb, TrainVerb};
 
 /// Dispatches a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -23,6 +24,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Quickstart(a) => quickstart::run(&a, cli.json),
         Noun::Interpret(a) => quickstart::interpret(&a, cli.json),
         Noun::Eval(a) => eval::run(&a, cli.json),
+        Noun::Train(TrainVerb::Teacher(a)) => {
+            train::run_train(evl_train::job::Role::Teacher, &a, cli.json)
+        }
+        Noun::Train(TrainVerb::Student(a)) => {
+            train::run_train(evl_train::job::Role::Student, &a, cli.json)
+        }
+        Noun::Distill(a) => train::run_distill(&a, cli.json),
         Noun::Report(a) => report(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }

@@ -131,3 +131,107 @@ fn eval_refuses_bad_perturbations_and_unlabelled_data_by_name() {
         .arg(d.join("cinc2021_subset/cpsc2018")));
     assert!(!ok && err.contains("label space"), "{err}");
 }
+
+/// The two stages as commands: SFT of both models (the teacher killed half-way and resumed),
+/// then distillation with EVL-ECG (offline cache) and KD (online teacher); a TOML config with a
+/// typo is refused by name.
+#[test]
+fn train_and_distill_commands_resume_and_validate_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (ok, _, err) = run(bin()
+        .args(["data", "synth", "--n", "30", "--seed", "5", "--out"])
+        .arg(&data));
+    assert!(ok, "{err}");
+    let small = ["--steps", "4", "--batch-size", "4"];
+    let t = tmp.path().join("t");
+    let (ok, _, err) = run(bin()
+        .args(["train", "teacher", "--stop-after", "2", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&t)
+        .args(small));
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(t.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    let (ok, stdout, err) = run(bin()
+        .args(["--json", "train", "teacher", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&t)
+        .args(small));
+    assert!(ok, "{err}");
+    // Resumed at step 3: only steps 3 and 4 ran now, the log holds all four.
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("\"type\":\"step\""))
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        4
+    );
+    let s = tmp.path().join("s");
+    let (ok, _, err) = run(bin()
+        .args(["train", "student", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&s)
+        .args(small));
+    assert!(ok, "{err}");
+    for (method, extra) in [("evl", None), ("kl", Some("--online"))] {
+        let out = tmp.path().join(method);
+        let mut cmd = bin();
+        cmd.args(["--json", "distill", "--method", method, "--teacher"])
+            .arg(t.join("model"))
+            .arg("--student")
+            .arg(s.join("model"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(small);
+        if let Some(x) = extra {
+            cmd.arg(x);
+        }
+        let (ok, stdout, err) = run(&mut cmd);
+        assert!(ok, "{method}: {err}");
+        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(last["data"]["steps"], 4);
+        assert!(out.join("model/model.safetensors").is_file());
+        let terms = &last["data"]["final_log"]["terms"];
+        let want = if method == "evl" { "mhca" } else { "kd" };
+        assert!(terms.to_string().contains(want), "{terms}");
+    }
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[distill]\nlamda_ot = 0.2\n").unwrap();
+    let (ok, _, err) = run(bin()
+        .args([
+            "distill",
+            "--teacher",
+            "x",
+            "--student",
+            "y",
+            "--data",
+            "z",
+            "--out",
+            "w",
+            "--config",
+        ])
+        .arg(&bad));
+    assert!(
+        !ok && err.contains("lamda_ot") && err.contains("bad.toml"),
+        "{err}"
+    );
+}

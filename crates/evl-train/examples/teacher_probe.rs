@@ -1,0 +1,105 @@
+//! How fast does a teacher (or student) architecture learn the synthetic superclasses?
+//! `cargo run --release -p evl-train --example teacher_probe` with env STEPS, LR, BATCH,
+//! INPUT (image|signal), ROLE (teacher|student), N (records). Prints validation macro AUC
+//! every EVAL_EVERY steps. A development probe, not part of the product.
+#![allow(clippy::unwrap_used)]
+
+use evl_models::burn::module::Module;
+use evl_models::burn::tensor::Device;
+use evl_train::batch::samples_from_records;
+use evl_train::quickstart::{Preset, QuickstartConfig};
+use evl_train::text::TextTokenizer;
+use evl_train::train::{OptimConfig, sft};
+
+fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn main() {
+    let steps: usize = env("STEPS", 400);
+    let lr: f64 = env("LR", 1e-3);
+    let batch: usize = env("BATCH", 16);
+    let n: usize = env("N", 500);
+    let every: usize = env("EVAL_EVERY", 100);
+    let input: String = env("INPUT", "signal".to_string());
+    let role: String = env("ROLE", "teacher".to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = QuickstartConfig::preset(Preset::Quick);
+    cfg.teacher_input = input.clone();
+    cfg.student_input = input.clone();
+    ecg_synth::write_dataset(dir.path(), &ecg_synth::SynthConfig::default(), 7, n).unwrap();
+    let train_recs = evl_train::dataset_eval::load_labelled(
+        dir.path(),
+        Some(ecg_io::labels::ptbxl::Split::Train),
+        None,
+        false,
+    )
+    .unwrap();
+    let val_recs = evl_train::dataset_eval::load_labelled(
+        dir.path(),
+        Some(ecg_io::labels::ptbxl::Split::Val),
+        None,
+        false,
+    )
+    .unwrap();
+    let train = samples_from_records(train_recs, &cfg.input, 1).unwrap();
+    let val = samples_from_records(val_recs, &cfg.input, 2).unwrap();
+    let texts: Vec<String> = train
+        .iter()
+        .flat_map(|s| {
+            s.turns
+                .iter()
+                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
+        })
+        .collect();
+    let (vocab, mut mcfg) = if role == "teacher" {
+        (cfg.teacher_vocab, cfg.teacher_model())
+    } else {
+        (cfg.student_vocab, cfg.student_model())
+    };
+    let tok = TextTokenizer::train(&texts, vocab).unwrap();
+    mcfg.vocab = tok.vocab_size();
+    let dev = Device::flex();
+    let tdev = dev.clone().autodiff();
+    tdev.seed(7);
+    let mut model = mcfg.init(&tdev);
+    let space: Vec<String> = ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let t = std::time::Instant::now();
+    let mut done = 0;
+    while done < steps {
+        let o = OptimConfig {
+            steps,
+            lr,
+            batch_size: batch,
+            warmup: steps / 10,
+            stop_after: None,
+            ..OptimConfig::default()
+        };
+        let run = dir.path().join("run");
+        let upto = (done + every).min(steps);
+        let o2 = OptimConfig {
+            stop_after: if upto < steps { Some(upto) } else { None },
+            ..o
+        };
+        let (m, logs) = sft(model, &train, &tok, &o2, Some(&run), &tdev, |_| {}).unwrap();
+        model = m;
+        done = upto;
+        let (s, _) = evl_train::eval::evaluate(&model.valid(), &tok, &val, &space, &dev);
+        let recent: f64 = logs.iter().rev().take(20).map(|l| l.total).sum::<f64>() / 20.0;
+        println!(
+            "{role} {input} step {done}: loss {recent:.3}  val macro AUC {:?}  per class {:?}  ({:.0} s)",
+            s.macro_auc.map(|a| (a * 1000.0).round() / 1000.0),
+            s.per_class_auc
+                .iter()
+                .map(|a| a.map(|a| (a * 100.0).round() / 100.0))
+                .collect::<Vec<_>>(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+}

@@ -1,0 +1,472 @@
+//! `evl-ecg train teacher|student` and `evl-ecg distill`: the paper's two stages as resumable
+//! jobs over a user's dataset, configured by a TOML file (every field optional; the defaults
+//! are the paper's settings and the quickstart's architectures) plus command-line overrides.
+//!
+//! Layout of an output directory: `model/` (a bundle `evaluate`/`interpret`/`distill` load),
+//! `checkpoint/` (resumable state), `metrics.jsonl` (one line per step), `config.toml` (the
+//! resolved configuration), `val_metrics.json` (scores on the validation split, when the data
+//! has one).
+
+use std::path::{Path, PathBuf};
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::Device;
+use ecg_io::labels::ptbxl::Split;
+use evl_models::vlm::{EcgVlm, EcgVlmConfig, InputKind};
+
+use crate::batch::{InputSpec, Sample, samples_from_records};
+use crate::dataset_eval::load_labelled;
+use crate::eval::{EvalScores, evaluate};
+use crate::text::TextTokenizer;
+use crate::train::{
+    DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
+};
+use crate::{Error, Result};
+
+/// Which model a `train` job builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The large model.
+    Teacher,
+    /// The small model.
+    Student,
+}
+
+/// One model's settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `image` (rendered ECG paper) or `signal` (raw 12 leads).
+    pub input: String,
+    /// BPE vocabulary size of its tokenizer.
+    pub vocab: usize,
+    /// Architecture override (an `EcgVlmConfig` as JSON-like TOML); default: the built-in
+    /// teacher or student for `input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<serde_json::Value>,
+    /// SFT optimisation.
+    pub optim: OptimConfig,
+}
+
+/// Distillation settings (paper defaults).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// `evl`, `ce` or `kl`.
+    pub method: String,
+    /// EVL-ECG terms switched off (`ot`, `mhca`, `rel`).
+    pub ablate: Vec<String>,
+    /// `a`, weight of the student's CE.
+    pub alpha: f64,
+    /// `lm`.
+    pub lambda_mhca: f64,
+    /// `lr`.
+    pub lambda_rel: f64,
+    /// `lot`.
+    pub lambda_ot: f64,
+    /// MHCA heads.
+    pub heads: usize,
+    /// Sinkhorn entropic regularisation.
+    pub eps: f64,
+    /// KD temperature (`kl`).
+    pub temperature: f64,
+    /// Run the teacher on every step's batch instead of caching its outputs once.
+    pub online: bool,
+    /// Optimisation.
+    pub optim: OptimConfig,
+}
+
+/// The whole job configuration (`--config FILE.toml`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    /// Model input sizes.
+    pub input: InputSpec,
+    /// Teacher.
+    pub teacher: ModelSection,
+    /// Student.
+    pub student: ModelSection,
+    /// Distillation.
+    pub distill: DistillSection,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        let o = |steps: usize, lr: f64| OptimConfig {
+            steps,
+            lr,
+            warmup: (steps / 10).max(1),
+            checkpoint_every: 50,
+            ..OptimConfig::default()
+        };
+        JobConfig {
+            input: InputSpec::default(),
+            teacher: ModelSection {
+                input: "signal".into(),
+                vocab: 320,
+                arch: None,
+                optim: o(400, 1e-3),
+            },
+            student: ModelSection {
+                input: "signal".into(),
+                vocab: 56,
+                arch: None,
+                optim: o(200, 3e-3),
+            },
+            distill: DistillSection {
+                method: "evl".into(),
+                ablate: Vec::new(),
+                alpha: 0.3,
+                lambda_mhca: 1.0,
+                lambda_rel: 0.03,
+                lambda_ot: 0.1,
+                heads: 8,
+                eps: 0.1,
+                temperature: 2.0,
+                online: false,
+                optim: o(80, 1e-3),
+            },
+        }
+    }
+}
+
+impl JobConfig {
+    /// Read a TOML file; unknown keys are errors that name the key.
+    pub fn from_toml(path: &Path) -> Result<JobConfig> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            field: "config",
+            what: format!("{}: {e}", path.display()),
+        })
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("plain data")
+    }
+
+    /// Architecture of a role.
+    pub fn arch(&self, role: Role) -> Result<EcgVlmConfig> {
+        let sec = match role {
+            Role::Teacher => &self.teacher,
+            Role::Student => &self.student,
+        };
+        if let Some(a) = &sec.arch {
+            return serde_json::from_value(a.clone()).map_err(|e| Error::Config {
+                field: "arch",
+                what: format!("[{role:?}.arch] is not an EcgVlmConfig: {e}"),
+            });
+        }
+        let kind = |patch_img: usize, patch_sig: usize, half: bool| match sec.input.as_str() {
+            "signal" => Ok(InputKind::Signal {
+                leads: 12,
+                samples: self.input.signal_len,
+                patch: patch_sig,
+            }),
+            "image" => Ok(InputKind::Image {
+                height: if half {
+                    self.input.height / 2
+                } else {
+                    self.input.height
+                },
+                width: if half {
+                    self.input.width / 2
+                } else {
+                    self.input.width
+                },
+                patch: patch_img,
+            }),
+            other => Err(Error::Config {
+                field: "input",
+                what: format!("`{other}` (expected image or signal)"),
+            }),
+        };
+        Ok(match role {
+            Role::Teacher => teacher_arch(kind(40, 20, false)?, sec.vocab),
+            Role::Student => student_arch(kind(40, 80, true)?, sec.vocab),
+        })
+    }
+}
+
+/// The built-in teacher: width 192, 2+2 layers, 4 heads.
+pub fn teacher_arch(input: InputKind, vocab: usize) -> EcgVlmConfig {
+    EcgVlmConfig::new(input, 192, 2, 4, 192, 2, 4, vocab, 192)
+}
+
+/// The built-in student: widths 32/48, 1+2 layers, 2 heads.
+pub fn student_arch(input: InputKind, vocab: usize) -> EcgVlmConfig {
+    EcgVlmConfig::new(input, 32, 1, 2, 48, 2, 2, vocab, 192)
+}
+
+/// Where a job's files go.
+#[derive(Debug, Clone)]
+pub struct JobDirs {
+    /// Output root.
+    pub out: PathBuf,
+}
+
+impl JobDirs {
+    /// Model bundle.
+    pub fn model(&self) -> PathBuf {
+        self.out.join("model")
+    }
+    /// Resumable state.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.out.join("checkpoint")
+    }
+}
+
+/// What a job reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobOutcome {
+    /// Output directory.
+    pub out: PathBuf,
+    /// Steps run in total.
+    pub steps: usize,
+    /// Final step's loss terms.
+    pub final_log: Option<StepLog>,
+    /// Validation scores (when the data has a validation split).
+    pub val: Option<EvalScores>,
+    /// Model parameters.
+    pub params: usize,
+    /// Stopped before the last step (checkpoint written, run again to resume).
+    pub stopped: bool,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_logs(path: &Path, logs: &[StepLog]) -> Result<()> {
+    let text: String = logs
+        .iter()
+        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
+        .collect();
+    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
+}
+
+fn load_split(data: &Path, split: Split, spec: &InputSpec, seed: u64) -> Result<Vec<Sample>> {
+    samples_from_records(load_labelled(data, Some(split), None, false)?, spec, seed)
+}
+
+fn space() -> Vec<String> {
+    ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn validate(
+    model: &EcgVlm,
+    tok: &TextTokenizer,
+    data: &Path,
+    spec: &InputSpec,
+    out: &Path,
+    device: &Device,
+) -> Result<Option<EvalScores>> {
+    let Ok(val) = load_split(data, Split::Val, spec, 2) else {
+        return Ok(None);
+    };
+    let (scores, _) = evaluate(model, tok, &val, &space(), device);
+    let text = serde_json::to_string_pretty(&scores).expect("plain data");
+    ecg_io::wfdb::atomic_write(&out.join("val_metrics.json"), text.as_bytes())
+        .map_err(|e| Error::Data(Box::new(e)))?;
+    Ok(Some(scores))
+}
+
+/// Supervised fine-tuning of a teacher or student on `data`'s training split. Resumes from
+/// `out/checkpoint` when it holds a checkpoint of the same settings.
+pub fn train(
+    role: Role,
+    cfg: &JobConfig,
+    data: &Path,
+    out: &Path,
+    train_device: &Device,
+    infer_device: &Device,
+    on_step: impl FnMut(&StepLog),
+) -> Result<JobOutcome> {
+    let dirs = JobDirs {
+        out: out.to_path_buf(),
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let cfg_path = out.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
+    let sec = match role {
+        Role::Teacher => &cfg.teacher,
+        Role::Student => &cfg.student,
+    };
+    let samples = load_split(data, Split::Train, &cfg.input, 1)?;
+    let tok_path = out.join("tokenizer.json");
+    // The tokenizer is part of the resumable state: train it once.
+    let tok = if tok_path.is_file() {
+        TextTokenizer::load(&tok_path)?
+    } else {
+        let texts: Vec<String> = samples
+            .iter()
+            .flat_map(|s| {
+                s.turns
+                    .iter()
+                    .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
+            })
+            .collect();
+        let t = TextTokenizer::train(&texts, sec.vocab)?;
+        t.save(&tok_path)?;
+        t
+    };
+    let mut arch = cfg.arch(role)?;
+    arch.vocab = tok.vocab_size();
+    train_device.seed(sec.optim.seed);
+    let model = arch.init(train_device);
+    let (model, logs) = sft(
+        model,
+        &samples,
+        &tok,
+        &sec.optim,
+        Some(&dirs.checkpoint()),
+        train_device,
+        on_step,
+    )?;
+    write_logs(&out.join("metrics.jsonl"), &logs)?;
+    if logs.len() < sec.optim.steps {
+        return Ok(stopped(out, &logs, model.num_params()));
+    }
+    let inf = model.valid();
+    crate::infer::save_bundle(&dirs.model(), &inf, &arch, &tok, &cfg.input, &space())?;
+    let val = validate(&inf, &tok, data, &cfg.input, out, infer_device)?;
+    Ok(JobOutcome {
+        out: out.to_path_buf(),
+        steps: logs.len(),
+        final_log: logs.last().cloned(),
+        val,
+        params: inf.num_params(),
+        stopped: false,
+    })
+}
+
+/// A run stopped early (`stop_after`): its checkpoint is written, no model bundle yet.
+fn stopped(out: &Path, logs: &[StepLog], params: usize) -> JobOutcome {
+    JobOutcome {
+        out: out.to_path_buf(),
+        steps: logs.len(),
+        final_log: logs.last().cloned(),
+        val: None,
+        params,
+        stopped: true,
+    }
+}
+
+/// Load a model bundle's weights onto the training device (trainable).
+fn load_trainable(dir: &Path, device: &Device) -> Result<(EcgVlm, EcgVlmConfig, TextTokenizer)> {
+    let cfg = EcgVlmConfig::load(dir.join("config.json")).map_err(|e| Error::Checkpoint {
+        path: dir.join("config.json"),
+        what: e.to_string(),
+    })?;
+    let tok = TextTokenizer::load(&dir.join("tokenizer.json"))?;
+    let model =
+        crate::checkpoint::load_module(cfg.init(device), &dir.join("model.safetensors"), device)?;
+    Ok((model, cfg, tok))
+}
+
+/// Distil the student bundle in `student` from the teacher bundle in `teacher` on `data`'s
+/// training split with `cfg.distill`. Resumes from `out/checkpoint`.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_job(
+    cfg: &JobConfig,
+    teacher: &Path,
+    student: &Path,
+    data: &Path,
+    out: &Path,
+    train_device: &Device,
+    infer_device: &Device,
+    on_step: impl FnMut(&StepLog),
+) -> Result<JobOutcome> {
+    let d = &cfg.distill;
+    let method = match d.method.as_str() {
+        "ce" => Method::Ce,
+        "kl" => Method::Kl,
+        "evl" => Method::Evl {
+            ablate: d.ablate.clone(),
+        },
+        other => {
+            return Err(Error::Config {
+                field: "method",
+                what: format!("`{other}`: this build trains ce, kl and evl"),
+            });
+        }
+    };
+    for a in &d.ablate {
+        if !["ot", "mhca", "rel"].contains(&a.as_str()) {
+            return Err(Error::Config {
+                field: "ablate",
+                what: format!("`{a}` (expected ot, mhca or rel)"),
+            });
+        }
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let cfg_path = out.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
+    let t = crate::infer::ModelBundle::load(teacher, infer_device)?;
+    let (s_model, s_cfg, s_tok) = load_trainable(student, train_device)?;
+    let s_spec = crate::infer::ModelBundle::load(student, infer_device)?.spec;
+    if s_spec != t.spec {
+        return Err(Error::Config {
+            field: "input",
+            what: format!(
+                "teacher and student were trained on different input settings ({:?} vs {:?})",
+                t.spec, s_spec
+            ),
+        });
+    }
+    let samples = load_split(data, Split::Train, &t.spec, 1)?;
+    let cache = (!d.online).then(|| cache_teacher(&t.model, &samples, &t.tok, infer_device));
+    let source = match &cache {
+        Some(c) => Teacher::Cached(c),
+        None => Teacher::Online {
+            model: &t.model,
+            device: infer_device,
+        },
+    };
+    let dcfg = DistillConfig {
+        method,
+        optim: d.optim.clone(),
+        alpha: d.alpha,
+        temperature: d.temperature,
+        heads: d.heads,
+        lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
+        eps: d.eps,
+    };
+    let (dm, logs) = distill(
+        s_model,
+        &samples,
+        &s_tok,
+        &t.tok,
+        source,
+        &dcfg,
+        Some(&out.join("checkpoint")),
+        train_device,
+        on_step,
+    )?;
+    write_logs(&out.join("metrics.jsonl"), &logs)?;
+    if logs.len() < d.optim.steps {
+        return Ok(stopped(out, &logs, dm.student.num_params()));
+    }
+    let inf = dm.student.valid();
+    crate::infer::save_bundle(&out.join("model"), &inf, &s_cfg, &s_tok, &t.spec, &space())?;
+    let val = validate(&inf, &s_tok, data, &t.spec, out, infer_device)?;
+    Ok(JobOutcome {
+        out: out.to_path_buf(),
+        steps: logs.len(),
+        final_log: logs.last().cloned(),
+        val,
+        params: inf.num_params(),
+        stopped: false,
+    })
+}
