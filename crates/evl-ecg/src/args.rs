@@ -192,7 +192,8 @@ pub struct TrainArgs {
 pub struct DistillArgs {
     #[command(flatten)]
     pub job: JobArgs,
-    /// Method: evl (EVL-ECG), ce (SFT continued), kl (vanilla KD over shared tokens).
+    /// Method: evl (EVL-ECG), ce (SFT continued), kl (vanilla KD over shared tokens), uld,
+    /// multilevel-ot, tinybert, dskd, emkd (baselines, each mixed with the CE as a*CE+(1-a)*L).
     #[arg(long)]
     pub method: Option<String>,
     /// EVL-ECG terms to switch off, comma separated: ot, mhca, rel.

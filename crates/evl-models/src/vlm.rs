@@ -122,6 +122,12 @@ pub struct DistillView {
     /// Next-token logits at the text positions `[batch, t, vocab]`: position `i` predicts
     /// text token `i`.
     pub logits: Tensor<3>,
+    /// Language-model hidden states at the visual positions `[batch, v, d_model]` (EM-KD's
+    /// vision tokens inside the LM).
+    pub visual_hidden: Tensor<3>,
+    /// The output head `[d_model, vocab]` (DSKD reads hidden states out in the other model's
+    /// vocabulary; bias not included).
+    pub head: Tensor<2>,
 }
 
 /// Facts about a model that reports need (heterogeneity of teacher and student).
@@ -298,6 +304,16 @@ impl EcgVlm {
         self.norm.forward(h)
     }
 
+    /// The output head's weights, row-major `[d_model, vocab]`, on the host.
+    pub fn head_weights(&self) -> Vec<f32> {
+        self.lm_head
+            .weight
+            .val()
+            .into_data()
+            .iter::<f32>()
+            .collect()
+    }
+
     /// Number of visual tokens.
     pub fn n_visual(&self) -> usize {
         self.n_visual
@@ -369,12 +385,14 @@ impl Distillable for EcgVlm {
         // Position v - 1 + i predicts text token i.
         let pred_pos = h.clone().slice([0..b, v - 1..v + t - 1, 0..d]);
         let logits = self.lm_head.forward(pred_pos);
-        let hidden = h.slice([0..b, v..v + t, 0..d]);
+        let hidden = h.clone().slice([0..b, v..v + t, 0..d]);
         DistillView {
             visual,
             hidden,
             text_mask: text_pad.bool_not(),
             logits,
+            visual_hidden: h.slice([0..b, 0..v, 0..d]),
+            head: self.lm_head.weight.val(),
         }
     }
 

@@ -92,6 +92,27 @@ fn main() {
         done = upto;
         let (s, _) = evl_train::eval::evaluate(&model.valid(), &tok, &val, &space, &dev);
         let recent: f64 = logs.iter().rev().take(20).map(|l| l.total).sum::<f64>() / 20.0;
+        let inf = model.valid();
+        for s in val.iter().take(2) {
+            for q in [
+                evl_train::text::DIAGNOSIS_PROMPT.to_string(),
+                "What is the rhythm? Options: SR, SBRAD, STACH, AF.".to_string(),
+                evl_train::text::verify_prompt("MI"),
+            ] {
+                let ids = inf.generate(
+                    evl_train::batch::pixels(&[s], &inf.input(), &dev),
+                    &evl_train::batch::encode_prompt(&tok, &q),
+                    evl_train::text::EOS,
+                    12,
+                );
+                println!(
+                    "  {} gold {:?}: {q} -> {:?}",
+                    s.id,
+                    s.labels,
+                    tok.decode(&ids)
+                );
+            }
+        }
         println!(
             "{role} {input} step {done}: loss {recent:.3}  val macro AUC {:?}  per class {:?}  ({:.0} s)",
             s.macro_auc.map(|a| (a * 1000.0).round() / 1000.0),

@@ -389,27 +389,7 @@ pub fn distill_job(
     on_step: impl FnMut(&StepLog),
 ) -> Result<JobOutcome> {
     let d = &cfg.distill;
-    let method = match d.method.as_str() {
-        "ce" => Method::Ce,
-        "kl" => Method::Kl,
-        "evl" => Method::Evl {
-            ablate: d.ablate.clone(),
-        },
-        other => {
-            return Err(Error::Config {
-                field: "method",
-                what: format!("`{other}`: this build trains ce, kl and evl"),
-            });
-        }
-    };
-    for a in &d.ablate {
-        if !["ot", "mhca", "rel"].contains(&a.as_str()) {
-            return Err(Error::Config {
-                field: "ablate",
-                what: format!("`{a}` (expected ot, mhca or rel)"),
-            });
-        }
-    }
+    let method = Method::parse(&d.method, &d.ablate)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;

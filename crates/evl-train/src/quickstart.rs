@@ -496,15 +496,7 @@ pub fn run(
     let mut methods: Vec<Method> = cfg
         .methods
         .iter()
-        .map(|m| match m.as_str() {
-            "ce" => Ok(Method::Ce),
-            "kl" => Ok(Method::Kl),
-            "evl" => Ok(Method::Evl { ablate: Vec::new() }),
-            other => Err(Error::Config {
-                field: "methods",
-                what: format!("`{other}` is not wired into the quickstart (ce, kl, evl)"),
-            }),
-        })
+        .map(|m| Method::parse(m, &[]))
         .collect::<Result<_>>()?;
     methods.extend(cfg.ablations.iter().map(|a| Method::Evl {
         ablate: vec![a.clone()],

@@ -22,10 +22,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_kd::baselines::kd::SharedVocab;
+use evl_kd::baselines::{Dskd, DskdConfig, MultiLevelOtConfig};
 use evl_kd::task::masked_token_ce;
 use evl_kd::{EvlInputs, EvlLoss, EvlLossConfig, MhcaAlignConfig, OtAlignConfig};
 use evl_models::vlm::{Distillable, EcgVlm};
@@ -107,7 +109,9 @@ pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec
         .collect()
 }
 
-/// Distillation method.
+/// Distillation method. Every baseline is mixed with the student's own CE as
+/// `a * CE + (1 - a) * L_method` (the paper's `a`); their losses live in `evl_kd::baselines`,
+/// each documented with its source and the choices made for different tokenizers.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Method {
     /// Cross-entropy only (SFT continued).
@@ -119,21 +123,76 @@ pub enum Method {
         /// Ablated terms.
         ablate: Vec<String>,
     },
+    /// ULD: sorted-probability L1 at aligned answer tokens.
+    Uld,
+    /// MultiLevelOT at the aligned answer tokens of each example.
+    MultiLevelOt,
+    /// TinyBERT-style hidden-state MSE through a learned projection.
+    TinyBert,
+    /// DSKD, cross-tokenizer variant (cross-model attention, dual-space KL).
+    Dskd,
+    /// EM-KD: Hungarian-matched vision tokens inside the LM, affinity smooth-L1, reverse KL.
+    Emkd,
 }
 
 impl Method {
-    /// Short name for tables (`evl`, `evl-ot`, `kl`, `ce`).
+    /// Short name for tables (`evl`, `evl-no-ot`, `kl`, `ce`, `uld`, ...).
     pub fn name(&self) -> String {
         match self {
             Method::Ce => "ce".into(),
             Method::Kl => "kl".into(),
             Method::Evl { ablate } if ablate.is_empty() => "evl".into(),
             Method::Evl { ablate } => format!("evl-no-{}", ablate.join("-")),
+            Method::Uld => "uld".into(),
+            Method::MultiLevelOt => "multilevel-ot".into(),
+            Method::TinyBert => "tinybert".into(),
+            Method::Dskd => "dskd".into(),
+            Method::Emkd => "emkd".into(),
         }
+    }
+
+    /// Parse a method name (`evl`, `ce`, `kl`, `uld`, `multilevel-ot`, `tinybert`, `dskd`,
+    /// `emkd`); `ablate` applies to `evl` only.
+    pub fn parse(name: &str, ablate: &[String]) -> Result<Method> {
+        let m = match name {
+            "evl" => Method::Evl {
+                ablate: ablate.to_vec(),
+            },
+            "ce" => Method::Ce,
+            "kl" => Method::Kl,
+            "uld" => Method::Uld,
+            "multilevel-ot" => Method::MultiLevelOt,
+            "tinybert" => Method::TinyBert,
+            "dskd" => Method::Dskd,
+            "emkd" => Method::Emkd,
+            other => {
+                return Err(Error::Config {
+                    field: "method",
+                    what: format!(
+                        "`{other}` (expected evl, ce, kl, uld, multilevel-ot, tinybert, dskd, emkd)"
+                    ),
+                });
+            }
+        };
+        if !ablate.is_empty() && !matches!(m, Method::Evl { .. }) {
+            return Err(Error::Config {
+                field: "ablate",
+                what: format!("ablations apply to evl only, not `{name}`"),
+            });
+        }
+        for a in ablate {
+            if !["ot", "mhca", "rel"].contains(&a.as_str()) {
+                return Err(Error::Config {
+                    field: "ablate",
+                    what: format!("`{a}` (expected ot, mhca or rel)"),
+                });
+            }
+        }
+        Ok(m)
     }
 }
 
-/// One logged step.
+/// One optimiser step's log.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StepLog {
     /// Step (1-based).
@@ -306,6 +365,11 @@ pub struct TeacherCache {
     pub d: usize,
     /// Vocabulary.
     pub vocab: usize,
+    /// Output head `[d * vocab]` (row-major `[d, vocab]`, bias not included).
+    pub head: Vec<f32>,
+    /// LM hidden states at the visual positions, per sample `[v * d]` (the same for every
+    /// turn: causal attention keeps the text from reaching them).
+    pub vis_hidden: Vec<Vec<f32>>,
 }
 
 /// Where distillation gets the frozen teacher's outputs.
@@ -328,7 +392,7 @@ fn teacher_outs(
     s: &Sample,
     tok: &TextTokenizer,
     device: &Device,
-) -> Vec<TeacherOut> {
+) -> (Vec<TeacherOut>, Vec<f32>) {
     let vocab = teacher.facts().vocab;
     let input = teacher.input();
     let rows: Vec<(Vec<i64>, Vec<bool>)> = s
@@ -346,6 +410,12 @@ fn teacher_outs(
     let v = teacher.view(px, text, pad);
     let [_, vt, dv] = v.visual.dims();
     let [_, t, d] = v.hidden.dims();
+    let vis_hidden: Vec<f32> = v
+        .visual_hidden
+        .slice([0..1, 0..vt, 0..d])
+        .into_data()
+        .iter::<f32>()
+        .collect();
     let visual: Vec<f32> = v.visual.into_data().iter::<f32>().collect();
     let hidden: Vec<f32> = v.hidden.into_data().iter::<f32>().collect();
     let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
@@ -367,7 +437,7 @@ fn teacher_outs(
             answer_spans: spans[r].clone(),
         });
     }
-    per
+    (per, vis_hidden)
 }
 
 /// Teacher outputs for the samples in `which` (others left empty), or all when `None`.
@@ -379,20 +449,22 @@ fn teacher_cache(
     device: &Device,
 ) -> TeacherCache {
     let facts = teacher.facts();
-    let outs = samples
+    let (outs, vis_hidden) = samples
         .iter()
         .enumerate()
         .map(|(i, s)| match which {
-            Some(w) if !w.contains(&i) => Vec::new(),
+            Some(w) if !w.contains(&i) => (Vec::new(), Vec::new()),
             _ => teacher_outs(teacher, s, tok, device),
         })
-        .collect();
+        .unzip();
     TeacherCache {
         outs,
         v: facts.visual_tokens,
         d_vis: facts.d_vision,
         d: facts.d_model,
         vocab: facts.vocab,
+        head: teacher.head_weights(),
+        vis_hidden,
     }
 }
 
@@ -411,8 +483,21 @@ pub fn cache_teacher(
 pub struct DistillModel {
     /// The student.
     pub student: EcgVlm,
-    /// EVL-ECG's aligner and projector (unused by `ce` and `kl`).
+    /// EVL-ECG's aligner and projector (unused by the other methods).
     pub head: EvlLoss,
+    /// The baselines' trainable parts (each used by its method only).
+    pub baselines: BaselineHeads,
+}
+
+/// Trainable parts of the baselines that have some.
+#[derive(Module, Debug)]
+pub struct BaselineHeads {
+    /// TinyBERT's `W_h: D_s -> D_t`.
+    pub hidden_proj: Linear,
+    /// DSKD's cross-model attention and projections.
+    pub dskd: Dskd,
+    /// EM-KD's teacher -> student projection of LM states (vision and text), `D_t -> D_s`.
+    pub emkd_proj: Linear,
 }
 
 /// Settings of a distillation run.
@@ -484,15 +569,24 @@ pub fn distill(
     .with_ablate(ablate);
     // The head's random initialisation is part of the run: seed it.
     device.seed(cfg.optim.seed ^ 0x5EED);
+    let lin = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
     let mut model = DistillModel {
-        student,
         head: loss_cfg.init(device),
+        baselines: BaselineHeads {
+            hidden_proj: lin(sf.d_model, t_d),
+            dskd: DskdConfig::new(sf.d_model, t_d).init(device),
+            emkd_proj: lin(t_d, sf.d_model),
+        },
+        student,
     };
     let shared = SharedVocab::new(&s_tok.vocab(), &t_tok.vocab());
-    if cfg.method == Method::Kl && shared.is_empty() {
+    if matches!(cfg.method, Method::Kl | Method::Emkd) && shared.is_empty() {
         return Err(Error::Config {
             field: "method",
-            what: "kl needs tokens shared by the two vocabularies; there are none".into(),
+            what: format!(
+                "{} needs tokens shared by the two vocabularies; there are none",
+                cfg.method.name()
+            ),
         });
     }
     let o = &cfg.optim;
@@ -565,6 +659,22 @@ pub fn distill(
                     }
                     out.total
                 }
+                m => {
+                    let ctx = BaselineCtx {
+                        v: &v,
+                        rows: &b.rows,
+                        idx: &idx,
+                        samples,
+                        s_tok,
+                        cache,
+                        shared: &shared,
+                        temperature: cfg.temperature,
+                        device,
+                    };
+                    let l = ctx.loss(m, &model.baselines);
+                    terms.push((m.name(), scalar(l.clone())));
+                    ce.clone().mul_scalar(cfg.alpha) + l.mul_scalar(1.0 - cfg.alpha)
+                }
             };
             let loss = loss.mul_scalar(1.0 / o.accumulate as f64);
             tot += scalar(loss.clone());
@@ -630,21 +740,23 @@ fn teacher_tensors(
     )
 }
 
-/// Vanilla KD on answer tokens over the shared vocabulary, with character-span alignment.
+/// Student logit rows at answer positions and the teacher answer-logit rows aligned to them
+/// by character spans (the teacher token covering the student token's first character; the
+/// student's EOS to the teacher's EOS), with the batch row of each pair. `None` when the batch
+/// has no answer token.
 #[allow(clippy::too_many_arguments)]
-fn kl_term(
+fn aligned_answer_logits(
     logits: &Tensor<3>,
     rows: &[(Vec<i64>, Vec<bool>)],
     idx: &[(usize, usize)],
     samples: &[Sample],
     s_tok: &TextTokenizer,
     cache: &TeacherCache,
-    shared: &SharedVocab,
-    temperature: f64,
     device: &Device,
-) -> Tensor<1> {
+) -> Option<(Tensor<2>, Tensor<2>, Vec<usize>)> {
     let [b, t, vs] = logits.dims();
     let mut pos: Vec<i64> = Vec::new(); // flat student positions
+    let mut row_of = Vec::new();
     let mut teacher_rows: Vec<f32> = Vec::new();
     for (r, (&(i, k), (_, mask))) in idx.iter().zip(rows).enumerate() {
         let o = &cache.outs[i][k];
@@ -673,19 +785,201 @@ fn kl_term(
                     })
             };
             pos.push((r * t + j) as i64);
+            row_of.push(r);
             teacher_rows
                 .extend_from_slice(&o.answer_logits[tj * cache.vocab..(tj + 1) * cache.vocab]);
         }
     }
     let n = pos.len();
     if n == 0 {
-        return Tensor::<1>::zeros([1], device);
+        return None;
     }
     let flat = logits.clone().reshape([b * t, vs]);
     let sel = Tensor::<1, Int>::from_data(TensorData::new(pos, [n]), device);
     let zs = flat.select(0, sel);
     let zt = Tensor::<2>::from_data(TensorData::new(teacher_rows, [n, cache.vocab]), device);
-    shared.kd(zs, zt, temperature)
+    Some((zs, zt, row_of))
+}
+
+/// Vanilla KD on answer tokens over the shared vocabulary, with character-span alignment.
+#[allow(clippy::too_many_arguments)]
+fn kl_term(
+    logits: &Tensor<3>,
+    rows: &[(Vec<i64>, Vec<bool>)],
+    idx: &[(usize, usize)],
+    samples: &[Sample],
+    s_tok: &TextTokenizer,
+    cache: &TeacherCache,
+    shared: &SharedVocab,
+    temperature: f64,
+    device: &Device,
+) -> Tensor<1> {
+    match aligned_answer_logits(logits, rows, idx, samples, s_tok, cache, device) {
+        Some((zs, zt, _)) => shared.kd(zs, zt, temperature),
+        None => Tensor::<1>::zeros([1], device),
+    }
+}
+
+/// Everything a baseline's loss reads for one micro-batch.
+struct BaselineCtx<'a> {
+    v: &'a evl_models::vlm::DistillView,
+    rows: &'a [(Vec<i64>, Vec<bool>)],
+    idx: &'a [(usize, usize)],
+    samples: &'a [Sample],
+    s_tok: &'a TextTokenizer,
+    cache: &'a TeacherCache,
+    shared: &'a SharedVocab,
+    temperature: f64,
+    device: &'a Device,
+}
+
+impl BaselineCtx<'_> {
+    /// Student hidden states of row `r` without padding `[1, l_s, d_s]`.
+    fn student_hidden(&self, r: usize) -> Tensor<3> {
+        let [_, _, d] = self.v.hidden.dims();
+        let l = self.rows[r].0.len();
+        self.v.hidden.clone().slice([r..r + 1, 0..l, 0..d])
+    }
+
+    /// Cached teacher hidden states of row `r` `[1, l_t, d_t]`.
+    fn teacher_hidden(&self, r: usize) -> Tensor<3> {
+        let (i, k) = self.idx[r];
+        let o = &self.cache.outs[i][k];
+        Tensor::from_data(
+            TensorData::new(o.hidden.clone(), [1, o.len, self.cache.d]),
+            self.device,
+        )
+    }
+
+    /// The teacher's output head `[d_t, v_t]`.
+    fn teacher_head(&self) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(self.cache.head.clone(), [self.cache.d, self.cache.vocab]),
+            self.device,
+        )
+    }
+
+    fn mean(terms: Vec<Tensor<1>>, device: &Device) -> Tensor<1> {
+        let n = terms.len();
+        match terms.into_iter().reduce(|a, b| a + b) {
+            Some(t) => t.mul_scalar(1.0 / n as f64),
+            None => Tensor::<1>::zeros([1], device),
+        }
+    }
+
+    /// The method's distillation term (without the CE).
+    fn loss(&self, method: &Method, heads: &BaselineHeads) -> Tensor<1> {
+        let b = self.idx.len();
+        let dev = self.device;
+        match method {
+            Method::Uld | Method::MultiLevelOt => {
+                let Some((zs, zt, row_of)) = aligned_answer_logits(
+                    &self.v.logits,
+                    self.rows,
+                    self.idx,
+                    self.samples,
+                    self.s_tok,
+                    self.cache,
+                    dev,
+                ) else {
+                    return Tensor::<1>::zeros([1], dev);
+                };
+                if *method == Method::Uld {
+                    return evl_kd::baselines::uld_loss(zs, zt, self.temperature, self.temperature)
+                        .loss;
+                }
+                // MultiLevelOT per example: its aligned answer tokens form the sequence.
+                let cfg = MultiLevelOtConfig::default();
+                let per: Vec<Tensor<1>> = (0..b)
+                    .filter_map(|r| {
+                        let sel: Vec<i64> = row_of
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, x)| **x == r)
+                            .map(|(q, _)| q as i64)
+                            .collect();
+                        (!sel.is_empty()).then(|| {
+                            let n = sel.len();
+                            let ix = Tensor::<1, Int>::from_data(TensorData::new(sel, [n]), dev);
+                            let zs_r = zs.clone().select(0, ix.clone()).unsqueeze::<3>();
+                            let zt_r = zt.clone().select(0, ix).unsqueeze::<3>();
+                            evl_kd::baselines::multilevel_ot_loss(zs_r, zt_r, &cfg).loss
+                        })
+                    })
+                    .collect();
+                Self::mean(per, dev)
+            }
+            Method::TinyBert => {
+                let w = heads.hidden_proj.weight.val();
+                let per = (0..b)
+                    .map(|r| {
+                        evl_kd::baselines::tinybert_hidden_loss(
+                            self.student_hidden(r),
+                            self.teacher_hidden(r),
+                            w.clone(),
+                            None,
+                        )
+                    })
+                    .collect();
+                Self::mean(per, dev)
+            }
+            Method::Dskd => {
+                let head_t = self.teacher_head();
+                let head_s = self.v.head.clone();
+                let per = (0..b)
+                    .map(|r| {
+                        let (hs, ht) = (self.student_hidden(r), self.teacher_hidden(r));
+                        let zs = hs.clone().matmul(head_s.clone().unsqueeze::<3>());
+                        let zt = ht.clone().matmul(head_t.clone().unsqueeze::<3>());
+                        heads
+                            .dskd
+                            .forward(hs, ht, zs, zt, head_s.clone(), head_t.clone())
+                            .loss
+                    })
+                    .collect();
+                Self::mean(per, dev)
+            }
+            Method::Emkd => {
+                let head_t = self.teacher_head();
+                let head_s = self.v.head.clone();
+                let [_, vs, ds] = self.v.visual_hidden.dims();
+                let (vt, dt) = (self.cache.v, self.cache.d);
+                let per = (0..b)
+                    .map(|r| {
+                        let (i, _) = self.idx[r];
+                        let t_vis = Tensor::<3>::from_data(
+                            TensorData::new(self.cache.vis_hidden[i].clone(), [1, vt, dt]),
+                            dev,
+                        );
+                        let s_vis = self.v.visual_hidden.clone().slice([r..r + 1, 0..vs, 0..ds]);
+                        let t_logits = SharedVocab::gather(
+                            t_vis.clone().reshape([vt, dt]).matmul(head_t.clone()),
+                            &self.shared.teacher_ids,
+                        )
+                        .unsqueeze::<3>();
+                        let s_logits = SharedVocab::gather(
+                            s_vis.clone().reshape([vs, ds]).matmul(head_s.clone()),
+                            &self.shared.student_ids,
+                        )
+                        .unsqueeze::<3>();
+                        evl_kd::baselines::emkd_loss(
+                            heads.emkd_proj.forward(t_vis),
+                            s_vis,
+                            heads.emkd_proj.forward(self.teacher_hidden(r)),
+                            self.student_hidden(r),
+                            t_logits,
+                            s_logits,
+                            1.0,
+                            1.0,
+                        )
+                        .loss
+                    })
+                    .collect();
+                Self::mean(per, dev)
+            }
+            Method::Ce | Method::Kl | Method::Evl { .. } => Tensor::<1>::zeros([1], dev),
+        }
+    }
 }
 
 /// A model on the inference device (no autodiff).
