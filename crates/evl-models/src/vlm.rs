@@ -11,11 +11,14 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::conv::{Conv1d, Conv1dConfig};
 use burn::nn::transformer::{
     TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
 };
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
+use burn::nn::{
+    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig1d,
+};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor, activation};
 
 /// What the encoder reads.
 #[derive(Config, Debug, PartialEq)]
@@ -86,11 +89,32 @@ pub struct EcgVlmConfig {
     /// Feed-forward width as a multiple of the model width.
     #[config(default = 4)]
     pub ff_mult: usize,
+    /// Channels of a convolutional stem before the signal is cut into tokens (two
+    /// kernel-7 convolutions with GELU, as ECG CNNs start); 0 = plain linear patch embedding.
+    /// Signal input only.
+    #[config(default = 0)]
+    pub stem_channels: usize,
+}
+
+/// Two same-length 1-D convolutions over the leads (local waveform features such as QRS
+/// slopes and ST shape) before tokenisation.
+#[derive(Module, Debug)]
+pub struct ConvStem {
+    conv1: Conv1d,
+    conv2: Conv1d,
+}
+
+impl ConvStem {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = activation::gelu(self.conv1.forward(x));
+        activation::gelu(self.conv2.forward(x))
+    }
 }
 
 /// The model.
 #[derive(Module, Debug)]
 pub struct EcgVlm {
+    stem: Option<ConvStem>,
     patch_embed: Linear,
     vis_pos: Param<Tensor<2>>,
     vision: TransformerEncoder,
@@ -184,8 +208,29 @@ impl EcgVlmConfig {
                 device,
             ))
         };
+        let signal = matches!(self.input, InputKind::Signal { .. });
+        let stem = (signal && self.stem_channels > 0).then(|| {
+            let conv = |i: usize, o: usize| {
+                Conv1dConfig::new(i, o, 7)
+                    .with_padding(PaddingConfig1d::Explicit(3, 3))
+                    .init(device)
+            };
+            let leads = match self.input {
+                InputKind::Signal { leads, .. } => leads,
+                InputKind::Image { .. } => 1,
+            };
+            ConvStem {
+                conv1: conv(leads, self.stem_channels),
+                conv2: conv(self.stem_channels, self.stem_channels),
+            }
+        });
+        let patch_dim = match (&self.input, stem.is_some()) {
+            (InputKind::Signal { patch, .. }, true) => self.stem_channels * patch,
+            _ => self.input.patch_dim(),
+        };
         EcgVlm {
-            patch_embed: LinearConfig::new(self.input.patch_dim(), self.d_vision).init(device),
+            stem,
+            patch_embed: LinearConfig::new(patch_dim, self.d_vision).init(device),
             vis_pos: pos(n_vis, self.d_vision),
             vision: enc(self.d_vision, self.vision_layers, self.vision_heads),
             vis_norm: LayerNormConfig::new(self.d_vision).init(device),
@@ -255,11 +300,18 @@ impl EcgVlm {
                 patch,
             } => {
                 let n = samples / patch;
-                pixels
-                    .slice([0..b, 0..*leads, 0..n * patch])
-                    .reshape([b, *leads, n, *patch])
+                let x = pixels.slice([0..b, 0..*leads, 0..n * patch]);
+                let (x, leads) = match &self.stem {
+                    Some(stem) => {
+                        let y = stem.forward(x);
+                        let c = y.dims()[1];
+                        (y, c)
+                    }
+                    None => (x, *leads),
+                };
+                x.reshape([b, leads, n, *patch])
                     .swap_dims(1, 2)
-                    .reshape([b, n, leads * patch])
+                    .reshape([b, n, leads * *patch])
             }
         };
         let x = self.patch_embed.forward(patches);
@@ -416,5 +468,49 @@ impl Distillable for EcgVlm {
                 } => format!("signal {leads}x{samples}, patch {patch}"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal_model(stem: usize) -> (EcgVlm, Device) {
+        let device = Device::flex();
+        let cfg = EcgVlmConfig::new(
+            InputKind::Signal {
+                leads: 12,
+                samples: 200,
+                patch: 20,
+            },
+            16,
+            1,
+            2,
+            24,
+            1,
+            2,
+            30,
+            16,
+        )
+        .with_stem_channels(stem);
+        (cfg.init(&device), device)
+    }
+
+    #[test]
+    fn signal_tokens_with_and_without_a_conv_stem() {
+        let (m0, device) = signal_model(0);
+        let (m8, _) = signal_model(8);
+        let x = Tensor::<3>::random([2, 12, 200], Distribution::Normal(0.0, 1.0), &device);
+        assert_eq!(m0.encode(x.clone()).dims(), [2, 10, 16]);
+        assert_eq!(m8.encode(x).dims(), [2, 10, 16]);
+        assert!(m0.stem.is_none() && m8.stem.is_some());
+        // Stem: 12->8 and 8->8 kernel-7 convolutions with bias; the patch embedding then reads
+        // 8 x 20 values instead of 12 x 20.
+        let stem = (12 * 8 * 7 + 8) + (8 * 8 * 7 + 8);
+        let embed_change = (8 * 20 - 12 * 20) * 16;
+        assert_eq!(
+            m8.num_params() as i64,
+            m0.num_params() as i64 + stem as i64 + embed_change as i64
+        );
     }
 }

@@ -30,7 +30,20 @@ fn main() {
     let mut cfg = QuickstartConfig::preset(Preset::Quick);
     cfg.teacher_input = input.clone();
     cfg.student_input = input.clone();
-    ecg_synth::write_dataset(dir.path(), &ecg_synth::SynthConfig::default(), 7, n).unwrap();
+    ecg_synth::write_dataset(
+        dir.path(),
+        &ecg_synth::SynthConfig {
+            difficulty: if env("OBVIOUS", 0) == 1 {
+                ecg_synth::Difficulty::Obvious
+            } else {
+                ecg_synth::Difficulty::Mixed
+            },
+            ..Default::default()
+        },
+        7,
+        n,
+    )
+    .unwrap();
     let train_recs = evl_train::dataset_eval::load_labelled(
         dir.path(),
         Some(ecg_io::labels::ptbxl::Split::Train),
@@ -62,6 +75,7 @@ fn main() {
     };
     let tok = TextTokenizer::train(&texts, vocab).unwrap();
     mcfg.vocab = tok.vocab_size();
+    mcfg.stem_channels = env("STEM", 0);
     let dev = Device::flex();
     let tdev = dev.clone().autodiff();
     tdev.seed(7);
