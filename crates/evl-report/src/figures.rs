@@ -90,6 +90,7 @@ pub fn lines(
                 .configure_mesh()
                 .x_desc(x_desc)
                 .y_desc(y_desc)
+                .y_label_formatter(&|v| format!("{v:.2e}"))
                 .label_style(("sans-serif", 11))
                 .draw()
                 .map_err(err)?;
@@ -195,7 +196,9 @@ pub fn reliability(title: &str, bins: &[(f64, f64, usize)]) -> Result<String> {
     })
 }
 
-/// Heatmap of a `rows x cols` row-major matrix (white = 0, dark = max).
+/// Heatmap of a `rows x cols` row-major matrix, colour stretched from its minimum (white) to
+/// its maximum (dark): an entropic plan is close to uniform, so its structure lives in the
+/// small differences.
 pub fn heatmap(
     title: &str,
     x_desc: &str,
@@ -204,7 +207,9 @@ pub fn heatmap(
     cols: usize,
     values: &[f64],
 ) -> Result<String> {
-    let max = values.iter().copied().fold(0.0f64, f64::max).max(1e-300);
+    let max = values.iter().copied().fold(f64::MIN, f64::max);
+    let min = values.iter().copied().fold(f64::MAX, f64::min);
+    let span = (max - min).max(1e-300);
     canvas(|root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 16))
@@ -224,7 +229,7 @@ pub fn heatmap(
         chart
             .draw_series((0..rows).flat_map(|r| {
                 (0..cols).map(move |c| {
-                    let v = (values[r * cols + c] / max).clamp(0.0, 1.0);
+                    let v = ((values[r * cols + c] - min) / span).clamp(0.0, 1.0);
                     let shade = (255.0 * (1.0 - v)) as u8;
                     let fill = RGBColor(shade, shade, 255u8.saturating_sub((v * 90.0) as u8));
                     // Row 0 at the top, as a matrix is printed.

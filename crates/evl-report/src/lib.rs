@@ -643,8 +643,13 @@ fn method_figures(a: &serde_json::Value, page: &mut Page) -> Result<()> {
                 &format!(
                     "Entropic OT plan (eps 0.1, {} iterations) between the {rows} projected \
                      teacher visual tokens and the {cols} visual tokens of the EVL-ECG student, \
-                     seed 0 (as the paper's Figure 2). Transport cost {}.",
+                     seed 0 (as the paper's Figure 2); colour from the smallest entry ({:.2e}, \
+                     white) to the largest ({:.2e}, dark), uniform would be {:.2e}. Transport \
+                     cost {}.",
                     p["n_iter"],
+                    v.iter().copied().fold(f64::MAX, f64::min),
+                    v.iter().copied().fold(f64::MIN, f64::max),
+                    1.0 / (rows * cols) as f64,
                     f3(&p["cost"])
                 ),
             )?;

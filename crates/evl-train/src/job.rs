@@ -74,6 +74,9 @@ pub struct DistillSection {
     pub temperature: f64,
     /// Run the teacher on every step's batch instead of caching its outputs once.
     pub online: bool,
+    /// Divide teacher hidden states by their RMS before `L_mhca` / TinyBERT (not in the paper;
+    /// see `DistillConfig::teacher_hidden_rms`).
+    pub teacher_hidden_rms: bool,
     /// Optimisation.
     pub optim: OptimConfig,
 }
@@ -107,7 +110,7 @@ impl Default for JobConfig {
                 input: "signal".into(),
                 vocab: 320,
                 arch: None,
-                optim: o(400, 1e-3),
+                optim: o(500, 3e-3),
             },
             student: ModelSection {
                 input: "signal".into(),
@@ -126,6 +129,7 @@ impl Default for JobConfig {
                 eps: 0.1,
                 temperature: 2.0,
                 online: false,
+                teacher_hidden_rms: true,
                 optim: o(80, 1e-3),
             },
         }
@@ -422,6 +426,7 @@ pub fn distill_job(
         heads: d.heads,
         lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
         eps: d.eps,
+        teacher_hidden_rms: d.teacher_hidden_rms,
     };
     let (dm, logs) = distill(
         s_model,

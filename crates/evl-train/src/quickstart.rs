@@ -111,7 +111,7 @@ impl QuickstartConfig {
                 input: InputSpec::default(),
                 teacher_vocab: 320,
                 student_vocab: 56,
-                teacher_sft: o(400, 1e-3, 16),
+                teacher_sft: o(500, 3e-3, 16),
                 student_sft: o(200, 3e-3, 16),
                 distill: o(80, 1e-3, 16),
                 methods: vec!["evl".into(), "kl".into(), "ce".into()],
@@ -132,7 +132,18 @@ impl QuickstartConfig {
                 teacher_sft: o(2000, 1e-3, 32),
                 student_sft: o(1500, 2e-3, 32),
                 distill: o(600, 5e-4, 32),
-                methods: vec!["evl".into(), "kl".into(), "ce".into()],
+                methods: [
+                    "evl",
+                    "kl",
+                    "ce",
+                    "uld",
+                    "multilevel-ot",
+                    "tinybert",
+                    "dskd",
+                    "emkd",
+                ]
+                .map(String::from)
+                .to_vec(),
                 ablations: vec!["ot".into(), "mhca".into(), "rel".into()],
                 n_test_eval: 300,
                 teacher_input: "image".into(),
