@@ -502,6 +502,37 @@ pub enum BenchVerb {
     Io(BenchIoArgs),
     /// Images rendered per second: ours vs a matplotlib ECG-paper renderer in the same run.
     Render(BenchRenderArgs),
+    /// Student inference latency per record (what `interpret` runs: every label's
+    /// verification question, batched, plus greedy generation of the diagnosis) and peak
+    /// memory: ours vs the same model and weights in PyTorch (`bench/torch_vlm.py`), with a
+    /// check that both computed the same probabilities and answers.
+    Infer(BenchInferArgs),
+}
+
+/// Arguments of `bench infer`.
+#[derive(Debug, Args)]
+pub struct BenchInferArgs {
+    /// Model directory.
+    #[arg(long, default_value = "quickstart-out/model")]
+    pub model: PathBuf,
+    /// Directory of WFDB records (default: ../shared/data/ptbxl_subset/records500).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Records timed.
+    #[arg(long, default_value_t = 20)]
+    pub n: usize,
+    /// Timed passes over the records (after one warm-up pass).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Threads on both sides.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Do not run the PyTorch reference.
+    #[arg(long)]
+    pub no_torch: bool,
+    /// Python interpreter.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
 }
 
 /// Arguments of `bench io`.

@@ -462,11 +462,19 @@ fn teacher_cache(
         .unzip();
     let (mut sq, mut n) = (0.0f64, 0usize);
     for o in outs.iter().flatten() {
-        sq += o.hidden.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        sq += o
+            .hidden
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>();
         n += o.hidden.len();
     }
     TeacherCache {
-        hidden_rms: if n > 0 && sq > 0.0 { (sq / n as f64).sqrt() } else { 1.0 },
+        hidden_rms: if n > 0 && sq > 0.0 {
+            (sq / n as f64).sqrt()
+        } else {
+            1.0
+        },
         outs,
         v: facts.visual_tokens,
         d_vis: facts.d_vision,

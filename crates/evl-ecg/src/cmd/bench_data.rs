@@ -10,12 +10,12 @@ use rayon::prelude::*;
 
 use crate::args::{BenchIoArgs, BenchRenderArgs};
 
-fn shared_data() -> Option<PathBuf> {
+pub(crate) fn shared_data() -> Option<PathBuf> {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
     d.is_dir().then_some(d)
 }
 
-fn run_python(
+pub(crate) fn run_python(
     python: &str,
     args: &[&str],
     stdin: Option<String>,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_data;
+mod bench_infer;
 pub(crate) mod data;
 mod eval;
 pub(crate) mod quickstart;
@@ -16,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Bench(BenchVerb::Losses(a)) => bench::losses(&a, cli.json),
         Noun::Bench(BenchVerb::Io(a)) => bench_data::io(&a, cli.json),
         Noun::Bench(BenchVerb::Render(a)) => bench_data::render(&a, cli.json),
+        Noun::Bench(BenchVerb::Infer(a)) => bench_infer::run(&a, cli.json),
         Noun::Data(DataVerb::Inspect(a)) => data::inspect(&a, cli.json),
         Noun::Data(DataVerb::Convert(a)) => data::convert(&a),
         Noun::Data(DataVerb::Synth(a)) => data::synth(&a, cli.json),

@@ -1,0 +1,173 @@
+"""The same ECG VLM in PyTorch, for `evl-ecg bench infer`: loads an evl-ecg model bundle
+(config.json + model.safetensors, burn's parameter names and layouts), runs what `interpret`
+runs per record (the verification question for every label, batched, read at the first
+answer token; greedy generation of the diagnosis answer), and reports per-record latency,
+peak memory, and the outputs so the caller can check both sides computed the same thing.
+
+Written for this benchmark from burn 0.22's definitions: pre-norm transformer layers whose
+attention path uses `norm_2` and feed-forward path `norm_1`, exact GELU, attention masks
+filled with -1e4 before the softmax, Linear weights stored `[in, out]`.
+"""
+import argparse
+import json
+import math
+import resource
+import struct
+import sys
+import time
+
+import torch
+
+
+def load_safetensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        assert v["dtype"] == "F32", (k, v["dtype"])
+        a, b = v["data_offsets"]
+        t = torch.frombuffer(bytearray(data[a:b]), dtype=torch.float32)
+        out[k] = t.reshape(v["shape"]) if v["shape"] else t
+    return out
+
+
+class Vlm:
+    def __init__(self, cfg, w):
+        self.cfg, self.w = cfg, w
+        kind = cfg["input"]
+        self.signal = "Signal" in kind
+        self.inp = kind["Signal"] if self.signal else kind["Image"]
+
+    def lin(self, x, name, bias=True):
+        y = x @ self.w[name + ".weight"]
+        return y + self.w[name + ".bias"] if bias else y
+
+    def ln(self, x, name):
+        return torch.nn.functional.layer_norm(
+            x, x.shape[-1:], self.w[name + ".gamma"], self.w[name + ".beta"], 1e-5
+        )
+
+    def mha(self, x, name, heads, mask):
+        b, s, d = x.shape
+        dk = d // heads
+        q = self.lin(x, name + ".query").view(b, s, heads, dk).transpose(1, 2)
+        k = self.lin(x, name + ".key").view(b, s, heads, dk).transpose(1, 2)
+        v = self.lin(x, name + ".value").view(b, s, heads, dk).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dk)
+        if mask is not None:
+            scores = scores.masked_fill(mask, -1.0e4)
+        ctx = torch.softmax(scores, -1) @ v
+        return self.lin(ctx.transpose(1, 2).reshape(b, s, d), name + ".output")
+
+    def encoder(self, x, prefix, layers, heads, mask=None):
+        for i in range(layers):
+            p = f"{prefix}.layers.{i}"
+            x = x + self.mha(self.ln(x, p + ".norm_2"), p + ".mha", heads, mask)
+            h = self.ln(x, p + ".norm_1")
+            h = self.lin(torch.nn.functional.gelu(self.lin(h, p + ".pwff.linear_inner")), p + ".pwff.linear_outer")
+            x = x + h
+        return x
+
+    def encode(self, px):
+        c = self.cfg
+        b = px.shape[0]
+        if self.signal:
+            leads, samples, patch = self.inp["leads"], self.inp["samples"], self.inp["patch"]
+            n = samples // patch
+            x = px[:, :leads, : n * patch]
+            if c.get("stem_channels", 0) > 0:
+                for conv in ("stem.conv1", "stem.conv2"):
+                    x = torch.nn.functional.gelu(
+                        torch.nn.functional.conv1d(x, self.w[conv + ".weight"], self.w[conv + ".bias"], padding=3)
+                    )
+                leads = x.shape[1]
+            x = x.reshape(b, leads, n, patch).transpose(1, 2).reshape(b, n, leads * patch)
+        else:
+            h, wd, p = self.inp["height"], self.inp["width"], self.inp["patch"]
+            gh, gw = h // p, wd // p
+            x = px.reshape(b, h, wd)[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p)
+            x = x.transpose(2, 3).reshape(b, gh * gw, p * p)
+        x = self.lin(x, "patch_embed") + self.w["vis_pos"].unsqueeze(0)
+        x = self.encoder(x, "vision", c["vision_layers"], c["vision_heads"])
+        return self.ln(x, "vis_norm")
+
+    def decode(self, visual, ids):
+        c = self.cfg
+        b, v, _ = visual.shape
+        t = ids.shape[1]
+        x = torch.cat([self.lin(visual, "projector"), self.w["tok_emb.weight"][ids]], 1)
+        x = x + self.w["pos"][: v + t].unsqueeze(0)
+        causal = torch.triu(torch.ones(v + t, v + t, dtype=torch.bool), 1)
+        h = self.encoder(x, "decoder", c["layers"], c["heads"], causal)
+        return self.ln(h, "norm")
+
+    def head(self, h):
+        return h @ self.w["lm_head.weight"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job", required=True, help="JSON written by evl-ecg bench infer")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    job = json.load(open(args.job))
+    cfg = json.load(open(job["model"] + "/config.json"))
+    w = load_safetensors(job["model"] + "/model.safetensors")
+    m = Vlm(cfg, w)
+    shape = job["pixels_shape"]
+    px_all = torch.frombuffer(bytearray(open(job["pixels"], "rb").read()), dtype=torch.float32).reshape(shape)
+    prompts, yes, no, eos = job["verify_prompts"], job["yes"], job["no"], job["eos"]
+    diag = job["diagnosis_prompt"]
+    outs, times = [], []
+    with torch.inference_mode():
+        for rep in range(job["reps"] + 1):
+            for r in range(shape[0]):
+                t0 = time.perf_counter()
+                px = px_all[r : r + 1]
+                visual = m.encode(px)
+                # Verification rows: prompt + a placeholder, read at the first answer position.
+                L = max(len(p) for p in prompts) + 1
+                ids = torch.zeros(len(prompts), L, dtype=torch.long)
+                for i, p in enumerate(prompts):
+                    ids[i, : len(p)] = torch.tensor(p)
+                    ids[i, len(p)] = eos
+                # Right padding is harmless under the causal mask for the positions we read.
+                h = m.decode(visual.expand(len(prompts), -1, -1), ids)
+                v = visual.shape[1]
+                probs = []
+                for i, p in enumerate(prompts):
+                    z = m.head(h[i, v + len(p) - 1])
+                    probs.append(float(torch.sigmoid(z[yes] - z[no])))
+                gen = list(diag)
+                out_ids = []
+                for _ in range(16):
+                    z = m.head(m.decode(visual, torch.tensor([gen]))[0, -1])
+                    nxt = int(torch.argmax(z))
+                    if nxt == eos or len(gen) + 1 >= w["pos"].shape[0] - v:
+                        break
+                    out_ids.append(nxt)
+                    gen.append(nxt)
+                dt = time.perf_counter() - t0
+                if rep > 0:
+                    times.append(dt)
+                if rep == 0:
+                    outs.append({"probs": probs, "ids": out_ids})
+    times.sort()
+    json.dump(
+        {
+            "median_ms": 1e3 * times[len(times) // 2],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "torch": torch.__version__,
+            "outputs": outs,
+        },
+        sys.stdout,
+    )
+
+
+if __name__ == "__main__":
+    main()

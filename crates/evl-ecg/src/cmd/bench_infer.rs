@@ -1,0 +1,178 @@
+//! `evl-ecg bench infer`: per-record student inference, ours vs the same weights in PyTorch.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use evl_models::burn::tensor::Device;
+use evl_models::vlm::Distillable;
+use evl_train::batch::{encode_prompt, pixels, samples_from_records};
+use evl_train::eval::evaluate;
+use evl_train::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
+
+use crate::args::BenchInferArgs;
+use crate::cmd::bench_data::{run_python, shared_data};
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// `bench infer`.
+pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build_global()
+        .ok();
+    let device = Device::flex();
+    let bundle = evl_train::infer::ModelBundle::load(&a.model, &device)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let dir = match &a.data {
+        Some(d) => d.clone(),
+        None => shared_data()
+            .map(|d| d.join("ptbxl_subset/records500"))
+            .context("no --data and ../shared/data is not here")?,
+    };
+    let mut records = Vec::new();
+    for hea in ecg_data::walk(&dir, "hea").into_iter().take(a.n) {
+        let rec = ecg_io::read_record(&hea, ecg_io::ReadOptions::default())
+            .with_context(|| format!("reading {}", hea.display()))?;
+        records.push((rec, Vec::new(), Vec::new()));
+    }
+    if records.is_empty() {
+        bail!("no records under {}", dir.display());
+    }
+    let samples = samples_from_records(records, &bundle.spec, 0)?;
+    let space = &bundle.space;
+    // Ours: one record at a time, as `interpret` does.
+    let mut times = Vec::new();
+    let mut ours = Vec::new();
+    for rep in 0..=a.reps {
+        for s in &samples {
+            let t = Instant::now();
+            let (_, lines) = evaluate(
+                &bundle.model,
+                &bundle.tok,
+                std::slice::from_ref(s),
+                space,
+                &device,
+            );
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if rep == 0 {
+                ours.push(lines.into_iter().next().expect("one line"));
+            } else {
+                times.push(ms);
+            }
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let our_ms = times[times.len() / 2];
+    let our_rss = peak_rss_mib();
+    let params = bundle.model.facts().params;
+    let mut reference = None;
+    if !a.no_torch {
+        let tmp = tempfile::tempdir()?;
+        let input = bundle.model.input();
+        let refs: Vec<&evl_train::batch::Sample> = samples.iter().collect();
+        let px = pixels(&refs, &input, &device);
+        let shape = px.dims();
+        let data: Vec<f32> = px.into_data().iter::<f32>().collect();
+        let px_path = tmp.path().join("pixels.f32");
+        let mut f = std::fs::File::create(&px_path)?;
+        for v in &data {
+            f.write_all(&v.to_le_bytes())?;
+        }
+        let first = |w: &str| bundle.tok.encode(w).0.first().copied().unwrap_or(EOS);
+        let job = serde_json::json!({
+            "model": std::fs::canonicalize(&a.model)?,
+            "pixels": px_path,
+            "pixels_shape": shape,
+            "verify_prompts": space.iter().map(|l| encode_prompt(&bundle.tok, &verify_prompt(l))).collect::<Vec<_>>(),
+            "diagnosis_prompt": encode_prompt(&bundle.tok, DIAGNOSIS_PROMPT),
+            "yes": first("yes"), "no": first("no"), "eos": EOS, "reps": a.reps,
+        });
+        let job_path = tmp.path().join("job.json");
+        std::fs::write(&job_path, job.to_string())?;
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_vlm.py");
+        match run_python(
+            &a.python,
+            &[
+                script.to_str().unwrap_or("bench/torch_vlm.py"),
+                "--job",
+                job_path.to_str().unwrap_or_default(),
+                "--threads",
+                &a.threads.to_string(),
+            ],
+            None,
+        ) {
+            Ok(v) => {
+                // Same computation? Probabilities to float tolerance, answers exactly.
+                let mut max_diff = 0.0f64;
+                let mut same_answers = 0;
+                for (o, r) in ours
+                    .iter()
+                    .zip(v["outputs"].as_array().into_iter().flatten())
+                {
+                    for (p, q) in o
+                        .probs
+                        .iter()
+                        .zip(r["probs"].as_array().into_iter().flatten())
+                    {
+                        max_diff = max_diff.max((p - q.as_f64().unwrap_or(f64::NAN)).abs());
+                    }
+                    let ids: Vec<i64> = r["ids"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|x| x.as_i64())
+                        .collect();
+                    same_answers += (bundle.tok.decode(&ids) == o.text) as usize;
+                }
+                reference = Some((v, max_diff, same_answers));
+            }
+            Err(e) => eprintln!(
+                "note: PyTorch reference not run ({e}); pip install -r bench/requirements.txt"
+            ),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "bench", "data": {
+                "case": "student inference per record", "records": samples.len(), "params": params,
+                "ours_ms": our_ms, "ours_peak_rss_mib": our_rss,
+                "torch_ms": reference.as_ref().map(|r| r.0["median_ms"].clone()),
+                "torch_peak_rss_mib": reference.as_ref().map(|r| r.0["peak_rss_mib"].clone()),
+                "max_prob_diff": reference.as_ref().map(|r| r.1),
+                "same_answers": reference.as_ref().map(|r| r.2),
+            }})
+        );
+        return Ok(());
+    }
+    println!(
+        "student ({params} parameters), {} records, {} label questions + greedy diagnosis per record, {} thread(s)",
+        samples.len(),
+        space.len(),
+        a.threads
+    );
+    println!(
+        "  evl-ecg (burn flex)  {our_ms:8.2} ms/record  peak RSS {:.0} MiB",
+        our_rss.unwrap_or(f64::NAN)
+    );
+    if let Some((v, diff, same)) = &reference {
+        let t = v["median_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  PyTorch {}     {t:8.2} ms/record  peak RSS {:.0} MiB",
+            v["torch"].as_str().unwrap_or("?"),
+            v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!("  speed-up {:.2}x", t / our_ms);
+        println!(
+            "  same computation: max |p_ours - p_torch| = {diff:.2e}; generated answers identical on {same}/{}",
+            samples.len()
+        );
+    }
+    Ok(())
+}
