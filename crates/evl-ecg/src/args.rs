@@ -141,9 +141,14 @@ pub enum TrainVerb {
 /// Settings shared by `train` and `distill`.
 #[derive(Debug, Args)]
 pub struct JobArgs {
-    /// Training data: an index file (.jsonl) or a `data synth` directory (train/val splits).
+    /// Training data: an index file (.jsonl) or a `data synth` directory (train/val splits),
+    /// or with --image-root an ECGInstruct-style conversation file (JSON/JSONL, LLaVA format).
     #[arg(long)]
     pub data: PathBuf,
+    /// Image root of a conversation file's `image` paths (a path missing there is looked up
+    /// by file name below the root).
+    #[arg(long)]
+    pub image_root: Option<PathBuf>,
     /// Output directory (model/, checkpoint/, metrics.jsonl, config.toml, val_metrics.json).
     #[arg(long)]
     pub out: PathBuf,

@@ -64,6 +64,11 @@ pub fn image_of(
     spec: &InputSpec,
 ) -> Result<Vec<f32>, ecg_render::Error> {
     let img = renderer.render(record)?;
+    Ok(page_to_model(&img, spec))
+}
+
+/// Grayscale ink, area-averaged to the model size and standardised per image.
+fn page_to_model(img: &image::RgbImage, spec: &InputSpec) -> Vec<f32> {
     let (w0, h0) = img.dimensions();
     let (w0, h0) = (w0 as usize, h0 as usize);
     let mut out = vec![0.0f32; spec.height * spec.width];
@@ -87,7 +92,7 @@ pub fn image_of(
     for o in out.iter_mut() {
         *o = (*o - mean) / sd;
     }
-    Ok(out)
+    out
 }
 
 /// The 12 standard leads resampled to `spec.signal_fs` and cropped/padded. A record whose
@@ -295,4 +300,131 @@ pub fn samples_from_records(
             })
         })
         .collect()
+}
+
+/// A model image from an image file (PNG/JPEG of ECG paper, as ECGInstruct ships): grayscale,
+/// ink = 1, area-averaged to `spec` and standardised exactly as rendered pages are.
+pub fn image_file(path: &std::path::Path, spec: &InputSpec) -> Result<Vec<f32>> {
+    let img = image::open(path)
+        .map_err(|e| Error::Config {
+            field: "image",
+            what: format!("{}: {e}", path.display()),
+        })?
+        .to_rgb8();
+    Ok(page_to_model(&img, spec))
+}
+
+/// ECGInstruct-style conversations with images under `image_root` as training samples: each
+/// item's (user, assistant) exchanges become its turns (`<image>` placeholders dropped). An
+/// image path that does not exist under the root is looked up by its file name anywhere below
+/// the root. The raw signal is read from a WFDB record beside the image when there is one
+/// (PTB-XL's `<record>-0.png` next to `<record>.hea`); without it, signal input is empty and
+/// signal models refuse the item by name.
+pub fn conversation_samples(
+    path: &std::path::Path,
+    image_root: &std::path::Path,
+    spec: &InputSpec,
+) -> Result<Vec<Sample>> {
+    let items =
+        ecg_io::conversation::read_conversations(path).map_err(|e| Error::Data(Box::new(e)))?;
+    let mut by_name: Option<std::collections::HashMap<String, std::path::PathBuf>> = None;
+    let mut out = Vec::with_capacity(items.len());
+    for it in &items {
+        let rel = it.image.as_deref().ok_or_else(|| Error::Config {
+            field: "image",
+            what: format!("{}: item `{}` has no image", path.display(), it.id),
+        })?;
+        let direct = image_root.join(rel);
+        let img_path = if direct.is_file() {
+            direct
+        } else {
+            let index = by_name.get_or_insert_with(|| {
+                let mut m = std::collections::HashMap::new();
+                for ext in ["png", "jpg", "jpeg"] {
+                    for p in ecg_data::walk(image_root, ext) {
+                        if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
+                            m.entry(n.to_string()).or_insert(p.clone());
+                        }
+                    }
+                }
+                m
+            });
+            let name = std::path::Path::new(rel)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(rel);
+            index.get(name).cloned().ok_or_else(|| Error::Config {
+                field: "image",
+                what: format!(
+                    "{}: item `{}`: image `{rel}` not found under {}",
+                    path.display(),
+                    it.id,
+                    image_root.display()
+                ),
+            })?
+        };
+        let image = image_file(&img_path, spec)?;
+        // `<record>-<k>.png` beside `<record>.hea`.
+        let stem = img_path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let record = stem.rsplit_once('-').map_or(stem, |(a, _)| a);
+        let hea = img_path.with_file_name(format!("{record}.hea"));
+        let signal = if hea.is_file() {
+            let rec = ecg_io::read_record(&hea, ecg_io::ReadOptions::default())
+                .map_err(|e| Error::Data(Box::new(e)))?;
+            signal_of(&rec, spec)?
+        } else {
+            Vec::new()
+        };
+        let turns: Vec<Turn> = it
+            .exchanges()
+            .into_iter()
+            .map(|(q, a)| Turn {
+                prompt: q.replace("<image>", "").trim().to_string(),
+                answer: a.trim().to_string(),
+                template: "conversation".into(),
+            })
+            .collect();
+        if turns.is_empty() {
+            return Err(Error::Config {
+                field: "conversations",
+                what: format!(
+                    "{}: item `{}` has no user/assistant exchange",
+                    path.display(),
+                    it.id
+                ),
+            });
+        }
+        out.push(Sample {
+            id: it.id.clone(),
+            image,
+            signal,
+            labels: Vec::new(),
+            findings: Vec::new(),
+            turns,
+        });
+    }
+    Ok(out)
+}
+
+/// Every sample carries what a model with `input` reads (signal models need a signal; an
+/// image-only conversation item has none), else an error naming the first that does not.
+pub fn check_inputs(samples: &[Sample], input: &InputKind) -> Result<()> {
+    let need = match input {
+        InputKind::Signal { leads, samples, .. } => (leads * samples, "signal"),
+        InputKind::Image { .. } => (0, "image"),
+    };
+    if let Some(s) = samples.iter().find(|s| match input {
+        InputKind::Signal { .. } => s.signal.len() < need.0,
+        InputKind::Image { height, width, .. } => s.image.len() < height * width,
+    }) {
+        return Err(Error::Config {
+            field: "input",
+            what: format!(
+                "sample `{}` has no {} input for this model (an image-only conversation item \
+                 cannot train a signal model; use an image model or records with signals)",
+                s.id, need.1
+            ),
+        });
+    }
+    Ok(())
 }

@@ -261,6 +261,40 @@ fn load_split(data: &Path, split: Split, spec: &InputSpec, seed: u64) -> Result<
     samples_from_records(load_labelled(data, Some(split), None, false)?, spec, seed)
 }
 
+/// Where training data comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum TrainData<'a> {
+    /// Labelled records (`data synth` directory or `data import` index) with splits; the
+    /// conversations are generated from the labels.
+    Labelled(&'a Path),
+    /// ECGInstruct-style conversations (JSON/JSONL) with their images under a root; every item
+    /// trains, no validation split.
+    Conversations {
+        /// The conversation file.
+        file: &'a Path,
+        /// Image root.
+        image_root: &'a Path,
+    },
+}
+
+impl TrainData<'_> {
+    fn train(&self, spec: &InputSpec) -> Result<Vec<Sample>> {
+        match self {
+            TrainData::Labelled(d) => load_split(d, Split::Train, spec, 1),
+            TrainData::Conversations { file, image_root } => {
+                crate::batch::conversation_samples(file, image_root, spec)
+            }
+        }
+    }
+
+    fn labelled(&self) -> Option<&Path> {
+        match self {
+            TrainData::Labelled(d) => Some(d),
+            TrainData::Conversations { .. } => None,
+        }
+    }
+}
+
 fn space() -> Vec<String> {
     ecg_synth::SUPERCLASSES
         .iter()
@@ -291,7 +325,7 @@ fn validate(
 pub fn train(
     role: Role,
     cfg: &JobConfig,
-    data: &Path,
+    data: TrainData<'_>,
     out: &Path,
     train_device: &Device,
     infer_device: &Device,
@@ -307,7 +341,7 @@ pub fn train(
         Role::Teacher => &cfg.teacher,
         Role::Student => &cfg.student,
     };
-    let samples = load_split(data, Split::Train, &cfg.input, 1)?;
+    let samples = data.train(&cfg.input)?;
     let tok_path = out.join("tokenizer.json");
     // The tokenizer is part of the resumable state: train it once.
     let tok = if tok_path.is_file() {
@@ -344,7 +378,10 @@ pub fn train(
     }
     let inf = model.valid();
     crate::infer::save_bundle(&dirs.model(), &inf, &arch, &tok, &cfg.input, &space())?;
-    let val = validate(&inf, &tok, data, &cfg.input, out, infer_device)?;
+    let val = match data.labelled() {
+        Some(d) => validate(&inf, &tok, d, &cfg.input, out, infer_device)?,
+        None => None,
+    };
     Ok(JobOutcome {
         out: out.to_path_buf(),
         steps: logs.len(),
@@ -386,7 +423,7 @@ pub fn distill_job(
     cfg: &JobConfig,
     teacher: &Path,
     student: &Path,
-    data: &Path,
+    data: TrainData<'_>,
     out: &Path,
     train_device: &Device,
     infer_device: &Device,
@@ -409,7 +446,7 @@ pub fn distill_job(
             ),
         });
     }
-    let samples = load_split(data, Split::Train, &t.spec, 1)?;
+    let samples = data.train(&t.spec)?;
     let cache = (!d.online).then(|| cache_teacher(&t.model, &samples, &t.tok, infer_device));
     let source = match &cache {
         Some(c) => Teacher::Cached(c),
@@ -445,7 +482,10 @@ pub fn distill_job(
     }
     let inf = dm.student.valid();
     crate::infer::save_bundle(&out.join("model"), &inf, &s_cfg, &s_tok, &t.spec, &space())?;
-    let val = validate(&inf, &s_tok, data, &t.spec, out, infer_device)?;
+    let val = match data.labelled() {
+        Some(d) => validate(&inf, &s_tok, d, &t.spec, out, infer_device)?,
+        None => None,
+    };
     Ok(JobOutcome {
         out: out.to_path_buf(),
         steps: logs.len(),

@@ -278,6 +278,7 @@ pub fn sft(
     device: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(EcgVlm, Vec<StepLog>)> {
+    crate::batch::check_inputs(samples, &model.input())?;
     let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
     model = resumed;
     let input = model.input();
@@ -613,6 +614,10 @@ pub fn distill(
                 cfg.method.name()
             ),
         });
+    }
+    crate::batch::check_inputs(samples, &model.student.input())?;
+    if let Teacher::Online { model: t, .. } = &teacher {
+        crate::batch::check_inputs(samples, &t.input())?;
     }
     let o = &cfg.optim;
     let (resumed, mut optim, start, mut logs) = start_or_resume(model, o, run_dir, device)?;

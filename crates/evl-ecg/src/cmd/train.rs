@@ -2,11 +2,21 @@
 
 use anyhow::{Context, Result};
 use evl_models::DeviceSpec;
-use evl_train::job::{JobConfig, JobOutcome, Role, distill_job, train};
+use evl_train::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
 use evl_train::train::{OptimConfig, StepLog};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{DistillArgs, JobArgs, TrainArgs};
+
+fn data(a: &JobArgs) -> TrainData<'_> {
+    match &a.image_root {
+        Some(root) => TrainData::Conversations {
+            file: &a.data,
+            image_root: root,
+        },
+        None => TrainData::Labelled(&a.data),
+    }
+}
 
 fn config(a: &JobArgs) -> Result<JobConfig> {
     match &a.config {
@@ -134,7 +144,7 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
     };
     let (tdev, idev) = devices(&a.job)?;
     let (bar, cb) = progress(steps, json);
-    let o = train(role, &cfg, &a.job.data, &a.job.out, &tdev, &idev, cb)
+    let o = train(role, &cfg, data(&a.job), &a.job.out, &tdev, &idev, cb)
         .with_context(|| format!("training the {role:?} into {}", a.job.out.display()))?;
     bar.finish_and_clear();
     finish(&o, json);
@@ -164,7 +174,7 @@ pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
         &cfg,
         &a.teacher,
         &a.student,
-        &a.job.data,
+        data(&a.job),
         &a.job.out,
         &tdev,
         &idev,

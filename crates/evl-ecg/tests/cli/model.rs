@@ -235,3 +235,75 @@ fn train_and_distill_commands_resume_and_validate_config() {
         "{err}"
     );
 }
+
+/// ECGInstruct-format conversations (LLaVA JSON, `human`/`gpt`) over the real PTB-XL images in
+/// ../shared/data, image paths given under a directory that does not exist (resolved by file
+/// name below --image-root), train an image teacher and student and distil; a missing image
+/// is refused naming the item.
+#[test]
+fn conversations_with_an_image_root_train_and_distill() {
+    let Some(d) = data() else { return };
+    let root = d.join("ptbxl_subset");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut items = Vec::new();
+    for png in [
+        "00001_hr-0.png",
+        "00002_hr-0.png",
+        "00003_hr-0.png",
+        "00004_hr-0.png",
+    ] {
+        items.push(serde_json::json!({
+            "id": png.trim_end_matches(".png"),
+            "image": format!("ecg_images/{png}"),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat does this ECG show?"},
+                {"from": "gpt", "value": "Sinus rhythm, normal ECG."}
+            ]
+        }));
+    }
+    let conv = tmp.path().join("conv.json");
+    std::fs::write(&conv, serde_json::to_string(&items).unwrap()).unwrap();
+    let small = ["--steps", "2", "--batch-size", "2"];
+    let job = |role: &str, out: &std::path::Path, input: &str| {
+        run(bin()
+            .args(["train", role, "--input", input, "--vocab", "70", "--data"])
+            .arg(&conv)
+            .arg("--image-root")
+            .arg(&root)
+            .arg("--out")
+            .arg(out)
+            .args(small))
+    };
+    let (t, s) = (tmp.path().join("t"), tmp.path().join("s"));
+    let (ok, _, err) = job("teacher", &t, "image");
+    assert!(ok, "{err}");
+    let (ok, _, err) = job("student", &s, "image");
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = run(bin()
+        .args(["--json", "distill", "--method", "evl", "--teacher"])
+        .arg(t.join("model"))
+        .arg("--student")
+        .arg(s.join("model"))
+        .arg("--data")
+        .arg(&conv)
+        .arg("--image-root")
+        .arg(&root)
+        .arg("--out")
+        .arg(tmp.path().join("evl"))
+        .args(small));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"mhca\""), "{stdout}");
+    // The WFDB record beside each PNG gives signal models their input too.
+    let (ok, _, err) = job("student", &tmp.path().join("s2"), "signal");
+    assert!(ok, "{err}");
+    items.push(
+        serde_json::json!({"id": "lost", "image": "nowhere/missing.png",
+        "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]}),
+    );
+    std::fs::write(&conv, serde_json::to_string(&items).unwrap()).unwrap();
+    let (ok, _, err) = job("teacher", &tmp.path().join("t2"), "image");
+    assert!(
+        !ok && err.contains("`lost`") && err.contains("missing.png"),
+        "{err}"
+    );
+}
