@@ -137,16 +137,29 @@ impl Default for JobConfig {
 }
 
 impl JobConfig {
-    /// Read a TOML file; unknown keys are errors that name the key.
+    /// Read a TOML file: every key is optional (missing ones keep the defaults, section by
+    /// section, so `[distill]\nlambda_ot = 0.2` is a whole config); unknown keys are errors
+    /// that name the key.
     pub fn from_toml(path: &Path) -> Result<JobConfig> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| Error::Config {
+        Self::from_toml_str(&text).map_err(|what| Error::Config {
             field: "config",
-            what: format!("{}: {e}", path.display()),
+            what: format!("{}: {what}", path.display()),
         })
+    }
+
+    /// [`JobConfig::from_toml`] on a string.
+    pub fn from_toml_str(text: &str) -> std::result::Result<JobConfig, String> {
+        let user: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut base: toml::Table =
+            toml::from_str(&JobConfig::default().to_toml()).expect("defaults serialise");
+        merge(&mut base, user);
+        toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())
     }
 
     /// The resolved configuration as TOML.
@@ -194,6 +207,19 @@ impl JobConfig {
             Role::Teacher => teacher_arch(kind(40, 20, false)?, sec.vocab),
             Role::Student => student_arch(kind(40, 80, true)?, sec.vocab),
         })
+    }
+}
+
+/// Overlay `user` onto `base`, recursing into tables (so unknown keys survive to be refused
+/// by the typed parse).
+fn merge(base: &mut toml::Table, user: toml::Table) {
+    for (k, v) in user {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -494,4 +520,26 @@ pub fn distill_job(
         params: inf.num_params(),
         stopped: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_keys_are_optional_and_unknown_ones_are_named() {
+        let c = JobConfig::from_toml_str("[distill]\nlambda_ot = 0.2\n[student.optim]\nsteps = 7\n")
+            .expect("partial config");
+        assert_eq!(c.distill.lambda_ot, 0.2);
+        assert_eq!(c.distill.method, "evl");
+        assert_eq!(c.student.optim.steps, 7);
+        assert_eq!(c.student.vocab, JobConfig::default().student.vocab);
+        assert_eq!(c.teacher.optim.steps, JobConfig::default().teacher.optim.steps);
+        let e = JobConfig::from_toml_str("[distill]\nlamda_ot = 0.2\n").expect_err("typo");
+        assert!(e.contains("lamda_ot"), "{e}");
+        // The printed defaults read back to the same configuration.
+        let d = JobConfig::default();
+        let back = JobConfig::from_toml_str(&d.to_toml()).expect("round trip");
+        assert_eq!(back.to_toml(), d.to_toml());
+    }
 }
