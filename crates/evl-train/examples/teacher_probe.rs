@@ -93,6 +93,7 @@ fn main() {
             batch_size: batch,
             warmup: steps / 10,
             stop_after: None,
+            turns_per_record: env("TPR", 1),
             ..OptimConfig::default()
         };
         let run = dir.path().join("run");

@@ -528,13 +528,17 @@ mod tests {
 
     #[test]
     fn toml_keys_are_optional_and_unknown_ones_are_named() {
-        let c = JobConfig::from_toml_str("[distill]\nlambda_ot = 0.2\n[student.optim]\nsteps = 7\n")
-            .expect("partial config");
+        let c =
+            JobConfig::from_toml_str("[distill]\nlambda_ot = 0.2\n[student.optim]\nsteps = 7\n")
+                .expect("partial config");
         assert_eq!(c.distill.lambda_ot, 0.2);
         assert_eq!(c.distill.method, "evl");
         assert_eq!(c.student.optim.steps, 7);
         assert_eq!(c.student.vocab, JobConfig::default().student.vocab);
-        assert_eq!(c.teacher.optim.steps, JobConfig::default().teacher.optim.steps);
+        assert_eq!(
+            c.teacher.optim.steps,
+            JobConfig::default().teacher.optim.steps
+        );
         let e = JobConfig::from_toml_str("[distill]\nlamda_ot = 0.2\n").expect_err("typo");
         assert!(e.contains("lamda_ot"), "{e}");
         // The printed defaults read back to the same configuration.

@@ -31,6 +31,7 @@ use evl_kd::baselines::{Dskd, DskdConfig, MultiLevelOtConfig};
 use evl_kd::task::masked_token_ce;
 use evl_kd::{EvlInputs, EvlLoss, EvlLossConfig, MhcaAlignConfig, OtAlignConfig};
 use evl_models::vlm::{Distillable, EcgVlm};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -65,6 +66,15 @@ pub struct OptimConfig {
     /// resumes from it.
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// Turns taken from each drawn record (distinct, at random): 1 draws every example
+    /// independently; larger values put several questions about the same ECG in one batch
+    /// (e.g. `NORM? no` beside `MI? yes`), a contrast that teaches the label conditioning.
+    #[serde(default = "one")]
+    pub turns_per_record: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for OptimConfig {
@@ -80,6 +90,7 @@ impl Default for OptimConfig {
             seed: 0,
             checkpoint_every: 0,
             stop_after: None,
+            turns_per_record: 1,
         }
     }
 }
@@ -100,13 +111,27 @@ pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec
             .wrapping_mul(0x9E37_79B9)
             .wrapping_add(micro as u64),
     );
-    (0..cfg.batch_size)
-        .map(|_| {
-            let i = rng.random_range(0..samples.len());
-            let k = rng.random_range(0..samples[i].turns.len());
-            (i, k)
-        })
-        .collect()
+    if cfg.turns_per_record <= 1 {
+        return (0..cfg.batch_size)
+            .map(|_| {
+                let i = rng.random_range(0..samples.len());
+                let k = rng.random_range(0..samples[i].turns.len());
+                (i, k)
+            })
+            .collect();
+    }
+    let mut out = Vec::with_capacity(cfg.batch_size);
+    while out.len() < cfg.batch_size {
+        let i = rng.random_range(0..samples.len());
+        let mut ks: Vec<usize> = (0..samples[i].turns.len()).collect();
+        ks.shuffle(&mut rng);
+        for &k in ks.iter().take(cfg.turns_per_record) {
+            if out.len() < cfg.batch_size {
+                out.push((i, k));
+            }
+        }
+    }
+    out
 }
 
 /// Distillation method. Every baseline is mixed with the student's own CE as

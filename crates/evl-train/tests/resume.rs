@@ -353,3 +353,30 @@ fn every_method_trains() {
     assert!(Method::parse("uld", &["ot".into()]).is_err());
     assert!(Method::parse("evl", &["bogus".into()]).is_err());
 }
+
+/// `turns_per_record` groups distinct questions about the same record in a batch; 1 keeps
+/// independent draws. Both are pure functions of the seed.
+#[test]
+fn batches_group_turns_per_record_when_asked() {
+    use evl_train::train::batch_indices;
+    let data = samples(5);
+    let mut cfg = OptimConfig {
+        batch_size: 16,
+        turns_per_record: 4,
+        ..OptimConfig::default()
+    };
+    let b = batch_indices(&data, &cfg, 3);
+    assert_eq!(b.len(), 16);
+    assert_eq!(b, batch_indices(&data, &cfg, 3));
+    for chunk in b.chunks(4) {
+        assert!(chunk.iter().all(|&(i, _)| i == chunk[0].0), "{chunk:?}");
+        let mut ks: Vec<usize> = chunk.iter().map(|&(_, k)| k).collect();
+        ks.sort();
+        ks.dedup();
+        assert_eq!(ks.len(), 4, "turns repeat within a record: {chunk:?}");
+    }
+    cfg.turns_per_record = 1;
+    let b1 = batch_indices(&data, &cfg, 3);
+    assert_eq!(b1.len(), 16);
+    assert!(b1.windows(2).any(|w| w[0].0 != w[1].0));
+}
