@@ -32,14 +32,14 @@ pub enum Noun {
     /// tokenizers, checkpoints (resumable), per-step metrics and predictions in PULSE's format.
     Quickstart(QuickstartArgs),
     /// Supervised fine-tuning of a teacher or a student on a dataset's training split
-    /// (the paper's first stage). Resumable: run the same command again after a kill.
+    /// (the paper's first stage). Resumable: after a kill, run the same command with --resume.
     ///
     /// Example: evl-ecg train teacher --data synth-dir --out runs/teacher
     #[command(subcommand)]
     Train(TrainVerb),
     /// Distil a student (its SFT bundle) from a teacher bundle with EVL-ECG or a baseline
-    /// (the paper's second stage). Resumable; offline teacher cache by default, --online runs
-    /// the teacher on every batch.
+    /// (the paper's second stage). Resumable with --resume; offline teacher cache by default,
+    /// --online runs the teacher on every batch.
     ///
     /// Example: evl-ecg distill --method evl --teacher runs/teacher/model
     ///   --student runs/student/model --data synth-dir --out runs/evl
@@ -171,9 +171,13 @@ pub struct JobArgs {
     /// Seed (overrides the config).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Stop after this step with a checkpoint (a later run resumes).
+    /// Stop after this step with a checkpoint (continue later with --resume).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Continue the run checkpointed in OUT (same settings; the result equals an
+    /// uninterrupted run). Without it an existing checkpoint is an error.
+    #[arg(long)]
+    pub resume: bool,
     /// Device: cpu or cuda:N (the latter needs the `cuda` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -9,9 +9,12 @@
 //!   and the float precision, plus host <-> tensor conversion helpers.
 //!
 //! - [`vlm`]: the ECG vision-language model family (image or signal encoder -> projector ->
-//!   decoder LM) and the [`vlm::Distillable`] view distillation reads.
+//!   decoder LM) and the [`vlm::Distillable`] view distillation reads;
+//! - [`native`]: the same forward pass without a framework (plain loops, KV cache), for fast
+//!   CPU inference of small students.
 
 pub mod device;
+pub mod native;
 pub mod ops;
 pub mod vlm;
 

@@ -152,6 +152,10 @@ pub struct DistillView {
     /// The output head `[d_model, vocab]` (DSKD reads hidden states out in the other model's
     /// vocabulary; bias not included).
     pub head: Tensor<2>,
+    /// Valid visual tokens `[batch, v]` when their number varies per example (Qwen3-VL's
+    /// dynamic resolution pads each image's merged tokens to the batch maximum); `None` when
+    /// every example has all `v` (fixed-size encoders such as ours and LLaVA's CLIP).
+    pub visual_mask: Option<Tensor<2, Bool>>,
 }
 
 /// Facts about a model that reports need (heterogeneity of teacher and student).
@@ -172,7 +176,20 @@ pub struct ModelFacts {
 }
 
 /// A model that can be distilled from or into: built-in models implement it, and so can an
-/// adapter over a ported LLaVA or Qwen3-VL.
+/// adapter over a ported LLaVA or Qwen3-VL. What such an adapter returns, from their real
+/// forward passes (candle-transformers' `llava` and `qwen3_vl`, HF transformers):
+/// - LLaVA-1.5: `visual` = CLIP ViT-L/14-336 patch features of the selected layer
+///   `[b, 576, 1024]` (before the MLP projector); the LM sequence is text with the 576
+///   projected tokens spliced in at the `<image>` placeholder, so `hidden`/`logits` are the LM
+///   states at the non-image positions and `visual_hidden` those at the image positions
+///   `[b, 576, 4096]`; `visual_mask` `None`.
+/// - Qwen3-VL: `visual` = the patch merger's output (2x2 merged patches projected to the LM
+///   width), a variable count per image from its `grid_thw`, padded to the batch maximum with
+///   `visual_mask` marking real tokens; the merged tokens replace `<|image_pad|>` runs inside
+///   the text (M-RoPE positions and DeepStack injections stay inside the adapter), so again
+///   `hidden`/`logits` are gathered at text positions and `visual_hidden` at image positions.
+///
+/// The losses only ever see these tensors and masks, never the layout of the sequence.
 pub trait Distillable {
     /// One forward pass with everything distillation needs.
     ///
@@ -376,6 +393,23 @@ impl EcgVlm {
         self.pos.dims()[0] - self.n_visual
     }
 
+    /// Next-token logits at the text positions `[b, t, vocab]` (row `i` predicts token `i`)
+    /// from visual tokens already encoded (`[b, v, d_vision]`): several questions about one
+    /// record share one encoder pass.
+    pub fn text_logits(
+        &self,
+        visual: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+    ) -> Tensor<3> {
+        let [b, v, _] = visual.dims();
+        let [_, t] = text.dims();
+        let h = self.decode(visual, text, text_pad);
+        let d = h.dims()[2];
+        self.lm_head
+            .forward(h.slice([0..b, v - 1..v + t - 1, 0..d]))
+    }
+
     /// Greedy generation of up to `max_new` tokens after `prompt` (one example), stopping at
     /// `eos`. Recomputes the full sequence per token (models here are small).
     pub fn generate(
@@ -385,8 +419,18 @@ impl EcgVlm {
         eos: i64,
         max_new: usize,
     ) -> Vec<i64> {
-        let device = pixels.device();
-        let visual = self.encode(pixels);
+        self.generate_from_visual(self.encode(pixels), prompt, eos, max_new)
+    }
+
+    /// [`EcgVlm::generate`] from visual tokens already encoded (`[1, v, d_vision]`).
+    pub fn generate_from_visual(
+        &self,
+        visual: Tensor<3>,
+        prompt: &[i64],
+        eos: i64,
+        max_new: usize,
+    ) -> Vec<i64> {
+        let device = visual.device();
         let mut ids: Vec<i64> = prompt.to_vec();
         let mut out = Vec::new();
         for _ in 0..max_new {
@@ -445,6 +489,7 @@ impl Distillable for EcgVlm {
             logits,
             visual_hidden: h.slice([0..b, 0..v, 0..d]),
             head: self.lm_head.weight.val(),
+            visual_mask: None,
         }
     }
 

@@ -166,42 +166,48 @@ pub struct Batch {
 /// Encoder input of samples as `[b, c, n]`.
 pub fn pixels(samples: &[&Sample], input: &InputKind, device: &Device) -> Tensor<3> {
     let b = samples.len();
+    let mut v = Vec::new();
+    for s in samples {
+        v.extend(model_input(s, input));
+    }
+    let shape = match input {
+        InputKind::Image { height, width, .. } => [b, 1, height * width],
+        InputKind::Signal {
+            leads, samples: n, ..
+        } => [b, *leads, *n],
+    };
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// One sample's encoder input on the host, as the model with `input` reads it.
+pub fn model_input(s: &Sample, input: &InputKind) -> Vec<f32> {
     match input {
         InputKind::Image { height, width, .. } => {
-            let mut v = Vec::with_capacity(b * height * width);
-            for s in samples {
-                // Samples hold the largest image; a model reading a smaller one gets it by
-                // integer-factor area pooling (its own image processor).
-                let n = s.image.len();
-                let f = ((n / (height * width)) as f64).sqrt().round() as usize;
-                if f <= 1 {
-                    v.extend_from_slice(&s.image[..height * width]);
-                } else {
-                    let w0 = width * f;
-                    for y in 0..*height {
-                        for x in 0..*width {
-                            let mut acc = 0.0;
-                            for dy in 0..f {
-                                for dx in 0..f {
-                                    acc += s.image[(y * f + dy) * w0 + x * f + dx];
-                                }
-                            }
-                            v.push(acc / (f * f) as f32);
+            // Samples hold the largest image; a model reading a smaller one gets it by
+            // integer-factor area pooling (its own image processor).
+            let n = s.image.len();
+            let f = ((n / (height * width)) as f64).sqrt().round() as usize;
+            if f <= 1 {
+                return s.image[..height * width].to_vec();
+            }
+            let w0 = width * f;
+            let mut v = Vec::with_capacity(height * width);
+            for y in 0..*height {
+                for x in 0..*width {
+                    let mut acc = 0.0;
+                    for dy in 0..f {
+                        for dx in 0..f {
+                            acc += s.image[(y * f + dy) * w0 + x * f + dx];
                         }
                     }
+                    v.push(acc / (f * f) as f32);
                 }
             }
-            Tensor::from_data(TensorData::new(v, [b, 1, height * width]), device)
+            v
         }
         InputKind::Signal {
             leads, samples: n, ..
-        } => {
-            let mut v = Vec::with_capacity(b * leads * n);
-            for s in samples {
-                v.extend_from_slice(&s.signal[..leads * n]);
-            }
-            Tensor::from_data(TensorData::new(v, [b, *leads, *n]), device)
-        }
+        } => s.signal[..leads * n].to_vec(),
     }
 }
 

@@ -8,7 +8,7 @@
 //! It also writes predictions in PULSE's output format so `evl-ecg score ecgbench` reads them.
 
 use burn::tensor::Device;
-use evl_models::vlm::{Distillable, EcgVlm};
+use evl_models::vlm::EcgVlm;
 
 use crate::batch::{Sample, encode_prompt, pixels, text_tensors};
 use crate::text::{DIAGNOSIS_PROMPT, EOS, TextTokenizer, verify_prompt};
@@ -83,10 +83,15 @@ pub fn evaluate(
         .map(|l| encode_prompt(tok, &verify_prompt(l)))
         .collect();
     let chunk = (64 / k.max(1)).max(1);
+    let dprompt = encode_prompt(tok, DIAGNOSIS_PROMPT);
+    let mut lines = Vec::with_capacity(samples.len());
     for (ci, group) in samples.chunks(chunk).enumerate() {
+        // One encoder pass per record, shared by its k questions and its generation.
+        let refs: Vec<&Sample> = group.iter().collect();
+        let visual = model.encode(pixels(&refs, &input, device));
+        let [n, v, d] = visual.dims();
         let mut rows = Vec::new();
-        let mut px: Vec<&Sample> = Vec::new();
-        for s in group {
+        for _ in group {
             for p in &prompts {
                 // Logit row j predicts token j (from position j - 1), so the first answer
                 // token's distribution sits one past the prompt: append a placeholder token
@@ -94,14 +99,18 @@ pub fn evaluate(
                 let mut ids = p.clone();
                 ids.push(EOS);
                 rows.push((ids, vec![false; p.len() + 1]));
-                px.push(s);
             }
         }
         let lens: Vec<usize> = rows.iter().map(|r| r.0.len() - 1).collect();
         let (text, pad, _, _) = text_tensors(rows, device);
-        let v = model.view(pixels(&px, &input, device), text, pad);
-        let [_, t, vocab] = v.logits.dims();
-        let logits: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
+        let repeated = visual
+            .clone()
+            .unsqueeze_dim::<4>(1)
+            .expand([n, k, v, d])
+            .reshape([n * k, v, d]);
+        let z = model.text_logits(repeated, text, pad);
+        let [_, t, vocab] = z.dims();
+        let logits: Vec<f32> = z.into_data().iter::<f32>().collect();
         for (r, len) in lens.iter().enumerate() {
             let base = (r * t + len) * vocab;
             let (ly, ln) = (
@@ -113,18 +122,18 @@ pub fn evaluate(
             let (si, li) = (r / k, r % k);
             probs[(ci * chunk + si) * k + li] = p;
         }
-    }
-    let dprompt = encode_prompt(tok, DIAGNOSIS_PROMPT);
-    let mut lines = Vec::with_capacity(samples.len());
-    for (i, s) in samples.iter().enumerate() {
-        let ids = model.generate(pixels(&[s], &input, device), &dprompt, EOS, 16);
-        lines.push(PredLine {
-            question_id: s.id.clone(),
-            prompt: DIAGNOSIS_PROMPT.to_string(),
-            text: tok.decode(&ids),
-            probs: probs[i * k..(i + 1) * k].to_vec(),
-            gold: s.labels.clone(),
-        });
+        for (si, s) in group.iter().enumerate() {
+            let i = ci * chunk + si;
+            let one = visual.clone().slice([si..si + 1, 0..v, 0..d]);
+            let ids = model.generate_from_visual(one, &dprompt, EOS, 16);
+            lines.push(PredLine {
+                question_id: s.id.clone(),
+                prompt: DIAGNOSIS_PROMPT.to_string(),
+                text: tok.decode(&ids),
+                probs: probs[i * k..(i + 1) * k].to_vec(),
+                gold: s.labels.clone(),
+            });
+        }
     }
     (score_lines(&lines, space), lines)
 }

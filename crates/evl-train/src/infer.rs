@@ -10,10 +10,11 @@ use burn::module::Module;
 use burn::tensor::Device;
 use evl_models::vlm::{EcgVlm, EcgVlmConfig};
 
+use crate::batch::encode_prompt;
 use crate::batch::{InputSpec, Sample, image_of, signal_of};
 use crate::checkpoint;
-use crate::eval::evaluate;
 use crate::text::TextTokenizer;
+use crate::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
 use crate::{Error, Result};
 
 /// A model ready for inference.
@@ -27,6 +28,8 @@ pub struct ModelBundle {
     pub spec: InputSpec,
     /// The label space its per-label probabilities are over (`labels.json`).
     pub space: Vec<String>,
+    /// The same weights for framework-free CPU inference (`interpret` uses it).
+    pub native: evl_models::native::NativeVlm,
 }
 
 /// What the model says about one record.
@@ -81,6 +84,30 @@ pub fn save_bundle(
 }
 
 impl ModelBundle {
+    /// The native engine's answers for one prepared sample: `p(yes)` per label of the
+    /// bundle's space and the greedy diagnosis (the same questions `evaluate` asks).
+    pub fn answer(&self, sample: &Sample) -> evl_models::native::NativeAnswer {
+        let input = crate::batch::model_input(sample, &self.model.input());
+        let prompts: Vec<Vec<i64>> = self
+            .space
+            .iter()
+            .map(|l| encode_prompt(&self.tok, &verify_prompt(l)))
+            .collect();
+        let first = |w: &str| self.tok.encode(w).0.first().copied().unwrap_or(EOS);
+        let generate_prompt = encode_prompt(&self.tok, DIAGNOSIS_PROMPT);
+        self.native.answer(
+            &input,
+            &evl_models::native::Questions {
+                verify_prompts: &prompts,
+                yes: first("yes"),
+                no: first("no"),
+                generate_prompt: &generate_prompt,
+                eos: EOS,
+                max_new: 16,
+            },
+        )
+    }
+
     /// Load a model directory onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle> {
         let cfg = EcgVlmConfig::load(dir.join("config.json")).map_err(|e| Error::Checkpoint {
@@ -109,48 +136,53 @@ impl ModelBundle {
         let model =
             checkpoint::load_module(cfg.init(device), &dir.join("model.safetensors"), device)?
                 .valid();
+        let native = evl_models::native::NativeVlm::load(dir).map_err(|e| Error::Checkpoint {
+            path: e.path.clone(),
+            what: e.what,
+        })?;
         Ok(ModelBundle {
             model,
             tok,
             spec,
             space,
+            native,
         })
     }
 
     /// Interpret one record.
-    pub fn interpret(&self, record: &ecg_io::Record, device: &Device) -> Result<Interpretation> {
+    pub fn interpret(&self, record: &ecg_io::Record) -> Result<Interpretation> {
         let space = &self.space;
         let t = Instant::now();
-        let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
-            dpi: self.spec.dpi,
-            grid: self.spec.grid,
-            ..Default::default()
-        })
-        .map_err(|e| Error::Data(Box::new(e)))?;
+        // Only the input this model reads is prepared (rendering is skipped for signal models).
+        let image = match self.model.input() {
+            evl_models::vlm::InputKind::Image { .. } => {
+                let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
+                    dpi: self.spec.dpi,
+                    grid: self.spec.grid,
+                    ..Default::default()
+                })
+                .map_err(|e| Error::Data(Box::new(e)))?;
+                image_of(&renderer, record, &self.spec).map_err(|e| Error::Data(Box::new(e)))?
+            }
+            evl_models::vlm::InputKind::Signal { .. } => Vec::new(),
+        };
+        let signal = match self.model.input() {
+            evl_models::vlm::InputKind::Signal { .. } => signal_of(record, &self.spec)?,
+            evl_models::vlm::InputKind::Image { .. } => Vec::new(),
+        };
         let sample = Sample {
             id: record.name.clone(),
-            image: image_of(&renderer, record, &self.spec).map_err(|e| Error::Data(Box::new(e)))?,
-            signal: signal_of(record, &self.spec)?,
+            image,
+            signal,
             labels: Vec::new(),
             findings: Vec::new(),
             turns: Vec::new(),
         };
-        let (_, lines) = evaluate(
-            &self.model,
-            &self.tok,
-            std::slice::from_ref(&sample),
-            space,
-            device,
-        );
-        let line = &lines[0];
+        let a = self.answer(&sample);
         Ok(Interpretation {
             record: record.name.clone(),
-            answer: line.text.clone(),
-            probabilities: space
-                .iter()
-                .cloned()
-                .zip(line.probs.iter().copied())
-                .collect(),
+            answer: self.tok.decode(&a.generated),
+            probabilities: space.iter().cloned().zip(a.probs).collect(),
             ms: t.elapsed().as_secs_f64() * 1e3,
         })
     }

@@ -346,13 +346,16 @@ fn validate(
     Ok(Some(scores))
 }
 
-/// Supervised fine-tuning of a teacher or student on `data`'s training split. Resumes from
-/// `out/checkpoint` when it holds a checkpoint of the same settings.
+/// Supervised fine-tuning of a teacher or student on `data`'s training split. With `resume`,
+/// continues the run checkpointed in `out/checkpoint` (same settings, same result as an
+/// uninterrupted run); without it, a checkpoint there is an error rather than overwritten.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     role: Role,
     cfg: &JobConfig,
     data: TrainData<'_>,
     out: &Path,
+    resume: bool,
     train_device: &Device,
     infer_device: &Device,
     on_step: impl FnMut(&StepLog),
@@ -360,6 +363,7 @@ pub fn train(
     let dirs = JobDirs {
         out: out.to_path_buf(),
     };
+    check_resume(out, resume)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
@@ -418,6 +422,22 @@ pub fn train(
     })
 }
 
+/// Refuse to overwrite a run in `out` unless `resume` asks to continue it.
+fn check_resume(out: &Path, resume: bool) -> Result<()> {
+    let ck = out.join("checkpoint");
+    if !resume && let Some(state) = crate::checkpoint::load_state(&ck)? {
+        return Err(Error::Config {
+            field: "resume",
+            what: format!(
+                "{} holds a run at step {}; pass --resume to continue it, or choose another --out",
+                ck.display(),
+                state.step
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A run stopped early (`stop_after`): its checkpoint is written, no model bundle yet.
 fn stopped(out: &Path, logs: &[StepLog], params: usize) -> JobOutcome {
     JobOutcome {
@@ -443,7 +463,7 @@ fn load_trainable(dir: &Path, device: &Device) -> Result<(EcgVlm, EcgVlmConfig, 
 }
 
 /// Distil the student bundle in `student` from the teacher bundle in `teacher` on `data`'s
-/// training split with `cfg.distill`. Resumes from `out/checkpoint`.
+/// training split with `cfg.distill`. `resume` as in [`train`].
 #[allow(clippy::too_many_arguments)]
 pub fn distill_job(
     cfg: &JobConfig,
@@ -451,11 +471,13 @@ pub fn distill_job(
     student: &Path,
     data: TrainData<'_>,
     out: &Path,
+    resume: bool,
     train_device: &Device,
     infer_device: &Device,
     on_step: impl FnMut(&StepLog),
 ) -> Result<JobOutcome> {
     let d = &cfg.distill;
+    check_resume(out, resume)?;
     let method = Method::parse(&d.method, &d.ablate)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");

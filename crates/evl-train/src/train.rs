@@ -705,7 +705,7 @@ pub fn distill(
                         t_vis: tvis,
                         s_vis: v.visual,
                         t_vis_mask: None,
-                        s_vis_mask: None,
+                        s_vis_mask: v.visual_mask,
                     };
                     let out = model.head.forward(inputs, &loss_cfg);
                     if let Some(m) = out.mhca {

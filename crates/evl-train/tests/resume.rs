@@ -11,6 +11,15 @@ use evl_train::quickstart::{Preset, QuickstartConfig};
 use evl_train::text::{TextTokenizer, conversations};
 use evl_train::train::{DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill};
 
+/// burn's `flex` RNG is process-global (`Device::seed`) and parameters draw from it lazily:
+/// tests that seed or build models run one at a time, or a parallel test reseeds another's
+/// stream mid-run (seen as a flaky resume check before this lock).
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn samples(n: usize) -> Vec<Sample> {
     let spec = InputSpec::default();
     let r = ecg_render::Renderer::new(ecg_render::RenderConfig {
@@ -57,6 +66,7 @@ fn weights(m: &impl Module) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn distillation_resumes_to_the_same_weights() {
+    let _rng = rng_lock();
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(12);
@@ -170,6 +180,7 @@ fn distillation_resumes_to_the_same_weights() {
 
 #[test]
 fn tiny_quickstart_end_to_end() {
+    let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let device = Device::flex();
     let cfg = QuickstartConfig::preset(Preset::Tiny);
@@ -217,6 +228,7 @@ fn tiny_quickstart_end_to_end() {
 /// turn `[BOS] prompt [SEP] yes [EOS]`. (An off-by-one here once read the prediction of SEP.)
 #[test]
 fn label_probability_is_read_at_the_trained_answer_position() {
+    let _rng = rng_lock();
     use evl_models::vlm::Distillable;
     let device = Device::flex();
     let data = samples(3);
@@ -271,6 +283,7 @@ fn label_probability_is_read_at_the_trained_answer_position() {
 /// own term logged, and the student's weights move.
 #[test]
 fn every_method_trains() {
+    let _rng = rng_lock();
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(6);
@@ -358,6 +371,7 @@ fn every_method_trains() {
 /// independent draws. Both are pure functions of the seed.
 #[test]
 fn batches_group_turns_per_record_when_asked() {
+    let _rng = rng_lock();
     use evl_train::train::batch_indices;
     let data = samples(5);
     let mut cfg = OptimConfig {

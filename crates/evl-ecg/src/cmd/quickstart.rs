@@ -79,7 +79,7 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
     for path in &a.records {
         let rec = crate::cmd::data::load(path, a.no_verify)?;
         let r = bundle
-            .interpret(&rec, &device)
+            .interpret(&rec)
             .with_context(|| format!("interpreting {}", path.display()))?;
         if json {
             println!(

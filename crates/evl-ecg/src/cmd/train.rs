@@ -96,7 +96,7 @@ fn finish(o: &JobOutcome, json: bool) {
     }
     if o.stopped {
         println!(
-            "stopped after step {} with a checkpoint in {}/checkpoint; run the same command again to resume",
+            "stopped after step {} with a checkpoint in {}/checkpoint; run the same command with --resume to continue",
             o.steps,
             o.out.display()
         );
@@ -144,8 +144,17 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
     };
     let (tdev, idev) = devices(&a.job)?;
     let (bar, cb) = progress(steps, json);
-    let o = train(role, &cfg, data(&a.job), &a.job.out, &tdev, &idev, cb)
-        .with_context(|| format!("training the {role:?} into {}", a.job.out.display()))?;
+    let o = train(
+        role,
+        &cfg,
+        data(&a.job),
+        &a.job.out,
+        a.job.resume,
+        &tdev,
+        &idev,
+        cb,
+    )
+    .with_context(|| format!("training the {role:?} into {}", a.job.out.display()))?;
     bar.finish_and_clear();
     finish(&o, json);
     Ok(())
@@ -176,6 +185,7 @@ pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
         &a.student,
         data(&a.job),
         &a.job.out,
+        a.job.resume,
         &tdev,
         &idev,
         cb,

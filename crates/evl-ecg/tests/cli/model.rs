@@ -132,7 +132,8 @@ fn eval_refuses_bad_perturbations_and_unlabelled_data_by_name() {
     assert!(!ok && err.contains("label space"), "{err}");
 }
 
-/// The two stages as commands: SFT of both models (the teacher killed half-way and resumed),
+/// The two stages as commands: SFT of both models (the teacher killed half-way, refused
+/// without --resume, then resumed),
 /// then distillation with EVL-ECG (offline cache) and KD (online teacher); a TOML config with a
 /// typo is refused by name.
 #[test]
@@ -159,8 +160,19 @@ fn train_and_distill_commands_resume_and_validate_config() {
             .count(),
         2
     );
+    // Without --resume an existing run is not overwritten.
+    let (ok, _, err) = run(bin()
+        .args(["train", "teacher", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&t)
+        .args(small));
+    assert!(
+        !ok && err.contains("--resume") && err.contains("step 2"),
+        "{err}"
+    );
     let (ok, stdout, err) = run(bin()
-        .args(["--json", "train", "teacher", "--data"])
+        .args(["--json", "train", "teacher", "--resume", "--data"])
         .arg(&data)
         .arg("--out")
         .arg(&t)
