@@ -169,7 +169,7 @@ impl QuickstartConfig {
                 patch: 40,
             }
         };
-        EcgVlmConfig::new(input, 192, 2, 4, 192, 2, 4, self.teacher_vocab, 192)
+        crate::job::teacher_arch(input, self.teacher_vocab)
     }
 
     /// Student architecture: widths 32/48; 12 visual tokens from the page at half the
@@ -188,7 +188,7 @@ impl QuickstartConfig {
                 patch: 40,
             }
         };
-        EcgVlmConfig::new(input, 32, 1, 2, 48, 2, 2, self.student_vocab, 192)
+        crate::job::student_arch(input, self.student_vocab)
     }
 }
 
