@@ -246,41 +246,65 @@ pub fn bootstrap_ci(
     level: f64,
     seed: u64,
 ) -> BootstrapCi {
+    bootstrap_ci_many(n, 1, |rows| vec![metric(rows)], resamples, level, seed)
+        .pop()
+        .expect("one metric")
+}
+
+/// [`bootstrap_ci`] for `k` metrics computed together by `metrics(rows)` (a vector of `k`),
+/// on the same resamples: each resample is evaluated once for all of them, and every
+/// interval equals what `bootstrap_ci` gives for that metric alone with the same seed.
+pub fn bootstrap_ci_many(
+    n: usize,
+    k: usize,
+    metrics: impl Fn(&[usize]) -> Vec<Option<f64>>,
+    resamples: usize,
+    level: f64,
+    seed: u64,
+) -> Vec<BootstrapCi> {
     let all: Vec<usize> = (0..n).collect();
-    let estimate = metric(&all);
+    let estimates = metrics(&all);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut vals = Vec::with_capacity(resamples);
-    let mut undefined = 0;
+    let mut vals: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); k];
+    let mut undefined = vec![0usize; k];
     let mut rows = vec![0usize; n];
     for _ in 0..resamples {
         for r in rows.iter_mut() {
             *r = rng.random_range(0..n.max(1));
         }
-        match metric(&rows) {
-            Some(v) if v.is_finite() => vals.push(v),
-            _ => undefined += 1,
+        for (m, v) in metrics(&rows).into_iter().enumerate().take(k) {
+            match v {
+                Some(v) if v.is_finite() => vals[m].push(v),
+                _ => undefined[m] += 1,
+            }
         }
     }
-    vals.sort_by(f64::total_cmp);
-    let pct = |q: f64| -> f64 {
-        if vals.is_empty() {
-            return f64::NAN;
-        }
-        let pos = q * (vals.len() - 1) as f64;
-        let (i, f) = (pos.floor() as usize, pos - pos.floor());
-        if i + 1 < vals.len() {
-            vals[i] * (1.0 - f) + vals[i + 1] * f
-        } else {
-            vals[i]
-        }
-    };
-    BootstrapCi {
-        estimate,
-        lo: pct((1.0 - level) / 2.0),
-        hi: pct((1.0 + level) / 2.0),
-        resamples,
-        undefined,
-    }
+    vals.into_iter()
+        .zip(undefined)
+        .zip(estimates)
+        .map(|((mut vals, undefined), estimate)| {
+            vals.sort_by(f64::total_cmp);
+            let pct = |q: f64| -> f64 {
+                if vals.is_empty() {
+                    return f64::NAN;
+                }
+                let pos = q * (vals.len() - 1) as f64;
+                let (i, f) = (pos.floor() as usize, pos - pos.floor());
+                if i + 1 < vals.len() {
+                    vals[i] * (1.0 - f) + vals[i + 1] * f
+                } else {
+                    vals[i]
+                }
+            };
+            BootstrapCi {
+                estimate,
+                lo: pct((1.0 - level) / 2.0),
+                hi: pct((1.0 + level) / 2.0),
+                resamples,
+                undefined,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -71,3 +71,15 @@ fn curves_integrate_to_their_metrics() {
         }
     }
 }
+
+/// Several metrics bootstrapped together get exactly the intervals each gets alone.
+#[test]
+fn bootstrap_many_equals_one_at_a_time() {
+    use evl_eval::continuous::{bootstrap_ci, bootstrap_ci_many};
+    let x: Vec<f64> = (0..40).map(|i| ((i * 37) % 11) as f64).collect();
+    let mean = |r: &[usize]| Some(r.iter().map(|&i| x[i]).sum::<f64>() / r.len() as f64);
+    let max = |r: &[usize]| r.iter().map(|&i| x[i]).reduce(f64::max);
+    let many = bootstrap_ci_many(40, 2, |r| vec![mean(r), max(r)], 300, 0.9, 5);
+    assert_eq!(many[0], bootstrap_ci(40, mean, 300, 0.9, 5));
+    assert_eq!(many[1], bootstrap_ci(40, max, 300, 0.9, 5));
+}
