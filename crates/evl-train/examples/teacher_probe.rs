@@ -60,14 +60,7 @@ fn main() {
     .unwrap();
     let train = samples_from_records(train_recs, &cfg.input, 1).unwrap();
     let val = samples_from_records(val_recs, &cfg.input, 2).unwrap();
-    let texts: Vec<String> = train
-        .iter()
-        .flat_map(|s| {
-            s.turns
-                .iter()
-                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-        })
-        .collect();
+    let texts = evl_train::batch::corpus(&train);
     let (vocab, mut mcfg) = if role == "teacher" {
         (cfg.teacher_vocab, cfg.teacher_model())
     } else {

@@ -284,10 +284,7 @@ pub fn samples_from_records(
         ..Default::default()
     })
     .map_err(|e| Error::Data(Box::new(e)))?;
-    let sp: Vec<String> = ecg_synth::SUPERCLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let sp = crate::text::superclass_space();
     records
         .into_par_iter()
         .enumerate()
@@ -433,4 +430,16 @@ pub fn check_inputs(samples: &[Sample], input: &InputKind) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Every prompt and answer of `samples`' conversations: what tokenizers are trained on.
+pub fn corpus(samples: &[Sample]) -> Vec<String> {
+    samples
+        .iter()
+        .flat_map(|s| {
+            s.turns
+                .iter()
+                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
+        })
+        .collect()
 }

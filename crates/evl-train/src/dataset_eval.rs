@@ -290,14 +290,6 @@ pub fn paired_deltas(
         .collect()
 }
 
-fn write_jsonl(path: &Path, lines: &[PredLine]) -> Result<()> {
-    let text: String = lines
-        .iter()
-        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
-        .collect();
-    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(data_err)
-}
-
 /// Gold items in ECG-Bench's format (`id`, `conversations`), for `score ecgbench`.
 fn write_gold(path: &Path, lines: &[PredLine]) -> Result<()> {
     let items: Vec<serde_json::Value> = lines
@@ -411,7 +403,7 @@ pub fn eval_dataset(
         .map(|t| continuous::macro_f1_at(&yt, &ys, t));
     let (_, reliability) = continuous::expected_calibration_error(&yt, &ys, 10);
     if let Some(o) = out {
-        write_jsonl(&o.join("predictions.jsonl"), &lines)?;
+        crate::write_jsonl(&o.join("predictions.jsonl"), &lines)?;
         write_gold(&o.join("gold.json"), &lines)?;
     }
     let mut perturbations = Vec::new();
@@ -431,7 +423,7 @@ pub fn eval_dataset(
         let predictions = match out {
             Some(o) => {
                 let path = o.join(format!("predictions-{}.jsonl", file_name(&spec)));
-                write_jsonl(&path, &plines)?;
+                crate::write_jsonl(&path, &plines)?;
                 Some(path)
             }
             None => None,

@@ -275,14 +275,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-fn write_logs(path: &Path, logs: &[StepLog]) -> Result<()> {
-    let text: String = logs
-        .iter()
-        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
-        .collect();
-    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
-}
-
 fn load_split(data: &Path, split: Split, spec: &InputSpec, seed: u64) -> Result<Vec<Sample>> {
     samples_from_records(load_labelled(data, Some(split), None, false)?, spec, seed)
 }
@@ -321,13 +313,6 @@ impl TrainData<'_> {
     }
 }
 
-fn space() -> Vec<String> {
-    ecg_synth::SUPERCLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
 fn validate(
     model: &EcgVlm,
     tok: &TextTokenizer,
@@ -339,7 +324,7 @@ fn validate(
     let Ok(val) = load_split(data, Split::Val, spec, 2) else {
         return Ok(None);
     };
-    let (scores, _) = evaluate(model, tok, &val, &space(), device);
+    let (scores, _) = evaluate(model, tok, &val, &crate::text::superclass_space(), device);
     let text = serde_json::to_string_pretty(&scores).expect("plain data");
     ecg_io::wfdb::atomic_write(&out.join("val_metrics.json"), text.as_bytes())
         .map_err(|e| Error::Data(Box::new(e)))?;
@@ -377,14 +362,7 @@ pub fn train(
     let tok = if tok_path.is_file() {
         TextTokenizer::load(&tok_path)?
     } else {
-        let texts: Vec<String> = samples
-            .iter()
-            .flat_map(|s| {
-                s.turns
-                    .iter()
-                    .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-            })
-            .collect();
+        let texts = crate::batch::corpus(&samples);
         let t = TextTokenizer::train(&texts, sec.vocab)?;
         t.save(&tok_path)?;
         t
@@ -402,24 +380,15 @@ pub fn train(
         train_device,
         on_step,
     )?;
-    write_logs(&out.join("metrics.jsonl"), &logs)?;
-    if logs.len() < sec.optim.steps {
-        return Ok(stopped(out, &logs, model.num_params()));
-    }
-    let inf = model.valid();
-    crate::infer::save_bundle(&dirs.model(), &inf, &arch, &tok, &cfg.input, &space())?;
-    let val = match data.labelled() {
-        Some(d) => validate(&inf, &tok, d, &cfg.input, out, infer_device)?,
-        None => None,
-    };
-    Ok(JobOutcome {
-        out: out.to_path_buf(),
-        steps: logs.len(),
-        final_log: logs.last().cloned(),
-        val,
-        params: inf.num_params(),
-        stopped: false,
-    })
+    finish(
+        out,
+        &logs,
+        sec.optim.steps,
+        model.valid(),
+        (&arch, &tok, &cfg.input),
+        data,
+        infer_device,
+    )
 }
 
 /// Refuse to overwrite a run in `out` unless `resume` asks to continue it.
@@ -438,16 +407,37 @@ fn check_resume(out: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
-/// A run stopped early (`stop_after`): its checkpoint is written, no model bundle yet.
-fn stopped(out: &Path, logs: &[StepLog], params: usize) -> JobOutcome {
-    JobOutcome {
+/// The end of a job: the step log; then, unless it stopped early (`stop_after`: the
+/// checkpoint is written, no bundle yet), the model bundle and the validation scores.
+fn finish(
+    out: &Path,
+    logs: &[StepLog],
+    steps: usize,
+    model: EcgVlm,
+    (arch, tok, spec): (&EcgVlmConfig, &TextTokenizer, &InputSpec),
+    data: TrainData<'_>,
+    infer_device: &Device,
+) -> Result<JobOutcome> {
+    crate::write_jsonl(&out.join("metrics.jsonl"), logs)?;
+    let stopped = logs.len() < steps;
+    let val = if stopped {
+        None
+    } else {
+        let space = crate::text::superclass_space();
+        crate::infer::save_bundle(&out.join("model"), &model, arch, tok, spec, &space)?;
+        match data.labelled() {
+            Some(d) => validate(&model, tok, d, spec, out, infer_device)?,
+            None => None,
+        }
+    };
+    Ok(JobOutcome {
         out: out.to_path_buf(),
         steps: logs.len(),
         final_log: logs.last().cloned(),
-        val: None,
-        params,
-        stopped: true,
-    }
+        val,
+        params: model.num_params(),
+        stopped,
+    })
 }
 
 /// Load a model bundle's weights onto the training device (trainable).
@@ -524,24 +514,15 @@ pub fn distill_job(
         train_device,
         on_step,
     )?;
-    write_logs(&out.join("metrics.jsonl"), &logs)?;
-    if logs.len() < d.optim.steps {
-        return Ok(stopped(out, &logs, dm.student.num_params()));
-    }
-    let inf = dm.student.valid();
-    crate::infer::save_bundle(&out.join("model"), &inf, &s_cfg, &s_tok, &t.spec, &space())?;
-    let val = match data.labelled() {
-        Some(d) => validate(&inf, &s_tok, d, &t.spec, out, infer_device)?,
-        None => None,
-    };
-    Ok(JobOutcome {
-        out: out.to_path_buf(),
-        steps: logs.len(),
-        final_log: logs.last().cloned(),
-        val,
-        params: inf.num_params(),
-        stopped: false,
-    })
+    finish(
+        out,
+        &logs,
+        d.optim.steps,
+        dm.student.valid(),
+        (&s_cfg, &s_tok, &t.spec),
+        data,
+        infer_device,
+    )
 }
 
 #[cfg(test)]

@@ -53,3 +53,18 @@ pub enum Error {
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Write `items` as JSON Lines, atomically (parent directories created).
+pub(crate) fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, items: &[T]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let text: String = items
+        .iter()
+        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
+        .collect();
+    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
+}

@@ -16,9 +16,7 @@ use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
 use crate::batch::{InputSpec, Labelled, Sample, samples_from_records};
 use crate::eval::{EvalScores, PredLine, evaluate};
 use crate::text::TextTokenizer;
-use crate::train::{
-    DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
-};
+use crate::train::{DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill, sft};
 use crate::{Error, Result};
 
 /// Size presets.
@@ -275,13 +273,6 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn space() -> Vec<String> {
-    ecg_synth::SUPERCLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
 /// Real PTB-XL records under `shared/data/ptbxl_subset/records500`, labelled from headers.
 fn real_samples(shared_data: &Path, spec: &InputSpec) -> Result<Vec<Sample>> {
     let root = shared_data.join("ptbxl_subset");
@@ -360,14 +351,7 @@ pub fn run(
     stages.insert("data".into(), t.elapsed().as_secs_f64());
     // 2. Tokenizers.
     let t = Instant::now();
-    let texts: Vec<String> = train
-        .iter()
-        .flat_map(|s| {
-            s.turns
-                .iter()
-                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-        })
-        .collect();
+    let texts = crate::batch::corpus(&train);
     let t_tok = TextTokenizer::train(&texts, cfg.teacher_vocab)?;
     let s_tok = TextTokenizer::train(&texts, cfg.student_vocab)?;
     std::fs::create_dir_all(out.join("tokenizers")).map_err(|source| Error::Io {
@@ -474,10 +458,16 @@ pub fn run(
     let t = Instant::now();
     let eval_both =
         |m: &EcgVlm, tok: &TextTokenizer| -> (EvalScores, Option<EvalScores>, Vec<PredLine>) {
-            let (syn, lines) = evaluate(m, tok, &test, &space(), infer_device);
+            let (syn, lines) = evaluate(
+                m,
+                tok,
+                &test,
+                &crate::text::superclass_space(),
+                infer_device,
+            );
             let r = real
                 .as_ref()
-                .map(|r| evaluate(m, tok, r, &space(), infer_device).0);
+                .map(|r| evaluate(m, tok, r, &crate::text::superclass_space(), infer_device).0);
             (syn, r, lines)
         };
     let mut references = Vec::new();
@@ -486,7 +476,7 @@ pub fn run(
         ("student-sft", &student.valid(), &s_tok),
     ] {
         let (syn, r, lines) = eval_both(m, tok);
-        write_predictions(&out.join(format!("predictions/{name}.jsonl")), &lines)?;
+        crate::write_jsonl(&out.join(format!("predictions/{name}.jsonl")), &lines)?;
         say(&format!(
             "{name}: synthetic macro AUC {:?}, parity F1 {:.3}",
             syn.macro_auc, syn.parity_f1
@@ -537,7 +527,7 @@ pub fn run(
                 train_device,
                 |_| {},
             )?;
-            write_logs(&run_dir.join("metrics.jsonl"), &logs)?;
+            crate::write_jsonl(&run_dir.join("metrics.jsonl"), &logs)?;
             let s = dm.student.clone();
             let first_seed = Some(&seed) == cfg.seeds.first();
             if first_seed && (m == &Method::Ce || m == &Method::Kl || m.name() == "evl") {
@@ -551,11 +541,11 @@ pub fn run(
                     &student_cfg,
                     &s_tok,
                     &cfg.input,
-                    &space(),
+                    &crate::text::superclass_space(),
                 )?;
             }
             let (syn, r, lines) = eval_both(&s.valid(), &s_tok);
-            write_predictions(
+            crate::write_jsonl(
                 &out.join(format!("predictions/{}-seed{seed}.jsonl", m.name())),
                 &lines,
             )?;
@@ -630,24 +620,6 @@ pub fn run(
     ecg_io::wfdb::atomic_write(&out.join("report.md"), report(&results).as_bytes())
         .map_err(|e| Error::Data(Box::new(e)))?;
     Ok(results)
-}
-
-fn write_predictions(path: &Path, lines: &[PredLine]) -> Result<()> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir, source })?;
-    let text: String = lines
-        .iter()
-        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
-        .collect();
-    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
-}
-
-fn write_logs(path: &Path, logs: &[StepLog]) -> Result<()> {
-    let text: String = logs
-        .iter()
-        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
-        .collect();
-    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {

@@ -146,6 +146,14 @@ pub struct Turn {
     pub template: String,
 }
 
+/// The label space the built-in conversations and models use: the PTB-XL superclasses.
+pub fn superclass_space() -> Vec<String> {
+    ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// The superclass diagnosis prompt (answer: label names, comma separated, in label order).
 pub const DIAGNOSIS_PROMPT: &str =
     "Which diagnostic superclasses does this ECG show? Options: NORM, MI, STTC, CD, HYP.";

@@ -40,14 +40,7 @@ fn native_engine_matches_the_burn_model() {
     let device = Device::flex();
     let spec = InputSpec::default();
     let data = samples(4, &spec);
-    let texts: Vec<String> = data
-        .iter()
-        .flat_map(|s| {
-            s.turns
-                .iter()
-                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-        })
-        .collect();
+    let texts = evl_train::batch::corpus(&data);
     let tok = TextTokenizer::train(&texts, 90).unwrap();
     let space: Vec<String> = ecg_synth::SUPERCLASSES
         .iter()

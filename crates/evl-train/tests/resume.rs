@@ -70,14 +70,7 @@ fn distillation_resumes_to_the_same_weights() {
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(12);
-    let texts: Vec<String> = data
-        .iter()
-        .flat_map(|s| {
-            s.turns
-                .iter()
-                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-        })
-        .collect();
+    let texts = evl_train::batch::corpus(&data);
     let t_tok = TextTokenizer::train(&texts, 120).unwrap();
     let s_tok = TextTokenizer::train(&texts, 90).unwrap();
     assert_ne!(t_tok.vocab_size(), s_tok.vocab_size());
@@ -232,14 +225,7 @@ fn label_probability_is_read_at_the_trained_answer_position() {
     use evl_models::vlm::Distillable;
     let device = Device::flex();
     let data = samples(3);
-    let texts: Vec<String> = data
-        .iter()
-        .flat_map(|s| {
-            s.turns
-                .iter()
-                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-        })
-        .collect();
+    let texts = evl_train::batch::corpus(&data);
     let tok = TextTokenizer::train(&texts, 120).unwrap();
     let mut cfg = QuickstartConfig::preset(Preset::Tiny).student_model();
     cfg.vocab = tok.vocab_size();
@@ -287,14 +273,7 @@ fn every_method_trains() {
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(6);
-    let texts: Vec<String> = data
-        .iter()
-        .flat_map(|s| {
-            s.turns
-                .iter()
-                .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
-        })
-        .collect();
+    let texts = evl_train::batch::corpus(&data);
     let t_tok = TextTokenizer::train(&texts, 120).unwrap();
     let s_tok = TextTokenizer::train(&texts, 90).unwrap();
     let qc = QuickstartConfig::preset(Preset::Tiny);
