@@ -290,6 +290,9 @@ impl Perturbation {
             let to_mv = ch.mv_factor();
             let mut x: Vec<f64> = ch.physical();
             let n = x.len();
+            if n == 0 {
+                continue;
+            }
             let voltage = to_mv.is_some();
             // Millivolts expressed in the channel's units.
             let mv = 1.0 / to_mv.unwrap_or(1.0);
@@ -383,5 +386,35 @@ mod tests {
             let e = s.parse::<Perturbation>().expect_err(s).to_string();
             assert!(e.contains(frag) && e.contains(s), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn an_empty_record_is_left_alone() {
+        let mut r = Record {
+            name: "empty".into(),
+            fs: 500.0,
+            n_samples: 0,
+            channels: vec![ecg_io::Channel {
+                lead: Lead::II,
+                description: "II".into(),
+                gain: 1000.0,
+                baseline: 0,
+                units: "mV".into(),
+                adc: Vec::new(),
+                invalid: None,
+            }],
+            comments: Vec::new(),
+            base_time: None,
+        };
+        for spec in [
+            "electrode-motion:0",
+            "time-shift:40",
+            "noise:5",
+            "wander",
+            "powerline",
+        ] {
+            spec.parse::<Perturbation>().expect(spec).apply(&mut r, 1);
+        }
+        assert!(r.channels[0].adc.is_empty());
     }
 }

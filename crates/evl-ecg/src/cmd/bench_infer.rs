@@ -21,6 +21,9 @@ fn peak_rss_mib() -> Option<f64> {
 
 /// `bench infer`.
 pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
+    if a.reps == 0 || a.n == 0 {
+        bail!("--reps and --n must be at least 1");
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(a.threads)
         .build_global()
