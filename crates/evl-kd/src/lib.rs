@@ -15,6 +15,7 @@
 //! All functions work in `f32` and `f64` (the dtype of the inputs) on any burn device.
 
 pub mod baselines;
+mod host;
 pub mod mhca;
 pub mod objective;
 pub mod ot;

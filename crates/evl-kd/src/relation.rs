@@ -12,9 +12,32 @@
 //! tokens enter, the distance mean is over valid off-diagonal pairs of each item, and the
 //! normaliser is the number of valid pairs `sum_b n_b^2` (= `B L_s^2` without padding).
 
+use crate::host::{Surrogate, matmul_nn, matmul_nt};
 use burn::tensor::{Bool, Tensor};
-use evl_models::device::tensor_like;
+use evl_models::device::{Precision, on_host, precision_of, tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, sq_dist};
+use rayon::prelude::*;
+
+/// Pairs whose Gram-form squared distance falls below this fraction of `|x_i|^2 + |x_j|^2`
+/// (after centring) are recomputed from explicit differences, with their gradient: there the
+/// Gram form would cancel (f32 products lose ~1e-6 of the norms, f64 ~1e-15).
+fn near_fraction(prec: Precision) -> f64 {
+    match prec {
+        Precision::F32 => 0.1,
+        Precision::F64 => 1e-5,
+    }
+}
+
+/// Tokens whose norm is small next to `|x_i - mean| + |mean|` by more than this factor get
+/// their cosines (and angle-gradient columns) from explicit products: the centred Gram form
+/// of `x_i . x_j` is accurate relative to `(|xc_i| + |m|)(|xc_j| + |m|)`, not to
+/// `|x_i| |x_j|`.
+fn max_condition(prec: Precision) -> f64 {
+    match prec {
+        Precision::F32 => 2.0,
+        Precision::F64 => 1e3,
+    }
+}
 
 /// Settings of the relation loss.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -26,6 +49,10 @@ pub struct RelationConfig {
     /// Treat `Hhat_t` as a fixed target (no gradient into the aligner through `L_rel`).
     /// Default false, as in the fixtures.
     pub detach_teacher: bool,
+    /// Give `L_D` and `L_A` their own gradients (one more matrix product per input). Off,
+    /// only `L_rel` is differentiable and the two terms are reported as values: what the
+    /// training objective needs. Default false.
+    pub term_gradients: bool,
 }
 
 impl Default for RelationConfig {
@@ -34,6 +61,7 @@ impl Default for RelationConfig {
             dist_sq_clamp: 1e-12,
             norm_eps: 1e-12,
             detach_teacher: false,
+            term_gradients: false,
         }
     }
 }
@@ -97,24 +125,14 @@ fn psi_angle(x: Tensor<3>, pairs: &Tensor<3>, norm_eps: f64) -> Tensor<3> {
     xn.clone().matmul(xn.swap_dims(1, 2)) * pairs.clone()
 }
 
-/// The relation loss between the aligned teacher `hhat_t` and the student `hs`.
-///
-/// # Shapes
-/// - `hhat_t`, `hs`: `[batch, l_s, d_s]`; `student_mask`: `[batch, l_s]`
-///
-/// # Panics
-/// If the two inputs differ in shape.
-pub fn relation_loss(
+/// The relation loss as burn tensor ops (used off the CPU, where a host round trip would
+/// cost more than it saves; also the reference the fused kernel is tested against).
+pub fn relation_loss_graph(
     hhat_t: Tensor<3>,
     hs: Tensor<3>,
     student_mask: Option<&Tensor<2, Bool>>,
     cfg: &RelationConfig,
 ) -> RelationOutput {
-    assert_eq!(
-        hhat_t.dims(),
-        hs.dims(),
-        "relation_loss: Hhat_t and H_s must have the same shape"
-    );
     let hhat_t = if cfg.detach_teacher {
         hhat_t.detach()
     } else {
@@ -138,5 +156,427 @@ pub fn relation_loss(
         psi_d_s,
         psi_a_t,
         psi_a_s,
+    }
+}
+
+/// The relation loss between the aligned teacher `hhat_t` and the student `hs`.
+///
+/// On the CPU this is one fused host pass per batch item (see [`relation_host`]): value and
+/// exact gradient from two matrix products per input, instead of the graph's `[B, L, L]`
+/// chains. Elsewhere it is [`relation_loss_graph`]. Both compute the same function.
+///
+/// # Shapes
+/// - `hhat_t`, `hs`: `[batch, l_s, d_s]`; `student_mask`: `[batch, l_s]`
+///
+/// # Panics
+/// If the two inputs differ in shape.
+pub fn relation_loss(
+    hhat_t: Tensor<3>,
+    hs: Tensor<3>,
+    student_mask: Option<&Tensor<2, Bool>>,
+    cfg: &RelationConfig,
+) -> RelationOutput {
+    assert_eq!(
+        hhat_t.dims(),
+        hs.dims(),
+        "relation_loss: Hhat_t and H_s must have the same shape"
+    );
+    if !on_host(&hs) {
+        return relation_loss_graph(hhat_t, hs, student_mask, cfg);
+    }
+    let [b, l, d] = hs.dims();
+    let mask = student_mask.map(|m| to_vec_bool(m.clone()));
+    let x = to_vec_f64(hhat_t.clone().detach());
+    let y = to_vec_f64(hs.clone().detach());
+    let want_x = hhat_t.is_tracked() && !cfg.detach_teacher;
+    let want_y = hs.is_tracked();
+    let h = relation_host(
+        &x,
+        &y,
+        [b, l, d],
+        mask.as_deref(),
+        cfg,
+        precision_of(&hs),
+        (want_x, want_y),
+    );
+    let psi = |v: &[f64]| tensor_like(v, [b, l, l], &hs);
+    let scalar = |value: f64, gx: &[f64], gy: &[f64]| {
+        let mut sg = Surrogate::new(value, &hs);
+        if want_x {
+            sg.grad(&hhat_t, gx);
+        }
+        if want_y {
+            sg.grad(&hs, gy);
+        }
+        sg.finish()
+    };
+    let (l_d, l_a, l_rel) = if cfg.term_gradients {
+        let l_d = scalar(h.l_d, &h.grad_x[0], &h.grad_y[0]);
+        let l_a = scalar(h.l_a, &h.grad_x[1], &h.grad_y[1]);
+        let l_rel = (l_d.clone() + l_a.clone()).mul_scalar(0.5);
+        (l_d, l_a, l_rel)
+    } else {
+        let l_rel = scalar(0.5 * (h.l_d + h.l_a), &h.grad_x[0], &h.grad_y[0]);
+        (
+            tensor_like(&[h.l_d], [1], &hs),
+            tensor_like(&[h.l_a], [1], &hs),
+            l_rel,
+        )
+    };
+    RelationOutput {
+        l_d,
+        l_a,
+        l_rel,
+        psi_d_t: psi(&h.psi_d[0]),
+        psi_d_s: psi(&h.psi_d[1]),
+        psi_a_t: psi(&h.psi_a[0]),
+        psi_a_s: psi(&h.psi_a[1]),
+    }
+}
+
+/// Result of [`relation_host`]; arrays are row-major over the full (padded) shapes.
+#[derive(Clone, Debug)]
+pub struct RelationHost {
+    /// `L_D`.
+    pub l_d: f64,
+    /// `L_A`.
+    pub l_a: f64,
+    /// `psi_D` of the teacher and of the student, `[batch, l, l]` each.
+    pub psi_d: [Vec<f64>; 2],
+    /// `psi_A` of the teacher and of the student.
+    pub psi_a: [Vec<f64>; 2],
+    /// Gradients with respect to the teacher input, `[batch, l, d]`: `[dL_D, dL_A]` with
+    /// term gradients, else `[dL_rel, empty]`. Empty when not requested.
+    pub grad_x: [Vec<f64>; 2],
+    /// The same for the student input.
+    pub grad_y: [Vec<f64>; 2],
+}
+
+/// One input's geometry on one batch item (valid tokens only).
+struct Geometry {
+    n: usize,
+    d: usize,
+    /// Centred tokens `x - mean`, `n x d`.
+    xc: Vec<f64>,
+    mean: Vec<f64>,
+    /// Raw tokens, `n x d`.
+    x: Vec<f64>,
+    /// `max(|x_i|, norm_eps)` and whether the floor was active.
+    r: Vec<f64>,
+    floored: Vec<bool>,
+    /// Ill-conditioned tokens for the centred cosine (see `max_condition`).
+    bad: Vec<bool>,
+    /// Distances `d_ij` (clamped, diagonal 0) and whether `sq_ij` exceeded the clamp.
+    dist: Vec<f64>,
+    live: Vec<bool>,
+    /// Pairs `i < j` recomputed from explicit differences.
+    near: Vec<(usize, usize)>,
+    /// Distance mean `mu` and whether it is above its floor (differentiated then).
+    mu: f64,
+    mu_live: bool,
+    /// Cosines `x_i . x_j / (r_i r_j)`, `n x n`.
+    cos: Vec<f64>,
+}
+
+fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precision) -> Geometry {
+    let mut mean = vec![0.0; d];
+    for row in x.chunks_exact(d) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    let xc: Vec<f64> = x
+        .chunks_exact(d)
+        .flat_map(|row| row.iter().zip(&mean).map(|(v, m)| v - m))
+        .collect();
+    // Centring removes the tokens' common direction (large in real hidden states), so the
+    // Gram form below cancels far less; distances do not change.
+    let gram = matmul_nt(&xc, &xc, n, d, n, prec);
+    let sqn = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
+    let q: Vec<f64> = xc.chunks_exact(d).map(sqn).collect();
+    let norm: Vec<f64> = x.chunks_exact(d).map(|r| sqn(r).sqrt()).collect();
+    let r: Vec<f64> = norm.iter().map(|&v| v.max(cfg.norm_eps)).collect();
+    let floored: Vec<bool> = norm.iter().map(|&v| v <= cfg.norm_eps).collect();
+    let p: Vec<f64> = xc
+        .chunks_exact(d)
+        .map(|row| row.iter().zip(&mean).map(|(a, m)| a * m).sum())
+        .collect();
+    let mm = sqn(&mean);
+    let bad: Vec<bool> = (0..n)
+        .map(|i| (q[i].sqrt() + mm.sqrt()) > max_condition(prec) * r[i])
+        .collect();
+    let frac = near_fraction(prec);
+    let mut dist = vec![0.0; n * n];
+    let mut live = vec![false; n * n];
+    let mut cos = vec![0.0; n * n];
+    let mut near = Vec::new();
+    let mut sum = 0.0;
+    for i in 0..n {
+        cos[i * n + i] = norm[i] * norm[i] / (r[i] * r[i]);
+        for j in i + 1..n {
+            let mut sq = q[i] + q[j] - 2.0 * gram[i * n + j];
+            if sq < frac * (q[i] + q[j]) {
+                let (xi, xj) = (&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
+                sq = xi.iter().zip(xj).map(|(a, b)| (a - b) * (a - b)).sum();
+                near.push((i, j));
+            }
+            let ok = sq > cfg.dist_sq_clamp;
+            let dij = sq.max(cfg.dist_sq_clamp).sqrt();
+            sum += 2.0 * dij;
+            let dot = if bad[i] || bad[j] {
+                let (xi, xj) = (&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
+                xi.iter().zip(xj).map(|(a, b)| a * b).sum()
+            } else {
+                gram[i * n + j] + p[i] + p[j] + mm
+            };
+            for (a, bb) in [(i, j), (j, i)] {
+                dist[a * n + bb] = dij;
+                live[a * n + bb] = ok;
+                cos[a * n + bb] = dot / (r[i] * r[j]);
+            }
+        }
+    }
+    let off = (n * n.saturating_sub(1)).max(1) as f64;
+    let mu_raw = sum / off;
+    Geometry {
+        n,
+        d,
+        xc,
+        mean,
+        x,
+        r,
+        floored,
+        bad,
+        dist,
+        live,
+        near,
+        mu: mu_raw.max(cfg.dist_sq_clamp),
+        mu_live: mu_raw > cfg.dist_sq_clamp,
+        cos,
+    }
+}
+
+/// Gradient of `wd * sum(gd . psi_D) + wa * sum(ga . psi_A)` with respect to one input's
+/// tokens, where `gd`, `ga` (`n x n`) are the upstream gradients of its two potentials. One
+/// `n x n` by `n x d` product; near pairs' distance terms are added from explicit differences.
+fn potential_grad(
+    g: &Geometry,
+    gd: &[f64],
+    ga: &[f64],
+    (wd, wa): (f64, f64),
+    prec: Precision,
+) -> Vec<f64> {
+    let (n, d) = (g.n, g.d);
+    // dL/dd_ij, through psi_D = d / mu with mu differentiated.
+    let t: f64 = (0..n * n).map(|k| gd[k] * g.dist[k]).sum();
+    let off = (n * n.saturating_sub(1)).max(1) as f64;
+    let shift = if g.mu_live {
+        t / (g.mu * g.mu * off)
+    } else {
+        0.0
+    };
+    let e = |k: usize| gd[k] / g.mu - shift;
+    // W_ij = (E_ij + E_ji) / d_ij on live off-diagonal pairs: grad_i = sum_j W_ij (x_i - x_j).
+    let mut w = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            let k = i * n + j;
+            if i != j && g.live[k] {
+                w[k] = wd * (e(k) + e(j * n + i)) / g.dist[k];
+            }
+        }
+    }
+    let mut near_w = Vec::with_capacity(g.near.len());
+    for &(i, j) in &g.near {
+        near_w.push(w[i * n + j]);
+        w[i * n + j] = 0.0;
+        w[j * n + i] = 0.0;
+    }
+    // Angle: S = G_A + G_A^T, dL/dxn_i = sum_j S_ij xn_j, then through the normalisation.
+    let mut pmat = vec![0.0; n * n];
+    let mut diag = vec![0.0; n]; // coefficient of x_i
+    let mut mcoef = vec![0.0; n]; // coefficient of the mean
+    for i in 0..n {
+        let (mut c, mut msum, mut wsum) = (0.0, 0.0, 0.0);
+        for j in 0..n {
+            let s = wa * (ga[i * n + j] + ga[j * n + i]);
+            c += s * g.cos[i * n + j];
+            // ill-conditioned columns are added from raw tokens after the product
+            let mij = if g.bad[j] { 0.0 } else { s / g.r[j] };
+            msum += mij;
+            wsum += w[i * n + j];
+            pmat[i * n + j] = -w[i * n + j] + mij / g.r[i];
+        }
+        diag[i] = wsum;
+        if !g.floored[i] {
+            diag[i] -= c / (g.r[i] * g.r[i]);
+        }
+        mcoef[i] = msum / g.r[i];
+    }
+    let prod = matmul_nn(&pmat, &g.xc, n, n, d, prec);
+    let mut out = vec![0.0; n * d];
+    for i in 0..n {
+        let o = &mut out[i * d..(i + 1) * d];
+        let (pr, x) = (&prod[i * d..(i + 1) * d], &g.x[i * d..(i + 1) * d]);
+        // grad_i = (P Xc)_i + (angle's mean share) m + diag_i x_i - rowsum(W)_i m, where the
+        // last term turns rowsum(W) x_i - (W X)_i into the cancellation-free
+        // rowsum(W) xc_i - (W Xc)_i.
+        let ws: f64 = w[i * n..(i + 1) * n].iter().sum();
+        for k in 0..d {
+            o[k] = pr[k] + (mcoef[i] - ws) * g.mean[k] + diag[i] * x[k];
+        }
+    }
+    for j in (0..n).filter(|&j| g.bad[j]) {
+        let xj = &g.x[j * d..(j + 1) * d];
+        for i in 0..n {
+            let c = wa * (ga[i * n + j] + ga[j * n + i]) / (g.r[j] * g.r[i]);
+            for (o, &v) in out[i * d..(i + 1) * d].iter_mut().zip(xj) {
+                *o += c * v;
+            }
+        }
+    }
+    for (&(i, j), &wij) in g.near.iter().zip(&near_w) {
+        for k in 0..d {
+            let diff = g.x[i * d + k] - g.x[j * d + k];
+            out[i * d + k] += wij * diff;
+            out[j * d + k] -= wij * diff;
+        }
+    }
+    out
+}
+
+/// Fused relation loss on host memory: values, potentials and gradients (module docs give
+/// the function). `x` is the teacher `Hhat_t`, `y` the student `H_s`, both `[b, l, d]`;
+/// `want` says which gradients to compute. Items are processed in parallel.
+///
+/// Exactness: squared distances come from the centred Gram form except for pairs closer than
+/// a small fraction of their norms, which are recomputed (with their gradient) from explicit
+/// differences, as the fixtures' convention requires; products run in `prec`.
+pub fn relation_host(
+    x: &[f64],
+    y: &[f64],
+    [b, l, d]: [usize; 3],
+    mask: Option<&[bool]>,
+    cfg: &RelationConfig,
+    prec: Precision,
+    want: (bool, bool),
+) -> RelationHost {
+    let valid = |bi: usize| -> Vec<usize> {
+        (0..l)
+            .filter(|&i| mask.is_none_or(|m| m[bi * l + i]))
+            .collect()
+    };
+    let n_pairs: f64 = (0..b)
+        .map(|bi| (valid(bi).len() as f64).powi(2))
+        .sum::<f64>()
+        .max(1.0);
+    struct Item {
+        idx: Vec<usize>,
+        sums: (f64, f64),
+        psi: [Vec<f64>; 4],
+        grads: [[Vec<f64>; 2]; 2],
+    }
+    let items: Vec<Item> = (0..b)
+        .into_par_iter()
+        .map(|bi| {
+            let idx = valid(bi);
+            let n = idx.len();
+            let gather = |src: &[f64]| -> Vec<f64> {
+                idx.iter()
+                    .flat_map(|&i| src[(bi * l + i) * d..(bi * l + i + 1) * d].iter().copied())
+                    .collect()
+            };
+            let (gx, gy) = (
+                geometry(gather(x), n, d, cfg, prec),
+                geometry(gather(y), n, d, cfg, prec),
+            );
+            let psi_d = |g: &Geometry| -> Vec<f64> {
+                (0..n * n)
+                    .map(|k| {
+                        if k / n == k % n {
+                            0.0
+                        } else {
+                            g.dist[k] / g.mu
+                        }
+                    })
+                    .collect()
+            };
+            let (dx, dy) = (psi_d(&gx), psi_d(&gy));
+            let mut sums = (0.0, 0.0);
+            let mut gd = vec![0.0; n * n];
+            let mut ga = vec![0.0; n * n];
+            for k in 0..n * n {
+                let (ed, ea) = (dx[k] - dy[k], gx.cos[k] - gy.cos[k]);
+                sums.0 += ed * ed;
+                sums.1 += ea * ea;
+                gd[k] = 2.0 * ed / n_pairs;
+                ga[k] = 2.0 * ea / n_pairs;
+            }
+            let neg = |v: &[f64]| v.iter().map(|a| -a).collect::<Vec<f64>>();
+            let weights: Vec<(f64, f64)> = if cfg.term_gradients {
+                vec![(1.0, 0.0), (0.0, 1.0)]
+            } else {
+                vec![(0.5, 0.5)]
+            };
+            let side = |g: &Geometry, gd: &[f64], ga: &[f64], on: bool| -> [Vec<f64>; 2] {
+                let mut out = [Vec::new(), Vec::new()];
+                if on && n > 0 {
+                    for (o, &w) in out.iter_mut().zip(&weights) {
+                        *o = potential_grad(g, gd, ga, w, prec);
+                    }
+                }
+                out
+            };
+            let grads = [
+                side(&gx, &gd, &ga, want.0),
+                side(&gy, &neg(&gd), &neg(&ga), want.1),
+            ];
+            Item {
+                idx,
+                sums,
+                psi: [dx, dy, gx.cos, gy.cos],
+                grads,
+            }
+        })
+        .collect();
+    let scatter_pairs = |which: usize| -> Vec<f64> {
+        let mut out = vec![0.0; b * l * l];
+        for (bi, it) in items.iter().enumerate() {
+            let n = it.idx.len();
+            for (a, &i) in it.idx.iter().enumerate() {
+                for (c, &j) in it.idx.iter().enumerate() {
+                    out[(bi * l + i) * l + j] = it.psi[which][a * n + c];
+                }
+            }
+        }
+        out
+    };
+    let scatter_tokens = |side: usize, term: usize| -> Vec<f64> {
+        if items.iter().all(|it| it.grads[side][term].is_empty()) {
+            return Vec::new();
+        }
+        let mut out = vec![0.0; b * l * d];
+        for (bi, it) in items.iter().enumerate() {
+            let g = &it.grads[side][term];
+            if g.is_empty() {
+                continue;
+            }
+            for (a, &i) in it.idx.iter().enumerate() {
+                out[(bi * l + i) * d..(bi * l + i + 1) * d].copy_from_slice(&g[a * d..(a + 1) * d]);
+            }
+        }
+        out
+    };
+    let (sd, sa) = items
+        .iter()
+        .fold((0.0, 0.0), |acc, it| (acc.0 + it.sums.0, acc.1 + it.sums.1));
+    RelationHost {
+        l_d: sd / n_pairs,
+        l_a: sa / n_pairs,
+        psi_d: [scatter_pairs(0), scatter_pairs(1)],
+        psi_a: [scatter_pairs(2), scatter_pairs(3)],
+        grad_x: [scatter_tokens(0, 0), scatter_tokens(0, 1)],
+        grad_y: [scatter_tokens(1, 0), scatter_tokens(1, 1)],
     }
 }

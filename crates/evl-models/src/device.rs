@@ -84,6 +84,13 @@ impl DeviceSpec {
     }
 }
 
+/// Whether `t` lives on burn's `flex` CPU backend (with or without autodiff), where the
+/// losses' fused host kernels run in place; on a GPU they would cost a round trip, so the
+/// losses keep their tensor-op form there.
+pub fn on_host<const D: usize>(t: &Tensor<D>) -> bool {
+    t.device().without_autodiff() == Device::flex()
+}
+
 /// Builds a float tensor of the given precision from `f64` host values.
 ///
 /// # Panics
