@@ -110,7 +110,8 @@ def main():
     def weights():
         return (r(ds, h * dk, scale=ds**-0.5), r(dt, h * dk, scale=dt**-0.5), r(dt, h * dk, scale=dt**-0.5), r(h * dk, ds, scale=(h * dk) ** -0.5))
 
-    hs, ht = r(B, ls, ds), r(B, lt, dt)
+    hs = r(B, ls, ds)
+    ht = torch.randn(B, lt, dt)  # the teacher's hidden states: frozen, no gradient
     w = weights()
 
     def run_mhca():

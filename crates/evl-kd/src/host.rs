@@ -23,7 +23,7 @@ pub(crate) fn matmul_nt(
     n: usize,
     prec: Precision,
 ) -> Vec<f64> {
-    gemm(a, b, m, k, n, true, prec)
+    matmul(a, (m, k), false, b, (n, k), true, prec)
 }
 
 /// `C (m x n) = A (m x k) B` where `B` is `k x n`.
@@ -35,49 +35,57 @@ pub(crate) fn matmul_nn(
     n: usize,
     prec: Precision,
 ) -> Vec<f64> {
-    gemm(a, b, m, k, n, false, prec)
+    matmul(a, (m, k), false, b, (k, n), false, prec)
 }
 
-fn gemm(
+/// `C = op(A) op(B)` for row-major `A` (`a_shape`) and `B` (`b_shape`), `op` transposing
+/// where asked.
+pub(crate) fn matmul(
     a: &[f64],
+    a_shape: (usize, usize),
+    a_t: bool,
     b: &[f64],
-    m: usize,
-    k: usize,
-    n: usize,
-    b_transposed: bool,
+    b_shape: (usize, usize),
+    b_t: bool,
     prec: Precision,
 ) -> Vec<f64> {
-    // ndarray's matrixmultiply (runtime-dispatched AVX2/FMA kernels). burn's own flex matmul
-    // through temporary tensors measured 25% slower here (relation, paper shapes).
-    let b_shape = if b_transposed { (n, k) } else { (k, n) };
+    // ndarray's matrixmultiply (runtime-dispatched AVX2/FMA kernels, one thread: the callers
+    // parallelise over batch items). burn's own flex matmul through temporary tensors
+    // measured 25% slower here (relation, paper shapes).
+    let m = if a_t { a_shape.1 } else { a_shape.0 };
+    let n = if b_t { b_shape.0 } else { b_shape.1 };
     match prec {
         Precision::F64 => {
             let mut c = vec![0.0; m * n];
-            mm(a, b, (m, k), b_shape, b_transposed, &mut c);
+            mm(a, a_shape, a_t, b, b_shape, b_t, &mut c, (m, n));
             c
         }
         Precision::F32 => {
             let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
             let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
             let mut c = vec![0.0f32; m * n];
-            mm(&a32, &b32, (m, k), b_shape, b_transposed, &mut c);
+            mm(&a32, a_shape, a_t, &b32, b_shape, b_t, &mut c, (m, n));
             c.into_iter().map(f64::from).collect()
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn mm<T: ndarray::LinalgScalar>(
     a: &[T],
-    b: &[T],
     a_shape: (usize, usize),
+    a_t: bool,
+    b: &[T],
     b_shape: (usize, usize),
-    b_transposed: bool,
+    b_t: bool,
     c: &mut [T],
+    c_shape: (usize, usize),
 ) {
     let a = ArrayView2::from_shape(a_shape, a).expect("A matches its shape");
     let b = ArrayView2::from_shape(b_shape, b).expect("B matches its shape");
-    let b = if b_transposed { b.t() } else { b };
-    let mut c = ArrayViewMut2::from_shape((a_shape.0, b.ncols()), c).expect("C matches");
+    let a = if a_t { a.t() } else { a };
+    let b = if b_t { b.t() } else { b };
+    let mut c = ArrayViewMut2::from_shape(c_shape, c).expect("C matches its shape");
     general_mat_mul(T::one(), &a, &b, T::zero(), &mut c);
 }
 
@@ -121,6 +129,111 @@ impl Surrogate {
         match self.acc {
             Some(acc) => value + (acc.clone() - acc.detach()),
             None => value,
+        }
+    }
+}
+
+/// Pairs whose Gram-form squared distance falls below this fraction of
+/// `|x_i - m|^2 + |y_j - m|^2` (centred by the item's mean `m`) are recomputed from explicit
+/// differences: there the Gram form would lose more than ~1e-5 (f32) or ~1e-10 (f64) of the
+/// value to cancellation.
+pub(crate) fn near_fraction(prec: Precision) -> f64 {
+    match prec {
+        Precision::F32 => 0.1,
+        Precision::F64 => 1e-5,
+    }
+}
+
+/// Squared Euclidean distances between the rows of `x` (`[b, n, d]`) and `y` (`[b, m, d]`),
+/// `[b, n, m]`, with the accuracy of explicit differences where it matters (the fixtures'
+/// convention) at the cost of a matrix product elsewhere: per item, both sets are centred by
+/// their joint mean (distances do not change; the Gram form then cancels far less for
+/// clustered tokens), `|x_i|^2 + |y_j|^2 - 2 x_i . y_j` comes from one product in `prec`, and
+/// pairs closer than [`near_fraction`] of their centred norms are recomputed explicitly in f64.
+pub(crate) fn sq_dists(
+    x: &[f64],
+    y: &[f64],
+    [b, n, m, d]: [usize; 4],
+    prec: Precision,
+) -> Vec<f64> {
+    use rayon::prelude::*;
+    let mut out = vec![0.0; b * n * m];
+    out.par_chunks_mut((n * m).max(1))
+        .enumerate()
+        .for_each(|(bi, o)| {
+            let xb = &x[bi * n * d..(bi + 1) * n * d];
+            let yb = &y[bi * m * d..(bi + 1) * m * d];
+            let mut mean = vec![0.0; d];
+            for row in xb.chunks_exact(d).chain(yb.chunks_exact(d)) {
+                mean.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            mean.iter_mut().for_each(|a| *a /= (n + m).max(1) as f64);
+            let centre = |z: &[f64]| -> Vec<f64> {
+                z.chunks_exact(d)
+                    .flat_map(|r| r.iter().zip(&mean).map(|(v, a)| v - a))
+                    .collect()
+            };
+            let (xc, yc) = (centre(xb), centre(yb));
+            let sq = |z: &[f64]| -> Vec<f64> {
+                z.chunks_exact(d)
+                    .map(|r| r.iter().map(|v| v * v).sum())
+                    .collect()
+            };
+            let (qx, qy) = (sq(&xc), sq(&yc));
+            let g = matmul_nt(&xc, &yc, n, d, m, prec);
+            let frac = near_fraction(prec);
+            for i in 0..n {
+                for j in 0..m {
+                    let s = qx[i] + qy[j];
+                    let mut v = s - 2.0 * g[i * m + j];
+                    if v < frac * s {
+                        let (xi, yj) = (&xb[i * d..(i + 1) * d], &yb[j * d..(j + 1) * d]);
+                        v = xi.iter().zip(yj).map(|(a, c)| (a - c) * (a - c)).sum();
+                    }
+                    o[i * m + j] = v;
+                }
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sq_dists_match_explicit_differences_for_clustered_and_identical_tokens() {
+        let (b, n, m, d) = (2, 7, 5, 33);
+        // tokens on a far-away cluster (offset 1e3, spread 1e-2), one exact duplicate pair
+        let mut s = 7u64;
+        let mut r = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let x: Vec<f64> = (0..b * n * d)
+            .map(|k| 1e3 * (k % d) as f64 + 1e-2 * r())
+            .collect();
+        let mut y: Vec<f64> = (0..b * m * d)
+            .map(|k| 1e3 * (k % d) as f64 + 1e-2 * r())
+            .collect();
+        y[..d].copy_from_slice(&x[..d]);
+        for prec in [Precision::F64, Precision::F32] {
+            let got = sq_dists(&x, &y, [b, n, m, d], prec);
+            for bi in 0..b {
+                for i in 0..n {
+                    for j in 0..m {
+                        let xi = &x[(bi * n + i) * d..(bi * n + i + 1) * d];
+                        let yj = &y[(bi * m + j) * d..(bi * m + j + 1) * d];
+                        let e: f64 = xi.iter().zip(yj).map(|(a, c)| (a - c) * (a - c)).sum();
+                        let g = got[(bi * n + i) * m + j];
+                        let tol = if prec == Precision::F64 { 1e-9 } else { 1e-4 };
+                        assert!((g - e).abs() <= tol * e + 1e-300, "{prec:?} {g} vs {e}");
+                    }
+                }
+            }
+            assert_eq!(sq_dists(&x, &y, [b, n, m, d], prec)[0], 0.0);
         }
     }
 }

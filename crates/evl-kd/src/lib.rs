@@ -23,8 +23,10 @@ pub mod relation;
 pub mod sinkhorn;
 pub mod task;
 
-pub use mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
-pub use objective::{EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective};
+pub use mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_align_loss, mhca_forward, mhca_loss};
+pub use objective::{
+    EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective, evl_objective_graph,
+};
 pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
 pub use relation::{RelationConfig, RelationOutput, relation_loss};
 pub use sinkhorn::{PlanGradient, Stop};

@@ -7,12 +7,15 @@
 //! off for ablations (it is then neither computed nor added), and every term is returned
 //! separately for logging.
 
-use crate::mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
+use crate::mhca::host as mhca_host;
+use crate::mhca::{FusedMhca, MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
 use crate::ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
+use crate::relation::relation_host;
 use crate::relation::{RelationConfig, relation_loss};
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
+use evl_models::device::{precision_of, tensor_like, to_vec_bool};
 
 /// Weights and switches of the objective.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,7 +113,100 @@ pub struct EvlTerms {
 }
 
 /// The objective from explicit weights (the functional form the fixtures exercise).
+///
+/// On the CPU, `L_mhca` and `L_rel` run as one fused host computation
+/// ([`crate::mhca::mhca_align_loss`]'s kernel feeding `Hhat_t` to the relation kernel, then a
+/// single backward pass through the cross-attention for both terms); the returned
+/// `mhca`/`rel` terms are then values for logging and `total` carries every gradient.
+/// Elsewhere, and on request, it is [`evl_objective_graph`]; both compute the same function.
 pub fn evl_objective(
+    inputs: EvlInputs,
+    mhca: &MhcaWeights,
+    n_heads: usize,
+    weights: &EvlWeights,
+    ot_cfg: &OtLossConfig,
+    rel_cfg: &RelationConfig,
+) -> EvlTerms {
+    if !(weights.use_mhca || weights.use_rel) || !evl_models::device::on_host(&inputs.hs) {
+        return evl_objective_graph(inputs, mhca, n_heads, weights, ot_cfg, rel_cfg);
+    }
+    let EvlInputs {
+        l_ce,
+        hs,
+        ht,
+        student_mask,
+        teacher_mask,
+        t_vis,
+        s_vis,
+        t_vis_mask,
+        s_vis_mask,
+    } = inputs;
+    let fused = FusedMhca::run(&hs, &ht, mhca, n_heads, teacher_mask.as_ref());
+    let [b, l, d] = hs.dims();
+    let sm = student_mask.as_ref().map(|m| to_vec_bool(m.clone()));
+    let mut g_hhat = vec![0.0; b * l * d];
+    let mut g_hs = vec![0.0; b * l * d];
+    let mut value = 0.0;
+    let add = |acc: &mut [f64], g: &[f64], w: f64| {
+        acc.iter_mut().zip(g).for_each(|(a, x)| *a += w * x);
+    };
+    let l_mhca = weights.use_mhca.then(|| {
+        let (v, gh, gs) = mhca_host::loss(&fused.hs, fused.hhat(), d, sm.as_deref());
+        add(&mut g_hhat, &gh, weights.lambda_mhca);
+        add(&mut g_hs, &gs, weights.lambda_mhca);
+        value += weights.lambda_mhca * v;
+        v
+    });
+    let l_rel = weights.use_rel.then(|| {
+        let cfg = RelationConfig {
+            term_gradients: false,
+            ..*rel_cfg
+        };
+        let r = relation_host(
+            fused.hhat(),
+            &fused.hs,
+            [b, l, d],
+            sm.as_deref(),
+            &cfg,
+            precision_of(&hs),
+            (!cfg.detach_teacher, true),
+        );
+        let v = 0.5 * (r.l_d + r.l_a);
+        if !cfg.detach_teacher {
+            add(&mut g_hhat, &r.grad_x[0], weights.lambda_rel);
+        }
+        add(&mut g_hs, &r.grad_y[0], weights.lambda_rel);
+        value += weights.lambda_rel * v;
+        v
+    });
+    let align = fused.finish(value, &g_hhat, &g_hs, &hs, &ht, mhca);
+    let ot = weights.use_ot.then(|| {
+        ot_loss(
+            t_vis,
+            s_vis,
+            t_vis_mask.as_ref(),
+            s_vis_mask.as_ref(),
+            ot_cfg,
+        )
+    });
+    let mut kd = align;
+    if let Some(o) = &ot {
+        kd = kd + o.loss.clone().mul_scalar(weights.lambda_ot);
+    }
+    let total = l_ce.clone().mul_scalar(1.0 - weights.alpha) + kd.mul_scalar(weights.alpha);
+    let constant = |v: f64| tensor_like(&[v], [1], &hs);
+    EvlTerms {
+        total,
+        ce: l_ce,
+        mhca: l_mhca.map(constant),
+        rel: l_rel.map(constant),
+        ot,
+    }
+}
+
+/// [`evl_objective`] as burn tensor ops throughout: every term differentiable on its own.
+/// What runs off the CPU; on the CPU, the reference the fused form is tested against.
+pub fn evl_objective_graph(
     inputs: EvlInputs,
     mhca: &MhcaWeights,
     n_heads: usize,

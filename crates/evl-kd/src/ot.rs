@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 use evl_models::device::{tensor_like, to_vec_bool, to_vec_f64};
-use evl_models::ops::{l2_normalize, sq_dist_explicit, with_gram_gradient};
+use evl_models::ops::{l2_normalize, with_gram_gradient};
 
 /// Settings of the OT loss.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -88,7 +88,13 @@ pub fn ot_loss(
     );
     let tn = l2_normalize(t, cfg.norm_eps);
     let sn = l2_normalize(s, cfg.norm_eps);
-    let cost = to_vec_f64(sq_dist_explicit(tn.clone(), sn.clone()));
+    // Exact-where-it-matters distances: the Gram product, explicit differences for close pairs.
+    let cost = crate::host::sq_dists(
+        &to_vec_f64(tn.clone().detach()),
+        &to_vec_f64(sn.clone().detach()),
+        [b, vt, vs, d],
+        evl_models::device::precision_of(&tn),
+    );
     let rows = t_mask.map(|m| to_vec_bool(m.clone()));
     let cols = s_mask.map(|m| to_vec_bool(m.clone()));
     let problem = Problem {

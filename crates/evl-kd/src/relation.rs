@@ -12,21 +12,11 @@
 //! tokens enter, the distance mean is over valid off-diagonal pairs of each item, and the
 //! normaliser is the number of valid pairs `sum_b n_b^2` (= `B L_s^2` without padding).
 
-use crate::host::{Surrogate, matmul_nn, matmul_nt};
+use crate::host::{Surrogate, matmul_nn, matmul_nt, near_fraction};
 use burn::tensor::{Bool, Tensor};
 use evl_models::device::{Precision, on_host, precision_of, tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, sq_dist};
 use rayon::prelude::*;
-
-/// Pairs whose Gram-form squared distance falls below this fraction of `|x_i|^2 + |x_j|^2`
-/// (after centring) are recomputed from explicit differences, with their gradient: there the
-/// Gram form would cancel (f32 products lose ~1e-6 of the norms, f64 ~1e-15).
-fn near_fraction(prec: Precision) -> f64 {
-    match prec {
-        Precision::F32 => 0.1,
-        Precision::F64 => 1e-5,
-    }
-}
 
 /// Tokens whose norm is small next to `|x_i - mean| + |mean|` by more than this factor get
 /// their cosines (and angle-gradient columns) from explicit products: the centred Gram form

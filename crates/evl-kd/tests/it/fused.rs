@@ -1,10 +1,14 @@
 //! The fused host kernels compute the same function as the tensor-op (graph) forms they
 //! replace on the CPU: values, potentials and every gradient, with masks, near-duplicate and
 //! identical tokens, a zero token, a large common offset (anisotropic "hidden states"),
-//! detached teacher and combined-gradient mode, in f64 and f32.
+//! detached teacher and combined-gradient mode, in f64 and f32; the same for the fused MHCA
+//! loss (key and student masks) and the fused objective (masks, ablations, detached teacher).
 
 use evl_kd::relation::relation_loss_graph;
-use evl_kd::{RelationConfig, RelationOutput, relation_loss};
+use evl_kd::{
+    EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, RelationOutput,
+    evl_objective, evl_objective_graph, mhca_align_loss, mhca_forward, mhca_loss, relation_loss,
+};
 use evl_models::burn::tensor::{Bool, Device, Tensor};
 use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
@@ -129,5 +133,179 @@ fn fused_relation_equals_graph_form() {
                 }
             }
         }
+    }
+}
+
+fn weights(ds: usize, dt: usize, hdk: usize, dev: &Device, p: Precision, seed: u64) -> MhcaWeights {
+    let w = |r: usize, c: usize, s: u64| {
+        let v: Vec<f64> = randn(r * c, s)
+            .iter()
+            .map(|x| x / (r as f64).sqrt())
+            .collect();
+        tensor_from_f64(&v, [r, c], dev, p).require_grad()
+    };
+    MhcaWeights {
+        wq: w(ds, hdk, seed),
+        wk: w(dt, hdk, seed + 1),
+        wv: w(dt, hdk, seed + 2),
+        wo: w(hdk, ds, seed + 3),
+    }
+}
+
+/// Loss and every gradient of one objective call, fresh inputs each time.
+#[allow(clippy::type_complexity)]
+fn objective_run(
+    fused: bool,
+    p: Precision,
+    masks: bool,
+    w: &EvlWeights,
+    rel: &RelationConfig,
+) -> Vec<(String, Vec<f64>)> {
+    let (b, ls, lt, ds, dt, h, vt, vs) = (2, 6, 7, 8, 12, 2, 5, 3);
+    let dev = Device::flex().autodiff();
+    let t = |shape: [usize; 3], seed| {
+        tensor_from_f64(&randn(shape.iter().product(), seed), shape, &dev, p).require_grad()
+    };
+    let (hs, ht) = (t([b, ls, ds], 1), t([b, lt, dt], 2));
+    let (tv, sv) = (t([b, vt, ds], 3), t([b, vs, ds], 4));
+    let l_ce = tensor_from_f64(&[1.5], [1], &dev, p).require_grad();
+    let wts = weights(ds, dt, 8, &dev, p, 10);
+    let mut inputs =
+        EvlInputs::unmasked(l_ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());
+    if masks {
+        let sm: Vec<bool> = (0..b * ls).map(|k| k % ls < 4 || k < ls).collect();
+        let km: Vec<bool> = (0..b * lt).map(|k| k % lt != 2 && k != lt + 5).collect();
+        inputs.student_mask = Some(bool_tensor(&sm, [b, ls], &dev));
+        inputs.teacher_mask = Some(bool_tensor(&km, [b, lt], &dev));
+    }
+    let f = if fused {
+        evl_objective
+    } else {
+        evl_objective_graph
+    };
+    let terms = f(inputs, &wts, h, w, &OtLossConfig::default(), rel);
+    let mut out = vec![
+        ("total".to_string(), to_vec_f64(terms.total.clone())),
+        (
+            "mhca".into(),
+            terms.mhca.map(to_vec_f64).unwrap_or_default(),
+        ),
+        ("rel".into(), terms.rel.map(to_vec_f64).unwrap_or_default()),
+    ];
+    let g = terms.total.backward();
+    let named: [(&str, Option<Tensor<3>>); 4] = [
+        ("hs", Some(hs)),
+        ("ht", Some(ht)),
+        ("tv", Some(tv)),
+        ("sv", Some(sv)),
+    ];
+    for (name, x) in named {
+        let x = x.expect("set");
+        out.push((
+            format!("d{name}"),
+            x.grad(&g).map(to_vec_f64).unwrap_or_default(),
+        ));
+    }
+    for (name, x) in [
+        ("wq", wts.wq),
+        ("wk", wts.wk),
+        ("wv", wts.wv),
+        ("wo", wts.wo),
+    ] {
+        out.push((
+            format!("d{name}"),
+            x.grad(&g).map(to_vec_f64).unwrap_or_default(),
+        ));
+    }
+    out.push((
+        "dce".into(),
+        l_ce.grad(&g).map(to_vec_f64).unwrap_or_default(),
+    ));
+    out
+}
+
+fn assert_close(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)], tol: f64, what: &str) {
+    for ((name, u), (_, v)) in a.iter().zip(b) {
+        assert_eq!(u.len(), v.len(), "{what} {name}: lengths");
+        let scale = v.iter().fold(1e-3f64, |s, x| s.max(x.abs()));
+        for (k, (x, y)) in u.iter().zip(v).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * scale,
+                "{what} {name}[{k}]: fused {x} vs graph {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_objective_equals_graph_form_with_masks_ablations_and_detach() {
+    for p in [Precision::F64, Precision::F32] {
+        let tol = if p == Precision::F64 { 1e-9 } else { 1e-4 };
+        for masks in [false, true] {
+            for (ablate, detach) in [("", false), ("", true), ("mhca", false), ("rel", false)] {
+                let w = EvlWeights {
+                    use_mhca: ablate != "mhca",
+                    use_rel: ablate != "rel",
+                    ..EvlWeights::default()
+                };
+                let rel = RelationConfig {
+                    detach_teacher: detach,
+                    ..RelationConfig::default()
+                };
+                let what = format!("{p:?} masks={masks} ablate={ablate} detach={detach}");
+                assert_close(
+                    &objective_run(true, p, masks, &w, &rel),
+                    &objective_run(false, p, masks, &w, &rel),
+                    tol,
+                    &what,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_mhca_loss_equals_graph_form_with_masks() {
+    let (b, ls, lt, ds, dt, h) = (3, 5, 6, 8, 10, 4);
+    for p in [Precision::F64, Precision::F32] {
+        let tol = if p == Precision::F64 { 1e-9 } else { 1e-4 };
+        let run = |fused: bool| {
+            let dev = Device::flex().autodiff();
+            let t = |shape: [usize; 3], seed| {
+                let v: Vec<f64> = randn(shape.iter().product(), seed)
+                    .iter()
+                    .map(|x| 3.0 * x)
+                    .collect();
+                tensor_from_f64(&v, shape, &dev, p).require_grad()
+            };
+            let (hs, ht) = (t([b, ls, ds], 5), t([b, lt, dt], 6));
+            let w = weights(ds, dt, 8, &dev, p, 20);
+            // item 2 has a single valid key; item 1 a single valid student token
+            let km: Vec<bool> = (0..b * lt).map(|k| k / lt != 2 || k % lt == 3).collect();
+            let sm: Vec<bool> = (0..b * ls).map(|k| k / ls != 1 || k % ls == 0).collect();
+            let (km, sm) = (
+                bool_tensor(&km, [b, lt], &dev),
+                bool_tensor(&sm, [b, ls], &dev),
+            );
+            let loss = if fused {
+                mhca_align_loss(hs.clone(), ht.clone(), &w, h, Some(&km), Some(&sm))
+            } else {
+                mhca_loss(
+                    hs.clone(),
+                    mhca_forward(hs.clone(), ht.clone(), &w, h, Some(&km)),
+                    Some(&sm),
+                )
+            };
+            let mut out = vec![("loss".to_string(), to_vec_f64(loss.clone()))];
+            let g = loss.backward();
+            for (n, x) in [("hs", hs), ("ht", ht)] {
+                out.push((n.into(), x.grad(&g).map(to_vec_f64).unwrap_or_default()));
+            }
+            for (n, x) in [("wq", w.wq), ("wk", w.wk), ("wv", w.wv), ("wo", w.wo)] {
+                out.push((n.into(), x.grad(&g).map(to_vec_f64).unwrap_or_default()));
+            }
+            out
+        };
+        assert_close(&run(true), &run(false), tol, &format!("mhca {p:?}"));
     }
 }

@@ -1,0 +1,64 @@
+//! Profiling probe: the EVL-ECG objective (forward + backward) at paper shapes (B=4,
+//! L=512, V_t=576, V_s=144, D_t=1024, D_s=512, h=8), teacher frozen.
+//! `cargo run --release -p evl-kd --example objective_probe [-- mhca]`.
+use evl_kd::{
+    EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
+    mhca_align_loss,
+};
+use evl_models::burn::tensor::Device;
+use evl_models::device::{Precision, tensor_from_f64};
+use std::time::Instant;
+
+fn main() {
+    let dev = Device::flex().autodiff();
+    let (b, l, dt, ds, h, vt, vs) = (4, 512, 1024, 512, 8, 576, 144);
+    let r = |n: usize, s: f64| -> Vec<f64> {
+        (0..n)
+            .map(|k| ((k * 7919 % 1000) as f64 / 500.0 - 1.0) * s)
+            .collect()
+    };
+    let t = |shape: [usize; 3], grad: bool| {
+        let x = tensor_from_f64(&r(shape.iter().product(), 1.0), shape, &dev, Precision::F32);
+        if grad { x.require_grad() } else { x }
+    };
+    let w = |shape: [usize; 2]| {
+        let s = 1.0 / (shape[0] as f64).sqrt();
+        tensor_from_f64(&r(shape[0] * shape[1], s), shape, &dev, Precision::F32).require_grad()
+    };
+    let wts = MhcaWeights {
+        wq: w([ds, ds]),
+        wk: w([dt, ds]),
+        wv: w([dt, ds]),
+        wo: w([ds, ds]),
+    };
+    let (hs, ht) = (t([b, l, ds], true), t([b, l, dt], false));
+    let (tv, sv) = (t([b, vt, ds], true), t([b, vs, ds], true));
+    let ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
+    let only_mhca = std::env::args().any(|a| a == "mhca");
+    for _ in 0..6 {
+        let s = Instant::now();
+        let loss = if only_mhca {
+            mhca_align_loss(hs.clone(), ht.clone(), &wts, h, None, None)
+        } else {
+            let inputs =
+                EvlInputs::unmasked(ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());
+            evl_objective(
+                inputs,
+                &wts,
+                h,
+                &EvlWeights::default(),
+                &OtLossConfig::default(),
+                &RelationConfig::default(),
+            )
+            .total
+        };
+        let f = s.elapsed();
+        let g = loss.backward();
+        std::hint::black_box(wts.wq.grad(&g));
+        println!(
+            "fwd {:.1} ms, total {:.1} ms",
+            f.as_secs_f64() * 1e3,
+            s.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
