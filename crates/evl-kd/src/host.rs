@@ -89,6 +89,86 @@ fn mm<T: ndarray::LinalgScalar>(
     general_mat_mul(T::one(), &a, &b, T::zero(), &mut c);
 }
 
+/// The float types the fused kernels run in: `f32` and `f64`.
+pub(crate) trait Real: ndarray::NdFloat + burn::tensor::Element {
+    /// `x` rounded to this type.
+    fn of(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+}
+
+/// A tensor's values on the host in `T` (a cast when the dtype differs), detached.
+pub(crate) fn host_vec<T: Real, const D: usize>(t: &Tensor<D>) -> Vec<T> {
+    t.clone()
+        .detach()
+        .into_data()
+        .convert::<T>()
+        .try_into_vec::<T>()
+        .expect("reading a float tensor back to the host")
+}
+
+/// `op(A) op(B)` in `T` for row-major `A` (`a_shape`) and `B` (`b_shape`).
+pub(crate) fn gemm<T: Real>(
+    a: &[T],
+    a_shape: (usize, usize),
+    a_t: bool,
+    b: &[T],
+    b_shape: (usize, usize),
+    b_t: bool,
+) -> Vec<T> {
+    let m = if a_t { a_shape.1 } else { a_shape.0 };
+    let n = if b_t { b_shape.0 } else { b_shape.1 };
+    let mut c = vec![T::zero(); m * n];
+    mm(a, a_shape, a_t, b, b_shape, b_t, &mut c, (m, n));
+    c
+}
+
+/// A row-major matrix view of `rows x cols` entries starting at `x[offset]`, consecutive rows
+/// `stride` apart (a column block of a wider matrix without copying it).
+pub(crate) fn view<T>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    offset: usize,
+) -> ArrayView2<'_, T> {
+    use ndarray::ShapeBuilder;
+    ArrayView2::from_shape((rows, cols).strides((stride, 1)), &x[offset..])
+        .expect("view fits its buffer")
+}
+
+/// The mutable counterpart of [`view`].
+pub(crate) fn view_mut<T>(
+    x: &mut [T],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    offset: usize,
+) -> ArrayViewMut2<'_, T> {
+    use ndarray::ShapeBuilder;
+    ArrayViewMut2::from_shape((rows, cols).strides((stride, 1)), &mut x[offset..])
+        .expect("view fits its buffer")
+}
+
+/// `c = a b` on views (transpose a view with `.t()`).
+pub(crate) fn mul_into<T: Real>(
+    a: &ArrayView2<'_, T>,
+    b: &ArrayView2<'_, T>,
+    c: &mut ArrayViewMut2<'_, T>,
+) {
+    general_mat_mul(T::one(), a, b, T::zero(), c);
+}
+
 /// A scalar whose forward value is computed on the host and whose gradient with respect to
 /// each registered tensor is a host-computed array: `value + sum_k (x_k . g_k) - detach(same)`.
 /// The added term is exactly zero in the forward pass and has gradient `g_k` with respect to

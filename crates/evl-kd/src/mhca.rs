@@ -169,15 +169,14 @@ impl MhcaAlign {
 }
 
 /// Host-side MHCA: the cross-attention forward pass and its exact backward pass on row-major
-/// `f64` buffers with matrix products in the inputs' precision, parallel over batch items.
+/// buffers in the inputs' precision `T` (f32 or f64), parallel over batch items.
 ///
 /// Used by the fused CPU objective and [`mhca_align_loss`]: on burn's `flex` backend the
 /// graph form spends most of its time outside the matrix products (a two-`exp` softmax over
 /// `[B, h, L_s, L_t]`, fresh buffers for every intermediate, the layout copies of head
 /// splitting); see BENCHMARKS.md.
 pub(crate) mod host {
-    use crate::host::{matmul, matmul_nn, matmul_nt};
-    use evl_models::device::Precision;
+    use crate::host::{Real, gemm, mul_into, view, view_mut};
     use rayon::prelude::*;
 
     /// Shapes of one call.
@@ -200,15 +199,15 @@ pub(crate) mod host {
 
     /// The weights, row-major: `wq` `[ds, h dk]`, `wkv` = `[W_K | W_V]` `[dt, 2 h dk]`, `wo`
     /// `[h dk, ds]`.
-    pub(crate) struct Weights {
-        pub wq: Vec<f64>,
-        pub wkv: Vec<f64>,
-        pub wo: Vec<f64>,
+    pub(crate) struct Weights<T> {
+        pub wq: Vec<T>,
+        pub wkv: Vec<T>,
+        pub wo: Vec<T>,
     }
 
-    impl Weights {
+    impl<T: Real> Weights<T> {
         /// Joins `W_K` and `W_V` column-wise so both projections are one product.
-        pub(crate) fn new(wq: Vec<f64>, wk: &[f64], wv: &[f64], wo: Vec<f64>, hdk: usize) -> Self {
+        pub(crate) fn new(wq: Vec<T>, wk: &[T], wv: &[T], wo: Vec<T>, hdk: usize) -> Self {
             let wkv = wk
                 .chunks_exact(hdk)
                 .zip(wv.chunks_exact(hdk))
@@ -218,57 +217,102 @@ pub(crate) mod host {
         }
     }
 
-    pub(crate) struct Item {
-        q: Vec<f64>,
-        kv: Vec<f64>,
+    /// The inputs of one call, row-major.
+    pub(crate) struct Inputs<'a, T> {
+        pub hs: &'a [T],
+        pub ht: &'a [T],
+        pub w: &'a Weights<T>,
+        pub key_mask: Option<&'a [bool]>,
+        pub dims: Dims,
+    }
+
+    /// Per-item forward state.
+    pub(crate) struct Item<T> {
+        q: Vec<T>,
+        kv: Vec<T>,
         /// Attention probabilities per head, `[h, ls, lt]`.
-        attn: Vec<f64>,
-        ctx: Vec<f64>,
+        attn: Vec<T>,
+        ctx: Vec<T>,
         /// Whether any key is valid (else attention is uniform and constant, as in the
         /// graph form's finite mask fill).
         keys: bool,
     }
 
-    /// The inputs of one call, row-major.
-    pub(crate) struct Inputs<'a> {
-        pub hs: &'a [f64],
-        pub ht: &'a [f64],
-        pub w: &'a Weights,
-        pub key_mask: Option<&'a [bool]>,
-        pub dims: Dims,
-        pub prec: Precision,
-    }
-
     /// Forward results and what the backward pass needs.
-    pub(crate) struct Cache {
-        pub items: Vec<Item>,
+    pub(crate) struct Cache<T> {
+        pub items: Vec<Item<T>>,
         /// `Hhat_t`, `[b, ls, ds]`.
-        pub hhat: Vec<f64>,
+        pub hhat: Vec<T>,
     }
 
     /// Columns `[c0, c0 + w)` of a row-major matrix with `cols` columns, as a contiguous copy.
-    fn columns(x: &[f64], cols: usize, c0: usize, w: usize) -> Vec<f64> {
+    fn columns<T: Copy>(x: &[T], cols: usize, c0: usize, w: usize) -> Vec<T> {
         x.chunks_exact(cols)
             .flat_map(|r| r[c0..c0 + w].iter().copied())
             .collect()
     }
 
-    fn put_columns(x: &mut [f64], cols: usize, c0: usize, src: &[f64]) {
-        let w = src.len() / (x.len() / cols).max(1);
-        for (r, s) in x.chunks_exact_mut(cols).zip(src.chunks_exact(w.max(1))) {
-            r[c0..c0 + w].copy_from_slice(s);
+    /// Softmax of one score row in place over the valid keys, `exp((s - max) * scale)`;
+    /// uniform when no key is valid.
+    fn softmax_row<T: Real>(row: &mut [T], valid: &[bool], any_valid: bool, scale: T) {
+        if !any_valid {
+            row.fill(T::one() / T::of(row.len() as f64));
+            return;
+        }
+        let mut mx = T::neg_infinity();
+        for (&x, &v) in row.iter().zip(valid) {
+            if v && x > mx {
+                mx = x;
+            }
+        }
+        let mut z = T::zero();
+        for (x, &v) in row.iter_mut().zip(valid) {
+            *x = if v {
+                ((*x - mx) * scale).exp()
+            } else {
+                T::zero()
+            };
+            z += *x;
+        }
+        let inv = T::one() / z;
+        for x in row.iter_mut() {
+            *x *= inv;
         }
     }
 
+    /// `dS = A (dA - <dA, A>) * scale` in place over the valid keys. Softmax gradients sum to
+    /// zero, so the winner's is set to minus the others' sum: a sum of small accurate terms
+    /// instead of a cancelling difference (nearly one-hot rows; see
+    /// `evl_models::ops::log_softmax`).
+    fn softmax_row_grad<T: Real>(drow: &mut [T], arow: &[T], valid: &[bool], scale: T) {
+        let mut s = T::zero();
+        for (&d, &p) in drow.iter().zip(arow) {
+            s += d * p;
+        }
+        let mut arg = 0;
+        let mut rest = T::zero();
+        for (j, ((d, &p), &v)) in drow.iter_mut().zip(arow).zip(valid).enumerate() {
+            *d = if v { p * (*d - s) * scale } else { T::zero() };
+            if p > arow[arg] {
+                arg = j;
+            }
+        }
+        for (j, &d) in drow.iter().enumerate() {
+            if j != arg {
+                rest += d;
+            }
+        }
+        drow[arg] = -rest;
+    }
+
     /// Cross-attention forward pass.
-    pub(crate) fn forward(inp: &Inputs<'_>) -> Cache {
+    pub(crate) fn forward<T: Real>(inp: &Inputs<'_, T>) -> Cache<T> {
         let Inputs {
             hs,
             ht,
             w,
             key_mask,
             dims,
-            prec,
         } = *inp;
         let Dims {
             ls,
@@ -280,48 +324,34 @@ pub(crate) mod host {
             ..
         } = dims;
         let hdk = dims.hdk();
-        let scale = 1.0 / (dk as f64).sqrt();
-        let items: Vec<(Item, Vec<f64>)> = (0..dims.b)
+        let scale = T::of(1.0 / (dk as f64).sqrt());
+        let items: Vec<(Item<T>, Vec<T>)> = (0..dims.b)
             .into_par_iter()
             .map(|bi| {
                 let hs_b = &hs[bi * ls * ds..(bi + 1) * ls * ds];
                 let ht_b = &ht[bi * lt * dt..(bi + 1) * lt * dt];
-                let valid = |j: usize| key_mask.is_none_or(|m| m[bi * lt + j]);
-                let keys = (0..lt).any(valid);
-                let q = matmul_nn(hs_b, &w.wq, ls, ds, hdk, prec);
-                let kv = matmul_nn(ht_b, &w.wkv, lt, dt, 2 * hdk, prec);
-                let mut attn = vec![0.0; heads * ls * lt];
-                let mut ctx = vec![0.0; ls * hdk];
+                let valid: Vec<bool> = (0..lt)
+                    .map(|j| key_mask.is_none_or(|m| m[bi * lt + j]))
+                    .collect();
+                let keys = valid.iter().any(|&v| v);
+                let q = gemm(hs_b, (ls, ds), false, &w.wq, (ds, hdk), false);
+                let kv = gemm(ht_b, (lt, dt), false, &w.wkv, (dt, 2 * hdk), false);
+                let mut attn = vec![T::zero(); heads * ls * lt];
+                let mut ctx = vec![T::zero(); ls * hdk];
                 for h in 0..heads {
-                    let qh = columns(&q, hdk, h * dk, dk);
-                    let kh = columns(&kv, 2 * hdk, h * dk, dk);
-                    let vh = columns(&kv, 2 * hdk, hdk + h * dk, dk);
-                    let s = matmul_nt(&qh, &kh, ls, dk, lt, prec);
+                    let qh = view(&q, ls, dk, hdk, h * dk);
+                    let kh = view(&kv, lt, dk, 2 * hdk, h * dk);
+                    let vh = view(&kv, lt, dk, 2 * hdk, hdk + h * dk);
                     let a = &mut attn[h * ls * lt..(h + 1) * ls * lt];
-                    for (arow, srow) in a.chunks_exact_mut(lt).zip(s.chunks_exact(lt)) {
-                        if !keys {
-                            arow.fill(1.0 / lt as f64);
-                            continue;
-                        }
-                        let mx = (0..lt)
-                            .filter(|&j| valid(j))
-                            .map(|j| srow[j])
-                            .fold(f64::NEG_INFINITY, f64::max);
-                        let mut z = 0.0;
-                        for j in 0..lt {
-                            arow[j] = if valid(j) {
-                                ((srow[j] - mx) * scale).exp()
-                            } else {
-                                0.0
-                            };
-                            z += arow[j];
-                        }
-                        arow.iter_mut().for_each(|v| *v /= z);
+                    // scores straight into the attention buffer, then softmax in place
+                    mul_into(&qh, &kh.t(), &mut view_mut(a, ls, lt, lt, 0));
+                    for arow in a.chunks_exact_mut(lt) {
+                        softmax_row(arow, &valid, keys, scale);
                     }
-                    let oh = matmul_nn(a, &vh, ls, lt, dk, prec);
-                    put_columns(&mut ctx, hdk, h * dk, &oh);
+                    let a = view(a, ls, lt, lt, 0);
+                    mul_into(&a, &vh, &mut view_mut(&mut ctx, ls, dk, hdk, h * dk));
                 }
-                let hhat = matmul_nn(&ctx, &w.wo, ls, hdk, ds, prec);
+                let hhat = gemm(&ctx, (ls, hdk), false, &w.wo, (hdk, ds), false);
                 (
                     Item {
                         q,
@@ -346,22 +376,27 @@ pub(crate) mod host {
     }
 
     /// Gradients of a scalar with respect to every input, row-major like the inputs.
-    pub(crate) struct Grads {
-        pub hs: Vec<f64>,
+    pub(crate) struct Grads<T> {
+        pub hs: Vec<T>,
         /// Empty unless asked for.
-        pub ht: Vec<f64>,
-        pub wq: Vec<f64>,
-        pub wk: Vec<f64>,
-        pub wv: Vec<f64>,
-        pub wo: Vec<f64>,
+        pub ht: Vec<T>,
+        pub wq: Vec<T>,
+        pub wk: Vec<T>,
+        pub wv: Vec<T>,
+        pub wo: Vec<T>,
     }
 
-    fn add(acc: &mut [f64], x: &[f64]) {
-        acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+    fn add<T: Real>(acc: &mut [T], x: &[T]) {
+        acc.iter_mut().zip(x).for_each(|(a, b)| *a += *b);
     }
 
     /// Back-propagates `g = dL/dHhat_t` (`[b, ls, ds]`).
-    pub(crate) fn backward(inp: &Inputs<'_>, c: &Cache, g: &[f64], want_ht: bool) -> Grads {
+    pub(crate) fn backward<T: Real>(
+        inp: &Inputs<'_, T>,
+        c: &Cache<T>,
+        g: &[T],
+        want_ht: bool,
+    ) -> Grads<T> {
         let Dims {
             ls,
             ds,
@@ -371,16 +406,16 @@ pub(crate) mod host {
             dk,
             ..
         } = inp.dims;
-        let (hdk, prec, w) = (inp.dims.hdk(), inp.prec, inp.w);
-        let scale = 1.0 / (dk as f64).sqrt();
-        struct Part {
-            hs: Vec<f64>,
-            ht: Vec<f64>,
-            wq: Vec<f64>,
-            wkv: Vec<f64>,
-            wo: Vec<f64>,
+        let (hdk, w) = (inp.dims.hdk(), inp.w);
+        let scale = T::of(1.0 / (dk as f64).sqrt());
+        struct Part<T> {
+            hs: Vec<T>,
+            ht: Vec<T>,
+            wq: Vec<T>,
+            wkv: Vec<T>,
+            wo: Vec<T>,
         }
-        let parts: Vec<Part> = c
+        let parts: Vec<Part<T>> = c
             .items
             .par_iter()
             .enumerate()
@@ -388,63 +423,58 @@ pub(crate) mod host {
                 let g_b = &g[bi * ls * ds..(bi + 1) * ls * ds];
                 let hs_b = &inp.hs[bi * ls * ds..(bi + 1) * ls * ds];
                 let ht_b = &inp.ht[bi * lt * dt..(bi + 1) * lt * dt];
-                let valid = |j: usize| inp.key_mask.is_none_or(|m| m[bi * lt + j]);
-                let wo_g = matmul(&it.ctx, (ls, hdk), true, g_b, (ls, ds), false, prec);
-                let dctx = matmul_nt(g_b, &w.wo, ls, ds, hdk, prec);
-                let mut dq = vec![0.0; ls * hdk];
-                let mut dkv = vec![0.0; lt * 2 * hdk];
+                let valid: Vec<bool> = (0..lt)
+                    .map(|j| inp.key_mask.is_none_or(|m| m[bi * lt + j]))
+                    .collect();
+                let wo_g = gemm(&it.ctx, (ls, hdk), true, g_b, (ls, ds), false);
+                let dctx = gemm(g_b, (ls, ds), false, &w.wo, (hdk, ds), true);
+                let mut dq = vec![T::zero(); ls * hdk];
+                let mut dkv = vec![T::zero(); lt * 2 * hdk];
+                let mut d_s = vec![T::zero(); ls * lt];
                 for h in 0..heads {
                     let a = &it.attn[h * ls * lt..(h + 1) * ls * lt];
-                    let dch = columns(&dctx, hdk, h * dk, dk);
-                    let vh = columns(&it.kv, 2 * hdk, hdk + h * dk, dk);
-                    let dvh = matmul(a, (ls, lt), true, &dch, (ls, dk), false, prec);
-                    put_columns(&mut dkv, 2 * hdk, hdk + h * dk, &dvh);
+                    let av = view(a, ls, lt, lt, 0);
+                    let dch = view(&dctx, ls, dk, hdk, h * dk);
+                    let vh = view(&it.kv, lt, dk, 2 * hdk, hdk + h * dk);
+                    mul_into(
+                        &av.t(),
+                        &dch,
+                        &mut view_mut(&mut dkv, lt, dk, 2 * hdk, hdk + h * dk),
+                    );
                     if !it.keys {
                         continue; // constant attention: no gradient to Q or K
                     }
-                    let mut ds_ = matmul_nt(&dch, &vh, ls, dk, lt, prec); // dA, then dS
-                    for (drow, arow) in ds_.chunks_exact_mut(lt).zip(a.chunks_exact(lt)) {
-                        let s: f64 = drow.iter().zip(arow).map(|(d, p)| d * p).sum();
-                        let mut arg = 0;
-                        for j in 0..lt {
-                            drow[j] = if valid(j) {
-                                arow[j] * (drow[j] - s) * scale
-                            } else {
-                                0.0
-                            };
-                            if arow[j] > arow[arg] {
-                                arg = j;
-                            }
-                        }
-                        // Softmax gradients sum to zero: the winner's is minus the others' sum,
-                        // a sum of small accurate terms instead of a cancelling difference
-                        // (nearly one-hot rows; see `evl_models::ops::log_softmax`).
-                        drow[arg] = 0.0;
-                        drow[arg] = -drow.iter().sum::<f64>();
+                    // dA, then dS in place
+                    mul_into(&dch, &vh.t(), &mut view_mut(&mut d_s, ls, lt, lt, 0));
+                    for (drow, arow) in d_s.chunks_exact_mut(lt).zip(a.chunks_exact(lt)) {
+                        softmax_row_grad(drow, arow, &valid, scale);
                     }
-                    let qh = columns(&it.q, hdk, h * dk, dk);
-                    let kh = columns(&it.kv, 2 * hdk, h * dk, dk);
-                    let dqh = matmul_nn(&ds_, &kh, ls, lt, dk, prec);
-                    let dkh = matmul(&ds_, (ls, lt), true, &qh, (ls, dk), false, prec);
-                    put_columns(&mut dq, hdk, h * dk, &dqh);
-                    put_columns(&mut dkv, 2 * hdk, h * dk, &dkh);
+                    let qh = view(&it.q, ls, dk, hdk, h * dk);
+                    let kh = view(&it.kv, lt, dk, 2 * hdk, h * dk);
+                    let dsv = view(&d_s, ls, lt, lt, 0);
+                    mul_into(&dsv, &kh, &mut view_mut(&mut dq, ls, dk, hdk, h * dk));
+                    mul_into(
+                        &dsv.t(),
+                        &qh,
+                        &mut view_mut(&mut dkv, lt, dk, 2 * hdk, h * dk),
+                    );
                 }
                 Part {
-                    hs: matmul_nt(&dq, &w.wq, ls, hdk, ds, prec),
+                    hs: gemm(&dq, (ls, hdk), false, &w.wq, (ds, hdk), true),
                     ht: if want_ht {
-                        matmul_nt(&dkv, &w.wkv, lt, 2 * hdk, dt, prec)
+                        gemm(&dkv, (lt, 2 * hdk), false, &w.wkv, (dt, 2 * hdk), true)
                     } else {
                         Vec::new()
                     },
-                    wq: matmul(hs_b, (ls, ds), true, &dq, (ls, hdk), false, prec),
-                    wkv: matmul(ht_b, (lt, dt), true, &dkv, (lt, 2 * hdk), false, prec),
+                    wq: gemm(hs_b, (ls, ds), true, &dq, (ls, hdk), false),
+                    wkv: gemm(ht_b, (lt, dt), true, &dkv, (lt, 2 * hdk), false),
                     wo: wo_g,
                 }
             })
             .collect();
-        let mut wq = vec![0.0; ds * hdk];
-        let mut wkv = vec![0.0; dt * 2 * hdk];
-        let mut wo = vec![0.0; hdk * ds];
+        let mut wq = vec![T::zero(); ds * hdk];
+        let mut wkv = vec![T::zero(); dt * 2 * hdk];
+        let mut wo = vec![T::zero(); hdk * ds];
         let (mut hs, mut ht) = (Vec::new(), Vec::new());
         for p in parts {
             add(&mut wq, &p.wq);
@@ -453,14 +483,12 @@ pub(crate) mod host {
             hs.extend(p.hs);
             ht.extend(p.ht);
         }
-        let wk = columns(&wkv, 2 * hdk, 0, hdk);
-        let wv = columns(&wkv, 2 * hdk, hdk, hdk);
         Grads {
             hs,
             ht,
             wq,
-            wk,
-            wv,
+            wk: columns(&wkv, 2 * hdk, 0, hdk),
+            wv: columns(&wkv, 2 * hdk, hdk, hdk),
             wo,
         }
     }
@@ -514,19 +542,84 @@ pub fn mhca_align_loss(
     let fused = FusedMhca::run(&hs, &ht, w, n_heads, key_mask);
     let [_, _, ds] = hs.dims();
     let sm = student_mask.map(|m| evl_models::device::to_vec_bool(m.clone()));
-    let (value, g_hhat, g_hs) = host::loss(&fused.hs, fused.hhat(), ds, sm.as_deref());
+    let (value, g_hhat, g_hs) = host::loss(&fused.hs, &fused.hhat, ds, sm.as_deref());
     fused.finish(value, &g_hhat, &g_hs, &hs, &ht, w)
+}
+
+/// The fused MHCA in the inputs' precision.
+enum FusedState {
+    F32(FusedTyped<f32>),
+    F64(FusedTyped<f64>),
+}
+
+struct FusedTyped<T> {
+    hs: Vec<T>,
+    ht: Vec<T>,
+    weights: host::Weights<T>,
+    cache: host::Cache<T>,
+}
+
+impl<T: crate::host::Real> FusedTyped<T> {
+    fn new(
+        hs: &Tensor<3>,
+        ht: &Tensor<3>,
+        w: &MhcaWeights,
+        hdk: usize,
+        key_mask: Option<&[bool]>,
+        dims: host::Dims,
+    ) -> Self {
+        use crate::host::host_vec;
+        let weights = host::Weights::new(
+            host_vec(&w.wq),
+            &host_vec(&w.wk),
+            &host_vec(&w.wv),
+            host_vec(&w.wo),
+            hdk,
+        );
+        let (hs, ht) = (host_vec(hs), host_vec(ht));
+        let cache = host::forward(&host::Inputs {
+            hs: &hs,
+            ht: &ht,
+            w: &weights,
+            key_mask,
+            dims,
+        });
+        Self {
+            hs,
+            ht,
+            weights,
+            cache,
+        }
+    }
+
+    fn backward(
+        &self,
+        g_hhat: &[f64],
+        key_mask: Option<&[bool]>,
+        dims: host::Dims,
+        want_ht: bool,
+    ) -> host::Grads<T> {
+        let g: Vec<T> = g_hhat.iter().map(|&x| T::of(x)).collect();
+        let inp = host::Inputs {
+            hs: &self.hs,
+            ht: &self.ht,
+            w: &self.weights,
+            key_mask,
+            dims,
+        };
+        host::backward(&inp, &self.cache, &g, want_ht)
+    }
 }
 
 /// Host copies of the MHCA inputs and the forward cache, for fused losses.
 pub(crate) struct FusedMhca {
-    pub(crate) hs: Vec<f64>,
-    ht: Vec<f64>,
-    weights: host::Weights,
+    state: FusedState,
     key_mask: Option<Vec<bool>>,
     dims: host::Dims,
-    prec: evl_models::device::Precision,
-    cache: host::Cache,
+    /// `H_s` on the host (f64), `[b, ls, ds]`.
+    pub(crate) hs: Vec<f64>,
+    /// `Hhat_t` on the host (f64), `[b, ls, ds]`.
+    pub(crate) hhat: Vec<f64>,
 }
 
 impl FusedMhca {
@@ -538,7 +631,7 @@ impl FusedMhca {
         n_heads: usize,
         key_mask: Option<&Tensor<2, Bool>>,
     ) -> Self {
-        use evl_models::device::{precision_of, to_vec_bool, to_vec_f64};
+        use evl_models::device::{Precision, precision_of, to_vec_bool};
         let [b, ls, ds] = hs.dims();
         let [bt, lt, dt] = ht.dims();
         let [_, hdk] = w.wq.dims();
@@ -555,44 +648,28 @@ impl FusedMhca {
             heads: n_heads,
             dk: hdk / n_heads,
         };
-        let host_vec = |t: &Tensor<2>| to_vec_f64(t.clone().detach());
-        let weights = host::Weights::new(
-            host_vec(&w.wq),
-            &host_vec(&w.wk),
-            &host_vec(&w.wv),
-            host_vec(&w.wo),
-            hdk,
-        );
-        let mut me = Self {
-            hs: to_vec_f64(hs.clone().detach()),
-            ht: to_vec_f64(ht.clone().detach()),
-            weights,
-            key_mask: key_mask.map(|m| to_vec_bool(m.clone())),
-            dims,
-            prec: precision_of(hs),
-            cache: host::Cache {
-                items: Vec::new(),
-                hhat: Vec::new(),
-            },
+        let key_mask = key_mask.map(|m| to_vec_bool(m.clone()));
+        let km = key_mask.as_deref();
+        let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let (state, hs, hhat) = match precision_of(hs) {
+            Precision::F32 => {
+                let f = FusedTyped::<f32>::new(hs, ht, w, hdk, km, dims);
+                let (h, hh) = (widen(&f.hs), widen(&f.cache.hhat));
+                (FusedState::F32(f), h, hh)
+            }
+            Precision::F64 => {
+                let f = FusedTyped::<f64>::new(hs, ht, w, hdk, km, dims);
+                let (h, hh) = (f.hs.clone(), f.cache.hhat.clone());
+                (FusedState::F64(f), h, hh)
+            }
         };
-        me.cache = host::forward(&me.inputs());
-        me
-    }
-
-    fn inputs(&self) -> host::Inputs<'_> {
-        host::Inputs {
-            hs: &self.hs,
-            ht: &self.ht,
-            w: &self.weights,
-            key_mask: self.key_mask.as_deref(),
-            dims: self.dims,
-            prec: self.prec,
+        Self {
+            state,
+            key_mask,
+            dims,
+            hs,
+            hhat,
         }
-    }
-
-    /// `Hhat_t` on the host, `[b, ls, ds]`.
-    pub(crate) fn hhat(&self) -> &[f64] {
-        &self.cache.hhat
     }
 
     /// The differentiable scalar with forward `value`, given `dL/dHhat_t` and the direct
@@ -606,7 +683,20 @@ impl FusedMhca {
         ht: &Tensor<3>,
         w: &MhcaWeights,
     ) -> Tensor<1> {
-        let grads = host::backward(&self.inputs(), &self.cache, g_hhat, ht.is_tracked());
+        let km = self.key_mask.as_deref();
+        let want_ht = ht.is_tracked();
+        let to64 = |g: host::Grads<f32>| host::Grads::<f64> {
+            hs: g.hs.into_iter().map(f64::from).collect(),
+            ht: g.ht.into_iter().map(f64::from).collect(),
+            wq: g.wq.into_iter().map(f64::from).collect(),
+            wk: g.wk.into_iter().map(f64::from).collect(),
+            wv: g.wv.into_iter().map(f64::from).collect(),
+            wo: g.wo.into_iter().map(f64::from).collect(),
+        };
+        let grads = match &self.state {
+            FusedState::F32(f) => to64(f.backward(g_hhat, km, self.dims, want_ht)),
+            FusedState::F64(f) => f.backward(g_hhat, km, self.dims, want_ht),
+        };
         let mut g_hs = grads.hs;
         g_hs.iter_mut().zip(g_hs_direct).for_each(|(a, b)| *a += b);
         let mut sg = crate::host::Surrogate::new(value, hs);

@@ -151,7 +151,7 @@ pub fn evl_objective(
         acc.iter_mut().zip(g).for_each(|(a, x)| *a += w * x);
     };
     let l_mhca = weights.use_mhca.then(|| {
-        let (v, gh, gs) = mhca_host::loss(&fused.hs, fused.hhat(), d, sm.as_deref());
+        let (v, gh, gs) = mhca_host::loss(&fused.hs, &fused.hhat, d, sm.as_deref());
         add(&mut g_hhat, &gh, weights.lambda_mhca);
         add(&mut g_hs, &gs, weights.lambda_mhca);
         value += weights.lambda_mhca * v;
@@ -163,7 +163,7 @@ pub fn evl_objective(
             ..*rel_cfg
         };
         let r = relation_host(
-            fused.hhat(),
+            &fused.hhat,
             &fused.hs,
             [b, l, d],
             sm.as_deref(),
