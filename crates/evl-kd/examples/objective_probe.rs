@@ -1,6 +1,6 @@
 //! Profiling probe: the EVL-ECG objective (forward + backward) at paper shapes (B=4,
 //! L=512, V_t=576, V_s=144, D_t=1024, D_s=512, h=8), teacher frozen.
-//! `cargo run --release -p evl-kd --example objective_probe [-- mhca]`.
+//! `cargo run --release -p evl-kd --example objective_probe [-- mhca] [small] [graph]`.
 use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
     mhca_align_loss,
@@ -11,7 +11,12 @@ use std::time::Instant;
 
 fn main() {
     let dev = Device::flex().autodiff();
-    let (b, l, dt, ds, h, vt, vs) = (4, 512, 1024, 512, 8, 576, 144);
+    let small = std::env::args().any(|a| a == "small");
+    let (b, l, dt, ds, h, vt, vs) = if small {
+        (8, 64, 256, 128, 8, 64, 16)
+    } else {
+        (4, 512, 1024, 512, 8, 576, 144)
+    };
     let r = |n: usize, s: f64| -> Vec<f64> {
         (0..n)
             .map(|k| ((k * 7919 % 1000) as f64 / 500.0 - 1.0) * s)
@@ -35,14 +40,19 @@ fn main() {
     let (tv, sv) = (t([b, vt, ds], true), t([b, vs, ds], true));
     let ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
     let only_mhca = std::env::args().any(|a| a == "mhca");
-    for _ in 0..6 {
+    for _ in 0..if small { 400 } else { 6 } {
         let s = Instant::now();
         let loss = if only_mhca {
             mhca_align_loss(hs.clone(), ht.clone(), &wts, h, None, None)
         } else {
             let inputs =
                 EvlInputs::unmasked(ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());
-            evl_objective(
+            let f = if std::env::args().any(|a| a == "graph") {
+                evl_kd::evl_objective_graph
+            } else {
+                evl_objective
+            };
+            f(
                 inputs,
                 &wts,
                 h,
@@ -55,6 +65,9 @@ fn main() {
         let f = s.elapsed();
         let g = loss.backward();
         std::hint::black_box(wts.wq.grad(&g));
+        if small {
+            continue;
+        }
         println!(
             "fwd {:.1} ms, total {:.1} ms",
             f.as_secs_f64() * 1e3,

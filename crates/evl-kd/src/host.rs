@@ -93,17 +93,33 @@ fn mm<T: ndarray::LinalgScalar>(
 pub(crate) trait Real: ndarray::NdFloat + burn::tensor::Element {
     /// `x` rounded to this type.
     fn of(x: f64) -> Self;
+    /// IEEE total order (`f32::total_cmp`).
+    fn total_cmp_(&self, other: Self) -> std::cmp::Ordering;
+    /// Exact widening to `f64`.
+    fn wide(self) -> f64;
 }
 
 impl Real for f32 {
     fn of(x: f64) -> Self {
         x as f32
     }
+    fn total_cmp_(&self, other: Self) -> std::cmp::Ordering {
+        self.total_cmp(&other)
+    }
+    fn wide(self) -> f64 {
+        f64::from(self)
+    }
 }
 
 impl Real for f64 {
     fn of(x: f64) -> Self {
         x
+    }
+    fn total_cmp_(&self, other: Self) -> std::cmp::Ordering {
+        self.total_cmp(&other)
+    }
+    fn wide(self) -> f64 {
+        self
     }
 }
 

@@ -15,14 +15,81 @@
 //! intersection carry no KD signal, which is exactly the weakness ULD/MultiLevelOT/EVL-ECG
 //! address.
 
+use crate::host::{Real, Surrogate, host_vec};
 use burn::tensor::{Int, Tensor, activation};
 use std::collections::HashMap;
 
 /// `T^2 * KL(softmax(zt/T) || softmax(zs/T))`, summed over classes, averaged over rows.
 ///
+/// On the CPU one fused pass per row computes the value and both gradients in closed form
+/// (`dL/dzs = T (p_s - p_t) / n`, `dL/dzt = T p_t (log p_t - log p_s - KL_row) / n`);
+/// elsewhere it is [`kd_vanilla_graph`].
+///
 /// # Shapes
 /// - `zs`, `zt`: `[n, c]`
 pub fn kd_vanilla(zs: Tensor<2>, zt: Tensor<2>, temperature: f64) -> Tensor<1> {
+    if !evl_models::device::on_host(&zs) {
+        return kd_vanilla_graph(zs, zt, temperature);
+    }
+    match evl_models::device::precision_of(&zs) {
+        evl_models::device::Precision::F32 => kd_host::<f32>(&zs, &zt, temperature),
+        evl_models::device::Precision::F64 => kd_host::<f64>(&zs, &zt, temperature),
+    }
+}
+
+fn kd_host<T: Real>(zs: &Tensor<2>, zt: &Tensor<2>, temperature: f64) -> Tensor<1> {
+    use rayon::prelude::*;
+    let [n, c] = zs.dims();
+    assert_eq!(
+        zs.dims(),
+        zt.dims(),
+        "kd_vanilla: logits of different shapes"
+    );
+    let (a, b) = (host_vec::<T, 2>(zs), host_vec::<T, 2>(zt));
+    let mut gs = vec![T::zero(); n * c];
+    let mut gt = vec![T::zero(); n * c];
+    let inv_t = T::of(1.0 / temperature);
+    let scale = T::of(temperature / n.max(1) as f64);
+    let rows: f64 = gs
+        .par_chunks_mut(c.max(1))
+        .zip(gt.par_chunks_mut(c.max(1)))
+        .enumerate()
+        .map(|(r, (gs, gt))| {
+            let (za, zb) = (&a[r * c..(r + 1) * c], &b[r * c..(r + 1) * c]);
+            // log-softmax of z / T: max shift, then log of the sum
+            let lse = |z: &[T]| {
+                let m = z.iter().fold(T::neg_infinity(), |m, &x| m.max(x * inv_t));
+                m + z
+                    .iter()
+                    .fold(T::zero(), |acc, &x| acc + (x * inv_t - m).exp())
+                    .ln()
+            };
+            let (la, lb) = (lse(za), lse(zb));
+            let mut kl = T::zero();
+            for k in 0..c {
+                let (lps, lpt) = (za[k] * inv_t - la, zb[k] * inv_t - lb);
+                let pt = lpt.exp();
+                kl += pt * (lpt - lps);
+                gs[k] = lps.exp() - pt;
+                gt[k] = lpt - lps; // finished below, once KL_row is known
+            }
+            for k in 0..c {
+                let pt = (zb[k] * inv_t - lb).exp();
+                gt[k] = scale * pt * (gt[k] - kl);
+                gs[k] *= scale;
+            }
+            kl.wide()
+        })
+        .sum();
+    let widen = |v: Vec<T>| v.into_iter().map(|x| x.wide()).collect::<Vec<f64>>();
+    let mut sg = Surrogate::new(rows * temperature * temperature / n.max(1) as f64, zs);
+    sg.grad(zs, &widen(gs));
+    sg.grad(zt, &widen(gt));
+    sg.finish()
+}
+
+/// [`kd_vanilla`] as burn tensor ops (what runs off the CPU).
+pub fn kd_vanilla_graph(zs: Tensor<2>, zt: Tensor<2>, temperature: f64) -> Tensor<1> {
     let [n, _] = zs.dims();
     let log_ps = activation::log_softmax(zs.mul_scalar(1.0 / temperature), 1);
     let log_pt = activation::log_softmax(zt.mul_scalar(1.0 / temperature), 1);
