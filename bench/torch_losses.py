@@ -159,6 +159,78 @@ def main():
         (ps - pt).abs().sum(-1).mean().backward()
 
     out["uld"] = median_ms(args.reps, run_uld)
+    # Baselines (method.md 3); the teacher's states and logits are frozen inputs.
+    vs_, vt_ = s["vocab_s"], s["vocab_t"]
+    hs_b, ht_b, wh = r(B, ls, ds), torch.randn(B, lt, dt), r(ds, dt, scale=ds**-0.5)
+    idx = torch.tensor([min((i * lt) // ls, lt - 1) for i in range(ls)])
+
+    def run_tinybert():
+        proj = hs_b @ wh
+        ((proj - ht_b[:, idx]) ** 2).sum(-1).div(dt).mean().backward()
+
+    out["tinybert_hidden"] = median_ms(args.reps, run_tinybert)
+
+    rl = min(s["rkd_len"], ls)
+    t_r, s_r = torch.randn(B, rl, dt), r(B, rl, ds)
+
+    def rkd_psi_d(x):
+        d = torch.cdist(x, x)
+        L = x.shape[1]
+        return d / (d.sum(dim=(1, 2), keepdim=True) / (L * (L - 1)))
+
+    def rkd_psi_a(x):
+        e = F.normalize(x[:, :, None, :] - x[:, None, :, :], dim=-1)  # [b, i, j, d]
+        ej = e.transpose(1, 2)  # [b, j, i, d]
+        return ej @ ej.transpose(2, 3)
+
+    def run_rkd():
+        ld = F.smooth_l1_loss(rkd_psi_d(s_r), rkd_psi_d(t_r))
+        la = F.smooth_l1_loss(rkd_psi_a(s_r), rkd_psi_a(t_r))
+        (ld + 2.0 * la).backward()
+
+    out["rkd"] = median_ms(args.reps, run_rkd)
+
+    zs_m, zt_m = r(B, ls, vs_), torch.randn(B, lt, vt_)
+    k_top = min(50, vs_, vt_)
+
+    def run_mlot():
+        ps = torch.softmax(zs_m, -1).sort(-1, descending=True).values[..., :k_top]
+        pt = torch.softmax(zt_m, -1).sort(-1, descending=True).values[..., :k_top]
+        L = min(ls, lt)
+        n_tok = B * L
+        l1 = (ps[:, :L] - pt[:, :L]).abs().sum() / n_tok
+        ce = -(pt[:, :L] * ps[:, :L].clamp_min(1e-30).log()).sum() / n_tok
+        cost = (pt[:, :, None, :] - ps[:, None, :, :]).abs().sum(-1)  # [b, lt, ls]
+        with torch.no_grad():
+            plan = sinkhorn_log_plan(cost, eps, n_iter)
+        seq = (plan * cost).sum() / B
+        (l1 + ce + seq).backward()
+
+    out["multilevel_ot"] = median_ms(args.reps, run_mlot)
+
+    da = 64
+    wq_d, wk_d = r(dt, da, scale=dt**-0.5), r(ds, da, scale=ds**-0.5)
+    ws2t, wt2s = r(ds, dt, scale=ds**-0.5), r(dt, ds, scale=dt**-0.5)
+    hs_d, ht_d = r(B, ls, ds), torch.randn(B, lt, dt)
+    zs_d, zt_d = r(B, ls, vs_), torch.randn(B, lt, vt_)
+    head_s, head_t = torch.randn(ds, vs_) * ds**-0.5, torch.randn(dt, vt_) * dt**-0.5
+
+    def kl_rows(logp, logq):
+        return (logp.exp() * (logp - logq)).sum() / (logp.shape[0] * logp.shape[1])
+
+    def run_dskd():
+        q, k = ht_d @ wq_d, hs_d @ wk_d
+        scores = q @ k.transpose(1, 2) / da**0.5  # [b, lt, ls]
+        a_ts = torch.softmax(scores, -1)
+        a_st = torch.softmax(scores.transpose(1, 2), -1)
+        z_s2t = (a_ts @ (hs_d @ ws2t)) @ head_t
+        z_t2s = (a_st @ (ht_d @ wt2s)) @ head_s
+        kl_t = kl_rows(F.log_softmax(zt_d, -1), F.log_softmax(z_s2t, -1))
+        kl_s = kl_rows(F.log_softmax(z_t2s, -1).detach(), F.log_softmax(zs_d, -1))
+        (kl_t + kl_s).backward()
+
+    out["dskd"] = median_ms(args.reps, run_dskd)
+
     print(json.dumps(out))
 
 

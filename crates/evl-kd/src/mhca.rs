@@ -265,16 +265,11 @@ pub(crate) mod host {
                 mx = x;
             }
         }
-        let mut z = T::zero();
         for (x, &v) in row.iter_mut().zip(valid) {
-            *x = if v {
-                ((*x - mx) * scale).exp()
-            } else {
-                T::zero()
-            };
-            z += *x;
+            let e = ((*x - mx) * scale).exp_fast();
+            *x = if v { e } else { T::zero() };
         }
-        let inv = T::one() / z;
+        let inv = T::one() / crate::host::sum(row);
         for x in row.iter_mut() {
             *x *= inv;
         }

@@ -12,6 +12,7 @@
 //! We write Sinkhorn ourselves because no maintained Rust crate offers a batched, masked,
 //! log-domain solver with per-example stopping (and none on burn tensors).
 
+use crate::host::Real;
 use burn::tensor::Tensor;
 use evl_models::ops::logsumexp;
 use rayon::prelude::*;
@@ -142,7 +143,7 @@ fn rebuild_kernel(w: &mut ItemWork) {
         .zip(&w.alpha)
     {
         for ((k, &l), &b) in krow.iter_mut().zip(lrow).zip(&w.beta) {
-            *k = (l + a + b).exp();
+            *k = (l + a + b).exp_fast();
         }
     }
 }

@@ -3,12 +3,17 @@
 
 use crate::args::{BenchLossesArgs, ShapePreset};
 use anyhow::{Context, Result};
-use evl_kd::baselines::{kd_vanilla, uld_loss};
+use evl_kd::baselines::{
+    Dskd, MultiLevelOtConfig, kd_vanilla, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss,
+    uld_loss,
+};
 use evl_kd::sinkhorn::{Problem, Stop, sinkhorn_host};
 use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
     mhca_align_loss, ot_loss, relation_loss,
 };
+use evl_models::burn::module::Param;
+use evl_models::burn::nn::Linear;
 use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use serde::Serialize;
@@ -34,6 +39,8 @@ struct Shapes {
     vocab_t: usize,
     n_iter: usize,
     eps: f64,
+    /// Tokens per item for RKD (at most `l_s`, see `rkd_len`).
+    rkd_len: usize,
 }
 
 fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
@@ -51,6 +58,7 @@ fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
         vocab_t: 1024,
         n_iter: 100,
         eps: 0.1,
+        rkd_len: 64,
     };
     let paper = Shapes {
         name: "paper-cpu",
@@ -66,6 +74,7 @@ fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
         vocab_t: 2048,
         n_iter: 100,
         eps: 0.1,
+        rkd_len: 64,
     };
     if quick {
         return vec![Shapes {
@@ -82,6 +91,7 @@ fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
             vocab_t: 10,
             n_iter: 10,
             eps: 0.1,
+            rkd_len: 5,
         }];
     }
     match p {
@@ -105,6 +115,19 @@ fn randn(n: usize, seed: u64) -> Vec<f64> {
     (0..n)
         .map(|_| (-2.0 * (next().max(1e-300)).ln()).sqrt() * (std::f64::consts::TAU * next()).cos())
         .collect()
+}
+
+/// Tokens per item for RKD (its triplet-angle tensor is `[B, L, L, L]`).
+fn rkd_len(s: &Shapes) -> usize {
+    s.rkd_len.min(s.l_s)
+}
+
+/// A bias-free linear layer holding `w` (`[d_in, d_out]`).
+fn lin(w: evl_models::burn::tensor::Tensor<2>) -> Linear {
+    Linear {
+        weight: Param::from_tensor(w),
+        bias: None,
+    }
 }
 
 fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -234,6 +257,76 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
             );
             let g = terms.total.backward();
             std::hint::black_box((hs.grad(&g), sv.grad(&g)));
+        })
+    });
+    // Baselines (method.md 3). The teacher's states and logits are frozen inputs.
+    let wmat = |r: usize, c: usize, seed: u64| w([r, c], seed);
+    out.insert("tinybert_hidden".into(), {
+        let (hs, ht, wh) = (
+            t([s.b, s.l_s, s.d_s], 20),
+            frozen([s.b, s.l_t, s.d_t], 21),
+            wmat(s.d_s, s.d_t, 22),
+        );
+        median_ms(reps, || {
+            let g = tinybert_hidden_loss(hs.clone(), ht.clone(), wh.clone(), None).backward();
+            std::hint::black_box((hs.grad(&g), wh.grad(&g)));
+        })
+    });
+    // RKD's triplet angles are O(L^3 D): measured on the first `rkd_len` tokens.
+    let rl = rkd_len(s);
+    out.insert("rkd".into(), {
+        let (tt, ss) = (frozen([s.b, rl, s.d_t], 23), t([s.b, rl, s.d_s], 24));
+        median_ms(reps, || {
+            let g = rkd_loss(tt.clone(), ss.clone(), 1.0, 2.0).backward();
+            std::hint::black_box(ss.grad(&g));
+        })
+    });
+    out.insert("multilevel_ot".into(), {
+        let zs = t([s.b, s.l_s, s.vocab_s], 25);
+        let zt = frozen([s.b, s.l_t, s.vocab_t], 26);
+        let cfg = MultiLevelOtConfig {
+            n_iter: s.n_iter,
+            eps: s.eps,
+            ..MultiLevelOtConfig::default()
+        };
+        median_ms(reps, || {
+            let g = multilevel_ot_loss(zs.clone(), zt.clone(), &cfg)
+                .loss
+                .backward();
+            std::hint::black_box(zs.grad(&g));
+        })
+    });
+    out.insert("dskd".into(), {
+        let m = Dskd {
+            query: lin(wmat(s.d_t, 64, 27)),
+            key: lin(wmat(s.d_s, 64, 28)),
+            s_to_t: lin(wmat(s.d_s, s.d_t, 29)),
+            t_to_s: lin(wmat(s.d_t, s.d_s, 30)),
+        };
+        let (hs, ht) = (t([s.b, s.l_s, s.d_s], 31), frozen([s.b, s.l_t, s.d_t], 32));
+        let (zs, zt) = (
+            t([s.b, s.l_s, s.vocab_s], 33),
+            frozen([s.b, s.l_t, s.vocab_t], 34),
+        );
+        let unit = |r: usize, c: usize, seed: u64| {
+            let v: Vec<f64> = randn(r * c, seed)
+                .iter()
+                .map(|x| x / (r as f64).sqrt())
+                .collect();
+            tensor_from_f64(&v, [r, c], &dev, Precision::F32)
+        };
+        let (head_s, head_t) = (unit(s.d_s, s.vocab_s, 35), unit(s.d_t, s.vocab_t, 36));
+        median_ms(reps, || {
+            let o = m.forward(
+                hs.clone(),
+                ht.clone(),
+                zs.clone(),
+                zt.clone(),
+                head_s.clone(),
+                head_t.clone(),
+            );
+            let g = o.loss.backward();
+            std::hint::black_box((hs.grad(&g), zs.grad(&g)));
         })
     });
     let n = s.b * s.l_s;

@@ -15,7 +15,7 @@
 //! intersection carry no KD signal, which is exactly the weakness ULD/MultiLevelOT/EVL-ECG
 //! address.
 
-use crate::host::{Real, Surrogate, host_vec};
+use crate::host::{Real, Surrogate, host_vec, sum};
 use burn::tensor::{Int, Tensor, activation};
 use std::collections::HashMap;
 
@@ -56,27 +56,29 @@ fn kd_host<T: Real>(zs: &Tensor<2>, zt: &Tensor<2>, temperature: f64) -> Tensor<
         .enumerate()
         .map(|(r, (gs, gt))| {
             let (za, zb) = (&a[r * c..(r + 1) * c], &b[r * c..(r + 1) * c]);
-            // log-softmax of z / T: max shift, then log of the sum
-            let lse = |z: &[T]| {
+            // softmax(z / T) into `out` (vectorised exp); returns log of the normaliser
+            // including the max shift, so log p_k = z_k / T - that
+            let softmax = |z: &[T], out: &mut [T]| -> T {
                 let m = z.iter().fold(T::neg_infinity(), |m, &x| m.max(x * inv_t));
-                m + z
-                    .iter()
-                    .fold(T::zero(), |acc, &x| acc + (x * inv_t - m).exp())
-                    .ln()
+                for (o, &x) in out.iter_mut().zip(z) {
+                    *o = (x * inv_t - m).exp_fast();
+                }
+                let s = sum(out);
+                let inv = T::one() / s;
+                out.iter_mut().for_each(|o| *o *= inv);
+                m + s.ln()
             };
-            let (la, lb) = (lse(za), lse(zb));
+            let (la, lb) = (softmax(za, gs), softmax(zb, gt));
+            // log p_t - log p_s, exact from the logits
+            let shift = la - lb;
             let mut kl = T::zero();
             for k in 0..c {
-                let (lps, lpt) = (za[k] * inv_t - la, zb[k] * inv_t - lb);
-                let pt = lpt.exp();
-                kl += pt * (lpt - lps);
-                gs[k] = lps.exp() - pt;
-                gt[k] = lpt - lps; // finished below, once KL_row is known
+                kl += gt[k] * ((zb[k] - za[k]) * inv_t + shift);
             }
             for k in 0..c {
-                let pt = (zb[k] * inv_t - lb).exp();
-                gt[k] = scale * pt * (gt[k] - kl);
-                gs[k] *= scale;
+                let (ps, pt) = (gs[k], gt[k]);
+                gs[k] = scale * (ps - pt);
+                gt[k] = scale * pt * ((zb[k] - za[k]) * inv_t + shift - kl);
             }
             kl.wide()
         })

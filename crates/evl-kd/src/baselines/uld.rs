@@ -62,12 +62,10 @@ pub fn uld_loss(zs: Tensor<2>, zt: Tensor<2>, t_student: f64, t_teacher: f64) ->
 fn softmax_sorted<T: Real>(z: &[T], temp: f64, p: &mut [T], order: &mut [u32]) {
     let inv = T::of(1.0 / temp);
     let m = z.iter().fold(T::neg_infinity(), |m, &x| m.max(x * inv));
-    let mut sum = T::zero();
     for (pk, &x) in p.iter_mut().zip(z) {
-        *pk = (x * inv - m).exp();
-        sum += *pk;
+        *pk = (x * inv - m).exp_fast();
     }
-    let r = T::one() / sum;
+    let r = T::one() / crate::host::sum(p);
     p.iter_mut().for_each(|x| *x *= r);
     for (k, o) in order.iter_mut().enumerate() {
         *o = k as u32;
