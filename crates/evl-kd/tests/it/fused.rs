@@ -109,9 +109,11 @@ fn fused_relation_equals_graph_form() {
     let mask: Vec<bool> = (0..b * l)
         .map(|k| k != 5 && k / l != 2 || k % l < 4)
         .collect();
+    // item 1 fully padded, item 2 a single valid token: no pairs, potentials 0
+    let sparse: Vec<bool> = (0..b * l).map(|k| k / l == 0 || k == 2 * l + 3).collect();
     for p in [Precision::F64, Precision::F32] {
         let tol = if p == Precision::F64 { 1e-9 } else { 1e-4 };
-        for masked in [false, true] {
+        for (masked, mask) in [(false, &mask), (true, &mask), (true, &sparse)] {
             for (detach, terms) in [(false, true), (true, true), (false, false)] {
                 let cfg = RelationConfig {
                     detach_teacher: detach,
