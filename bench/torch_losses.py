@@ -2,6 +2,9 @@
 way in PyTorch (float32, CPU), and POT's `ot.bregman.sinkhorn_log` for the Sinkhorn plan.
 
 Called by the Rust command with the shapes as JSON; prints {case: median milliseconds}.
+With --device cuda every tensor is made on the GPU and each timing ends with
+torch.cuda.synchronize(); POT (CPU, NumPy) is then still timed on the CPU, and skipped when it
+is not installed.
 Each case is forward + backward, as in the Rust side; the Sinkhorn plan is forward only
 (100 log-domain iterations per example, stopThr=0 so POT runs them all)."""
 import argparse
@@ -13,12 +16,17 @@ import torch
 import torch.nn.functional as F
 
 
+SYNC = lambda: None  # noqa: E731  (replaced by torch.cuda.synchronize on a GPU)
+
+
 def median_ms(reps, fn):
     fn()
+    SYNC()
     times = []
     for _ in range(max(reps, 1)):
         t0 = time.perf_counter()
         fn()
+        SYNC()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -78,9 +86,14 @@ def main():
     ap.add_argument("--shapes", required=True)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     s = json.loads(args.shapes)
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        global SYNC
+        SYNC = torch.cuda.synchronize
+        torch.set_default_device("cuda")
     torch.manual_seed(0)
     B, vt, vs, lt, ls, dt, ds, h = (s[k] for k in ["b", "v_t", "v_s", "l_t", "l_s", "d_t", "d_s", "heads"])
     eps, n_iter = s["eps"], s["n_iter"]
@@ -92,13 +105,19 @@ def main():
     out = {}
 
     import numpy as np
-    import ot as pot
 
-    C = np.minimum(np.abs(np.random.default_rng(7).standard_normal((B, vt, vs))), 4.0)
-    a, b = np.full(vt, 1.0 / vt), np.full(vs, 1.0 / vs)
-    out["sinkhorn_plan"] = median_ms(
-        args.reps, lambda: [pot.bregman.sinkhorn_log(a, b, C[i], eps, numItermax=n_iter, stopThr=0.0) for i in range(B)]
-    )
+    try:
+        import ot as pot
+    except ImportError:
+        pot = None
+        if args.device == "cpu":
+            raise
+    if pot is not None:
+        C = np.minimum(np.abs(np.random.default_rng(7).standard_normal((B, vt, vs))), 4.0)
+        a, b = np.full(vt, 1.0 / vt), np.full(vs, 1.0 / vs)
+        out["sinkhorn_plan"] = median_ms(
+            args.reps, lambda: [pot.bregman.sinkhorn_log(a, b, C[i], eps, numItermax=n_iter, stopThr=0.0) for i in range(B)]
+        )
 
     t, sv = r(B, vt, ds), r(B, vs, ds)
 

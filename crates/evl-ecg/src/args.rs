@@ -178,7 +178,7 @@ pub struct JobArgs {
     /// uninterrupted run). Without it an existing checkpoint is an error.
     #[arg(long)]
     pub resume: bool,
-    /// Device: cpu or cuda:N (the latter needs the `cuda` cargo feature).
+    /// Device: cpu, cuda:N or vulkan:N (GPU kinds need the `cuda` / `vulkan` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -249,7 +249,7 @@ pub struct QuickstartArgs {
     /// Size preset.
     #[arg(long, value_enum, default_value = "quick")]
     pub preset: PresetArg,
-    /// Device: cpu or cuda:N (the latter needs the `cuda` cargo feature).
+    /// Device: cpu, cuda:N or vulkan:N (GPU kinds need the `cuda` / `vulkan` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Teacher encoder input: image (rendered ECG paper, as the paper) or signal.
@@ -613,4 +613,9 @@ pub struct BenchLossesArgs {
     /// Append the results table (Markdown) to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Device for our side: cpu, cuda:N or vulkan:N (GPU kinds need their cargo feature).
+    /// On a GPU the losses run as tensor ops and each timing ends with a device sync; the
+    /// PyTorch reference then runs on CUDA device 0.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }

@@ -28,7 +28,7 @@ impl Precision {
     }
 }
 
-/// Which device to run on, as a user writes it: `cpu` or `cuda:N`.
+/// Which device to run on, as a user writes it: `cpu`, `cuda:N` or `vulkan:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// burn's pure-Rust `flex` CPU backend.
@@ -36,6 +36,9 @@ pub enum DeviceSpec {
     Cpu,
     /// CUDA device with this ordinal (needs the `cuda` cargo feature).
     Cuda(usize),
+    /// The N-th discrete GPU through burn's wgpu backend pinned to Vulkan (needs the `vulkan`
+    /// cargo feature and a Vulkan driver at run time).
+    Vulkan(usize),
 }
 
 /// A device string that could not be understood or is not compiled in.
@@ -56,12 +59,17 @@ impl FromStr for DeviceSpec {
         match s {
             "cpu" | "flex" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
-                _ => Err(DeviceSpecError(format!(
-                    "unknown device `{s}`: expected `cpu`, `cuda` or `cuda:N`"
-                ))),
-            },
+            "vulkan" => Ok(DeviceSpec::Vulkan(0)),
+            _ => {
+                let ordinal = |prefix: &str| s.strip_prefix(prefix).map(str::parse::<usize>);
+                match (ordinal("cuda:"), ordinal("vulkan:")) {
+                    (Some(Ok(i)), _) => Ok(DeviceSpec::Cuda(i)),
+                    (_, Some(Ok(i))) => Ok(DeviceSpec::Vulkan(i)),
+                    _ => Err(DeviceSpecError(format!(
+                        "unknown device `{s}`: expected `cpu`, `cuda`, `cuda:N`, `vulkan` or `vulkan:N`"
+                    ))),
+                }
+            }
         }
     }
 }
@@ -70,7 +78,7 @@ impl DeviceSpec {
     /// The burn device, without autodiff.
     ///
     /// # Errors
-    /// A CUDA device when the binary was built without the `cuda` feature.
+    /// A CUDA or Vulkan device when the binary was built without that cargo feature.
     pub fn device(self) -> Result<Device, DeviceSpecError> {
         match self {
             DeviceSpec::Cpu => Ok(Device::flex()),
@@ -79,6 +87,12 @@ impl DeviceSpec {
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => Err(DeviceSpecError(
                 "this build has no CUDA support: rebuild with `--features cuda`".into(),
+            )),
+            #[cfg(feature = "vulkan")]
+            DeviceSpec::Vulkan(i) => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(i))),
+            #[cfg(not(feature = "vulkan"))]
+            DeviceSpec::Vulkan(_) => Err(DeviceSpecError(
+                "this build has no Vulkan support: rebuild with `--features vulkan`".into(),
             )),
         }
     }
@@ -157,12 +171,26 @@ pub fn to_vec_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
 
 /// Reads a boolean tensor back to the host.
 ///
+/// Backends store booleans differently (`flex` natively; burn's fused GPU backends as `u8`),
+/// so anything but a native bool is read through an integer cast.
+///
 /// # Panics
 /// If the backend cannot read the tensor back.
 pub fn to_vec_bool<const D: usize>(t: Tensor<D, Bool>) -> Vec<bool> {
-    t.into_data()
-        .try_into_vec::<bool>()
+    if t.dtype() == DType::Bool(burn::tensor::BoolStore::Native) {
+        return t
+            .into_data()
+            .try_into_vec::<bool>()
+            .expect("reading a bool tensor back to the host");
+    }
+    t.int()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
         .expect("reading a bool tensor back to the host")
+        .into_iter()
+        .map(|v| v != 0)
+        .collect()
 }
 
 /// The precision of a float tensor (`F64` for f64, `F32` for everything else).
@@ -182,7 +210,11 @@ mod tests {
     fn device_spec_parses() {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
         assert_eq!("cuda:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!("vulkan".parse::<DeviceSpec>(), Ok(DeviceSpec::Vulkan(0)));
+        assert_eq!("vulkan:2".parse::<DeviceSpec>(), Ok(DeviceSpec::Vulkan(2)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("vulkan:".parse::<DeviceSpec>().is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
     mhca_align_loss, ot_loss, relation_loss,
 };
+use evl_models::DeviceSpec;
 use evl_models::burn::module::Param;
 use evl_models::burn::nn::Linear;
 use evl_models::burn::tensor::Device;
@@ -130,12 +131,18 @@ fn lin(w: evl_models::burn::tensor::Tensor<2>) -> Linear {
     }
 }
 
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
+/// Median wall time of `f` in milliseconds; each call ends with a device sync, so work a GPU
+/// queued is counted (on the CPU the sync returns at once).
+fn median_ms(dev: &Device, reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut run = || {
+        f();
+        dev.sync().expect("device sync after a timed run");
+    };
+    run(); // warm-up
     let mut t: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let s = Instant::now();
-            f();
+            run();
             s.elapsed().as_secs_f64() * 1e3
         })
         .collect();
@@ -143,8 +150,8 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
-    let dev = Device::flex().autodiff();
+fn our_times(s: &Shapes, reps: usize, device: &Device) -> BTreeMap<String, f64> {
+    let dev = device.clone().autodiff();
     let t = |shape: [usize; 3], seed| {
         tensor_from_f64(
             &randn(shape.iter().product(), seed),
@@ -182,7 +189,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
         .collect();
     out.insert(
         "sinkhorn_plan".into(),
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let p = sinkhorn_host(
                 &cost,
                 Problem {
@@ -200,7 +207,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
     );
     out.insert("ot_loss".into(), {
         let (tv, sv) = (t([s.b, s.v_t, s.d_s], 1), t([s.b, s.v_s, s.d_s], 2));
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let o = ot_loss(tv.clone(), sv.clone(), None, None, &ot_cfg);
             let g = o.loss.backward();
             std::hint::black_box((tv.grad(&g), sv.grad(&g)));
@@ -222,7 +229,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
             frozen([s.b, s.l_t, s.d_t], 9),
             weights(),
         );
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let loss = mhca_align_loss(hs.clone(), ht.clone(), &wts, s.heads, None, None);
             let g = loss.backward();
             std::hint::black_box((hs.grad(&g), wts.wq.grad(&g)));
@@ -230,7 +237,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
     });
     out.insert("relation".into(), {
         let (a, b) = (t([s.b, s.l_s, s.d_s], 10), t([s.b, s.l_s, s.d_s], 11));
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let r = relation_loss(a.clone(), b.clone(), None, &RelationConfig::default());
             let g = r.l_rel.backward();
             std::hint::black_box((a.grad(&g), b.grad(&g)));
@@ -244,7 +251,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
         );
         let (tv, sv) = (t([s.b, s.v_t, s.d_s], 1), t([s.b, s.v_s, s.d_s], 2));
         let l_ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let inputs =
                 EvlInputs::unmasked(l_ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());
             let terms = evl_objective(
@@ -267,7 +274,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
             frozen([s.b, s.l_t, s.d_t], 21),
             wmat(s.d_s, s.d_t, 22),
         );
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let g = tinybert_hidden_loss(hs.clone(), ht.clone(), wh.clone(), None).backward();
             std::hint::black_box((hs.grad(&g), wh.grad(&g)));
         })
@@ -276,7 +283,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
     let rl = rkd_len(s);
     out.insert("rkd".into(), {
         let (tt, ss) = (frozen([s.b, rl, s.d_t], 23), t([s.b, rl, s.d_s], 24));
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let g = rkd_loss(tt.clone(), ss.clone(), 1.0, 2.0).backward();
             std::hint::black_box(ss.grad(&g));
         })
@@ -289,7 +296,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
             eps: s.eps,
             ..MultiLevelOtConfig::default()
         };
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let g = multilevel_ot_loss(zs.clone(), zt.clone(), &cfg)
                 .loss
                 .backward();
@@ -316,7 +323,7 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
             tensor_from_f64(&v, [r, c], &dev, Precision::F32)
         };
         let (head_s, head_t) = (unit(s.d_s, s.vocab_s, 35), unit(s.d_t, s.vocab_t, 36));
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let o = m.forward(
                 hs.clone(),
                 ht.clone(),
@@ -341,14 +348,14 @@ fn our_times(s: &Shapes, reps: usize) -> BTreeMap<String, f64> {
     };
     out.insert("kd_vanilla".into(), {
         let (zs, zt) = (t2([n, s.vocab_s], 12), t2([n, s.vocab_s], 13));
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let g = kd_vanilla(zs.clone(), zt.clone(), 2.0).backward();
             std::hint::black_box(zs.grad(&g));
         })
     });
     out.insert("uld".into(), {
         let (zs, zt) = (t2([n, s.vocab_s], 12), t2([n, s.vocab_t], 13));
-        median_ms(reps, || {
+        median_ms(&dev, reps, || {
             let g = uld_loss(zs.clone(), zt.clone(), 1.0, 1.0).loss.backward();
             std::hint::black_box(zs.grad(&g));
         })
@@ -361,8 +368,13 @@ fn torch_times(
     s: &Shapes,
     reps: usize,
     threads: usize,
+    torch_device: &str,
 ) -> Result<BTreeMap<String, f64>, String> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_losses.py");
+    // The script of the checkout this binary was built from, or, for a binary moved to another
+    // machine, the one under the working directory's `bench/`.
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_losses.py");
+    let local = PathBuf::from("bench/torch_losses.py");
+    let script = if built.exists() { built } else { local };
     let shapes = serde_json::to_string(s).map_err(|e| e.to_string())?;
     let out = Command::new(python)
         .arg(&script)
@@ -373,6 +385,8 @@ fn torch_times(
             &reps.to_string(),
             "--threads",
             &threads.to_string(),
+            "--device",
+            torch_device,
         ])
         .output()
         .map_err(|e| format!("cannot run {python}: {e}"))?;
@@ -394,19 +408,30 @@ pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let reps = if a.quick { 1 } else { a.reps };
-    let mut md = String::new();
+    let spec: DeviceSpec = a.device.parse().map_err(anyhow::Error::msg)?;
+    let device = spec.device().map_err(anyhow::Error::msg)?;
+    let (torch_device, where_) = match spec {
+        DeviceSpec::Cpu => ("cpu".to_string(), format!("{threads} threads")),
+        _ => (
+            "cuda".to_string(),
+            format!("{}, tensor-op forms; PyTorch on cuda:0", a.device),
+        ),
+    };
     let stdout = std::io::stdout();
     let mut w = stdout.lock();
     for s in presets(a.preset, a.quick) {
+        // Each preset's table is written as soon as it is measured (a long GPU run that is
+        // cut short keeps what it finished).
+        let mut md = String::new();
         eprintln!(
             "bench losses: {} shapes {:?}, {threads} threads, median of {reps}",
             s.name, s
         );
-        let ours = our_times(&s, reps);
+        let ours = our_times(&s, reps, &device);
         let reference = if a.no_torch {
             Err("skipped (--no-torch)".to_string())
         } else {
-            torch_times(&a.python, &s, reps, threads)
+            torch_times(&a.python, &s, reps, threads, &torch_device)
         };
         if let Err(e) = &reference {
             eprintln!(
@@ -414,7 +439,7 @@ pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
             );
         }
         let refs = reference.unwrap_or_default();
-        md.push_str(&format!("\n### {} (B={}, V_t={}, V_s={}, L_t={}, L_s={}, D_t={}, D_s={}, h={}, {} threads)\n\n| loss (fwd+bwd, f32) | evl-ecg ms | reference | reference ms | speed-up |\n|---|---:|---|---:|---:|\n", s.name, s.b, s.v_t, s.v_s, s.l_t, s.l_s, s.d_t, s.d_s, s.heads, threads));
+        md.push_str(&format!("\n### {} (B={}, V_t={}, V_s={}, L_t={}, L_s={}, D_t={}, D_s={}, h={}, {where_})\n\n| loss (fwd+bwd, f32) | evl-ecg ms | reference | reference ms | speed-up |\n|---|---:|---|---:|---:|\n", s.name, s.b, s.v_t, s.v_s, s.l_t, s.l_s, s.d_t, s.d_s, s.heads));
         for (case, ms) in &ours {
             let ref_name = if case == "sinkhorn_plan" {
                 "POT sinkhorn_log"
@@ -433,6 +458,19 @@ pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
                 ratio.map_or("-".into(), |x| format!("{x:.2}x"))
             ));
         }
+        if !json {
+            write!(w, "{md}")?;
+            w.flush()?;
+        }
+        if let Some(path) = &a.markdown {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            f.write_all(md.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     if json {
         writeln!(
@@ -440,17 +478,6 @@ pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
             "{}",
             serde_json::json!({"type": "summary", "data": {"ok": true}})
         )?;
-    } else {
-        write!(w, "{md}")?;
-    }
-    if let Some(path) = &a.markdown {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        f.write_all(md.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
