@@ -408,8 +408,13 @@ pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let reps = if a.quick { 1 } else { a.reps };
-    let spec: DeviceSpec = a.device.parse().map_err(anyhow::Error::msg)?;
-    let device = spec.device().map_err(anyhow::Error::msg)?;
+    let spec: DeviceSpec = a
+        .device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = spec
+        .device()
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let (torch_device, where_) = match spec {
         DeviceSpec::Cpu => ("cpu".to_string(), format!("{threads} threads")),
         _ => (
