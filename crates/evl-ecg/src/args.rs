@@ -601,6 +601,12 @@ pub struct BenchLossesArgs {
     /// Timed repetitions per measurement (median reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Measure both sides this many times, alternating ours and the reference, and keep each
+    /// side's fastest median. On a shared machine other tenants only ever add time, so the
+    /// least disturbed round is the better estimate; alternating keeps a slow spell from
+    /// landing on one side only. The same rule applies to both sides.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Tiny shapes and one repetition: checks the command end to end, times mean nothing.
     #[arg(long)]
     pub quick: bool,

@@ -19,7 +19,15 @@ fn main() {
     };
     let r = |n: usize, s: f64| -> Vec<f64> {
         (0..n)
-            .map(|k| ((k * 7919 % 1000) as f64 / 500.0 - 1.0) * s)
+            .map(|k| {
+                // splitmix64: pseudo-random values in [-1, 1), no repeating pattern (a
+                // periodic pattern makes many tokens near-identical, an unusual case)
+                let mut z = (k as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                ((z >> 11) as f64 / (1u64 << 52) as f64 - 1.0) * s
+            })
             .collect()
     };
     let t = |shape: [usize; 3], grad: bool| {

@@ -224,6 +224,24 @@ pub(crate) fn sum<T: Real>(x: &[T]) -> T {
     acc.iter().fold(tail, |a, &v| a + v)
 }
 
+/// Dot product with eight independent accumulators, as [`sum`].
+#[inline]
+pub(crate) fn dot<T: Real>(x: &[T], y: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .fold(T::zero(), |a, (&u, &v)| a + u * v);
+    for (u, v) in cx.zip(cy) {
+        for l in 0..8 {
+            acc[l] += u[l] * v[l];
+        }
+    }
+    acc.iter().fold(tail, |a, &v| a + v)
+}
+
 /// A tensor's values on the host in `T` (a cast when the dtype differs), detached.
 pub(crate) fn host_vec<T: Real, const D: usize>(t: &Tensor<D>) -> Vec<T> {
     t.clone()

@@ -253,21 +253,34 @@ pub(crate) mod host {
     }
 
     /// Softmax of one score row in place over the valid keys, `exp((s - max) * scale)`;
-    /// uniform when no key is valid.
-    fn softmax_row<T: Real>(row: &mut [T], valid: &[bool], any_valid: bool, scale: T) {
+    /// uniform when no key is valid. `valid` is `None` when every key is (the common case:
+    /// branch-free loops the compiler vectorises).
+    fn softmax_row<T: Real>(row: &mut [T], valid: Option<&[bool]>, any_valid: bool, scale: T) {
         if !any_valid {
             row.fill(T::one() / T::of(row.len() as f64));
             return;
         }
-        let mut mx = T::neg_infinity();
-        for (&x, &v) in row.iter().zip(valid) {
-            if v && x > mx {
-                mx = x;
+        match valid {
+            None => {
+                let mx = row
+                    .iter()
+                    .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+                for x in row.iter_mut() {
+                    *x = ((*x - mx) * scale).exp_fast();
+                }
             }
-        }
-        for (x, &v) in row.iter_mut().zip(valid) {
-            let e = ((*x - mx) * scale).exp_fast();
-            *x = if v { e } else { T::zero() };
+            Some(valid) => {
+                let mut mx = T::neg_infinity();
+                for (&x, &v) in row.iter().zip(valid) {
+                    if v && x > mx {
+                        mx = x;
+                    }
+                }
+                for (x, &v) in row.iter_mut().zip(valid) {
+                    let e = ((*x - mx) * scale).exp_fast();
+                    *x = if v { e } else { T::zero() };
+                }
+            }
         }
         let inv = T::one() / crate::host::sum(row);
         for x in row.iter_mut() {
@@ -279,24 +292,26 @@ pub(crate) mod host {
     /// zero, so the winner's is set to minus the others' sum: a sum of small accurate terms
     /// instead of a cancelling difference (nearly one-hot rows; see
     /// `evl_models::ops::log_softmax`).
-    fn softmax_row_grad<T: Real>(drow: &mut [T], arow: &[T], valid: &[bool], scale: T) {
-        let mut s = T::zero();
-        for (&d, &p) in drow.iter().zip(arow) {
-            s += d * p;
+    fn softmax_row_grad<T: Real>(drow: &mut [T], arow: &[T], valid: Option<&[bool]>, scale: T) {
+        let s = crate::host::dot(drow, arow);
+        for (d, &p) in drow.iter_mut().zip(arow) {
+            *d = p * (*d - s) * scale;
+        }
+        if let Some(valid) = valid {
+            for (d, &v) in drow.iter_mut().zip(valid) {
+                if !v {
+                    *d = T::zero();
+                }
+            }
         }
         let mut arg = 0;
-        let mut rest = T::zero();
-        for (j, ((d, &p), &v)) in drow.iter_mut().zip(arow).zip(valid).enumerate() {
-            *d = if v { p * (*d - s) * scale } else { T::zero() };
+        for (j, &p) in arow.iter().enumerate() {
             if p > arow[arg] {
                 arg = j;
             }
         }
-        for (j, &d) in drow.iter().enumerate() {
-            if j != arg {
-                rest += d;
-            }
-        }
+        drow[arg] = T::zero();
+        let rest = crate::host::sum(drow);
         drow[arg] = -rest;
     }
 
@@ -329,6 +344,7 @@ pub(crate) mod host {
                     .map(|j| key_mask.is_none_or(|m| m[bi * lt + j]))
                     .collect();
                 let keys = valid.iter().any(|&v| v);
+                let masked = !valid.iter().all(|&v| v);
                 let q = gemm(hs_b, (ls, ds), false, &w.wq, (ds, hdk), false);
                 let kv = gemm(ht_b, (lt, dt), false, &w.wkv, (dt, 2 * hdk), false);
                 let mut attn = vec![T::zero(); heads * ls * lt];
@@ -341,7 +357,7 @@ pub(crate) mod host {
                     // scores straight into the attention buffer, then softmax in place
                     mul_into(&qh, &kh.t(), &mut view_mut(a, ls, lt, lt, 0));
                     for arow in a.chunks_exact_mut(lt) {
-                        softmax_row(arow, &valid, keys, scale);
+                        softmax_row(arow, masked.then_some(&valid[..]), keys, scale);
                     }
                     let a = view(a, ls, lt, lt, 0);
                     mul_into(&a, &vh, &mut view_mut(&mut ctx, ls, dk, hdk, h * dk));
@@ -421,6 +437,7 @@ pub(crate) mod host {
                 let valid: Vec<bool> = (0..lt)
                     .map(|j| inp.key_mask.is_none_or(|m| m[bi * lt + j]))
                     .collect();
+                let masked = !valid.iter().all(|&v| v);
                 let wo_g = gemm(&it.ctx, (ls, hdk), true, g_b, (ls, ds), false);
                 let dctx = gemm(g_b, (ls, ds), false, &w.wo, (hdk, ds), true);
                 let mut dq = vec![T::zero(); ls * hdk];
@@ -442,7 +459,7 @@ pub(crate) mod host {
                     // dA, then dS in place
                     mul_into(&dch, &vh.t(), &mut view_mut(&mut d_s, ls, lt, lt, 0));
                     for (drow, arow) in d_s.chunks_exact_mut(lt).zip(a.chunks_exact(lt)) {
-                        softmax_row_grad(drow, arow, &valid, scale);
+                        softmax_row_grad(drow, arow, masked.then_some(&valid[..]), scale);
                     }
                     let qh = view(&it.q, ls, dk, hdk, h * dk);
                     let kh = view(&it.kv, lt, dk, 2 * hdk, h * dk);

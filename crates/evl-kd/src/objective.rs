@@ -10,8 +10,8 @@
 use crate::mhca::host as mhca_host;
 use crate::mhca::{FusedMhca, MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
 use crate::ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
-use crate::relation::relation_host;
 use crate::relation::{RelationConfig, relation_loss};
+use crate::relation::{RelationWant, relation_host};
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
@@ -169,7 +169,11 @@ pub fn evl_objective(
             sm.as_deref(),
             &cfg,
             precision_of(&hs),
-            (!cfg.detach_teacher, true),
+            RelationWant {
+                grad_x: !cfg.detach_teacher,
+                grad_y: true,
+                psi: false,
+            },
         );
         let v = 0.5 * (r.l_d + r.l_a);
         if !cfg.detach_teacher {

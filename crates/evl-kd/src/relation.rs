@@ -187,7 +187,11 @@ pub fn relation_loss(
         mask.as_deref(),
         cfg,
         precision_of(&hs),
-        (want_x, want_y),
+        RelationWant {
+            grad_x: want_x,
+            grad_y: want_y,
+            psi: true,
+        },
     );
     let psi = |v: &[f64]| tensor_like(v, [b, l, l], &hs);
     let scalar = |value: f64, gx: &[f64], gy: &[f64]| {
@@ -224,6 +228,18 @@ pub fn relation_loss(
     }
 }
 
+/// What [`relation_host`] returns beyond the loss values.
+#[derive(Clone, Copy, Debug)]
+pub struct RelationWant {
+    /// The gradient with respect to the teacher input `x`.
+    pub grad_x: bool,
+    /// The gradient with respect to the student input `y`.
+    pub grad_y: bool,
+    /// The four potentials, `[b, l, l]` each (the fused objective does not need them, and
+    /// scattering them is a serial pass over `4 b l^2` values).
+    pub psi: bool,
+}
+
 /// Result of [`relation_host`]; arrays are row-major over the full (padded) shapes.
 #[derive(Clone, Debug)]
 pub struct RelationHost {
@@ -231,7 +247,8 @@ pub struct RelationHost {
     pub l_d: f64,
     /// `L_A`.
     pub l_a: f64,
-    /// `psi_D` of the teacher and of the student, `[batch, l, l]` each.
+    /// `psi_D` of the teacher and of the student, `[batch, l, l]` each (empty unless
+    /// asked for).
     pub psi_d: [Vec<f64>; 2],
     /// `psi_A` of the teacher and of the student.
     pub psi_a: [Vec<f64>; 2],
@@ -438,7 +455,8 @@ fn potential_grad(
 
 /// Fused relation loss on host memory: values, potentials and gradients (module docs give
 /// the function). `x` is the teacher `Hhat_t`, `y` the student `H_s`, both `[b, l, d]`;
-/// `want` says which gradients to compute. Items are processed in parallel.
+/// `want` says which gradients and whether the potentials to return. Items are processed in
+/// parallel.
 ///
 /// Exactness: squared distances come from the centred Gram form except for pairs closer than
 /// a small fraction of their norms, which are recomputed (with their gradient) from explicit
@@ -450,7 +468,7 @@ pub fn relation_host(
     mask: Option<&[bool]>,
     cfg: &RelationConfig,
     prec: Precision,
-    want: (bool, bool),
+    want: RelationWant,
 ) -> RelationHost {
     let valid = |bi: usize| -> Vec<usize> {
         (0..l)
@@ -519,8 +537,8 @@ pub fn relation_host(
                 out
             };
             let grads = [
-                side(&gx, &gd, &ga, want.0),
-                side(&gy, &neg(&gd), &neg(&ga), want.1),
+                side(&gx, &gd, &ga, want.grad_x),
+                side(&gy, &neg(&gd), &neg(&ga), want.grad_y),
             ];
             Item {
                 idx,
@@ -531,6 +549,9 @@ pub fn relation_host(
         })
         .collect();
     let scatter_pairs = |which: usize| -> Vec<f64> {
+        if !want.psi {
+            return Vec::new();
+        }
         let mut out = vec![0.0; b * l * l];
         for (bi, it) in items.iter().enumerate() {
             let n = it.idx.len();

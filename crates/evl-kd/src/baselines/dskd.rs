@@ -17,11 +17,12 @@
 //! embeddings; hidden states carry the same information in our models and need no access to
 //! embedding tables); no temperature.
 
+use super::kd::kd_vanilla;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
-use evl_models::ops::{log_softmax, softmax};
+use evl_models::ops::softmax;
 
 /// Configuration of the trainable DSKD projections.
 #[derive(Config, Debug)]
@@ -72,12 +73,19 @@ pub struct DskdOutput {
     pub kl_student_space: Tensor<1>,
 }
 
-/// Row-wise `KL(p || q)` from log-probabilities, averaged over rows of `[batch, len, vocab]`.
-fn kl_rows(log_p: Tensor<3>, log_q: Tensor<3>) -> Tensor<1> {
-    let [b, l, _] = log_p.dims();
-    (log_p.clone().exp() * (log_p - log_q))
-        .sum()
-        .mul_scalar(1.0 / (b * l).max(1) as f64)
+/// A linear layer on `[b, l, d]` as one 2-D product (burn's rank-3 `Linear::forward`
+/// broadcasts the weight into a batched product).
+fn flat_linear(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, l, d] = x.dims();
+    let y = layer.forward(x.reshape([b * l, d]));
+    let [_, o] = y.dims();
+    y.reshape([b, l, o])
+}
+
+/// `[b, l, d]` as `[b l, d]` rows.
+fn rows(x: Tensor<3>) -> Tensor<2> {
+    let [b, l, d] = x.dims();
+    x.reshape([b * l, d])
 }
 
 impl Dskd {
@@ -97,19 +105,22 @@ impl Dskd {
         head_t: Tensor<2>,
     ) -> DskdOutput {
         let [_, d_attn] = self.query.weight.val().dims();
-        let q = self.query.forward(ht.clone()); // [b, lt, da]
-        let k = self.key.forward(hs.clone()); // [b, ls, da]
+        let q = flat_linear(&self.query, ht.clone()); // [b, lt, da]
+        let k = flat_linear(&self.key, hs.clone()); // [b, ls, da]
         let scores = q
             .matmul(k.swap_dims(1, 2))
             .mul_scalar(1.0 / (d_attn as f64).sqrt()); // [b, lt, ls]
         let a_ts = softmax(scores.clone(), 2);
         let a_st = softmax(scores.swap_dims(1, 2), 2); // [b, ls, lt]
-        let hs_in_t = a_ts.matmul(self.s_to_t.forward(hs)); // [b, lt, dt]
-        let ht_in_s = a_st.matmul(self.t_to_s.forward(ht)); // [b, ls, ds]
-        let z_s_to_t = hs_in_t.matmul(head_t.unsqueeze::<3>()); // [b, lt, vt]
-        let z_t_to_s = ht_in_s.matmul(head_s.unsqueeze::<3>()); // [b, ls, vs]
-        let kl_t = kl_rows(log_softmax(zt.detach(), 2), log_softmax(z_s_to_t, 2));
-        let kl_s = kl_rows(log_softmax(z_t_to_s, 2).detach(), log_softmax(zs, 2));
+        let hs_in_t = a_ts.matmul(flat_linear(&self.s_to_t, hs)); // [b, lt, dt]
+        let ht_in_s = a_st.matmul(flat_linear(&self.t_to_s, ht)); // [b, ls, ds]
+        // The shared output heads as one `[b l, d] x [d, v]` product each; each KL term is
+        // vanilla KD at T = 1 on the flattened rows (same function as a row-wise
+        // `sum p (log p - log q)` averaged over positions, through KD's fused CPU kernel).
+        let z_s_to_t = rows(hs_in_t).matmul(head_t); // [b lt, vt]
+        let z_t_to_s = rows(ht_in_s).matmul(head_s); // [b ls, vs]
+        let kl_t = kd_vanilla(z_s_to_t, rows(zt).detach(), 1.0);
+        let kl_s = kd_vanilla(rows(zs), z_t_to_s.detach(), 1.0);
         DskdOutput {
             loss: kl_t.clone() + kl_s.clone(),
             kl_teacher_space: kl_t,
