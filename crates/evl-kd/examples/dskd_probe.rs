@@ -1,14 +1,19 @@
 //! Profiling probe: DSKD forward + backward at the bench's small shapes (B=8, L_t=96,
-//! L_s=64, D_t=256, D_s=128, vocabularies 2048/4096).
+//! L_s=64, D_t=256, D_s=128, vocabularies 1024/512).
 //! `cargo run --release -p evl-kd --example dskd_probe`.
 use evl_kd::baselines::dskd::DskdConfig;
 use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use std::time::Instant;
 
+// the same allocator as the `evl-ecg` binary
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let dev = Device::flex().autodiff();
-    let (b, lt, ls, dt, ds, vt, vs) = (8, 96, 64, 256, 128, 2048, 4096);
+    let (b, lt, ls, dt, ds, vt, vs) = (8, 96, 64, 256, 128, 1024, 512);
     let r = |n: usize, s: f64| -> Vec<f64> {
         (0..n)
             .map(|k| ((k * 7919 % 1000) as f64 / 500.0 - 1.0) * s)

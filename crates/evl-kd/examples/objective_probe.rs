@@ -1,13 +1,18 @@
 //! Profiling probe: the EVL-ECG objective (forward + backward) at paper shapes (B=4,
 //! L=512, V_t=576, V_s=144, D_t=1024, D_s=512, h=8), teacher frozen.
-//! `cargo run --release -p evl-kd --example objective_probe [-- mhca] [small] [graph]`.
+//! `cargo run --release -p evl-kd --example objective_probe [-- mhca|relation] [small] [graph]`.
 use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
-    mhca_align_loss,
+    mhca_align_loss, relation_loss,
 };
 use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use std::time::Instant;
+
+// the same allocator as the `evl-ecg` binary
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let dev = Device::flex().autodiff();
@@ -48,10 +53,14 @@ fn main() {
     let (tv, sv) = (t([b, vt, ds], true), t([b, vs, ds], true));
     let ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
     let only_mhca = std::env::args().any(|a| a == "mhca");
+    let only_rel = std::env::args().any(|a| a == "relation");
+    let sv2 = t([b, l, ds], true);
     for _ in 0..if small { 400 } else { 6 } {
         let s = Instant::now();
         let loss = if only_mhca {
             mhca_align_loss(hs.clone(), ht.clone(), &wts, h, None, None)
+        } else if only_rel {
+            relation_loss(sv2.clone(), hs.clone(), None, &RelationConfig::default()).l_rel
         } else {
             let inputs =
                 EvlInputs::unmasked(ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());

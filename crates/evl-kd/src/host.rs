@@ -338,6 +338,20 @@ impl Surrogate {
         });
     }
 
+    /// [`Self::grad`] from a gradient already in the kernel's precision `T` (no `f64`
+    /// round trip).
+    pub(crate) fn grad_vec<T: Real, const D: usize>(&mut self, x: &Tensor<D>, grad: Vec<T>) {
+        if !x.is_tracked() {
+            return;
+        }
+        let g = evl_models::device::tensor_from_vec(grad, x.dims(), x);
+        let term = (x.clone() * g).sum();
+        self.acc = Some(match self.acc.take() {
+            Some(a) => a + term,
+            None => term,
+        });
+    }
+
     /// The differentiable scalar `[1]`.
     pub(crate) fn finish(self) -> Tensor<1> {
         let value = tensor_like(&[self.value], [1], &self.like);

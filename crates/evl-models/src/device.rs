@@ -142,6 +142,25 @@ pub fn tensor_like<const D: usize, const E: usize>(
     tensor_from_f64(values, shape, &like.device(), precision)
 }
 
+/// Builds a float tensor with the dtype and device of `like` from host values of any float
+/// element type, taking ownership (no copy when the element type is already `like`'s).
+pub fn tensor_from_vec<T: burn::tensor::Element, const D: usize, const E: usize>(
+    values: Vec<T>,
+    shape: [usize; D],
+    like: &Tensor<E>,
+) -> Tensor<D> {
+    assert_eq!(
+        values.len(),
+        shape.iter().product::<usize>(),
+        "tensor_from_vec: {} values for shape {shape:?}",
+        values.len()
+    );
+    Tensor::from_data(
+        TensorData::new(values, shape),
+        (&like.device(), like.dtype()),
+    )
+}
+
 /// Builds a boolean tensor (`true` = valid) from host values.
 pub fn bool_tensor<const D: usize>(
     values: &[bool],

@@ -46,6 +46,8 @@ fn kd_host<T: Real>(zs: &Tensor<2>, zt: &Tensor<2>, temperature: f64) -> Tensor<
         "kd_vanilla: logits of different shapes"
     );
     let (a, b) = (host_vec::<T, 2>(zs), host_vec::<T, 2>(zt));
+    // the teacher's gradient only when it is tracked (DSKD passes detached targets)
+    let want_t = zt.is_tracked();
     let mut gs = vec![T::zero(); n * c];
     let mut gt = vec![T::zero(); n * c];
     let inv_t = T::of(1.0 / temperature);
@@ -76,17 +78,19 @@ fn kd_host<T: Real>(zs: &Tensor<2>, zt: &Tensor<2>, temperature: f64) -> Tensor<
                 kl += gt[k] * ((zb[k] - za[k]) * inv_t + shift);
             }
             for k in 0..c {
-                let (ps, pt) = (gs[k], gt[k]);
-                gs[k] = scale * (ps - pt);
-                gt[k] = scale * pt * ((zb[k] - za[k]) * inv_t + shift - kl);
+                gs[k] = scale * (gs[k] - gt[k]);
+            }
+            if want_t {
+                for k in 0..c {
+                    gt[k] = scale * gt[k] * ((zb[k] - za[k]) * inv_t + shift - kl);
+                }
             }
             kl.wide()
         })
         .sum();
-    let widen = |v: Vec<T>| v.into_iter().map(|x| x.wide()).collect::<Vec<f64>>();
     let mut sg = Surrogate::new(rows * temperature * temperature / n.max(1) as f64, zs);
-    sg.grad(zs, &widen(gs));
-    sg.grad(zt, &widen(gt));
+    sg.grad_vec(zs, gs);
+    sg.grad_vec(zt, gt);
     sg.finish()
 }
 
