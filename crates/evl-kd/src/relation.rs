@@ -499,51 +499,51 @@ pub fn relation_host(
                 geometry(gather(x), n, d, cfg, prec),
                 geometry(gather(y), n, d, cfg, prec),
             );
-            let psi_d = |g: &Geometry| -> Vec<f64> {
-                (0..n * n)
-                    .map(|k| {
-                        if k / n == k % n {
-                            0.0
-                        } else {
-                            g.dist[k] / g.mu
-                        }
-                    })
-                    .collect()
+            // psi_D entry k (0 on the diagonal); materialised only when asked for
+            let psi_d = |g: &Geometry, k: usize| {
+                if k / n == k % n {
+                    0.0
+                } else {
+                    g.dist[k] / g.mu
+                }
             };
-            let (dx, dy) = (psi_d(&gx), psi_d(&gy));
             let mut sums = (0.0, 0.0);
             let mut gd = vec![0.0; n * n];
             let mut ga = vec![0.0; n * n];
             for k in 0..n * n {
-                let (ed, ea) = (dx[k] - dy[k], gx.cos[k] - gy.cos[k]);
+                let (ed, ea) = (psi_d(&gx, k) - psi_d(&gy, k), gx.cos[k] - gy.cos[k]);
                 sums.0 += ed * ed;
                 sums.1 += ea * ea;
                 gd[k] = 2.0 * ed / n_pairs;
                 ga[k] = 2.0 * ea / n_pairs;
             }
-            let neg = |v: &[f64]| v.iter().map(|a| -a).collect::<Vec<f64>>();
             let weights: Vec<(f64, f64)> = if cfg.term_gradients {
                 vec![(1.0, 0.0), (0.0, 1.0)]
             } else {
                 vec![(0.5, 0.5)]
             };
-            let side = |g: &Geometry, gd: &[f64], ga: &[f64], on: bool| -> [Vec<f64>; 2] {
+            // The student's upstream gradients are the teacher's negated: the gradient is
+            // linear in them, so the sign goes on the term weights (exact: negation is).
+            let side = |g: &Geometry, sign: f64, on: bool| -> [Vec<f64>; 2] {
                 let mut out = [Vec::new(), Vec::new()];
                 if on && n > 0 {
-                    for (o, &w) in out.iter_mut().zip(&weights) {
-                        *o = potential_grad(g, gd, ga, w, prec);
+                    for (o, &(wd, wa)) in out.iter_mut().zip(&weights) {
+                        *o = potential_grad(g, &gd, &ga, (sign * wd, sign * wa), prec);
                     }
                 }
                 out
             };
-            let grads = [
-                side(&gx, &gd, &ga, want.grad_x),
-                side(&gy, &neg(&gd), &neg(&ga), want.grad_y),
-            ];
+            let grads = [side(&gx, 1.0, want.grad_x), side(&gy, -1.0, want.grad_y)];
+            let psi = if want.psi {
+                let full = |g: &Geometry| (0..n * n).map(|k| psi_d(g, k)).collect();
+                [full(&gx), full(&gy), gx.cos, gy.cos]
+            } else {
+                Default::default()
+            };
             Item {
                 idx,
                 sums,
-                psi: [dx, dy, gx.cos, gy.cos],
+                psi,
                 grads,
             }
         })
