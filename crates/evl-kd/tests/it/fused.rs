@@ -2,7 +2,8 @@
 //! replace on the CPU: values, potentials and every gradient, with masks, near-duplicate and
 //! identical tokens, a zero token, a large common offset (anisotropic "hidden states"),
 //! detached teacher and combined-gradient mode, in f64 and f32; the same for the fused MHCA
-//! loss (key and student masks) and the fused objective (masks, ablations, detached teacher).
+//! loss (key and student masks), the fused objective (masks, ablations, detached teacher) and
+//! the fused TinyBERT hidden-state loss (masks, resampled positions).
 
 use evl_kd::relation::relation_loss_graph;
 use evl_kd::{
@@ -309,5 +310,48 @@ fn fused_mhca_loss_equals_graph_form_with_masks() {
             out
         };
         assert_close(&run(true), &run(false), tol, &format!("mhca {p:?}"));
+    }
+}
+
+#[test]
+fn fused_tinybert_equals_graph_form() {
+    use evl_kd::baselines::{tinybert_hidden_loss, tinybert_hidden_loss_graph};
+    let dev = Device::flex().autodiff();
+    // student longer and shorter than the teacher (resampled positions repeat / skip)
+    for (b, ls, lt, ds, dt) in [(3, 7, 5, 4, 6), (2, 4, 9, 5, 3)] {
+        for p in [Precision::F64, Precision::F32] {
+            let tol = if p == Precision::F64 { 1e-12 } else { 1e-5 };
+            for masked in [false, true] {
+                let run = |fused: bool| {
+                    let hs = tensor_from_f64(&randn(b * ls * ds, 1), [b, ls, ds], &dev, p)
+                        .require_grad();
+                    let ht = tensor_from_f64(&randn(b * lt * dt, 2), [b, lt, dt], &dev, p)
+                        .require_grad();
+                    let w = tensor_from_f64(&randn(ds * dt, 3), [ds, dt], &dev, p).require_grad();
+                    // item 1 fully masked, item 0 partly
+                    let m: Vec<bool> = (0..b * ls).map(|k| k / ls != 1 && k % 3 != 1).collect();
+                    let m = masked.then(|| bool_tensor(&m, [b, ls], &dev));
+                    let f = if fused {
+                        tinybert_hidden_loss
+                    } else {
+                        tinybert_hidden_loss_graph
+                    };
+                    let loss = f(hs.clone(), ht.clone(), w.clone(), m.as_ref());
+                    let mut out = vec![("loss".to_string(), to_vec_f64(loss.clone()))];
+                    let g = loss.backward();
+                    out.push(("hs".into(), hs.grad(&g).map(to_vec_f64).unwrap_or_default()));
+                    out.push(("w".into(), w.grad(&g).map(to_vec_f64).unwrap_or_default()));
+                    // a frozen teacher gets no gradient at all, so compare the tracked one
+                    out.push(("ht".into(), ht.grad(&g).map(to_vec_f64).unwrap_or_default()));
+                    out
+                };
+                let (a, bb) = (run(true), run(false));
+                assert!(
+                    a.iter().all(|(_, v)| !v.is_empty()),
+                    "every gradient present"
+                );
+                assert_close(&a, &bb, tol, &format!("tinybert {p:?} masked={masked}"));
+            }
+        }
     }
 }
