@@ -3,4 +3,5 @@
 
 mod fused;
 mod gradcheck;
+mod hand;
 mod robustness;
