@@ -27,6 +27,6 @@ pub use mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_align_loss, mhca_fo
 pub use objective::{
     EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective, evl_objective_graph,
 };
-pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
+pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss, ot_loss_graph};
 pub use relation::{RelationConfig, RelationOutput, relation_loss};
 pub use sinkhorn::{PlanGradient, Stop};

@@ -11,12 +11,13 @@
 //! `c` the plan's row and column sums, so the backward pass is two matrix products and never
 //! materialises `C` in the graph. The forward value is the host's exact `sum P C`.
 
+use crate::host::{Real, Surrogate, gemm, host_vec};
 use crate::sinkhorn::{MASKED_LOG, PlanGradient, Problem, Stop, sinkhorn_host, sinkhorn_log_plan};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
-use evl_models::device::{tensor_like, to_vec_bool, to_vec_f64};
+use evl_models::device::{Precision, tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, with_gram_gradient};
 
 /// Settings of the OT loss.
@@ -66,6 +67,12 @@ pub struct OtOutput {
 /// valid tokens. An item with no valid token on one side has an all-zero plan and is left out
 /// of the batch mean (the loss is 0 when every item is empty).
 ///
+/// On the CPU with the detached plan (the default) one host pass normalises the tokens,
+/// builds the cost, solves the plan and writes the closed-form gradient
+/// (`dL/dt_i = 2 (r_i t^_i - (P s^)_i)` taken back through the normalisation), handed to
+/// autodiff as a surrogate; elsewhere, and for the unrolled plan, it is [`ot_loss_graph`].
+/// Both compute the same function.
+///
 /// # Shapes
 /// - `t`: `[batch, v_t, d]`, `s`: `[batch, v_s, d]`, masks `[batch, v_t]` / `[batch, v_s]`
 ///
@@ -78,14 +85,187 @@ pub fn ot_loss(
     s_mask: Option<&Tensor<2, Bool>>,
     cfg: &OtLossConfig,
 ) -> OtOutput {
-    let [b, vt, d] = t.dims();
-    let [bs, vs, ds] = s.dims();
+    check_shapes(&t, &s);
+    if cfg.gradient != PlanGradient::Detached || !evl_models::device::on_host(&t) {
+        return ot_loss_graph(t, s, t_mask, s_mask, cfg);
+    }
+    match evl_models::device::precision_of(&t) {
+        Precision::F32 => ot_loss_host::<f32>(&t, &s, t_mask, s_mask, cfg),
+        Precision::F64 => ot_loss_host::<f64>(&t, &s, t_mask, s_mask, cfg),
+    }
+}
+
+fn check_shapes(t: &Tensor<3>, s: &Tensor<3>) {
+    let ([b, _, d], [bs, _, ds]) = (t.dims(), s.dims());
     assert!(
         b == bs && d == ds,
         "ot_loss: teacher {:?} vs student {:?}",
         t.dims(),
         s.dims()
     );
+}
+
+/// Per-item weight in the batch mean: `1 / (items with valid tokens on both sides)`, 0 for
+/// an item with none on one side.
+fn batch_weights(
+    rows: Option<&[bool]>,
+    cols: Option<&[bool]>,
+    [b, vt, vs]: [usize; 3],
+) -> Vec<f64> {
+    let valid: Vec<bool> = (0..b)
+        .map(|i| {
+            rows.is_none_or(|r| r[i * vt..(i + 1) * vt].iter().any(|&x| x))
+                && cols.is_none_or(|c| c[i * vs..(i + 1) * vs].iter().any(|&x| x))
+        })
+        .collect();
+    let n_valid = valid.iter().filter(|&&v| v).count();
+    valid
+        .iter()
+        .map(|&v| if v { 1.0 / n_valid as f64 } else { 0.0 })
+        .collect()
+}
+
+/// Rows of `x` (`d` wide) divided by `sqrt(max(|x|^2, eps^2))` as [`l2_normalize`] does;
+/// also the divisor and whether the norm was above the floor (differentiated then).
+fn normalise_rows<T: Real>(x: &[T], d: usize, eps: T) -> (Vec<T>, Vec<T>, Vec<bool>) {
+    let mut xn = Vec::with_capacity(x.len());
+    let (mut norm, mut live) = (Vec::new(), Vec::new());
+    for row in x.chunks_exact(d.max(1)) {
+        let sq = crate::host::dot(row, row);
+        let on = sq > eps * eps;
+        let n = if on { sq.sqrt() } else { eps };
+        xn.extend(row.iter().map(|&v| v / n));
+        norm.push(n);
+        live.push(on);
+    }
+    (xn, norm, live)
+}
+
+/// The detached-plan OT loss on host memory in the inputs' precision `T`.
+fn ot_loss_host<T: Real>(
+    t: &Tensor<3>,
+    s: &Tensor<3>,
+    t_mask: Option<&Tensor<2, Bool>>,
+    s_mask: Option<&Tensor<2, Bool>>,
+    cfg: &OtLossConfig,
+) -> OtOutput {
+    use rayon::prelude::*;
+    let [b, vt, d] = t.dims();
+    let [_, vs, _] = s.dims();
+    let eps = T::of(cfg.norm_eps);
+    let (tn, t_norm, t_live) = normalise_rows(&host_vec::<T, 3>(t), d, eps);
+    let (sn, s_norm, s_live) = normalise_rows(&host_vec::<T, 3>(s), d, eps);
+    let wide = |v: &[T]| v.iter().map(|x| x.wide()).collect::<Vec<f64>>();
+    let prec = evl_models::device::precision_of(t);
+    let cost = crate::host::sq_dists(&wide(&tn), &wide(&sn), [b, vt, vs, d], prec);
+    let rows = t_mask.map(|m| to_vec_bool(m.clone()));
+    let cols = s_mask.map(|m| to_vec_bool(m.clone()));
+    let problem = Problem {
+        batch: b,
+        n: vt,
+        m: vs,
+        row_mask: rows.as_deref(),
+        col_mask: cols.as_deref(),
+    };
+    let weight = batch_weights(rows.as_deref(), cols.as_deref(), [b, vt, vs]);
+    let host = sinkhorn_host(&cost, problem, cfg.eps, cfg.stop);
+    let block = vt * vs;
+    let value: f64 = (0..b)
+        .map(|i| {
+            let r = i * block..(i + 1) * block;
+            weight[i]
+                * host.plan[r.clone()]
+                    .iter()
+                    .zip(&cost[r])
+                    .map(|(p, c)| p * c)
+                    .sum::<f64>()
+        })
+        .sum();
+    let mut sg = Surrogate::new(value, t);
+    if t.is_tracked() || s.is_tracked() {
+        // Per item, with P the weighted plan, r and c its row and column sums:
+        // dL/dt^ = 2 (r t^ - P s^), dL/ds^ = 2 (c s^ - P^T t^), then through t^ = t / n:
+        // (g - t^ (t^ . g)) / n where the norm is above the floor, g / eps below it.
+        let grads: Vec<(Vec<T>, Vec<T>)> = (0..b)
+            .into_par_iter()
+            .map(|i| {
+                let wp: Vec<T> = host.plan[i * block..(i + 1) * block]
+                    .iter()
+                    .map(|&p| T::of(p * weight[i]))
+                    .collect();
+                let (ti, si) = (
+                    &tn[i * vt * d..(i + 1) * vt * d],
+                    &sn[i * vs * d..(i + 1) * vs * d],
+                );
+                let mut gt = gemm(&wp, (vt, vs), false, si, (vs, d), false);
+                let mut gs = gemm(&wp, (vt, vs), true, ti, (vt, d), false);
+                let mut col = vec![T::zero(); vs];
+                for (k, row) in wp.chunks_exact(vs.max(1)).enumerate() {
+                    let r = crate::host::sum(row);
+                    col.iter_mut().zip(row).for_each(|(c, &p)| *c += p);
+                    let g = &mut gt[k * d..(k + 1) * d];
+                    for (gv, &x) in g.iter_mut().zip(&ti[k * d..(k + 1) * d]) {
+                        *gv = T::of(2.0) * (r * x - *gv);
+                    }
+                }
+                for (k, &c) in col.iter().enumerate() {
+                    let g = &mut gs[k * d..(k + 1) * d];
+                    for (gv, &x) in g.iter_mut().zip(&si[k * d..(k + 1) * d]) {
+                        *gv = T::of(2.0) * (c * x - *gv);
+                    }
+                }
+                let back = |g: &mut [T], xn: &[T], norm: &[T], live: &[bool], off: usize| {
+                    for (k, gr) in g.chunks_exact_mut(d.max(1)).enumerate() {
+                        let (n, on) = (norm[off + k], live[off + k]);
+                        let proj = if on {
+                            crate::host::dot(gr, &xn[(off + k) * d..(off + k + 1) * d])
+                        } else {
+                            T::zero()
+                        };
+                        let x = &xn[(off + k) * d..(off + k + 1) * d];
+                        for (gv, &xv) in gr.iter_mut().zip(x) {
+                            *gv = (*gv - xv * proj) / n;
+                        }
+                    }
+                };
+                back(&mut gt, &tn, &t_norm, &t_live, i * vt);
+                back(&mut gs, &sn, &s_norm, &s_live, i * vs);
+                (gt, gs)
+            })
+            .collect();
+        let (mut gt, mut gs) = (
+            Vec::with_capacity(b * vt * d),
+            Vec::with_capacity(b * vs * d),
+        );
+        for (a, c) in grads {
+            gt.extend(a);
+            gs.extend(c);
+        }
+        sg.grad_vec(t, gt);
+        sg.grad_vec(s, gs);
+    }
+    OtOutput {
+        loss: sg.finish(),
+        cost,
+        plan: host.plan,
+        n_iter: host.n_iter,
+        marginal_error: host.marginal_error,
+        dims: [b, vt, vs],
+    }
+}
+
+/// [`ot_loss`] with the normalisation and the detached plan's gradient as burn tensor ops
+/// (what runs off the CPU, and the unrolled plan everywhere).
+pub fn ot_loss_graph(
+    t: Tensor<3>,
+    s: Tensor<3>,
+    t_mask: Option<&Tensor<2, Bool>>,
+    s_mask: Option<&Tensor<2, Bool>>,
+    cfg: &OtLossConfig,
+) -> OtOutput {
+    check_shapes(&t, &s);
+    let [b, vt, _] = t.dims();
+    let [_, vs, d] = s.dims();
     let tn = l2_normalize(t, cfg.norm_eps);
     let sn = l2_normalize(s, cfg.norm_eps);
     // Exact-where-it-matters distances: the Gram product, explicit differences for close pairs.
@@ -104,20 +284,7 @@ pub fn ot_loss(
         row_mask: rows.as_deref(),
         col_mask: cols.as_deref(),
     };
-    let valid: Vec<bool> = (0..b)
-        .map(|i| {
-            rows.as_ref()
-                .is_none_or(|r| r[i * vt..(i + 1) * vt].iter().any(|&x| x))
-                && cols
-                    .as_ref()
-                    .is_none_or(|c| c[i * vs..(i + 1) * vs].iter().any(|&x| x))
-        })
-        .collect();
-    let n_valid = valid.iter().filter(|&&v| v).count();
-    let weight: Vec<f64> = valid
-        .iter()
-        .map(|&v| if v { 1.0 / n_valid as f64 } else { 0.0 })
-        .collect();
+    let weight = batch_weights(rows.as_deref(), cols.as_deref(), [b, vt, vs]);
 
     let needs_host =
         cfg.gradient == PlanGradient::Detached || matches!(cfg.stop, Stop::Tolerance { .. });

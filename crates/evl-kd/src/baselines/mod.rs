@@ -15,5 +15,5 @@ pub use emkd::{EmkdOutput, emkd_loss, match_vision_tokens};
 pub use kd::{SharedVocab, kd_vanilla, kd_vanilla_graph};
 pub use multilevel_ot::{MultiLevelOtConfig, MultiLevelOtOutput, multilevel_ot_loss};
 pub use rkd::rkd_loss;
-pub use tinybert::{tinybert_attention_loss, tinybert_hidden_loss, tinybert_hidden_loss_graph};
+pub use tinybert::{tinybert_attention_loss, tinybert_hidden_loss};
 pub use uld::{UldOutput, uld_loss, uld_loss_graph};
