@@ -10,7 +10,7 @@
 
 use burn::tensor::Tensor;
 use evl_models::device::{Precision, tensor_like};
-use ndarray::{ArrayView2, ArrayViewMut2, linalg::general_mat_mul};
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 /// `C (m x n) = A (m x k) B^T` where `B` is `n x k`, all row-major `f64` on input and output,
 /// multiplied in `prec` (f32 GEMM for f32 tensors: twice the throughput; the callers keep
@@ -49,9 +49,8 @@ pub(crate) fn matmul(
     b_t: bool,
     prec: Precision,
 ) -> Vec<f64> {
-    // ndarray's matrixmultiply (runtime-dispatched AVX2/FMA kernels, one thread: the callers
-    // parallelise over batch items). burn's own flex matmul through temporary tensors
-    // measured 25% slower here (relation, paper shapes).
+    // `mul_into`'s gemm kernels on host buffers; burn's own flex matmul through temporary
+    // tensors measured 25% slower here (relation, paper shapes: the tensor round trips).
     match prec {
         Precision::F64 => gemm(a, a_shape, a_t, b, b_shape, b_t),
         Precision::F32 => {
@@ -65,7 +64,7 @@ pub(crate) fn matmul(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn mm<T: ndarray::LinalgScalar>(
+fn mm<T: Real>(
     a: &[T],
     a_shape: (usize, usize),
     a_t: bool,
@@ -80,7 +79,7 @@ fn mm<T: ndarray::LinalgScalar>(
     let a = if a_t { a.t() } else { a };
     let b = if b_t { b.t() } else { b };
     let mut c = ArrayViewMut2::from_shape(c_shape, c).expect("C matches its shape");
-    general_mat_mul(T::one(), &a, &b, T::zero(), &mut c);
+    mul_into(&a, &b, &mut c);
 }
 
 /// The float types the fused kernels run in: `f32` and `f64`.
@@ -295,13 +294,72 @@ pub(crate) fn view_mut<T>(
         .expect("view fits its buffer")
 }
 
-/// `c = a b` on views (transpose a view with `.t()`).
+/// `c = a b` on views of any strides (transpose a view with `.t()`).
+///
+/// Every host kernel's matrix product goes through here. It calls the `gemm` crate, the
+/// same crate and version burn's `flex` backend uses, whose kernels are chosen at run time
+/// (AVX-512 where present): about 1.2x matrixmultiply's throughput per core on this
+/// project's CI machine (BENCHMARKS.md). Inside a rayon worker (the kernels parallelise
+/// over batch items) the product runs on the calling thread; called from outside one, it
+/// spreads over rayon's pool.
+///
+/// # Panics
+/// When the shapes do not chain (`a` is `m x k`, `b` `k x n`, `c` `m x n`).
 pub(crate) fn mul_into<T: Real>(
     a: &ArrayView2<'_, T>,
     b: &ArrayView2<'_, T>,
     c: &mut ArrayViewMut2<'_, T>,
 ) {
-    general_mat_mul(T::one(), a, b, T::zero(), c);
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    assert!(
+        k == k2 && c.dim() == (m, n),
+        "matrix product: {m}x{k} times {k2}x{n} into {:?}",
+        c.dim()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(T::zero());
+        return;
+    }
+    let par = if rayon::current_thread_index().is_some() {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    };
+    let (sa, sb) = (a.strides(), b.strides());
+    let sc = [c.strides()[0], c.strides()[1]];
+    // SAFETY: `gemm` reads `m x k` elements of A at `a_ptr + i * sa[0] + p * sa[1]`, `k x n`
+    // of B likewise, and writes `m x n` of C at `c_ptr + i * sc[0] + j * sc[1]`. ndarray's
+    // views guarantee those offsets lie in their buffers for every index below `dim()` (the
+    // dimensions were checked above, and are non-zero); C is a unique (`&mut`) view, so it
+    // aliases neither A nor B; `read_dst = false` so C's old contents (initialised `T`s)
+    // are not read. `T` is `f32` or `f64`, both handled by `gemm`.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            sc[1],
+            sc[0],
+            false,
+            a.as_ptr(),
+            sa[1],
+            sa[0],
+            b.as_ptr(),
+            sb[1],
+            sb[0],
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 /// A scalar whose forward value is computed on the host and whose gradient with respect to
@@ -429,6 +487,60 @@ pub(crate) fn sq_dists(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mul_into_matches_a_plain_triple_loop_on_strided_and_transposed_views() {
+        // column blocks of wider matrices (row stride > width), transposed views, a
+        // column-block destination, outside and inside a rayon worker, and empty shapes
+        let (m, k, n) = (37, 19, 23);
+        let a: Vec<f64> = (0..m * (k + 5))
+            .map(|i| ((i * 7919) % 97) as f64 - 48.0)
+            .collect();
+        let b: Vec<f64> = (0..n * (k + 3))
+            .map(|i| ((i * 104_729) % 89) as f64 - 44.0)
+            .collect();
+        let av = view(&a, m, k, k + 5, 2); // m x k
+        let bt = view(&b, n, k, k + 3, 1); // n x k, used transposed
+        let mut want = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|p| av[[i, p]] * bt[[j, p]]).sum();
+            }
+        }
+        for inside_pool in [false, true] {
+            let mut c = vec![f64::NAN; m * (n + 4)]; // NaN: must be overwritten, never read
+            let mut run = || mul_into(&av, &bt.t(), &mut view_mut(&mut c, m, n, n + 4, 3));
+            if inside_pool {
+                rayon::scope(|_| run());
+            } else {
+                run();
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(c[i * (n + 4) + 3 + j], want[i * n + j], "({i}, {j})");
+                }
+            }
+        }
+        // A^T B with A stored k x m
+        let at: Vec<f32> = (0..k * m).map(|i| (i % 13) as f32 - 6.0).collect();
+        let bb: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 - 5.0).collect();
+        let got = gemm(&at, (k, m), true, &bb, (k, n), false);
+        for i in 0..m {
+            for j in 0..n {
+                let w: f32 = (0..k).map(|p| at[p * m + i] * bb[p * n + j]).sum();
+                assert_eq!(got[i * n + j], w);
+            }
+        }
+        // k = 0: the product is all zeros; m = 0 or n = 0: nothing to write
+        let mut z = vec![1.0f64; 6];
+        let (e1, e2) = (
+            ndarray::Array2::<f64>::zeros((2, 0)),
+            ndarray::Array2::<f64>::zeros((0, 3)),
+        );
+        mul_into(&e1.view(), &e2.view(), &mut view_mut(&mut z, 2, 3, 3, 0));
+        assert_eq!(z, vec![0.0; 6]);
+        assert!(gemm::<f64>(&[], (0, 4), false, &[0.0; 8], (4, 2), false).is_empty());
+    }
 
     #[test]
     fn fast_exp_is_within_a_few_ulps_of_libm_over_the_whole_range() {
