@@ -13,7 +13,9 @@ pub mod uld;
 pub use dskd::{Dskd, DskdConfig, DskdOutput};
 pub use emkd::{EmkdOutput, emkd_loss, match_vision_tokens};
 pub use kd::{SharedVocab, kd_vanilla, kd_vanilla_graph};
-pub use multilevel_ot::{MultiLevelOtConfig, MultiLevelOtOutput, multilevel_ot_loss};
+pub use multilevel_ot::{
+    MultiLevelOtConfig, MultiLevelOtOutput, multilevel_ot_loss, multilevel_ot_loss_graph,
+};
 pub use rkd::rkd_loss;
 pub use tinybert::{tinybert_attention_loss, tinybert_hidden_loss};
 pub use uld::{UldOutput, uld_loss, uld_loss_graph};

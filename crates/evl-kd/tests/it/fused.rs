@@ -356,3 +356,38 @@ fn fused_ot_equals_graph_form() {
         }
     }
 }
+
+#[test]
+fn fused_multilevel_ot_equals_graph_form() {
+    use evl_kd::baselines::{MultiLevelOtConfig, multilevel_ot_loss, multilevel_ot_loss_graph};
+    let dev = Device::flex().autodiff();
+    let (b, ls, lt, vs, vt) = (2, 5, 7, 9, 11);
+    let cfg = MultiLevelOtConfig {
+        top_k: 6,
+        ..MultiLevelOtConfig::default()
+    };
+    for p in [Precision::F64, Precision::F32] {
+        let tol = if p == Precision::F64 { 1e-10 } else { 1e-4 };
+        let run = |fused: bool| {
+            let zs = tensor_from_f64(&randn(b * ls * vs, 31), [b, ls, vs], &dev, p).require_grad();
+            let zt = tensor_from_f64(&randn(b * lt * vt, 32), [b, lt, vt], &dev, p).require_grad();
+            let f = if fused {
+                multilevel_ot_loss
+            } else {
+                multilevel_ot_loss_graph
+            };
+            let out = f(zs.clone(), zt.clone(), &cfg);
+            let mut res = vec![
+                ("loss".to_string(), to_vec_f64(out.loss.clone())),
+                ("sequence_ot".into(), to_vec_f64(out.sequence_ot)),
+            ];
+            let g = out.loss.backward();
+            res.push(("zs".into(), zs.grad(&g).map(to_vec_f64).unwrap_or_default()));
+            res.push(("zt".into(), zt.grad(&g).map(to_vec_f64).unwrap_or_default()));
+            res
+        };
+        let (a, bb) = (run(true), run(false));
+        assert!(a.iter().all(|(_, v)| !v.is_empty()), "every output present");
+        assert_close(&a, &bb, tol, &format!("multilevel_ot {p:?}"));
+    }
+}
