@@ -385,15 +385,7 @@ impl Surrogate {
     /// Registers `grad` (same shape as `x`, row-major) as the gradient with respect to `x`;
     /// ignored when `x` is not tracked by autodiff.
     pub(crate) fn grad<const D: usize>(&mut self, x: &Tensor<D>, grad: &[f64]) {
-        if !x.is_tracked() {
-            return;
-        }
-        let g = tensor_like(grad, x.dims(), x);
-        let term = (x.clone() * g).sum();
-        self.acc = Some(match self.acc.take() {
-            Some(a) => a + term,
-            None => term,
-        });
+        self.grad_vec(x, grad.to_vec());
     }
 
     /// [`Self::grad`] from a gradient already in the kernel's precision `T` (no `f64`

@@ -125,6 +125,16 @@ fn batch_weights(
         .collect()
 }
 
+/// `sum_b w_b sum_ij P_ij C_ij` over per-item blocks of `plan` and `cost`.
+fn transport_value(plan: &[f64], cost: &[f64], weight: &[f64]) -> f64 {
+    let block = plan.len() / weight.len().max(1);
+    plan.chunks(block.max(1))
+        .zip(cost.chunks(block.max(1)))
+        .zip(weight)
+        .map(|((p, c), w)| w * p.iter().zip(c).map(|(p, c)| p * c).sum::<f64>())
+        .sum()
+}
+
 /// Rows of `x` (`d` wide) divided by `sqrt(max(|x|^2, eps^2))` as [`l2_normalize`] does;
 /// also the divisor and whether the norm was above the floor (differentiated then).
 fn normalise_rows<T: Real>(x: &[T], d: usize, eps: T) -> (Vec<T>, Vec<T>, Vec<bool>) {
@@ -170,17 +180,7 @@ fn ot_loss_host<T: Real>(
     let weight = batch_weights(rows.as_deref(), cols.as_deref(), [b, vt, vs]);
     let host = sinkhorn_host(&cost, problem, cfg.eps, cfg.stop);
     let block = vt * vs;
-    let value: f64 = (0..b)
-        .map(|i| {
-            let r = i * block..(i + 1) * block;
-            weight[i]
-                * host.plan[r.clone()]
-                    .iter()
-                    .zip(&cost[r])
-                    .map(|(p, c)| p * c)
-                    .sum::<f64>()
-        })
-        .sum();
+    let value = transport_value(&host.plan, &cost, &weight);
     let mut sg = Surrogate::new(value, t);
     if t.is_tracked() || s.is_tracked() {
         // Per item, with P the weighted plan, r and c its row and column sums:
@@ -217,12 +217,12 @@ fn ot_loss_host<T: Real>(
                 let back = |g: &mut [T], xn: &[T], norm: &[T], live: &[bool], off: usize| {
                     for (k, gr) in g.chunks_exact_mut(d.max(1)).enumerate() {
                         let (n, on) = (norm[off + k], live[off + k]);
+                        let x = &xn[(off + k) * d..(off + k + 1) * d];
                         let proj = if on {
-                            crate::host::dot(gr, &xn[(off + k) * d..(off + k + 1) * d])
+                            crate::host::dot(gr, x)
                         } else {
                             T::zero()
                         };
-                        let x = &xn[(off + k) * d..(off + k + 1) * d];
                         for (gv, &xv) in gr.iter_mut().zip(x) {
                             *gv = (*gv - xv * proj) / n;
                         }
@@ -293,17 +293,7 @@ pub fn ot_loss_graph(
     match cfg.gradient {
         PlanGradient::Detached => {
             let host = host.expect("computed above for the detached plan");
-            let value: f64 = (0..b)
-                .map(|i| {
-                    let r = i * vt * vs..(i + 1) * vt * vs;
-                    weight[i]
-                        * host.plan[r.clone()]
-                            .iter()
-                            .zip(&cost[r])
-                            .map(|(p, c)| p * c)
-                            .sum::<f64>()
-                })
-                .sum();
+            let value = transport_value(&host.plan, &cost, &weight);
             let loss = detached_plan_loss(value, &host.plan, &weight, tn, sn);
             OtOutput {
                 loss,
