@@ -55,7 +55,11 @@ fn main() {
     let only_mhca = std::env::args().any(|a| a == "mhca");
     let only_rel = std::env::args().any(|a| a == "relation");
     let sv2 = t([b, l, ds], true);
-    for _ in 0..if small { 400 } else { 6 } {
+    let iters = std::env::var("PROBE_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if small { 400 } else { 6 });
+    for _ in 0..iters {
         let s = Instant::now();
         let loss = if only_mhca {
             mhca_align_loss(hs.clone(), ht.clone(), &wts, h, None, None)

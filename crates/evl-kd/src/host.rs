@@ -412,6 +412,23 @@ impl Surrogate {
     }
 }
 
+/// Copies the strict upper triangle of the row-major `n x n` matrix `m` onto its lower
+/// triangle. Tiled so that both the reads and the column-order writes stay in L1: writing
+/// each mirrored entry as it is computed misses the cache on every element once the rows
+/// outgrow it (`n = 512` f64 rows are 4 KiB apart).
+pub(crate) fn mirror_upper<T: Copy>(m: &mut [T], n: usize) {
+    const TILE: usize = 32;
+    for ib in (0..n).step_by(TILE) {
+        for jb in (ib..n).step_by(TILE) {
+            for i in ib..(ib + TILE).min(n) {
+                for j in jb.max(i + 1)..(jb + TILE).min(n) {
+                    m[j * n + i] = m[i * n + j];
+                }
+            }
+        }
+    }
+}
+
 /// Pairs whose Gram-form squared distance falls below this fraction of
 /// `|x_i - m|^2 + |y_j - m|^2` (centred by the item's mean `m`) are recomputed from explicit
 /// differences: there the Gram form would lose more than ~1e-5 (f32) or ~1e-10 (f64) of the

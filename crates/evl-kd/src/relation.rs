@@ -12,7 +12,7 @@
 //! tokens enter, the distance mean is over valid off-diagonal pairs of each item, and the
 //! normaliser is the number of valid pairs `sum_b n_b^2` (= `B L_s^2` without padding).
 
-use crate::host::{Surrogate, matmul_nn, matmul_nt, near_fraction};
+use crate::host::{Surrogate, dot, matmul_nn, matmul_nt, mirror_upper, near_fraction, sum};
 use burn::tensor::{Bool, Tensor};
 use evl_models::device::{Precision, on_host, precision_of, tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, sq_dist};
@@ -314,15 +314,18 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
         .map(|i| (q[i].sqrt() + mm.sqrt()) > max_condition(prec) * r[i])
         .collect();
     let frac = near_fraction(prec);
+    // The upper triangle row by row, then mirrored in tiles. The cosines overwrite the Gram
+    // matrix: each upper entry is read once, just before its cosine replaces it.
+    let mut cos = gram;
     let mut dist = vec![0.0; n * n];
     let mut live = vec![false; n * n];
-    let mut cos = vec![0.0; n * n];
     let mut near = Vec::new();
     let mut sum = 0.0;
     for i in 0..n {
-        cos[i * n + i] = norm[i] * norm[i] / (r[i] * r[i]);
+        let row = i * n;
         for j in i + 1..n {
-            let mut sq = q[i] + q[j] - 2.0 * gram[i * n + j];
+            let gij = cos[row + j];
+            let mut sq = q[i] + q[j] - 2.0 * gij;
             if sq < frac * (q[i] + q[j]) {
                 let (xi, xj) = (&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
                 sq = xi.iter().zip(xj).map(|(a, b)| (a - b) * (a - b)).sum();
@@ -335,15 +338,17 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
                 let (xi, xj) = (&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
                 xi.iter().zip(xj).map(|(a, b)| a * b).sum()
             } else {
-                gram[i * n + j] + p[i] + p[j] + mm
+                gij + p[i] + p[j] + mm
             };
-            for (a, bb) in [(i, j), (j, i)] {
-                dist[a * n + bb] = dij;
-                live[a * n + bb] = ok;
-                cos[a * n + bb] = dot / (r[i] * r[j]);
-            }
+            dist[row + j] = dij;
+            live[row + j] = ok;
+            cos[row + j] = dot / (r[i] * r[j]);
         }
+        cos[row + i] = norm[i] * norm[i] / (r[i] * r[i]);
     }
+    mirror_upper(&mut dist, n);
+    mirror_upper(&mut live, n);
+    mirror_upper(&mut cos, n);
     let off = (n * n.saturating_sub(1)).max(1) as f64;
     let mu_raw = sum / off;
     Geometry {
@@ -376,26 +381,30 @@ fn potential_grad(
 ) -> Vec<f64> {
     let (n, d) = (g.n, g.d);
     // dL/dd_ij, through psi_D = d / mu with mu differentiated.
-    let t: f64 = (0..n * n).map(|k| gd[k] * g.dist[k]).sum();
+    let t = dot(gd, &g.dist);
     let off = (n * n.saturating_sub(1)).max(1) as f64;
     let shift = if g.mu_live {
         t / (g.mu * g.mu * off)
     } else {
         0.0
     };
-    let e = |k: usize| gd[k] / g.mu - shift;
-    // W_ij = (E_ij + E_ji) / d_ij on live off-diagonal pairs: grad_i = sum_j W_ij (x_i - x_j).
+    // With E_ij = gd_ij / mu - shift (= dL/dd_ij), W_ij = (E_ij + E_ji) / d_ij on live
+    // off-diagonal pairs, and grad_i = sum_j W_ij (x_i - x_j).
     // `gd` and `ga` are symmetric (bit for bit: both sides' potentials are), so
     // `E_ij + E_ji = 2 E_ij` exactly and no column-order (cache-missing) read is needed.
     debug_assert!((0..n * n).all(|k| gd[k] == gd[(k % n) * n + k / n]));
     debug_assert!((0..n * n).all(|k| ga[k] == ga[(k % n) * n + k / n]));
+    // Row slices and selects instead of index arithmetic and branches, so the divisions
+    // vectorise. `live` is false on the diagonal, which keeps `W_ii = 0`.
     let mut w = vec![0.0; n * n];
-    for i in 0..n {
+    for ((wr, gdr), (dr, lr)) in w
+        .chunks_exact_mut(n)
+        .zip(gd.chunks_exact(n))
+        .zip(g.dist.chunks_exact(n).zip(g.live.chunks_exact(n)))
+    {
         for j in 0..n {
-            let k = i * n + j;
-            if i != j && g.live[k] {
-                w[k] = wd * (2.0 * e(k)) / g.dist[k];
-            }
+            let wij = wd * (2.0 * (gdr[j] / g.mu - shift)) / dr[j];
+            wr[j] = if lr[j] { wij } else { 0.0 };
         }
     }
     let mut near_w = Vec::with_capacity(g.near.len());
@@ -408,22 +417,29 @@ fn potential_grad(
     let mut pmat = vec![0.0; n * n];
     let mut diag = vec![0.0; n]; // coefficient of x_i
     let mut mcoef = vec![0.0; n]; // coefficient of the mean
+    let mut wsum = vec![0.0; n]; // rowsum(W)
+    let mut s = vec![0.0; n];
+    let mut mrow = vec![0.0; n];
     for i in 0..n {
-        let (mut c, mut msum, mut wsum) = (0.0, 0.0, 0.0);
+        let row = i * n..(i + 1) * n;
+        let (gar, wr) = (&ga[row.clone()], &w[row.clone()]);
         for j in 0..n {
-            let s = wa * (2.0 * ga[i * n + j]);
-            c += s * g.cos[i * n + j];
+            s[j] = wa * (2.0 * gar[j]);
             // ill-conditioned columns are added from raw tokens after the product
-            let mij = if g.bad[j] { 0.0 } else { s / g.r[j] };
-            msum += mij;
-            wsum += w[i * n + j];
-            pmat[i * n + j] = -w[i * n + j] + mij / g.r[i];
+            let mij = s[j] / g.r[j];
+            mrow[j] = if g.bad[j] { 0.0 } else { mij };
         }
-        diag[i] = wsum;
+        let ri = g.r[i];
+        for ((p, &wij), &mij) in pmat[row.clone()].iter_mut().zip(wr).zip(&mrow) {
+            *p = -wij + mij / ri;
+        }
+        let c = dot(&s, &g.cos[row]);
+        wsum[i] = sum(wr);
+        diag[i] = wsum[i];
         if !g.floored[i] {
-            diag[i] -= c / (g.r[i] * g.r[i]);
+            diag[i] -= c / (ri * ri);
         }
-        mcoef[i] = msum / g.r[i];
+        mcoef[i] = sum(&mrow) / ri;
     }
     let prod = matmul_nn(&pmat, &g.xc, n, n, d, prec);
     let mut out = vec![0.0; n * d];
@@ -433,9 +449,8 @@ fn potential_grad(
         // grad_i = (P Xc)_i + (angle's mean share) m + diag_i x_i - rowsum(W)_i m, where the
         // last term turns rowsum(W) x_i - (W X)_i into the cancellation-free
         // rowsum(W) xc_i - (W Xc)_i.
-        let ws: f64 = w[i * n..(i + 1) * n].iter().sum();
         for k in 0..d {
-            o[k] = pr[k] + (mcoef[i] - ws) * g.mean[k] + diag[i] * x[k];
+            o[k] = pr[k] + (mcoef[i] - wsum[i]) * g.mean[k] + diag[i] * x[k];
         }
     }
     for j in (0..n).filter(|&j| g.bad[j]) {
@@ -503,23 +518,16 @@ pub fn relation_host(
                 geometry(gather(x), n, d, cfg, prec),
                 geometry(gather(y), n, d, cfg, prec),
             );
-            // psi_D entry k (0 on the diagonal); materialised only when asked for
-            let psi_d = |g: &Geometry, k: usize| {
-                if k / n == k % n {
-                    0.0
-                } else {
-                    g.dist[k] / g.mu
-                }
-            };
-            let mut sums = (0.0, 0.0);
-            let mut gd = vec![0.0; n * n];
-            let mut ga = vec![0.0; n * n];
-            for k in 0..n * n {
-                let (ed, ea) = (psi_d(&gx, k) - psi_d(&gy, k), gx.cos[k] - gy.cos[k]);
-                sums.0 += ed * ed;
-                sums.1 += ea * ea;
-                gd[k] = 2.0 * ed / n_pairs;
-                ga[k] = 2.0 * ea / n_pairs;
+            // psi_D entry k (0 on the diagonal, where the distance is stored as 0);
+            // materialised only when asked for
+            let psi_d = |g: &Geometry, k: usize| g.dist[k] / g.mu;
+            // differences, their squared sums, then the upstream gradients in place (separate
+            // passes vectorise; one loop with two running sums does not)
+            let mut gd: Vec<f64> = (0..n * n).map(|k| psi_d(&gx, k) - psi_d(&gy, k)).collect();
+            let mut ga: Vec<f64> = gx.cos.iter().zip(&gy.cos).map(|(a, b)| a - b).collect();
+            let sums = (dot(&gd, &gd), dot(&ga, &ga));
+            for v in gd.iter_mut().chain(ga.iter_mut()) {
+                *v = 2.0 * *v / n_pairs;
             }
             let weights: Vec<(f64, f64)> = if cfg.term_gradients {
                 vec![(1.0, 0.0), (0.0, 1.0)]
