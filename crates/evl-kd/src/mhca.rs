@@ -11,6 +11,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
+use rayon::prelude::*;
 
 /// Key-mask fill: a large finite negative instead of `-inf`, so a fully padded row yields a
 /// uniform (finite) attention rather than NaN.
@@ -245,13 +246,6 @@ pub(crate) mod host {
         pub hhat: Vec<T>,
     }
 
-    /// Columns `[c0, c0 + w)` of a row-major matrix with `cols` columns, as a contiguous copy.
-    fn columns<T: Copy>(x: &[T], cols: usize, c0: usize, w: usize) -> Vec<T> {
-        x.chunks_exact(cols)
-            .flat_map(|r| r[c0..c0 + w].iter().copied())
-            .collect()
-    }
-
     /// Softmax of one score row in place over the valid keys, `exp((s - max) * scale)`;
     /// uniform when no key is valid. `valid` is `None` when every key is (the common case:
     /// branch-free loops the compiler vectorises).
@@ -484,24 +478,39 @@ pub(crate) mod host {
                 }
             })
             .collect();
-        let mut wq = vec![T::zero(); ds * hdk];
-        let mut wkv = vec![T::zero(); dt * 2 * hdk];
-        let mut wo = vec![T::zero(); hdk * ds];
-        let (mut hs, mut ht) = (Vec::new(), Vec::new());
-        for p in parts {
-            add(&mut wq, &p.wq);
-            add(&mut wkv, &p.wkv);
-            add(&mut wo, &p.wo);
-            hs.extend(p.hs);
-            ht.extend(p.ht);
-        }
+        // Weight gradients: the items' parts summed in parallel over row blocks, W_K and W_V
+        // read straight out of the joint `[W_K | W_V]` block (no column-split copy).
+        let sum_parts =
+            |get: fn(&Part<T>) -> &[T], rows: usize, stride: usize, c0: usize, w: usize| {
+                let mut acc = vec![T::zero(); rows * w];
+                let block = (1 << 14) / w.max(1) + 1; // rows per task
+                acc.par_chunks_mut(block * w)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        for p in &parts {
+                            let src = get(p);
+                            for (r, dst) in chunk.chunks_exact_mut(w).enumerate() {
+                                let row = (c * block + r) * stride + c0;
+                                add(dst, &src[row..row + w]);
+                            }
+                        }
+                    });
+                acc
+            };
+        let concat = |get: fn(&Part<T>) -> &[T]| -> Vec<T> {
+            let mut out = Vec::with_capacity(parts.iter().map(|p| get(p).len()).sum());
+            for p in &parts {
+                out.extend_from_slice(get(p));
+            }
+            out
+        };
         Grads {
-            hs,
-            ht,
-            wq,
-            wk: columns(&wkv, 2 * hdk, 0, hdk),
-            wv: columns(&wkv, 2 * hdk, hdk, hdk),
-            wo,
+            hs: concat(|p| &p.hs),
+            ht: concat(|p| &p.ht),
+            wq: sum_parts(|p| &p.wq, ds, hdk, 0, hdk),
+            wk: sum_parts(|p| &p.wkv, dt, 2 * hdk, 0, hdk),
+            wv: sum_parts(|p| &p.wkv, dt, 2 * hdk, hdk, hdk),
+            wo: sum_parts(|p| &p.wo, hdk, ds, 0, ds),
         }
     }
 
@@ -611,7 +620,7 @@ impl<T: crate::host::Real> FusedTyped<T> {
         dims: host::Dims,
         want_ht: bool,
     ) -> host::Grads<T> {
-        let g: Vec<T> = g_hhat.iter().map(|&x| T::of(x)).collect();
+        let g: Vec<T> = g_hhat.par_iter().map(|&x| T::of(x)).collect();
         let inp = host::Inputs {
             hs: &self.hs,
             ht: &self.ht,
@@ -662,7 +671,7 @@ impl FusedMhca {
         };
         let key_mask = key_mask.map(|m| to_vec_bool(m.clone()));
         let km = key_mask.as_deref();
-        let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let widen = |v: &[f32]| v.par_iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
         let (state, hs, hhat) = match precision_of(hs) {
             Precision::F32 => {
                 let f = FusedTyped::<f32>::new(hs, ht, w, hdk, km, dims);
@@ -697,27 +706,42 @@ impl FusedMhca {
     ) -> Tensor<1> {
         let km = self.key_mask.as_deref();
         let want_ht = ht.is_tracked();
-        let to64 = |g: host::Grads<f32>| host::Grads::<f64> {
-            hs: g.hs.into_iter().map(f64::from).collect(),
-            ht: g.ht.into_iter().map(f64::from).collect(),
-            wq: g.wq.into_iter().map(f64::from).collect(),
-            wk: g.wk.into_iter().map(f64::from).collect(),
-            wv: g.wv.into_iter().map(f64::from).collect(),
-            wo: g.wo.into_iter().map(f64::from).collect(),
-        };
-        let grads = match &self.state {
-            FusedState::F32(f) => to64(f.backward(g_hhat, km, self.dims, want_ht)),
-            FusedState::F64(f) => f.backward(g_hhat, km, self.dims, want_ht),
-        };
-        let mut g_hs = grads.hs;
-        g_hs.iter_mut().zip(g_hs_direct).for_each(|(a, b)| *a += b);
         let mut sg = crate::host::Surrogate::new(value, hs);
-        sg.grad(hs, &g_hs);
-        sg.grad(ht, &grads.ht);
-        sg.grad(&w.wq, &grads.wq);
-        sg.grad(&w.wk, &grads.wk);
-        sg.grad(&w.wv, &grads.wv);
-        sg.grad(&w.wo, &grads.wo);
+        // gradients handed over in the kernel's precision; H_s's two paths are summed in f64
+        // and rounded once, as a tensor built from f64 values would be
+        fn hand<T: crate::host::Real>(
+            sg: &mut crate::host::Surrogate,
+            g: host::Grads<T>,
+            g_hs_direct: &[f64],
+            (hs, ht, w): (&Tensor<3>, &Tensor<3>, &MhcaWeights),
+        ) {
+            let g_hs: Vec<T> =
+                g.hs.par_iter()
+                    .zip(g_hs_direct)
+                    .map(|(&a, &b)| T::of(a.wide() + b))
+                    .collect();
+            sg.grad_vec(hs, g_hs);
+            sg.grad_vec(ht, g.ht);
+            sg.grad_vec(&w.wq, g.wq);
+            sg.grad_vec(&w.wk, g.wk);
+            sg.grad_vec(&w.wv, g.wv);
+            sg.grad_vec(&w.wo, g.wo);
+        }
+        let tensors = (hs, ht, w);
+        match &self.state {
+            FusedState::F32(f) => hand(
+                &mut sg,
+                f.backward(g_hhat, km, self.dims, want_ht),
+                g_hs_direct,
+                tensors,
+            ),
+            FusedState::F64(f) => hand(
+                &mut sg,
+                f.backward(g_hhat, km, self.dims, want_ht),
+                g_hs_direct,
+                tensors,
+            ),
+        }
         sg.finish()
     }
 }

@@ -148,7 +148,8 @@ pub fn evl_objective(
     let mut g_hs = vec![0.0; b * l * d];
     let mut value = 0.0;
     let add = |acc: &mut [f64], g: &[f64], w: f64| {
-        acc.iter_mut().zip(g).for_each(|(a, x)| *a += w * x);
+        use rayon::prelude::*;
+        acc.par_iter_mut().zip(g).for_each(|(a, x)| *a += w * x);
     };
     let l_mhca = weights.use_mhca.then(|| {
         let (v, gh, gs) = mhca_host::loss(&fused.hs, &fused.hhat, d, sm.as_deref());

@@ -580,15 +580,17 @@ pub fn relation_host(
             return Vec::new();
         }
         let mut out = vec![0.0; b * l * d];
-        for (bi, it) in items.iter().enumerate() {
-            let g = &it.grads[side][term];
-            if g.is_empty() {
-                continue;
-            }
-            for (a, &i) in it.idx.iter().enumerate() {
-                out[(bi * l + i) * d..(bi * l + i + 1) * d].copy_from_slice(&g[a * d..(a + 1) * d]);
-            }
-        }
+        out.par_chunks_mut(l * d.max(1))
+            .zip(&items)
+            .for_each(|(o, it)| {
+                let g = &it.grads[side][term];
+                if g.is_empty() {
+                    return;
+                }
+                for (a, &i) in it.idx.iter().enumerate() {
+                    o[i * d..(i + 1) * d].copy_from_slice(&g[a * d..(a + 1) * d]);
+                }
+            });
         out
     };
     let (sd, sa) = items
