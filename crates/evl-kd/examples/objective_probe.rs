@@ -59,6 +59,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if small { 400 } else { 6 });
+    let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let s = Instant::now();
         let loss = if only_mhca {
@@ -86,6 +87,7 @@ fn main() {
         let f = s.elapsed();
         let g = loss.backward();
         std::hint::black_box(wts.wq.grad(&g));
+        times.push(s.elapsed().as_secs_f64() * 1e3);
         if small {
             continue;
         }
@@ -94,5 +96,9 @@ fn main() {
             f.as_secs_f64() * 1e3,
             s.elapsed().as_secs_f64() * 1e3
         );
+    }
+    times.sort_by(f64::total_cmp);
+    if let (Some(min), Some(med)) = (times.first(), times.get(times.len() / 2)) {
+        println!("{} steps: median {med:.3} ms, min {min:.3} ms", times.len());
     }
 }
