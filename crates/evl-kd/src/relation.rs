@@ -43,6 +43,10 @@ pub struct RelationConfig {
     /// only `L_rel` is differentiable and the two terms are reported as values: what the
     /// training objective needs. Default false.
     pub term_gradients: bool,
+    /// Return the four potentials in [`RelationOutput`] (the fixtures check them; useful
+    /// for plots). Off, the fused CPU kernel does not materialise them: the loss needs them
+    /// only inside each item. Default false.
+    pub potentials: bool,
 }
 
 impl Default for RelationConfig {
@@ -52,6 +56,7 @@ impl Default for RelationConfig {
             norm_eps: 1e-12,
             detach_teacher: false,
             term_gradients: false,
+            potentials: false,
         }
     }
 }
@@ -65,14 +70,14 @@ pub struct RelationOutput {
     pub l_a: Tensor<1>,
     /// `L_rel = (L_D + L_A) / 2`.
     pub l_rel: Tensor<1>,
-    /// `psi_D(Hhat_t)`, `[batch, l_s, l_s]`.
-    pub psi_d_t: Tensor<3>,
+    /// `psi_D(Hhat_t)`, `[batch, l_s, l_s]`; `None` unless [`RelationConfig::potentials`].
+    pub psi_d_t: Option<Tensor<3>>,
     /// `psi_D(H_s)`.
-    pub psi_d_s: Tensor<3>,
+    pub psi_d_s: Option<Tensor<3>>,
     /// `psi_A(Hhat_t)`.
-    pub psi_a_t: Tensor<3>,
+    pub psi_a_t: Option<Tensor<3>>,
     /// `psi_A(H_s)`.
-    pub psi_a_s: Tensor<3>,
+    pub psi_a_s: Option<Tensor<3>>,
 }
 
 /// `[batch, l, l]` 0/1 weights of valid pairs, and the same without the diagonal.
@@ -142,10 +147,10 @@ pub fn relation_loss_graph(
         l_d,
         l_a,
         l_rel,
-        psi_d_t,
-        psi_d_s,
-        psi_a_t,
-        psi_a_s,
+        psi_d_t: cfg.potentials.then_some(psi_d_t),
+        psi_d_s: cfg.potentials.then_some(psi_d_s),
+        psi_a_t: cfg.potentials.then_some(psi_a_t),
+        psi_a_s: cfg.potentials.then_some(psi_a_s),
     }
 }
 
@@ -190,10 +195,10 @@ pub fn relation_loss(
         RelationWant {
             grad_x: want_x,
             grad_y: want_y,
-            psi: true,
+            psi: cfg.potentials,
         },
     );
-    let psi = |v: &[f64]| tensor_like(v, [b, l, l], &hs);
+    let psi = |v: &[f64]| cfg.potentials.then(|| tensor_like(v, [b, l, l], &hs));
     let scalar = |value: f64, gx: &[f64], gy: &[f64]| {
         let mut sg = Surrogate::new(value, &hs);
         if want_x {

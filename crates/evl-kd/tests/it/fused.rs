@@ -67,10 +67,22 @@ fn run(
     let (xt, yt) = inputs();
     let out = f(xt, yt, m.as_ref(), cfg);
     let mut res = vec![
-        ("psi_d_t".to_string(), to_vec_f64(out.psi_d_t)),
-        ("psi_d_s".into(), to_vec_f64(out.psi_d_s)),
-        ("psi_a_t".into(), to_vec_f64(out.psi_a_t)),
-        ("psi_a_s".into(), to_vec_f64(out.psi_a_s)),
+        (
+            "psi_d_t".to_string(),
+            to_vec_f64(out.psi_d_t.expect("asked for")),
+        ),
+        (
+            "psi_d_s".into(),
+            to_vec_f64(out.psi_d_s.expect("asked for")),
+        ),
+        (
+            "psi_a_t".into(),
+            to_vec_f64(out.psi_a_t.expect("asked for")),
+        ),
+        (
+            "psi_a_s".into(),
+            to_vec_f64(out.psi_a_s.expect("asked for")),
+        ),
         ("l_d".into(), to_vec_f64(out.l_d)),
         ("l_a".into(), to_vec_f64(out.l_a)),
         ("l_rel".into(), to_vec_f64(out.l_rel)),
@@ -119,6 +131,7 @@ fn fused_relation_equals_graph_form() {
                 let cfg = RelationConfig {
                     detach_teacher: detach,
                     term_gradients: terms,
+                    potentials: true,
                     ..RelationConfig::default()
                 };
                 let m = masked.then_some(mask.as_slice());
