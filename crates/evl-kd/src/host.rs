@@ -208,9 +208,23 @@ impl Real for f64 {
     }
 }
 
+/// Runs `op` compiled for the widest SIMD level this CPU offers (AVX-512, else AVX2 + FMA,
+/// else the baseline), picked at run time by pulp's dispatch, as the `gemm` crate does for
+/// its kernels. The default x86-64 target has only SSE2, so plain loops vectorise two f64
+/// wide; inside `simd` the same loops vectorise to the machine's width. Only code inlined
+/// into the dispatched function benefits: `op`'s `with_simd` and the kernels it calls are
+/// `#[inline(always)]` (a closure would not do: LLVM compiles a large closure body as its own
+/// function, without the target features). Results are bit for bit those of the baseline
+/// build: the vectoriser keeps every operation and its order (no reassociation, no fused
+/// multiply-add contraction).
+#[inline(always)]
+pub(crate) fn simd<Op: pulp::WithSimd>(op: Op) -> Op::Output {
+    pulp::Arch::new().dispatch(op)
+}
+
 /// Sum with eight independent accumulators (vectorises; a single running sum is a serial
 /// dependency chain).
-#[inline]
+#[inline(always)]
 pub(crate) fn sum<T: Real>(x: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = x.chunks_exact(8);
@@ -224,7 +238,7 @@ pub(crate) fn sum<T: Real>(x: &[T]) -> T {
 }
 
 /// Dot product with eight independent accumulators, as [`sum`].
-#[inline]
+#[inline(always)]
 pub(crate) fn dot<T: Real>(x: &[T], y: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));

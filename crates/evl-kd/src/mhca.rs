@@ -249,6 +249,7 @@ pub(crate) mod host {
     /// Softmax of one score row in place over the valid keys, `exp((s - max) * scale)`;
     /// uniform when no key is valid. `valid` is `None` when every key is (the common case:
     /// branch-free loops the compiler vectorises).
+    #[inline(always)] // into `simd`'s dispatch (`SoftmaxRows`)
     fn softmax_row<T: Real>(row: &mut [T], valid: Option<&[bool]>, any_valid: bool, scale: T) {
         if !any_valid {
             row.fill(T::one() / T::of(row.len() as f64));
@@ -286,6 +287,7 @@ pub(crate) mod host {
     /// zero, so the winner's is set to minus the others' sum: a sum of small accurate terms
     /// instead of a cancelling difference (nearly one-hot rows; see
     /// `evl_models::ops::log_softmax`).
+    #[inline(always)] // into `simd`'s dispatch (`SoftmaxGradRows`)
     fn softmax_row_grad<T: Real>(drow: &mut [T], arow: &[T], valid: Option<&[bool]>, scale: T) {
         let s = crate::host::dot(drow, arow);
         for (d, &p) in drow.iter_mut().zip(arow) {
@@ -307,6 +309,50 @@ pub(crate) mod host {
         drow[arg] = T::zero();
         let rest = crate::host::sum(drow);
         drow[arg] = -rest;
+    }
+
+    /// The softmax of every `lt`-wide row of `a`, in place ([`softmax_row`]), compiled for
+    /// this CPU's vector width (`crate::host::simd`).
+    struct SoftmaxRows<'a, T> {
+        a: &'a mut [T],
+        lt: usize,
+        valid: Option<&'a [bool]>,
+        keys: bool,
+        scale: T,
+    }
+
+    impl<T: Real> pulp::WithSimd for SoftmaxRows<'_, T> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) {
+            for arow in self.a.chunks_exact_mut(self.lt) {
+                softmax_row(arow, self.valid, self.keys, self.scale);
+            }
+        }
+    }
+
+    /// [`softmax_row_grad`] over every row of `d` (with the attention rows of `a`), compiled
+    /// for this CPU's vector width.
+    struct SoftmaxGradRows<'a, T> {
+        d: &'a mut [T],
+        a: &'a [T],
+        lt: usize,
+        valid: Option<&'a [bool]>,
+        scale: T,
+    }
+
+    impl<T: Real> pulp::WithSimd for SoftmaxGradRows<'_, T> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) {
+            let rows = self
+                .d
+                .chunks_exact_mut(self.lt)
+                .zip(self.a.chunks_exact(self.lt));
+            for (drow, arow) in rows {
+                softmax_row_grad(drow, arow, self.valid, self.scale);
+            }
+        }
     }
 
     /// Cross-attention forward pass.
@@ -350,9 +396,13 @@ pub(crate) mod host {
                     let a = &mut attn[h * ls * lt..(h + 1) * ls * lt];
                     // scores straight into the attention buffer, then softmax in place
                     mul_into(&qh, &kh.t(), &mut view_mut(a, ls, lt, lt, 0));
-                    for arow in a.chunks_exact_mut(lt) {
-                        softmax_row(arow, masked.then_some(&valid[..]), keys, scale);
-                    }
+                    crate::host::simd(SoftmaxRows {
+                        a: &mut *a,
+                        lt,
+                        valid: masked.then_some(&valid[..]),
+                        keys,
+                        scale,
+                    });
                     let a = view(a, ls, lt, lt, 0);
                     mul_into(&a, &vh, &mut view_mut(&mut ctx, ls, dk, hdk, h * dk));
                 }
@@ -452,9 +502,13 @@ pub(crate) mod host {
                     }
                     // dA, then dS in place
                     mul_into(&dch, &vh.t(), &mut view_mut(&mut d_s, ls, lt, lt, 0));
-                    for (drow, arow) in d_s.chunks_exact_mut(lt).zip(a.chunks_exact(lt)) {
-                        softmax_row_grad(drow, arow, masked.then_some(&valid[..]), scale);
-                    }
+                    crate::host::simd(SoftmaxGradRows {
+                        d: &mut d_s,
+                        a,
+                        lt,
+                        valid: masked.then_some(&valid[..]),
+                        scale,
+                    });
                     let qh = view(&it.q, ls, dk, hdk, h * dk);
                     let kh = view(&it.kv, lt, dk, 2 * hdk, h * dk);
                     let dsv = view(&d_s, ls, lt, lt, 0);

@@ -163,6 +163,7 @@ fn absorb(w: &mut ItemWork) {
 }
 
 /// `out = K^T u` (accumulated row by row: contiguous, vectorises).
+#[inline(always)] // into `simd`'s dispatch (`SolveItem`)
 fn kernel_t_times(kernel: &[f64], u: &[f64], out: &mut [f64]) {
     out.fill(0.0);
     let mv = out.len();
@@ -175,7 +176,7 @@ fn kernel_t_times(kernel: &[f64], u: &[f64], out: &mut [f64]) {
 
 /// Dot product with eight independent accumulators, so the compiler can keep it in vector
 /// registers (a single running sum is a serial dependency chain).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0.0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -194,6 +195,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// `out = K v`.
+#[inline(always)] // into `simd`'s dispatch (`SolveItem`)
 fn kernel_times(kernel: &[f64], v: &[f64], out: &mut [f64]) {
     let mv = v.len();
     for (o, krow) in out.iter_mut().zip(kernel.chunks_exact(mv)) {
@@ -207,6 +209,7 @@ fn bad(x: f64) -> bool {
 
 /// Column half-step `v = b / (K^T u)` from a precomputed `ktu`, or in the log domain when a
 /// column's kernel underflowed.
+#[inline(always)] // into `simd`'s dispatch (`SolveItem`)
 fn column_step(w: &mut ItemWork, log_b: f64) {
     if w.ktu.iter().any(|&s| bad(s)) {
         absorb(w);
@@ -225,6 +228,7 @@ fn column_step(w: &mut ItemWork, log_b: f64) {
 }
 
 /// Row half-step `u = a / (K v)`, or in the log domain on underflow.
+#[inline(always)] // into `simd`'s dispatch (`SolveItem`)
 fn row_step(w: &mut ItemWork, log_a: f64) {
     kernel_times(&w.kernel, &w.v, &mut w.kv);
     if w.kv.iter().any(|&s| bad(s)) {
@@ -260,6 +264,7 @@ fn out_of_range(x: &[f64]) -> bool {
 /// `alpha`, `beta` whenever they leave `[1e-50, 1e50]`. In exact arithmetic every step is
 /// the log-domain step of POT's `sinkhorn_log` (same order, same start), so fixed-iteration
 /// results agree with it to rounding.
+#[inline(always)] // into `simd`'s dispatch (`SolveItem`)
 fn solve_item(w: &mut ItemWork, stop: Stop) -> (usize, f64) {
     let (nv, mv) = (w.rows.len(), w.cols.len());
     let log_a = -(nv as f64).ln();
@@ -299,6 +304,21 @@ fn solve_item(w: &mut ItemWork, stop: Stop) -> (usize, f64) {
         err = column_error(w);
     }
     (it, err)
+}
+
+/// [`solve_item`] compiled for this CPU's vector width (`crate::host::simd`): its two
+/// matrix-vector products per iteration are the whole loop.
+struct SolveItem<'a> {
+    w: &'a mut ItemWork,
+    stop: Stop,
+}
+
+impl pulp::WithSimd for SolveItem<'_> {
+    type Output = (usize, f64);
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> (usize, f64) {
+        solve_item(self.w, self.stop)
+    }
 }
 
 /// Log-domain Sinkhorn on host memory for a batch of cost matrices `[batch, n, m]`.
@@ -385,7 +405,7 @@ pub fn sinkhorn_host_into(
         resize(&mut w.beta, mv, 0.0);
         resize(&mut w.v, mv, 1.0);
         resize(&mut w.ktu, mv, 0.0);
-        let res = solve_item(w, stop);
+        let res = crate::host::simd(SolveItem { w: &mut *w, stop });
         for (ii, &i) in w.rows.iter().enumerate() {
             let (ui, krow) = (w.u[ii], &w.kernel[ii * mv..(ii + 1) * mv]);
             for (jj, &j) in w.cols.iter().enumerate() {
