@@ -222,6 +222,26 @@ pub(crate) fn simd<Op: pulp::WithSimd>(op: Op) -> Op::Output {
     pulp::Arch::new().dispatch(op)
 }
 
+/// Maximum over `x` with sixteen independent lanes (`v > m ? v : m` per lane compiles to a
+/// packed max; a single running maximum is a serial chain of compares). NaN entries never
+/// win, as in the scalar fold; `-inf` for an empty or all-NaN slice.
+#[inline(always)]
+pub(crate) fn max<T: Real>(x: &[T]) -> T {
+    let pick = |m: T, v: T| if v > m { v } else { m };
+    let mut acc = [T::neg_infinity(); 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| pick(m, v));
+    for ch in chunks {
+        for l in 0..16 {
+            acc[l] = pick(acc[l], ch[l]);
+        }
+    }
+    acc.iter().fold(tail, |m, &v| pick(m, v))
+}
+
 /// Sum with eight independent accumulators (vectorises; a single running sum is a serial
 /// dependency chain).
 #[inline(always)]
@@ -510,6 +530,30 @@ pub(crate) fn sq_dists(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_max_equals_the_running_maximum() {
+        let scalar = |x: &[f32]| {
+            x.iter()
+                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+        };
+        for n in [0, 1, 5, 15, 16, 17, 33, 64, 100] {
+            // values with the maximum in every position, NaN sprinkled in
+            let x: Vec<f32> = (0..n)
+                .map(|k| match k % 7 {
+                    3 => f32::NAN,
+                    _ => ((k * 37 % 23) as f32 - 11.0) * 0.5,
+                })
+                .collect();
+            assert_eq!(max(&x).to_bits(), scalar(&x).to_bits(), "n = {n}");
+            for top in 0..n {
+                let mut y = x.clone();
+                y[top] = 1e3;
+                assert_eq!(max(&y), 1e3, "n = {n}, max at {top}");
+            }
+        }
+        assert_eq!(max::<f64>(&[f64::NAN; 20]), f64::NEG_INFINITY);
+    }
 
     #[test]
     fn mul_into_matches_a_plain_triple_loop_on_strided_and_transposed_views() {

@@ -257,9 +257,7 @@ pub(crate) mod host {
         }
         match valid {
             None => {
-                let mx = row
-                    .iter()
-                    .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+                let mx = crate::host::max(row);
                 for x in row.iter_mut() {
                     *x = ((*x - mx) * scale).exp_fast();
                 }
@@ -300,12 +298,9 @@ pub(crate) mod host {
                 }
             }
         }
-        let mut arg = 0;
-        for (j, &p) in arow.iter().enumerate() {
-            if p > arow[arg] {
-                arg = j;
-            }
-        }
+        // the first largest probability (a packed max, then a short scan)
+        let top = crate::host::max(arow);
+        let arg = arow.iter().position(|&p| p == top).unwrap_or(0);
         drow[arg] = T::zero();
         let rest = crate::host::sum(drow);
         drow[arg] = -rest;
