@@ -209,11 +209,11 @@ pub(crate) mod host {
     impl<T: Real> Weights<T> {
         /// Joins `W_K` and `W_V` column-wise so both projections are one product.
         pub(crate) fn new(wq: Vec<T>, wk: &[T], wv: &[T], wo: Vec<T>, hdk: usize) -> Self {
-            let wkv = wk
-                .chunks_exact(hdk)
-                .zip(wv.chunks_exact(hdk))
-                .flat_map(|(k, v)| k.iter().chain(v).copied())
-                .collect();
+            let mut wkv = Vec::with_capacity(wk.len() + wv.len());
+            for (k, v) in wk.chunks_exact(hdk).zip(wv.chunks_exact(hdk)) {
+                wkv.extend_from_slice(k);
+                wkv.extend_from_slice(v);
+            }
             Self { wq, wkv, wo }
         }
     }
@@ -579,15 +579,30 @@ pub(crate) mod host {
         if n == 0 {
             return (0.0, g_hhat, g_hs);
         }
-        let mut value = 0.0;
-        for t in (0..n_tok).filter(|&t| ok(t)) {
-            for k in t * ds..(t + 1) * ds {
-                let e = hs[k] - hhat[k];
-                value += e * e;
-                g_hs[k] = 2.0 * e / n as f64;
-                g_hhat[k] = -g_hs[k];
-            }
-        }
+        // token rows in parallel; each row's squared error in eight lanes, the rows' sums
+        // then added in token order (deterministic, whatever the thread count)
+        let row_sums: Vec<f64> = g_hs
+            .par_chunks_mut(ds.max(1))
+            .zip(g_hhat.par_chunks_mut(ds.max(1)))
+            .enumerate()
+            .map(|(t, (gs, gh))| {
+                if !ok(t) {
+                    return 0.0;
+                }
+                let (h, hh) = (&hs[t * ds..(t + 1) * ds], &hhat[t * ds..(t + 1) * ds]);
+                for k in 0..ds {
+                    gs[k] = 2.0 * (h[k] - hh[k]) / n as f64;
+                    gh[k] = -gs[k];
+                }
+                let mut acc = [0.0; 8];
+                for (k, (&a, &b)) in h.iter().zip(hh).enumerate() {
+                    let e = a - b;
+                    acc[k % 8] += e * e;
+                }
+                acc.iter().sum::<f64>()
+            })
+            .collect();
+        let value: f64 = row_sums.iter().sum();
         (value / n as f64, g_hhat, g_hs)
     }
 }
