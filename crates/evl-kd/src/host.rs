@@ -55,10 +55,20 @@ pub(crate) fn matmul(
         Precision::F64 => gemm(a, a_shape, a_t, b, b_shape, b_t),
         Precision::F32 => {
             let narrow = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-            gemm(&narrow(a), a_shape, a_t, &narrow(b), b_shape, b_t)
-                .into_iter()
-                .map(f64::from)
-                .collect()
+            let a32 = narrow(a);
+            // a Gram product passes the same matrix twice: narrow it once
+            let b32 = (!std::ptr::eq(a, b)).then(|| narrow(b));
+            gemm(
+                &a32,
+                a_shape,
+                a_t,
+                b32.as_ref().unwrap_or(&a32),
+                b_shape,
+                b_t,
+            )
+            .into_iter()
+            .map(f64::from)
+            .collect()
         }
     }
 }

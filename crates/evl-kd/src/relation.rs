@@ -401,16 +401,17 @@ fn potential_grad(
     debug_assert!((0..n * n).all(|k| ga[k] == ga[(k % n) * n + k / n]));
     // Row slices and selects instead of index arithmetic and branches, so the divisions
     // vectorise. `live` is false on the diagonal, which keeps `W_ii = 0`.
-    let mut w = vec![0.0; n * n];
-    for ((wr, gdr), (dr, lr)) in w
-        .chunks_exact_mut(n)
-        .zip(gd.chunks_exact(n))
+    // (rows appended, not written over a zeroed buffer: a memset of every n x n array was 8%
+    // of the kernel)
+    let mut w = Vec::with_capacity(n * n);
+    for (gdr, (dr, lr)) in gd
+        .chunks_exact(n)
         .zip(g.dist.chunks_exact(n).zip(g.live.chunks_exact(n)))
     {
-        for j in 0..n {
-            let wij = wd * (2.0 * (gdr[j] / g.mu - shift)) / dr[j];
-            wr[j] = if lr[j] { wij } else { 0.0 };
-        }
+        w.extend(gdr.iter().zip(dr).zip(lr).map(|((&gv, &dv), &l)| {
+            let wij = wd * (2.0 * (gv / g.mu - shift)) / dv;
+            if l { wij } else { 0.0 }
+        }));
     }
     let mut near_w = Vec::with_capacity(g.near.len());
     for &(i, j) in &g.near {
@@ -419,7 +420,7 @@ fn potential_grad(
         w[j * n + i] = 0.0;
     }
     // Angle: S = G_A + G_A^T, dL/dxn_i = sum_j S_ij xn_j, then through the normalisation.
-    let mut pmat = vec![0.0; n * n];
+    let mut pmat = Vec::with_capacity(n * n);
     let mut diag = vec![0.0; n]; // coefficient of x_i
     let mut mcoef = vec![0.0; n]; // coefficient of the mean
     let mut wsum = vec![0.0; n]; // rowsum(W)
@@ -435,9 +436,7 @@ fn potential_grad(
             mrow[j] = if g.bad[j] { 0.0 } else { mij };
         }
         let ri = g.r[i];
-        for ((p, &wij), &mij) in pmat[row.clone()].iter_mut().zip(wr).zip(&mrow) {
-            *p = -wij + mij / ri;
-        }
+        pmat.extend(wr.iter().zip(&mrow).map(|(&wij, &mij)| -wij + mij / ri));
         let c = dot(&s, &g.cos[row]);
         wsum[i] = sum(wr);
         diag[i] = wsum[i];
@@ -447,16 +446,19 @@ fn potential_grad(
         mcoef[i] = sum(&mrow) / ri;
     }
     let prod = matmul_nn(&pmat, &g.xc, n, n, d, prec);
-    let mut out = vec![0.0; n * d];
+    let mut out = Vec::with_capacity(n * d);
     for i in 0..n {
-        let o = &mut out[i * d..(i + 1) * d];
         let (pr, x) = (&prod[i * d..(i + 1) * d], &g.x[i * d..(i + 1) * d]);
         // grad_i = (P Xc)_i + (angle's mean share) m + diag_i x_i - rowsum(W)_i m, where the
         // last term turns rowsum(W) x_i - (W X)_i into the cancellation-free
         // rowsum(W) xc_i - (W Xc)_i.
-        for k in 0..d {
-            o[k] = pr[k] + (mcoef[i] - wsum[i]) * g.mean[k] + diag[i] * x[k];
-        }
+        let (mc, dg) = (mcoef[i] - wsum[i], diag[i]);
+        out.extend(
+            pr.iter()
+                .zip(&g.mean)
+                .zip(x)
+                .map(|((&p, &m), &xv)| p + mc * m + dg * xv),
+        );
     }
     for j in (0..n).filter(|&j| g.bad[j]) {
         let xj = &g.x[j * d..(j + 1) * d];
