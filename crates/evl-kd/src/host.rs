@@ -460,13 +460,25 @@ impl Surrogate {
 /// triangle. Tiled so that both the reads and the column-order writes stay in L1: writing
 /// each mirrored entry as it is computed misses the cache on every element once the rows
 /// outgrow it (`n = 512` f64 rows are 4 KiB apart).
-pub(crate) fn mirror_upper<T: Copy>(m: &mut [T], n: usize) {
+pub(crate) fn mirror_upper<T: Copy + Default>(m: &mut [T], n: usize) {
     const TILE: usize = 32;
+    // each tile is read row by row into a transposed local copy, then written out as
+    // contiguous row segments (no per-element column indexing)
+    let mut buf = [[T::default(); TILE]; TILE];
     for ib in (0..n).step_by(TILE) {
+        let ie = (ib + TILE).min(n);
         for jb in (ib..n).step_by(TILE) {
-            for i in ib..(ib + TILE).min(n) {
-                for j in jb.max(i + 1)..(jb + TILE).min(n) {
-                    m[j * n + i] = m[i * n + j];
+            let je = (jb + TILE).min(n);
+            for i in ib..ie {
+                for (jj, &v) in m[i * n + jb..i * n + je].iter().enumerate() {
+                    buf[jj][i - ib] = v;
+                }
+            }
+            // row j receives columns i < j of the tile (all of them off the diagonal tile)
+            for j in jb..je {
+                let hi = ie.min(j);
+                if hi > ib {
+                    m[j * n + ib..j * n + hi].copy_from_slice(&buf[j - jb][..hi - ib]);
                 }
             }
         }
@@ -540,6 +552,20 @@ pub(crate) fn sq_dists(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_upper_copies_the_upper_triangle_and_nothing_else() {
+        for n in [0, 1, 2, 31, 32, 33, 70] {
+            let mut m: Vec<f64> = (0..n * n).map(|k| k as f64).collect();
+            mirror_upper(&mut m, n);
+            for i in 0..n {
+                for j in 0..n {
+                    let want = if j >= i { i * n + j } else { j * n + i };
+                    assert_eq!(m[i * n + j], want as f64, "n = {n}, ({i}, {j})");
+                }
+            }
+        }
+    }
 
     #[test]
     fn lane_max_equals_the_running_maximum() {
