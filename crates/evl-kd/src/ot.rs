@@ -105,6 +105,45 @@ fn check_shapes(t: &Tensor<3>, s: &Tensor<3>) {
     );
 }
 
+/// The token masks on the host and each item's weight in the batch mean (both OT forms).
+struct OtMasks {
+    rows: Option<Vec<bool>>,
+    cols: Option<Vec<bool>>,
+    weight: Vec<f64>,
+    dims: [usize; 3],
+}
+
+impl OtMasks {
+    /// Reads the masks back to the host and weighs the items.
+    fn read(
+        t_mask: Option<&Tensor<2, Bool>>,
+        s_mask: Option<&Tensor<2, Bool>>,
+        dims: [usize; 3],
+    ) -> Self {
+        let rows = t_mask.map(|m| to_vec_bool(m.clone()));
+        let cols = s_mask.map(|m| to_vec_bool(m.clone()));
+        let weight = batch_weights(rows.as_deref(), cols.as_deref(), dims);
+        Self {
+            rows,
+            cols,
+            weight,
+            dims,
+        }
+    }
+
+    /// The Sinkhorn problem over these masks.
+    fn problem(&self) -> Problem<'_> {
+        let [batch, n, m] = self.dims;
+        Problem {
+            batch,
+            n,
+            m,
+            row_mask: self.rows.as_deref(),
+            col_mask: self.cols.as_deref(),
+        }
+    }
+}
+
 /// Per-item weight in the batch mean: `1 / (items with valid tokens on both sides)`, 0 for
 /// an item with none on one side.
 fn batch_weights(
@@ -168,19 +207,11 @@ fn ot_loss_host<T: Real>(
     let wide = |v: &[T]| v.iter().map(|x| x.wide()).collect::<Vec<f64>>();
     let prec = evl_models::device::precision_of(t);
     let cost = crate::host::sq_dists(&wide(&tn), &wide(&sn), [b, vt, vs, d], prec);
-    let rows = t_mask.map(|m| to_vec_bool(m.clone()));
-    let cols = s_mask.map(|m| to_vec_bool(m.clone()));
-    let problem = Problem {
-        batch: b,
-        n: vt,
-        m: vs,
-        row_mask: rows.as_deref(),
-        col_mask: cols.as_deref(),
-    };
-    let weight = batch_weights(rows.as_deref(), cols.as_deref(), [b, vt, vs]);
-    let host = sinkhorn_host(&cost, problem, cfg.eps, cfg.stop);
+    let masks = OtMasks::read(t_mask, s_mask, [b, vt, vs]);
+    let weight = &masks.weight;
+    let host = sinkhorn_host(&cost, masks.problem(), cfg.eps, cfg.stop);
     let block = vt * vs;
-    let value = transport_value(&host.plan, &cost, &weight);
+    let value = transport_value(&host.plan, &cost, weight);
     let mut sg = Surrogate::new(value, t);
     if t.is_tracked() || s.is_tracked() {
         // Per item, with P the weighted plan, r and c its row and column sums:
@@ -275,16 +306,11 @@ pub fn ot_loss_graph(
         [b, vt, vs, d],
         evl_models::device::precision_of(&tn),
     );
-    let rows = t_mask.map(|m| to_vec_bool(m.clone()));
-    let cols = s_mask.map(|m| to_vec_bool(m.clone()));
-    let problem = Problem {
-        batch: b,
-        n: vt,
-        m: vs,
-        row_mask: rows.as_deref(),
-        col_mask: cols.as_deref(),
-    };
-    let weight = batch_weights(rows.as_deref(), cols.as_deref(), [b, vt, vs]);
+    let masks = OtMasks::read(t_mask, s_mask, [b, vt, vs]);
+    let problem = masks.problem();
+    let OtMasks {
+        rows, cols, weight, ..
+    } = &masks;
 
     let needs_host =
         cfg.gradient == PlanGradient::Detached || matches!(cfg.stop, Stop::Tolerance { .. });
@@ -293,8 +319,8 @@ pub fn ot_loss_graph(
     match cfg.gradient {
         PlanGradient::Detached => {
             let host = host.expect("computed above for the detached plan");
-            let value = transport_value(&host.plan, &cost, &weight);
-            let loss = detached_plan_loss(value, &host.plan, &weight, tn, sn);
+            let value = transport_value(&host.plan, &cost, weight);
+            let loss = detached_plan_loss(value, &host.plan, weight, tn, sn);
             OtOutput {
                 loss,
                 cost,
@@ -334,7 +360,7 @@ pub fn ot_loss_graph(
                     .collect();
                 Tensor::cat(parts, 0)
             };
-            let w = tensor_like(&weight, [b, 1, 1], &c);
+            let w = tensor_like(weight, [b, 1, 1], &c);
             let loss = (plan.clone() * c * w).sum();
             let plan_host = to_vec_f64(plan);
             let err = marginal_errors(&plan_host, [b, vt, vs], cols.as_deref());
