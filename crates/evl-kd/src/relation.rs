@@ -290,6 +290,7 @@ struct Geometry {
     cos: Vec<f64>,
 }
 
+#[inline(always)] // into the item's SIMD dispatch (`RelationItem`)
 fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precision) -> Geometry {
     let mut mean = vec![0.0; d];
     for row in x.chunks_exact(d) {
@@ -319,38 +320,81 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
         .map(|i| (q[i].sqrt() + mm.sqrt()) > max_condition(prec) * r[i])
         .collect();
     let frac = near_fraction(prec);
-    // The upper triangle row by row, then mirrored in tiles. The cosines overwrite the Gram
-    // matrix: each upper entry is read once, just before its cosine replaces it.
+    let clamp = cfg.dist_sq_clamp;
+    let bad_idx: Vec<usize> = (0..n).filter(|&j| bad[j]).collect();
+    let row_of = |i: usize| &x[i * d..(i + 1) * d];
+    let explicit_sq = |i: usize, j: usize| -> f64 {
+        row_of(i)
+            .iter()
+            .zip(row_of(j))
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum()
+    };
+    let explicit_dot =
+        |i: usize, j: usize| -> f64 { row_of(i).iter().zip(row_of(j)).map(|(a, b)| a * b).sum() };
+    // The upper triangle row by row, then mirrored in tiles. Each row is three branch-free
+    // passes that vectorise (squared distances and cosines from the Gram entries, the cosines
+    // written over them; then distances, clamp flags and their sum in eight lanes), with the
+    // rare near pairs and ill-conditioned tokens patched from explicit products in between.
     let mut cos = gram;
     let mut dist = vec![0.0; n * n];
     let mut live = vec![false; n * n];
     let mut near = Vec::new();
-    let mut sum = 0.0;
+    let (mut lanes, mut tail) = ([0.0; 8], 0.0);
     for i in 0..n {
-        let row = i * n;
-        for j in i + 1..n {
-            let gij = cos[row + j];
-            let mut sq = q[i] + q[j] - 2.0 * gij;
-            if sq < frac * (q[i] + q[j]) {
-                let (xi, xj) = (&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
-                sq = xi.iter().zip(xj).map(|(a, b)| (a - b) * (a - b)).sum();
-                near.push((i, j));
-            }
-            let ok = sq > cfg.dist_sq_clamp;
-            let dij = sq.max(cfg.dist_sq_clamp).sqrt();
-            sum += 2.0 * dij;
-            let dot = if bad[i] || bad[j] {
-                let (xi, xj) = (&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
-                xi.iter().zip(xj).map(|(a, b)| a * b).sum()
-            } else {
-                gij + p[i] + p[j] + mm
-            };
-            dist[row + j] = dij;
-            live[row + j] = ok;
-            cos[row + j] = dot / (r[i] * r[j]);
+        let (row, lo) = (i * n, i + 1);
+        let (qi, pi, ri) = (q[i], p[i], r[i]);
+        let cr = &mut cos[row + lo..row + n];
+        let dr = &mut dist[row + lo..row + n];
+        let mut any_near = false;
+        for ((c, dv), (&qj, (&pj, &rj))) in cr
+            .iter_mut()
+            .zip(dr.iter_mut())
+            .zip(q[lo..].iter().zip(p[lo..].iter().zip(&r[lo..])))
+        {
+            let g = *c;
+            let sq = qi + qj - 2.0 * g;
+            any_near |= sq < frac * (qi + qj);
+            *dv = sq;
+            *c = (g + pi + pj + mm) / (ri * rj);
         }
-        cos[row + i] = norm[i] * norm[i] / (r[i] * r[i]);
+        if any_near {
+            for (k, dv) in dr.iter_mut().enumerate() {
+                let j = lo + k;
+                if *dv < frac * (qi + q[j]) {
+                    *dv = explicit_sq(i, j);
+                    near.push((i, j));
+                }
+            }
+        }
+        if bad[i] {
+            for (k, c) in cr.iter_mut().enumerate() {
+                *c = explicit_dot(i, lo + k) / (ri * r[lo + k]);
+            }
+        } else {
+            for &j in bad_idx.iter().filter(|&&j| j > i) {
+                cr[j - lo] = explicit_dot(i, j) / (ri * r[j]);
+            }
+        }
+        let lr = &mut live[row + lo..row + n];
+        let mut dch = dr.chunks_exact_mut(8);
+        let mut lch = lr.chunks_exact_mut(8);
+        for (dv, lv) in (&mut dch).zip(&mut lch) {
+            for l in 0..8 {
+                let sq = dv[l];
+                lv[l] = sq > clamp;
+                dv[l] = sq.max(clamp).sqrt();
+                lanes[l] += 2.0 * dv[l];
+            }
+        }
+        for (dv, lv) in dch.into_remainder().iter_mut().zip(lch.into_remainder()) {
+            *lv = *dv > clamp;
+            *dv = dv.max(clamp).sqrt();
+            tail += 2.0 * *dv;
+        }
+        cos[row + i] = norm[i] * norm[i] / (ri * ri);
     }
+    let sum = lanes.iter().fold(tail, |a, &v| a + v);
     mirror_upper(&mut dist, n);
     mirror_upper(&mut live, n);
     mirror_upper(&mut cos, n);
@@ -377,6 +421,7 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
 /// Gradient of `wd * sum(gd . psi_D) + wa * sum(ga . psi_A)` with respect to one input's
 /// tokens, where `gd`, `ga` (`n x n`) are the upstream gradients of its two potentials. One
 /// `n x n` by `n x d` product; near pairs' distance terms are added from explicit differences.
+#[inline(always)] // into the item's SIMD dispatch (`RelationItem`)
 fn potential_grad(
     g: &Geometry,
     gd: &[f64],
@@ -403,13 +448,16 @@ fn potential_grad(
     // vectorise. `live` is false on the diagonal, which keeps `W_ii = 0`.
     // (rows appended, not written over a zeroed buffer: a memset of every n x n array was 8%
     // of the kernel)
+    // (reciprocals multiplied instead of divisions repeated over n x n entries: a vector
+    // division costs about twenty multiplications here, and the results differ by an ulp)
+    let inv_mu = 1.0 / g.mu;
     let mut w = Vec::with_capacity(n * n);
     for (gdr, (dr, lr)) in gd
         .chunks_exact(n)
         .zip(g.dist.chunks_exact(n).zip(g.live.chunks_exact(n)))
     {
         w.extend(gdr.iter().zip(dr).zip(lr).map(|((&gv, &dv), &l)| {
-            let wij = wd * (2.0 * (gv / g.mu - shift)) / dv;
+            let wij = wd * (2.0 * (gv * inv_mu - shift)) / dv;
             if l { wij } else { 0.0 }
         }));
     }
@@ -426,17 +474,22 @@ fn potential_grad(
     let mut wsum = vec![0.0; n]; // rowsum(W)
     let mut s = vec![0.0; n];
     let mut mrow = vec![0.0; n];
+    // 1 / r_j, and 0 for ill-conditioned columns (added from raw tokens after the product)
+    let inv_r: Vec<f64> =
+        g.r.iter()
+            .zip(&g.bad)
+            .map(|(&r, &bad)| if bad { 0.0 } else { 1.0 / r })
+            .collect();
     for i in 0..n {
         let row = i * n..(i + 1) * n;
         let (gar, wr) = (&ga[row.clone()], &w[row.clone()]);
-        for j in 0..n {
-            s[j] = wa * (2.0 * gar[j]);
-            // ill-conditioned columns are added from raw tokens after the product
-            let mij = s[j] / g.r[j];
-            mrow[j] = if g.bad[j] { 0.0 } else { mij };
+        for (((sv, mv), &gv), &ir) in s.iter_mut().zip(mrow.iter_mut()).zip(gar).zip(&inv_r) {
+            *sv = wa * (2.0 * gv);
+            *mv = *sv * ir;
         }
         let ri = g.r[i];
-        pmat.extend(wr.iter().zip(&mrow).map(|(&wij, &mij)| -wij + mij / ri));
+        let iri = 1.0 / ri;
+        pmat.extend(wr.iter().zip(&mrow).map(|(&wij, &mij)| -wij + mij * iri));
         let c = dot(&s, &g.cos[row]);
         wsum[i] = sum(wr);
         diag[i] = wsum[i];
@@ -479,6 +532,114 @@ fn potential_grad(
     out
 }
 
+/// One batch item's share of [`relation_host`].
+struct Item {
+    /// Its valid token positions.
+    idx: Vec<usize>,
+    /// Its squared-difference sums of the two potentials.
+    sums: (f64, f64),
+    psi: [Vec<f64>; 4],
+    grads: [[Vec<f64>; 2]; 2],
+}
+
+/// One batch item (`l x d` rows of each input), compiled for this CPU's vector width
+/// (`crate::host::simd`): everything it runs outside the matrix products is inlined into
+/// the dispatch.
+struct RelationItem<'a> {
+    x: &'a [f64],
+    y: &'a [f64],
+    idx: Vec<usize>,
+    d: usize,
+    n_pairs: f64,
+    cfg: &'a RelationConfig,
+    prec: Precision,
+    want: RelationWant,
+}
+
+impl pulp::WithSimd for RelationItem<'_> {
+    type Output = Item;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Item {
+        relation_item(self)
+    }
+}
+
+#[inline(always)] // into `RelationItem`'s dispatch
+fn relation_item(it: RelationItem<'_>) -> Item {
+    let RelationItem {
+        x,
+        y,
+        idx,
+        d,
+        n_pairs,
+        cfg,
+        prec,
+        want,
+    } = it;
+    let n = idx.len();
+    let gather = |src: &[f64]| -> Vec<f64> {
+        let mut out = Vec::with_capacity(n * d);
+        for &i in &idx {
+            out.extend_from_slice(&src[i * d..(i + 1) * d]);
+        }
+        out
+    };
+    let (gx, gy) = (
+        geometry(gather(x), n, d, cfg, prec),
+        geometry(gather(y), n, d, cfg, prec),
+    );
+    // differences of the potentials (psi_D = d / mu, 0 on the diagonal where the distance
+    // is stored as 0), their squared sums, then the upstream gradients in place (separate
+    // passes vectorise; one loop with two running sums does not)
+    // (one pass each, scaled as they are made: the sums are taken of the scaled values and
+    // unscaled once; reciprocals multiplied rather than an n x n division each)
+    let (rx, ry, c) = (1.0 / gx.mu, 1.0 / gy.mu, 2.0 / n_pairs);
+    let gd: Vec<f64> = gx
+        .dist
+        .iter()
+        .zip(&gy.dist)
+        .map(|(&a, &b)| c * (a * rx - b * ry))
+        .collect();
+    let ga: Vec<f64> = gx
+        .cos
+        .iter()
+        .zip(&gy.cos)
+        .map(|(&a, &b)| c * (a - b))
+        .collect();
+    let sums = (dot(&gd, &gd) / (c * c), dot(&ga, &ga) / (c * c));
+    let weights: &[(f64, f64)] = if cfg.term_gradients {
+        &[(1.0, 0.0), (0.0, 1.0)]
+    } else {
+        &[(0.5, 0.5)]
+    };
+    // The student's upstream gradients are the teacher's negated: the gradient is linear in
+    // them, so the sign goes on the term weights (exact: negation is). A plain loop, not a
+    // closure, so that `potential_grad` is inlined into this dispatch.
+    let mut grads: [[Vec<f64>; 2]; 2] = Default::default();
+    for (side, (g, sign, on)) in [(&gx, 1.0, want.grad_x), (&gy, -1.0, want.grad_y)]
+        .into_iter()
+        .enumerate()
+    {
+        if on && n > 0 {
+            for (o, &(wd, wa)) in grads[side].iter_mut().zip(weights) {
+                *o = potential_grad(g, &gd, &ga, (sign * wd, sign * wa), prec);
+            }
+        }
+    }
+    let psi = if want.psi {
+        let full = |g: &Geometry| g.dist.iter().map(|&v| v / g.mu).collect();
+        [full(&gx), full(&gy), gx.cos, gy.cos]
+    } else {
+        Default::default()
+    };
+    Item {
+        idx,
+        sums,
+        psi,
+        grads,
+    }
+}
+
 /// Fused relation loss on host memory: values, potentials and gradients (module docs give
 /// the function). `x` is the teacher `Hhat_t`, `y` the student `H_s`, both `[b, l, d]`;
 /// `want` says which gradients and whether the potentials to return. Items are processed in
@@ -505,66 +666,19 @@ pub fn relation_host(
         .map(|bi| (valid(bi).len() as f64).powi(2))
         .sum::<f64>()
         .max(1.0);
-    struct Item {
-        idx: Vec<usize>,
-        sums: (f64, f64),
-        psi: [Vec<f64>; 4],
-        grads: [[Vec<f64>; 2]; 2],
-    }
     let items: Vec<Item> = (0..b)
         .into_par_iter()
         .map(|bi| {
-            let idx = valid(bi);
-            let n = idx.len();
-            let gather = |src: &[f64]| -> Vec<f64> {
-                idx.iter()
-                    .flat_map(|&i| src[(bi * l + i) * d..(bi * l + i + 1) * d].iter().copied())
-                    .collect()
-            };
-            let (gx, gy) = (
-                geometry(gather(x), n, d, cfg, prec),
-                geometry(gather(y), n, d, cfg, prec),
-            );
-            // psi_D entry k (0 on the diagonal, where the distance is stored as 0);
-            // materialised only when asked for
-            let psi_d = |g: &Geometry, k: usize| g.dist[k] / g.mu;
-            // differences, their squared sums, then the upstream gradients in place (separate
-            // passes vectorise; one loop with two running sums does not)
-            let mut gd: Vec<f64> = (0..n * n).map(|k| psi_d(&gx, k) - psi_d(&gy, k)).collect();
-            let mut ga: Vec<f64> = gx.cos.iter().zip(&gy.cos).map(|(a, b)| a - b).collect();
-            let sums = (dot(&gd, &gd), dot(&ga, &ga));
-            for v in gd.iter_mut().chain(ga.iter_mut()) {
-                *v = 2.0 * *v / n_pairs;
-            }
-            let weights: Vec<(f64, f64)> = if cfg.term_gradients {
-                vec![(1.0, 0.0), (0.0, 1.0)]
-            } else {
-                vec![(0.5, 0.5)]
-            };
-            // The student's upstream gradients are the teacher's negated: the gradient is
-            // linear in them, so the sign goes on the term weights (exact: negation is).
-            let side = |g: &Geometry, sign: f64, on: bool| -> [Vec<f64>; 2] {
-                let mut out = [Vec::new(), Vec::new()];
-                if on && n > 0 {
-                    for (o, &(wd, wa)) in out.iter_mut().zip(&weights) {
-                        *o = potential_grad(g, &gd, &ga, (sign * wd, sign * wa), prec);
-                    }
-                }
-                out
-            };
-            let grads = [side(&gx, 1.0, want.grad_x), side(&gy, -1.0, want.grad_y)];
-            let psi = if want.psi {
-                let full = |g: &Geometry| (0..n * n).map(|k| psi_d(g, k)).collect();
-                [full(&gx), full(&gy), gx.cos, gy.cos]
-            } else {
-                Default::default()
-            };
-            Item {
-                idx,
-                sums,
-                psi,
-                grads,
-            }
+            crate::host::simd(RelationItem {
+                x: &x[bi * l * d..(bi + 1) * l * d],
+                y: &y[bi * l * d..(bi + 1) * l * d],
+                idx: valid(bi),
+                d,
+                n_pairs,
+                cfg,
+                prec,
+                want,
+            })
         })
         .collect();
     let scatter_pairs = |which: usize| -> Vec<f64> {
