@@ -1,6 +1,6 @@
 //! Profiling probe: the EVL-ECG objective (forward + backward) at paper shapes (B=4,
 //! L=512, V_t=576, V_s=144, D_t=1024, D_s=512, h=8), teacher frozen.
-//! `cargo run --release -p evl-kd --example objective_probe [-- mhca|relation] [small] [graph]`.
+//! `cargo run --release -p evl-kd --example objective_probe [-- mhca|relation|ot] [small] [graph]`.
 use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
     mhca_align_loss, relation_loss,
@@ -54,6 +54,7 @@ fn main() {
     let ce = tensor_from_f64(&[2.0], [1], &dev, Precision::F32).require_grad();
     let only_mhca = std::env::args().any(|a| a == "mhca");
     let only_rel = std::env::args().any(|a| a == "relation");
+    let only_ot = std::env::args().any(|a| a == "ot");
     let sv2 = t([b, l, ds], true);
     let iters = std::env::var("PROBE_ITERS")
         .ok()
@@ -64,6 +65,8 @@ fn main() {
         let s = Instant::now();
         let loss = if only_mhca {
             mhca_align_loss(hs.clone(), ht.clone(), &wts, h, None, None)
+        } else if only_ot {
+            evl_kd::ot_loss(tv.clone(), sv.clone(), None, None, &OtLossConfig::default()).loss
         } else if only_rel {
             relation_loss(sv2.clone(), hs.clone(), None, &RelationConfig::default()).l_rel
         } else {
@@ -86,7 +89,7 @@ fn main() {
         };
         let f = s.elapsed();
         let g = loss.backward();
-        std::hint::black_box(wts.wq.grad(&g));
+        std::hint::black_box((wts.wq.grad(&g), sv.grad(&g)));
         times.push(s.elapsed().as_secs_f64() * 1e3);
         if small {
             continue;

@@ -15,6 +15,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 /// `C (m x n) = A (m x k) B^T` where `B` is `n x k`, all row-major `f64` on input and output,
 /// multiplied in `prec` (f32 GEMM for f32 tensors: twice the throughput; the callers keep
 /// every cancellation-prone quantity out of the product, see `relation`).
+#[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
 pub(crate) fn matmul_nt(
     a: &[f64],
     b: &[f64],
@@ -27,6 +28,7 @@ pub(crate) fn matmul_nt(
 }
 
 /// `C (m x n) = A (m x k) B` where `B` is `k x n`.
+#[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
 pub(crate) fn matmul_nn(
     a: &[f64],
     b: &[f64],
@@ -40,6 +42,7 @@ pub(crate) fn matmul_nn(
 
 /// `C = op(A) op(B)` for row-major `A` (`a_shape`) and `B` (`b_shape`), `op` transposing
 /// where asked.
+#[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
 pub(crate) fn matmul(
     a: &[f64],
     a_shape: (usize, usize),
@@ -72,6 +75,38 @@ pub(crate) fn matmul(
         }
     }
 }
+
+/// The upper block triangle of the Gram matrix `X X^T` (`x` is `n x d`, row-major `f64`),
+/// multiplied in `prec`: diagonal and upper blocks of `GRAM_BLOCK` rows are exact, blocks
+/// below the diagonal are left zero. A Gram matrix is symmetric, so its users read the upper
+/// triangle only; skipping the lower blocks saves up to half of the product (`gemm` has no
+/// symmetric rank-k update; 128-row blocks keep each product large enough to run at full
+/// speed).
+#[inline(always)]
+pub(crate) fn gram_upper(x: &[f64], n: usize, d: usize, prec: Precision) -> Vec<f64> {
+    fn blocks<T: Real>(x: &[T], n: usize, d: usize) -> Vec<T> {
+        let mut c = vec![T::zero(); n * n];
+        for i0 in (0..n).step_by(GRAM_BLOCK) {
+            let bi = GRAM_BLOCK.min(n - i0);
+            let a = view(x, bi, d, d, i0 * d);
+            // rows i0.. against every row block from i0 on, in one product per row block
+            let cols = n - i0;
+            let b = view(x, cols, d, d, i0 * d);
+            mul_into(&a, &b.t(), &mut view_mut(&mut c, bi, cols, n, i0 * n + i0));
+        }
+        c
+    }
+    match prec {
+        Precision::F64 => blocks(x, n, d),
+        Precision::F32 => {
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            blocks(&x32, n, d).into_iter().map(f64::from).collect()
+        }
+    }
+}
+
+/// Rows per block of [`gram_upper`].
+const GRAM_BLOCK: usize = 128;
 
 #[allow(clippy::too_many_arguments)]
 fn mm<T: Real>(
@@ -515,38 +550,70 @@ pub(crate) fn sq_dists(
         .for_each(|(bi, o)| {
             let xb = &x[bi * n * d..(bi + 1) * n * d];
             let yb = &y[bi * m * d..(bi + 1) * m * d];
-            let mut mean = vec![0.0; d];
-            for row in xb.chunks_exact(d).chain(yb.chunks_exact(d)) {
-                mean.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-            }
-            mean.iter_mut().for_each(|a| *a /= (n + m).max(1) as f64);
-            let centre = |z: &[f64]| -> Vec<f64> {
-                z.chunks_exact(d)
-                    .flat_map(|r| r.iter().zip(&mean).map(|(v, a)| v - a))
-                    .collect()
-            };
-            let (xc, yc) = (centre(xb), centre(yb));
-            let sq = |z: &[f64]| -> Vec<f64> {
-                z.chunks_exact(d)
-                    .map(|r| r.iter().map(|v| v * v).sum())
-                    .collect()
-            };
-            let (qx, qy) = (sq(&xc), sq(&yc));
-            let g = matmul_nt(&xc, &yc, n, d, m, prec);
-            let frac = near_fraction(prec);
-            for i in 0..n {
-                for j in 0..m {
-                    let s = qx[i] + qy[j];
-                    let mut v = s - 2.0 * g[i * m + j];
-                    if v < frac * s {
-                        let (xi, yj) = (&xb[i * d..(i + 1) * d], &yb[j * d..(j + 1) * d]);
-                        v = xi.iter().zip(yj).map(|(a, c)| (a - c) * (a - c)).sum();
-                    }
-                    o[i * m + j] = v;
-                }
-            }
+            o.copy_from_slice(&simd(SqDistsItem { xb, yb, d, prec }));
         });
     out
+}
+
+/// One item of [`sq_dists`] (`xb` is `n x d`, `yb` `m x d`), compiled for this CPU's vector
+/// width: `n x m` squared distances.
+pub(crate) struct SqDistsItem<'a> {
+    /// Rows of the first set.
+    pub xb: &'a [f64],
+    /// Rows of the second set.
+    pub yb: &'a [f64],
+    /// Row width.
+    pub d: usize,
+    /// Precision of the product.
+    pub prec: Precision,
+}
+
+impl pulp::WithSimd for SqDistsItem<'_> {
+    type Output = Vec<f64>;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<f64> {
+        let SqDistsItem { xb, yb, d, prec } = self;
+        let (n, m) = (xb.len() / d.max(1), yb.len() / d.max(1));
+        let mut mean = vec![0.0; d];
+        for row in xb.chunks_exact(d).chain(yb.chunks_exact(d)) {
+            mean.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+        }
+        mean.iter_mut().for_each(|a| *a /= (n + m).max(1) as f64);
+        let centre = |z: &[f64]| -> Vec<f64> {
+            let mut out = Vec::with_capacity(z.len());
+            for r in z.chunks_exact(d) {
+                out.extend(r.iter().zip(&mean).map(|(v, a)| v - a));
+            }
+            out
+        };
+        let (xc, yc) = (centre(xb), centre(yb));
+        let sq = |z: &[f64]| -> Vec<f64> { z.chunks_exact(d).map(|r| dot(r, r)).collect() };
+        let (qx, qy) = (sq(&xc), sq(&yc));
+        let mut g = matmul_nt(&xc, &yc, n, d, m, prec);
+        let frac = near_fraction(prec);
+        // the Gram form row by row in place (a branch-free pass that vectorises), then the
+        // rare near pairs recomputed from explicit differences
+        for (i, row) in g.chunks_exact_mut(m.max(1)).enumerate() {
+            let qi = qx[i];
+            let mut any_near = false;
+            for (v, &qj) in row.iter_mut().zip(&qy) {
+                let s = qi + qj;
+                let e = s - 2.0 * *v;
+                any_near |= e < frac * s;
+                *v = e;
+            }
+            if any_near {
+                let xi = &xb[i * d..(i + 1) * d];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if *v < frac * (qi + qy[j]) {
+                        let yj = &yb[j * d..(j + 1) * d];
+                        *v = xi.iter().zip(yj).map(|(a, c)| (a - c) * (a - c)).sum();
+                    }
+                }
+            }
+        }
+        g
+    }
 }
 
 #[cfg(test)]
@@ -678,6 +745,35 @@ mod tests {
         );
         assert_eq!(exp_f64(0.0), 1.0);
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn gram_upper_matches_explicit_dots_on_and_above_the_diagonal() {
+        // sizes around the block edge (128), and a single row
+        for n in [1, 5, 127, 128, 129, 300] {
+            let d = 9;
+            let x: Vec<f64> = (0..n * d)
+                .map(|k| ((k * 7919 % 1013) as f64 / 1013.0 - 0.5) * 3.0)
+                .collect();
+            for prec in [Precision::F64, Precision::F32] {
+                let g = gram_upper(&x, n, d, prec);
+                assert_eq!(g.len(), n * n);
+                let tol = match prec {
+                    Precision::F64 => 1e-12,
+                    Precision::F32 => 1e-5,
+                };
+                for i in 0..n {
+                    for j in i..n {
+                        let want: f64 = (0..d).map(|k| x[i * d + k] * x[j * d + k]).sum();
+                        let got = g[i * n + j];
+                        assert!(
+                            (got - want).abs() <= tol * (1.0 + want.abs()),
+                            "n {n} {prec:?} ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! tokens enter, the distance mean is over valid off-diagonal pairs of each item, and the
 //! normaliser is the number of valid pairs `sum_b n_b^2` (= `B L_s^2` without padding).
 
-use crate::host::{Surrogate, dot, matmul_nn, matmul_nt, mirror_upper, near_fraction, sum};
+use crate::host::{Surrogate, dot, gram_upper, matmul_nn, mirror_upper, near_fraction, sum};
 use burn::tensor::{Bool, Tensor};
 use evl_models::device::{Precision, on_host, precision_of, tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, sq_dist};
@@ -305,7 +305,8 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
         .collect();
     // Centring removes the tokens' common direction (large in real hidden states), so the
     // Gram form below cancels far less; distances do not change.
-    let gram = matmul_nt(&xc, &xc, n, d, n, prec);
+    // only the strict upper triangle is read below
+    let gram = gram_upper(&xc, n, d, prec);
     let sqn = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
     let q: Vec<f64> = xc.chunks_exact(d).map(sqn).collect();
     let norm: Vec<f64> = x.chunks_exact(d).map(|r| sqn(r).sqrt()).collect();
