@@ -239,13 +239,6 @@ pub(crate) mod host {
         keys: bool,
     }
 
-    /// Forward results and what the backward pass needs.
-    pub(crate) struct Cache<T> {
-        pub items: Vec<Item<T>>,
-        /// `Hhat_t`, `[b, ls, ds]`.
-        pub hhat: Vec<T>,
-    }
-
     /// Softmax of one score row in place over the valid keys, `exp((s - max) * scale)`;
     /// uniform when no key is valid. `valid` is `None` when every key is (the common case:
     /// branch-free loops the compiler vectorises).
@@ -350,8 +343,8 @@ pub(crate) mod host {
         }
     }
 
-    /// Cross-attention forward pass.
-    pub(crate) fn forward<T: Real>(inp: &Inputs<'_, T>) -> Cache<T> {
+    /// Cross-attention forward pass of batch item `bi`: its cache and its `Hhat_t` rows.
+    pub(crate) fn forward_item<T: Real>(inp: &Inputs<'_, T>, bi: usize) -> (Item<T>, Vec<T>) {
         let Inputs {
             hs,
             ht,
@@ -370,59 +363,45 @@ pub(crate) mod host {
         } = dims;
         let hdk = dims.hdk();
         let scale = T::of(1.0 / (dk as f64).sqrt());
-        let items: Vec<(Item<T>, Vec<T>)> = (0..dims.b)
-            .into_par_iter()
-            .map(|bi| {
-                let hs_b = &hs[bi * ls * ds..(bi + 1) * ls * ds];
-                let ht_b = &ht[bi * lt * dt..(bi + 1) * lt * dt];
-                let valid: Vec<bool> = (0..lt)
-                    .map(|j| key_mask.is_none_or(|m| m[bi * lt + j]))
-                    .collect();
-                let keys = valid.iter().any(|&v| v);
-                let masked = !valid.iter().all(|&v| v);
-                let q = gemm(hs_b, (ls, ds), false, &w.wq, (ds, hdk), false);
-                let kv = gemm(ht_b, (lt, dt), false, &w.wkv, (dt, 2 * hdk), false);
-                let mut attn = vec![T::zero(); heads * ls * lt];
-                let mut ctx = vec![T::zero(); ls * hdk];
-                for h in 0..heads {
-                    let qh = view(&q, ls, dk, hdk, h * dk);
-                    let kh = view(&kv, lt, dk, 2 * hdk, h * dk);
-                    let vh = view(&kv, lt, dk, 2 * hdk, hdk + h * dk);
-                    let a = &mut attn[h * ls * lt..(h + 1) * ls * lt];
-                    // scores straight into the attention buffer, then softmax in place
-                    mul_into(&qh, &kh.t(), &mut view_mut(a, ls, lt, lt, 0));
-                    crate::host::simd(SoftmaxRows {
-                        a: &mut *a,
-                        lt,
-                        valid: masked.then_some(&valid[..]),
-                        keys,
-                        scale,
-                    });
-                    let a = view(a, ls, lt, lt, 0);
-                    mul_into(&a, &vh, &mut view_mut(&mut ctx, ls, dk, hdk, h * dk));
-                }
-                let hhat = gemm(&ctx, (ls, hdk), false, &w.wo, (hdk, ds), false);
-                (
-                    Item {
-                        q,
-                        kv,
-                        attn,
-                        ctx,
-                        keys,
-                    },
-                    hhat,
-                )
-            })
+        let hs_b = &hs[bi * ls * ds..(bi + 1) * ls * ds];
+        let ht_b = &ht[bi * lt * dt..(bi + 1) * lt * dt];
+        let valid: Vec<bool> = (0..lt)
+            .map(|j| key_mask.is_none_or(|m| m[bi * lt + j]))
             .collect();
-        let mut hhat = Vec::with_capacity(dims.b * ls * ds);
-        let items = items
-            .into_iter()
-            .map(|(it, h)| {
-                hhat.extend(h);
-                it
-            })
-            .collect();
-        Cache { items, hhat }
+        let keys = valid.iter().any(|&v| v);
+        let masked = !valid.iter().all(|&v| v);
+        let q = gemm(hs_b, (ls, ds), false, &w.wq, (ds, hdk), false);
+        let kv = gemm(ht_b, (lt, dt), false, &w.wkv, (dt, 2 * hdk), false);
+        let mut attn = vec![T::zero(); heads * ls * lt];
+        let mut ctx = vec![T::zero(); ls * hdk];
+        for h in 0..heads {
+            let qh = view(&q, ls, dk, hdk, h * dk);
+            let kh = view(&kv, lt, dk, 2 * hdk, h * dk);
+            let vh = view(&kv, lt, dk, 2 * hdk, hdk + h * dk);
+            let a = &mut attn[h * ls * lt..(h + 1) * ls * lt];
+            // scores straight into the attention buffer, then softmax in place
+            mul_into(&qh, &kh.t(), &mut view_mut(a, ls, lt, lt, 0));
+            crate::host::simd(SoftmaxRows {
+                a: &mut *a,
+                lt,
+                valid: masked.then_some(&valid[..]),
+                keys,
+                scale,
+            });
+            let a = view(a, ls, lt, lt, 0);
+            mul_into(&a, &vh, &mut view_mut(&mut ctx, ls, dk, hdk, h * dk));
+        }
+        let hhat = gemm(&ctx, (ls, hdk), false, &w.wo, (hdk, ds), false);
+        (
+            Item {
+                q,
+                kv,
+                attn,
+                ctx,
+                keys,
+            },
+            hhat,
+        )
     }
 
     /// Gradients of a scalar with respect to every input, row-major like the inputs.
@@ -440,13 +419,23 @@ pub(crate) mod host {
         acc.iter_mut().zip(x).for_each(|(a, b)| *a += *b);
     }
 
-    /// Back-propagates `g = dL/dHhat_t` (`[b, ls, ds]`).
-    pub(crate) fn backward<T: Real>(
+    /// One item's gradients (see [`backward_item`]); the weight gradients are its shares.
+    pub(crate) struct Part<T> {
+        pub hs: Vec<T>,
+        pub ht: Vec<T>,
+        pub wq: Vec<T>,
+        pub wkv: Vec<T>,
+        pub wo: Vec<T>,
+    }
+
+    /// Back-propagates item `bi`'s `g_b = dL/dHhat_t[bi]` (`[ls, ds]`) through its cache.
+    pub(crate) fn backward_item<T: Real>(
         inp: &Inputs<'_, T>,
-        c: &Cache<T>,
-        g: &[T],
+        it: &Item<T>,
+        bi: usize,
+        g_b: &[T],
         want_ht: bool,
-    ) -> Grads<T> {
+    ) -> Part<T> {
         let Dims {
             ls,
             ds,
@@ -458,77 +447,72 @@ pub(crate) mod host {
         } = inp.dims;
         let (hdk, w) = (inp.dims.hdk(), inp.w);
         let scale = T::of(1.0 / (dk as f64).sqrt());
-        struct Part<T> {
-            hs: Vec<T>,
-            ht: Vec<T>,
-            wq: Vec<T>,
-            wkv: Vec<T>,
-            wo: Vec<T>,
-        }
-        let parts: Vec<Part<T>> = c
-            .items
-            .par_iter()
-            .enumerate()
-            .map(|(bi, it)| {
-                let g_b = &g[bi * ls * ds..(bi + 1) * ls * ds];
-                let hs_b = &inp.hs[bi * ls * ds..(bi + 1) * ls * ds];
-                let ht_b = &inp.ht[bi * lt * dt..(bi + 1) * lt * dt];
-                let valid: Vec<bool> = (0..lt)
-                    .map(|j| inp.key_mask.is_none_or(|m| m[bi * lt + j]))
-                    .collect();
-                let masked = !valid.iter().all(|&v| v);
-                let wo_g = gemm(&it.ctx, (ls, hdk), true, g_b, (ls, ds), false);
-                let dctx = gemm(g_b, (ls, ds), false, &w.wo, (hdk, ds), true);
-                let mut dq = vec![T::zero(); ls * hdk];
-                let mut dkv = vec![T::zero(); lt * 2 * hdk];
-                let mut d_s = vec![T::zero(); ls * lt];
-                for h in 0..heads {
-                    let a = &it.attn[h * ls * lt..(h + 1) * ls * lt];
-                    let av = view(a, ls, lt, lt, 0);
-                    let dch = view(&dctx, ls, dk, hdk, h * dk);
-                    let vh = view(&it.kv, lt, dk, 2 * hdk, hdk + h * dk);
-                    mul_into(
-                        &av.t(),
-                        &dch,
-                        &mut view_mut(&mut dkv, lt, dk, 2 * hdk, hdk + h * dk),
-                    );
-                    if !it.keys {
-                        continue; // constant attention: no gradient to Q or K
-                    }
-                    // dA, then dS in place
-                    mul_into(&dch, &vh.t(), &mut view_mut(&mut d_s, ls, lt, lt, 0));
-                    crate::host::simd(SoftmaxGradRows {
-                        d: &mut d_s,
-                        a,
-                        lt,
-                        valid: masked.then_some(&valid[..]),
-                        scale,
-                    });
-                    let qh = view(&it.q, ls, dk, hdk, h * dk);
-                    let kh = view(&it.kv, lt, dk, 2 * hdk, h * dk);
-                    let dsv = view(&d_s, ls, lt, lt, 0);
-                    mul_into(&dsv, &kh, &mut view_mut(&mut dq, ls, dk, hdk, h * dk));
-                    mul_into(
-                        &dsv.t(),
-                        &qh,
-                        &mut view_mut(&mut dkv, lt, dk, 2 * hdk, h * dk),
-                    );
-                }
-                Part {
-                    hs: gemm(&dq, (ls, hdk), false, &w.wq, (ds, hdk), true),
-                    ht: if want_ht {
-                        gemm(&dkv, (lt, 2 * hdk), false, &w.wkv, (dt, 2 * hdk), true)
-                    } else {
-                        Vec::new()
-                    },
-                    wq: gemm(hs_b, (ls, ds), true, &dq, (ls, hdk), false),
-                    wkv: gemm(ht_b, (lt, dt), true, &dkv, (lt, 2 * hdk), false),
-                    wo: wo_g,
-                }
-            })
+        let hs_b = &inp.hs[bi * ls * ds..(bi + 1) * ls * ds];
+        let ht_b = &inp.ht[bi * lt * dt..(bi + 1) * lt * dt];
+        let valid: Vec<bool> = (0..lt)
+            .map(|j| inp.key_mask.is_none_or(|m| m[bi * lt + j]))
             .collect();
-        // Weight gradients: the items' parts summed in parallel over row blocks, W_K and W_V
-        // read straight out of the joint `[W_K | W_V]` block (no column-split copy).
+        let masked = !valid.iter().all(|&v| v);
+        let wo_g = gemm(&it.ctx, (ls, hdk), true, g_b, (ls, ds), false);
+        let dctx = gemm(g_b, (ls, ds), false, &w.wo, (hdk, ds), true);
+        let mut dq = vec![T::zero(); ls * hdk];
+        let mut dkv = vec![T::zero(); lt * 2 * hdk];
+        let mut d_s = vec![T::zero(); ls * lt];
+        for h in 0..heads {
+            let a = &it.attn[h * ls * lt..(h + 1) * ls * lt];
+            let av = view(a, ls, lt, lt, 0);
+            let dch = view(&dctx, ls, dk, hdk, h * dk);
+            let vh = view(&it.kv, lt, dk, 2 * hdk, hdk + h * dk);
+            mul_into(
+                &av.t(),
+                &dch,
+                &mut view_mut(&mut dkv, lt, dk, 2 * hdk, hdk + h * dk),
+            );
+            if !it.keys {
+                continue; // constant attention: no gradient to Q or K
+            }
+            // dA, then dS in place
+            mul_into(&dch, &vh.t(), &mut view_mut(&mut d_s, ls, lt, lt, 0));
+            crate::host::simd(SoftmaxGradRows {
+                d: &mut d_s,
+                a,
+                lt,
+                valid: masked.then_some(&valid[..]),
+                scale,
+            });
+            let qh = view(&it.q, ls, dk, hdk, h * dk);
+            let kh = view(&it.kv, lt, dk, 2 * hdk, h * dk);
+            let dsv = view(&d_s, ls, lt, lt, 0);
+            mul_into(&dsv, &kh, &mut view_mut(&mut dq, ls, dk, hdk, h * dk));
+            mul_into(
+                &dsv.t(),
+                &qh,
+                &mut view_mut(&mut dkv, lt, dk, 2 * hdk, h * dk),
+            );
+        }
+        Part {
+            hs: gemm(&dq, (ls, hdk), false, &w.wq, (ds, hdk), true),
+            ht: if want_ht {
+                gemm(&dkv, (lt, 2 * hdk), false, &w.wkv, (dt, 2 * hdk), true)
+            } else {
+                Vec::new()
+            },
+            wq: gemm(hs_b, (ls, ds), true, &dq, (ls, hdk), false),
+            wkv: gemm(ht_b, (lt, dt), true, &dkv, (lt, 2 * hdk), false),
+            wo: wo_g,
+        }
+    }
+
+    /// The weight gradients summed over the items' parts in parallel over row blocks, W_K and
+    /// W_V read straight out of the joint `[W_K | W_V]` block (no column-split copy); `hs` and
+    /// `ht` are the input gradients as the caller assembled them.
+    pub(crate) fn weight_grads<T: Real>(
+        dims: Dims,
+        parts: &[Part<T>],
+        hs: Vec<T>,
+        ht: Vec<T>,
+    ) -> Grads<T> {
+        let (ds, dt, hdk) = (dims.ds, dims.dt, dims.hdk());
         let sum_parts =
             |get: fn(&Part<T>) -> &[T], rows: usize, stride: usize, c0: usize, w: usize| {
                 let mut acc = vec![T::zero(); rows * w];
@@ -536,7 +520,7 @@ pub(crate) mod host {
                 acc.par_chunks_mut(block * w)
                     .enumerate()
                     .for_each(|(c, chunk)| {
-                        for p in &parts {
+                        for p in parts {
                             let src = get(p);
                             for (r, dst) in chunk.chunks_exact_mut(w).enumerate() {
                                 let row = (c * block + r) * stride + c0;
@@ -546,16 +530,9 @@ pub(crate) mod host {
                     });
                 acc
             };
-        let concat = |get: fn(&Part<T>) -> &[T]| -> Vec<T> {
-            let mut out = Vec::with_capacity(parts.iter().map(|p| get(p).len()).sum());
-            for p in &parts {
-                out.extend_from_slice(get(p));
-            }
-            out
-        };
         Grads {
-            hs: concat(|p| &p.hs),
-            ht: concat(|p| &p.ht),
+            hs,
+            ht,
             wq: sum_parts(|p| &p.wq, ds, hdk, 0, hdk),
             wk: sum_parts(|p| &p.wkv, dt, 2 * hdk, 0, hdk),
             wv: sum_parts(|p| &p.wkv, dt, 2 * hdk, hdk, hdk),
@@ -563,48 +540,171 @@ pub(crate) mod host {
         }
     }
 
-    /// `L_mhca` (masked mean of `||H_s - Hhat_t||^2` over valid student tokens) and its
-    /// gradients: `(value, dL/dHhat_t, direct dL/dH_s)`.
-    pub(crate) fn loss(
-        hs: &[f64],
-        hhat: &[f64],
+    /// One item's share of `L_mhca` (the masked mean of `||H_s - Hhat_t||^2` over the
+    /// batch's `n_valid` valid student tokens), adding `weight` times its gradients into
+    /// `g_hhat` and `g_hs`. `hs`, `hhat` are the item's `[ls, ds]` rows, `valid` its student
+    /// mask row. Each row's squared error is summed in eight lanes, the rows in token order.
+    pub(crate) fn loss_item(
+        (hs, hhat): (&[f64], &[f64]),
         ds: usize,
-        student_mask: Option<&[bool]>,
-    ) -> (f64, Vec<f64>, Vec<f64>) {
-        let ok = |t: usize| student_mask.is_none_or(|m| m[t]);
-        let n_tok = hs.len() / ds.max(1);
-        let n = (0..n_tok).filter(|&t| ok(t)).count();
-        let mut g_hhat = vec![0.0; hs.len()];
-        let mut g_hs = vec![0.0; hs.len()];
-        if n == 0 {
-            return (0.0, g_hhat, g_hs);
+        valid: Option<&[bool]>,
+        n_valid: usize,
+        weight: f64,
+        (g_hhat, g_hs): (&mut [f64], &mut [f64]),
+    ) -> f64 {
+        if n_valid == 0 {
+            return 0.0;
         }
-        // token rows in parallel; each row's squared error in eight lanes, the rows' sums
-        // then added in token order (deterministic, whatever the thread count)
-        let row_sums: Vec<f64> = g_hs
-            .par_chunks_mut(ds.max(1))
-            .zip(g_hhat.par_chunks_mut(ds.max(1)))
-            .enumerate()
-            .map(|(t, (gs, gh))| {
-                if !ok(t) {
-                    return 0.0;
-                }
-                let (h, hh) = (&hs[t * ds..(t + 1) * ds], &hhat[t * ds..(t + 1) * ds]);
-                for k in 0..ds {
-                    gs[k] = 2.0 * (h[k] - hh[k]) / n as f64;
-                    gh[k] = -gs[k];
-                }
-                let mut acc = [0.0; 8];
-                for (k, (&a, &b)) in h.iter().zip(hh).enumerate() {
-                    let e = a - b;
-                    acc[k % 8] += e * e;
-                }
-                acc.iter().sum::<f64>()
-            })
-            .collect();
-        let value: f64 = row_sums.iter().sum();
-        (value / n as f64, g_hhat, g_hs)
+        let n = n_valid as f64;
+        let rows = hs
+            .chunks_exact(ds.max(1))
+            .zip(hhat.chunks_exact(ds.max(1)))
+            .zip(g_hs.chunks_exact_mut(ds.max(1)))
+            .zip(g_hhat.chunks_exact_mut(ds.max(1)));
+        let mut total = 0.0;
+        for (t, (((h, hh), gs), gh)) in rows.enumerate() {
+            if valid.is_some_and(|v| !v[t]) {
+                continue;
+            }
+            let mut acc = [0.0; 8];
+            for (k, (((&a, &b), s), o)) in h
+                .iter()
+                .zip(hh)
+                .zip(gs.iter_mut())
+                .zip(gh.iter_mut())
+                .enumerate()
+            {
+                let e = a - b;
+                let g = weight * (2.0 * e / n);
+                *s += g;
+                *o -= g;
+                acc[k % 8] += e * e;
+            }
+            total += acc.iter().sum::<f64>();
+        }
+        total / n
     }
+}
+
+/// What a fused pass computes on each item's `Hhat_t`: `(bi, (H_s rows, Hhat_t rows),
+/// (dL/dHhat_t, dL/dH_s))` -> the item's shares of up to two loss terms, with their weighted
+/// gradients added into the two (zeroed, `[ls, ds]`, f64) gradient buffers.
+pub(crate) type ItemTerms<'a> =
+    dyn Fn(usize, (&[f64], &[f64]), (&mut [f64], &mut [f64])) -> [f64; 2] + Sync + 'a;
+
+/// The fused CPU pass over the cross-attention and loss terms on its output, one batch item
+/// at a time, items in parallel: forward, `terms` on the item's `Hhat_t` and `H_s` (in f64),
+/// back-propagation of their gradient through the item's cache, all before the next item,
+/// so no batch-wide intermediate is ever built. Returns the two terms' values (summed over
+/// items, in item order) and the differentiable scalar `lambdas . values`, which carries
+/// the exact gradients into autodiff.
+pub(crate) fn fused_terms(
+    (hs, ht): (&Tensor<3>, &Tensor<3>),
+    w: &MhcaWeights,
+    n_heads: usize,
+    key_mask: Option<&Tensor<2, Bool>>,
+    lambdas: [f64; 2],
+    terms: &ItemTerms<'_>,
+) -> ([f64; 2], Tensor<1>) {
+    use evl_models::device::{Precision, precision_of, to_vec_bool};
+    let [b, ls, ds] = hs.dims();
+    let [bt, lt, dt] = ht.dims();
+    let [_, hdk] = w.wq.dims();
+    assert!(
+        b == bt && n_heads > 0 && hdk % n_heads == 0,
+        "mhca: batch {b} vs {bt}, width {hdk} into {n_heads} heads"
+    );
+    let dims = host::Dims {
+        b,
+        ls,
+        ds,
+        lt,
+        dt,
+        heads: n_heads,
+        dk: hdk / n_heads,
+    };
+    let key_mask = key_mask.map(|m| to_vec_bool(m.clone()));
+    let args = ((hs, ht), w, key_mask.as_deref(), dims, lambdas, terms);
+    match precision_of(hs) {
+        Precision::F32 => fused_typed::<f32>(args),
+        Precision::F64 => fused_typed::<f64>(args),
+    }
+}
+
+type FusedArgs<'a, 'b> = (
+    (&'a Tensor<3>, &'a Tensor<3>),
+    &'a MhcaWeights,
+    Option<&'a [bool]>,
+    host::Dims,
+    [f64; 2],
+    &'a ItemTerms<'b>,
+);
+
+/// [`fused_terms`] in the inputs' precision `T`.
+fn fused_typed<T: crate::host::Real>(
+    ((hs, ht), w, key_mask, dims, lambdas, terms): FusedArgs<'_, '_>,
+) -> ([f64; 2], Tensor<1>) {
+    use crate::host::host_vec;
+    let hdk = dims.heads * dims.dk;
+    let weights = host::Weights::new(
+        host_vec(&w.wq),
+        &host_vec(&w.wk),
+        &host_vec(&w.wv),
+        host_vec(&w.wo),
+        hdk,
+    );
+    let (hs_h, ht_h) = (host_vec::<T, 3>(hs), host_vec::<T, 3>(ht));
+    let inp = host::Inputs {
+        hs: &hs_h,
+        ht: &ht_h,
+        w: &weights,
+        key_mask,
+        dims,
+    };
+    let want_ht = ht.is_tracked();
+    let (ls, ds) = (dims.ls, dims.ds);
+    let items: Vec<([f64; 2], host::Part<T>)> = (0..dims.b)
+        .into_par_iter()
+        .map(|bi| {
+            let (item, hhat) = host::forward_item(&inp, bi);
+            let wide = |v: &[T]| v.iter().map(|x| x.wide()).collect::<Vec<f64>>();
+            let hs_w = wide(&hs_h[bi * ls * ds..(bi + 1) * ls * ds]);
+            let hhat_w = wide(&hhat);
+            drop(hhat);
+            let (mut g_hhat, mut g_hs) = (vec![0.0; ls * ds], vec![0.0; ls * ds]);
+            let values = terms(bi, (&hs_w, &hhat_w), (&mut g_hhat, &mut g_hs));
+            let g: Vec<T> = g_hhat.iter().map(|&x| T::of(x)).collect();
+            let mut part = host::backward_item(&inp, &item, bi, &g, want_ht);
+            // H_s's two paths summed in f64 and rounded once, as a tensor built from f64
+            // values would be
+            for (a, &d) in part.hs.iter_mut().zip(&g_hs) {
+                *a = T::of(a.wide() + d);
+            }
+            (values, part)
+        })
+        .collect();
+    let values = items
+        .iter()
+        .fold([0.0; 2], |acc, (v, _)| [acc[0] + v[0], acc[1] + v[1]]);
+    let parts: Vec<host::Part<T>> = items.into_iter().map(|(_, p)| p).collect();
+    let concat = |get: fn(&host::Part<T>) -> &[T]| -> Vec<T> {
+        let mut out = Vec::with_capacity(parts.iter().map(|p| get(p).len()).sum());
+        for p in &parts {
+            out.extend_from_slice(get(p));
+        }
+        out
+    };
+    let (g_hs, g_ht) = (concat(|p| &p.hs), concat(|p| &p.ht));
+    let g = host::weight_grads(dims, &parts, g_hs, g_ht);
+    let value = lambdas[0] * values[0] + lambdas[1] * values[1];
+    let mut sg = crate::host::Surrogate::new(value, hs);
+    sg.grad_vec(hs, g.hs);
+    sg.grad_vec(ht, g.ht);
+    sg.grad_vec(&w.wq, g.wq);
+    sg.grad_vec(&w.wk, g.wk);
+    sg.grad_vec(&w.wv, g.wv);
+    sg.grad_vec(&w.wo, g.wo);
+    (values, sg.finish())
 }
 
 /// `L_mhca` of the cross-attention aligner in one call (forward pass, loss and gradients),
@@ -624,188 +724,14 @@ pub fn mhca_align_loss(
         let hhat = mhca_forward(hs.clone(), ht, w, n_heads, key_mask);
         return mhca_loss(hs, hhat, student_mask);
     }
-    let fused = FusedMhca::run(&hs, &ht, w, n_heads, key_mask);
-    let [_, _, ds] = hs.dims();
+    let [_, ls, ds] = hs.dims();
     let sm = student_mask.map(|m| evl_models::device::to_vec_bool(m.clone()));
-    let (value, g_hhat, g_hs) = host::loss(&fused.hs, &fused.hhat, ds, sm.as_deref());
-    fused.finish(value, &g_hhat, &g_hs, &hs, &ht, w)
-}
-
-/// The fused MHCA in the inputs' precision.
-enum FusedState {
-    F32(FusedTyped<f32>),
-    F64(FusedTyped<f64>),
-}
-
-struct FusedTyped<T> {
-    hs: Vec<T>,
-    ht: Vec<T>,
-    weights: host::Weights<T>,
-    cache: host::Cache<T>,
-}
-
-impl<T: crate::host::Real> FusedTyped<T> {
-    fn new(
-        hs: &Tensor<3>,
-        ht: &Tensor<3>,
-        w: &MhcaWeights,
-        hdk: usize,
-        key_mask: Option<&[bool]>,
-        dims: host::Dims,
-    ) -> Self {
-        use crate::host::host_vec;
-        let weights = host::Weights::new(
-            host_vec(&w.wq),
-            &host_vec(&w.wk),
-            &host_vec(&w.wv),
-            host_vec(&w.wo),
-            hdk,
-        );
-        let (hs, ht) = (host_vec(hs), host_vec(ht));
-        let cache = host::forward(&host::Inputs {
-            hs: &hs,
-            ht: &ht,
-            w: &weights,
-            key_mask,
-            dims,
-        });
-        Self {
-            hs,
-            ht,
-            weights,
-            cache,
-        }
-    }
-
-    fn backward(
-        &self,
-        g_hhat: &[f64],
-        key_mask: Option<&[bool]>,
-        dims: host::Dims,
-        want_ht: bool,
-    ) -> host::Grads<T> {
-        let g: Vec<T> = g_hhat.par_iter().map(|&x| T::of(x)).collect();
-        let inp = host::Inputs {
-            hs: &self.hs,
-            ht: &self.ht,
-            w: &self.weights,
-            key_mask,
-            dims,
-        };
-        host::backward(&inp, &self.cache, &g, want_ht)
-    }
-}
-
-/// Host copies of the MHCA inputs and the forward cache, for fused losses.
-pub(crate) struct FusedMhca {
-    state: FusedState,
-    key_mask: Option<Vec<bool>>,
-    dims: host::Dims,
-    /// `H_s` on the host (f64), `[b, ls, ds]`.
-    pub(crate) hs: Vec<f64>,
-    /// `Hhat_t` on the host (f64), `[b, ls, ds]`.
-    pub(crate) hhat: Vec<f64>,
-}
-
-impl FusedMhca {
-    /// Runs the forward pass on host copies of the inputs.
-    pub(crate) fn run(
-        hs: &Tensor<3>,
-        ht: &Tensor<3>,
-        w: &MhcaWeights,
-        n_heads: usize,
-        key_mask: Option<&Tensor<2, Bool>>,
-    ) -> Self {
-        use evl_models::device::{Precision, precision_of, to_vec_bool};
-        let [b, ls, ds] = hs.dims();
-        let [bt, lt, dt] = ht.dims();
-        let [_, hdk] = w.wq.dims();
-        assert!(
-            b == bt && n_heads > 0 && hdk % n_heads == 0,
-            "mhca: batch {b} vs {bt}, width {hdk} into {n_heads} heads"
-        );
-        let dims = host::Dims {
-            b,
-            ls,
-            ds,
-            lt,
-            dt,
-            heads: n_heads,
-            dk: hdk / n_heads,
-        };
-        let key_mask = key_mask.map(|m| to_vec_bool(m.clone()));
-        let km = key_mask.as_deref();
-        let widen = |v: &[f32]| v.par_iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
-        let (state, hs, hhat) = match precision_of(hs) {
-            Precision::F32 => {
-                let f = FusedTyped::<f32>::new(hs, ht, w, hdk, km, dims);
-                let (h, hh) = (widen(&f.hs), widen(&f.cache.hhat));
-                (FusedState::F32(f), h, hh)
-            }
-            Precision::F64 => {
-                let f = FusedTyped::<f64>::new(hs, ht, w, hdk, km, dims);
-                let (h, hh) = (f.hs.clone(), f.cache.hhat.clone());
-                (FusedState::F64(f), h, hh)
-            }
-        };
-        Self {
-            state,
-            key_mask,
-            dims,
-            hs,
-            hhat,
-        }
-    }
-
-    /// The differentiable scalar with forward `value`, given `dL/dHhat_t` and the direct
-    /// `dL/dH_s`; back-propagates through the cross-attention on the host.
-    pub(crate) fn finish(
-        &self,
-        value: f64,
-        g_hhat: &[f64],
-        g_hs_direct: &[f64],
-        hs: &Tensor<3>,
-        ht: &Tensor<3>,
-        w: &MhcaWeights,
-    ) -> Tensor<1> {
-        let km = self.key_mask.as_deref();
-        let want_ht = ht.is_tracked();
-        let mut sg = crate::host::Surrogate::new(value, hs);
-        // gradients handed over in the kernel's precision; H_s's two paths are summed in f64
-        // and rounded once, as a tensor built from f64 values would be
-        fn hand<T: crate::host::Real>(
-            sg: &mut crate::host::Surrogate,
-            g: host::Grads<T>,
-            g_hs_direct: &[f64],
-            (hs, ht, w): (&Tensor<3>, &Tensor<3>, &MhcaWeights),
-        ) {
-            let g_hs: Vec<T> =
-                g.hs.par_iter()
-                    .zip(g_hs_direct)
-                    .map(|(&a, &b)| T::of(a.wide() + b))
-                    .collect();
-            sg.grad_vec(hs, g_hs);
-            sg.grad_vec(ht, g.ht);
-            sg.grad_vec(&w.wq, g.wq);
-            sg.grad_vec(&w.wk, g.wk);
-            sg.grad_vec(&w.wv, g.wv);
-            sg.grad_vec(&w.wo, g.wo);
-        }
-        let tensors = (hs, ht, w);
-        match &self.state {
-            FusedState::F32(f) => hand(
-                &mut sg,
-                f.backward(g_hhat, km, self.dims, want_ht),
-                g_hs_direct,
-                tensors,
-            ),
-            FusedState::F64(f) => hand(
-                &mut sg,
-                f.backward(g_hhat, km, self.dims, want_ht),
-                g_hs_direct,
-                tensors,
-            ),
-        }
-        sg.finish()
-    }
+    let n_valid = sm
+        .as_ref()
+        .map_or(hs.dims()[0] * ls, |m| m.iter().filter(|&&v| v).count());
+    let terms = |bi: usize, rows: (&[f64], &[f64]), grads: (&mut [f64], &mut [f64])| {
+        let valid = sm.as_deref().map(|m| &m[bi * ls..(bi + 1) * ls]);
+        [host::loss_item(rows, ds, valid, n_valid, 1.0, grads), 0.0]
+    };
+    fused_terms((&hs, &ht), w, n_heads, key_mask, [1.0, 0.0], &terms).1
 }

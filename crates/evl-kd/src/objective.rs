@@ -8,10 +8,10 @@
 //! separately for logging.
 
 use crate::mhca::host as mhca_host;
-use crate::mhca::{FusedMhca, MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
+use crate::mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, fused_terms, mhca_forward, mhca_loss};
 use crate::ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
 use crate::relation::{RelationConfig, relation_loss};
-use crate::relation::{RelationWant, relation_host};
+use crate::relation::{RelationItem, RelationWant};
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
@@ -141,50 +141,90 @@ pub fn evl_objective(
         t_vis_mask,
         s_vis_mask,
     } = inputs;
-    let fused = FusedMhca::run(&hs, &ht, mhca, n_heads, teacher_mask.as_ref());
     let [b, l, d] = hs.dims();
     let sm = student_mask.as_ref().map(|m| to_vec_bool(m.clone()));
-    let mut g_hhat = vec![0.0; b * l * d];
-    let mut g_hs = vec![0.0; b * l * d];
-    let mut value = 0.0;
-    let add = |acc: &mut [f64], g: &[f64], w: f64| {
-        use rayon::prelude::*;
-        acc.par_iter_mut().zip(g).for_each(|(a, x)| *a += w * x);
+    let valid_row = |bi: usize| sm.as_deref().map(|m| &m[bi * l..(bi + 1) * l]);
+    let n_valid = |bi: usize| valid_row(bi).map_or(l, |v| v.iter().filter(|&&x| x).count());
+    let n_tokens: usize = (0..b).map(n_valid).sum();
+    let n_pairs = (0..b)
+        .map(|bi| (n_valid(bi) as f64).powi(2))
+        .sum::<f64>()
+        .max(1.0);
+    let cfg = RelationConfig {
+        term_gradients: false,
+        ..*rel_cfg
     };
-    let l_mhca = weights.use_mhca.then(|| {
-        let (v, gh, gs) = mhca_host::loss(&fused.hs, &fused.hhat, d, sm.as_deref());
-        add(&mut g_hhat, &gh, weights.lambda_mhca);
-        add(&mut g_hs, &gs, weights.lambda_mhca);
-        value += weights.lambda_mhca * v;
-        v
-    });
-    let l_rel = weights.use_rel.then(|| {
-        let cfg = RelationConfig {
-            term_gradients: false,
-            ..*rel_cfg
+    let prec = precision_of(&hs);
+    // Per item, on its Hhat_t and H_s rows: L_mhca's share, then L_rel's (its gradients
+    // scattered from the valid rows), each gradient weighted by its lambda.
+    let terms =
+        |bi: usize, (hs_r, hhat_r): (&[f64], &[f64]), (gh, gs): (&mut [f64], &mut [f64])| {
+            let mut values = [0.0; 2];
+            if weights.use_mhca {
+                values[0] = mhca_host::loss_item(
+                    (hs_r, hhat_r),
+                    d,
+                    valid_row(bi),
+                    n_tokens,
+                    weights.lambda_mhca,
+                    (&mut *gh, &mut *gs),
+                );
+            }
+            if weights.use_rel {
+                let idx: Vec<usize> = (0..l)
+                    .filter(|&i| valid_row(bi).is_none_or(|v| v[i]))
+                    .collect();
+                let r = crate::host::simd(RelationItem {
+                    x: hhat_r,
+                    y: hs_r,
+                    idx,
+                    d,
+                    n_pairs,
+                    cfg: &cfg,
+                    prec,
+                    want: RelationWant {
+                        grad_x: !cfg.detach_teacher,
+                        grad_y: true,
+                        psi: false,
+                    },
+                });
+                values[1] = 0.5 * (r.sums.0 + r.sums.1) / n_pairs;
+                for (out, g) in [(&mut *gh, &r.grads[0][0]), (&mut *gs, &r.grads[1][0])] {
+                    if g.is_empty() {
+                        continue;
+                    }
+                    for (a, &i) in r.idx.iter().enumerate() {
+                        let (o, src) = (&mut out[i * d..(i + 1) * d], &g[a * d..(a + 1) * d]);
+                        o.iter_mut()
+                            .zip(src)
+                            .for_each(|(o, &x)| *o += weights.lambda_rel * x);
+                    }
+                }
+            }
+            values
         };
-        let r = relation_host(
-            &fused.hhat,
-            &fused.hs,
-            [b, l, d],
-            sm.as_deref(),
-            &cfg,
-            precision_of(&hs),
-            RelationWant {
-                grad_x: !cfg.detach_teacher,
-                grad_y: true,
-                psi: false,
-            },
-        );
-        let v = 0.5 * (r.l_d + r.l_a);
-        if !cfg.detach_teacher {
-            add(&mut g_hhat, &r.grad_x[0], weights.lambda_rel);
-        }
-        add(&mut g_hs, &r.grad_y[0], weights.lambda_rel);
-        value += weights.lambda_rel * v;
-        v
-    });
-    let align = fused.finish(value, &g_hhat, &g_hs, &hs, &ht, mhca);
+    let lambdas = [
+        if weights.use_mhca {
+            weights.lambda_mhca
+        } else {
+            0.0
+        },
+        if weights.use_rel {
+            weights.lambda_rel
+        } else {
+            0.0
+        },
+    ];
+    let ([v_mhca, v_rel], align) = fused_terms(
+        (&hs, &ht),
+        mhca,
+        n_heads,
+        teacher_mask.as_ref(),
+        lambdas,
+        &terms,
+    );
+    let l_mhca = weights.use_mhca.then_some(v_mhca);
+    let l_rel = weights.use_rel.then_some(v_rel);
     let ot = weights.use_ot.then(|| {
         ot_loss(
             t_vis,

@@ -534,27 +534,37 @@ fn potential_grad(
 }
 
 /// One batch item's share of [`relation_host`].
-struct Item {
+pub(crate) struct Item {
     /// Its valid token positions.
-    idx: Vec<usize>,
-    /// Its squared-difference sums of the two potentials.
-    sums: (f64, f64),
+    pub idx: Vec<usize>,
+    /// Its squared-difference sums of the two potentials (`L_D`, `L_A` before the division
+    /// by the number of pairs).
+    pub sums: (f64, f64),
     psi: [Vec<f64>; 4],
-    grads: [[Vec<f64>; 2]; 2],
+    /// Gradients, one row per valid token, as [`RelationHost`]'s.
+    pub grads: [[Vec<f64>; 2]; 2],
 }
 
 /// One batch item (`l x d` rows of each input), compiled for this CPU's vector width
 /// (`crate::host::simd`): everything it runs outside the matrix products is inlined into
 /// the dispatch.
-struct RelationItem<'a> {
-    x: &'a [f64],
-    y: &'a [f64],
-    idx: Vec<usize>,
-    d: usize,
-    n_pairs: f64,
-    cfg: &'a RelationConfig,
-    prec: Precision,
-    want: RelationWant,
+pub(crate) struct RelationItem<'a> {
+    /// The teacher's rows of the item, `[l, d]`.
+    pub x: &'a [f64],
+    /// The student's rows.
+    pub y: &'a [f64],
+    /// The valid token positions.
+    pub idx: Vec<usize>,
+    /// Row width.
+    pub d: usize,
+    /// The batch's number of valid pairs (the loss normaliser).
+    pub n_pairs: f64,
+    /// Settings.
+    pub cfg: &'a RelationConfig,
+    /// Precision of the products.
+    pub prec: Precision,
+    /// What to compute.
+    pub want: RelationWant,
 }
 
 impl pulp::WithSimd for RelationItem<'_> {
