@@ -230,7 +230,9 @@ pub(crate) mod host {
     /// Per-item forward state.
     pub(crate) struct Item<T> {
         q: Vec<T>,
-        kv: Vec<T>,
+        /// `K` and `V` head by head, `[h, lt, dk]` each (see [`forward_item`]).
+        k: Vec<T>,
+        v: Vec<T>,
         /// Attention probabilities per head, `[h, ls, lt]`.
         attn: Vec<T>,
         ctx: Vec<T>,
@@ -372,12 +374,27 @@ pub(crate) mod host {
         let masked = !valid.iter().all(|&v| v);
         let q = gemm(hs_b, (ls, ds), false, &w.wq, (ds, hdk), false);
         let kv = gemm(ht_b, (lt, dt), false, &w.wkv, (dt, 2 * hdk), false);
+        // K and V split head by head into contiguous `[lt, dk]` blocks: as the transposed
+        // operand of a 64-deep product (the scores, and dA in the backward pass), a column
+        // block of the joint `[lt, 2 h dk]` matrix runs about 20% slower in `gemm` (its row
+        // stride is 4 KiB at paper widths: cache-set aliasing); the copy costs a pass over K, V
+        let by_head = |c0: usize| -> Vec<T> {
+            let mut out = Vec::with_capacity(lt * hdk);
+            for h in 0..heads {
+                for row in kv.chunks_exact(2 * hdk) {
+                    out.extend_from_slice(&row[c0 + h * dk..c0 + (h + 1) * dk]);
+                }
+            }
+            out
+        };
+        let (k, v) = (by_head(0), by_head(hdk));
+        drop(kv);
         let mut attn = vec![T::zero(); heads * ls * lt];
         let mut ctx = vec![T::zero(); ls * hdk];
         for h in 0..heads {
             let qh = view(&q, ls, dk, hdk, h * dk);
-            let kh = view(&kv, lt, dk, 2 * hdk, h * dk);
-            let vh = view(&kv, lt, dk, 2 * hdk, hdk + h * dk);
+            let kh = view(&k, lt, dk, dk, h * lt * dk);
+            let vh = view(&v, lt, dk, dk, h * lt * dk);
             let a = &mut attn[h * ls * lt..(h + 1) * ls * lt];
             // scores straight into the attention buffer, then softmax in place
             mul_into(&qh, &kh.t(), &mut view_mut(a, ls, lt, lt, 0));
@@ -395,7 +412,8 @@ pub(crate) mod host {
         (
             Item {
                 q,
-                kv,
+                k,
+                v,
                 attn,
                 ctx,
                 keys,
@@ -462,7 +480,7 @@ pub(crate) mod host {
             let a = &it.attn[h * ls * lt..(h + 1) * ls * lt];
             let av = view(a, ls, lt, lt, 0);
             let dch = view(&dctx, ls, dk, hdk, h * dk);
-            let vh = view(&it.kv, lt, dk, 2 * hdk, hdk + h * dk);
+            let vh = view(&it.v, lt, dk, dk, h * lt * dk);
             mul_into(
                 &av.t(),
                 &dch,
@@ -481,7 +499,7 @@ pub(crate) mod host {
                 scale,
             });
             let qh = view(&it.q, ls, dk, hdk, h * dk);
-            let kh = view(&it.kv, lt, dk, 2 * hdk, h * dk);
+            let kh = view(&it.k, lt, dk, dk, h * lt * dk);
             let dsv = view(&d_s, ls, lt, lt, 0);
             mul_into(&dsv, &kh, &mut view_mut(&mut dq, ls, dk, hdk, h * dk));
             mul_into(
