@@ -491,6 +491,23 @@ impl Surrogate {
     }
 }
 
+/// The transpose (`cols x rows`) of the row-major `rows x cols` matrix `m`, in 32 x 32
+/// tiles so that reads and writes both stay in cache.
+pub(crate) fn transpose<T: Copy + Default>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    let mut out = vec![T::default(); rows * cols];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = m[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Copies the strict upper triangle of the row-major `n x n` matrix `m` onto its lower
 /// triangle. Tiled so that both the reads and the column-order writes stay in L1: writing
 /// each mirrored entry as it is computed misses the cache on every element once the rows
@@ -745,6 +762,19 @@ mod tests {
         );
         assert_eq!(exp_f64(0.0), 1.0);
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn transpose_moves_every_entry_across_tile_edges() {
+        for (rows, cols) in [(0, 3), (1, 1), (3, 70), (33, 31), (64, 65)] {
+            let m: Vec<usize> = (0..rows * cols).collect();
+            let t = transpose(&m, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], m[r * cols + c], "{rows}x{cols} ({r}, {c})");
+                }
+            }
+        }
     }
 
     #[test]
