@@ -86,13 +86,19 @@ pub(crate) fn matmul(
 pub(crate) fn gram_upper(x: &[f64], n: usize, d: usize, prec: Precision) -> Vec<f64> {
     fn blocks<T: Real>(x: &[T], n: usize, d: usize) -> Vec<T> {
         let mut c = vec![T::zero(); n * n];
+        if n == 0 || d == 0 {
+            return c;
+        }
+        // X^T stored: `gemm` runs a row-major right operand faster than a transposed view
+        // (gemm_probe)
+        let xt = transpose(x, n, d);
         for i0 in (0..n).step_by(GRAM_BLOCK) {
             let bi = GRAM_BLOCK.min(n - i0);
             let a = view(x, bi, d, d, i0 * d);
             // rows i0.. against every row block from i0 on, in one product per row block
             let cols = n - i0;
-            let b = view(x, cols, d, d, i0 * d);
-            mul_into(&a, &b.t(), &mut view_mut(&mut c, bi, cols, n, i0 * n + i0));
+            let b = view(&xt, d, cols, n, i0);
+            mul_into(&a, &b, &mut view_mut(&mut c, bi, cols, n, i0 * n + i0));
         }
         c
     }
