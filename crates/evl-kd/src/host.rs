@@ -502,11 +502,18 @@ impl Surrogate {
 pub(crate) fn transpose<T: Copy + Default>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 32;
     let mut out = vec![T::default(); rows * cols];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = m[r * cols + c];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    // column tiles of `m`, each written as contiguous segments of `out`'s rows
+    for c0 in (0..cols).step_by(TILE) {
+        let c1 = (c0 + TILE).min(cols);
+        for r0 in (0..rows).step_by(TILE) {
+            let r1 = (r0 + TILE).min(rows);
+            for c in c0..c1 {
+                let dst = &mut out[c * rows + r0..c * rows + r1];
+                for (d, src) in dst.iter_mut().zip(m[r0 * cols..].chunks(cols)) {
+                    *d = src[c];
                 }
             }
         }

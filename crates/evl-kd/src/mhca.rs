@@ -682,14 +682,20 @@ fn fused_typed<T: crate::host::Real>(
 ) -> ([f64; 2], Tensor<1>) {
     use crate::host::host_vec;
     let hdk = dims.heads * dims.dk;
-    let weights = host::Weights::new(
-        host_vec(&w.wq),
-        &host_vec(&w.wk),
-        &host_vec(&w.wv),
-        host_vec(&w.wo),
-        hdk,
+    // the read-backs are serial copies inside burn: the teacher's states (the largest)
+    // on one thread while the rest are read on the other
+    let ((ht_h, hs_h), weights) = rayon::join(
+        || (host_vec::<T, 3>(ht), host_vec::<T, 3>(hs)),
+        || {
+            host::Weights::new(
+                host_vec(&w.wq),
+                &host_vec(&w.wk),
+                &host_vec(&w.wv),
+                host_vec(&w.wo),
+                hdk,
+            )
+        },
     );
-    let (hs_h, ht_h) = (host_vec::<T, 3>(hs), host_vec::<T, 3>(ht));
     let inp = host::Inputs {
         hs: &hs_h,
         ht: &ht_h,

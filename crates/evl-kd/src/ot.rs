@@ -232,7 +232,7 @@ fn ot_loss_host<T: Real>(
     let [_, vs, _] = s.dims();
     let eps = T::of(cfg.norm_eps);
     let prec = evl_models::device::precision_of(t);
-    let (th, sh) = (host_vec::<T, 3>(t), host_vec::<T, 3>(s));
+    let (th, sh) = rayon::join(|| host_vec::<T, 3>(t), || host_vec::<T, 3>(s));
     let preps: Vec<ItemPrep<T>> = (0..b)
         .into_par_iter()
         .map(|i| {
