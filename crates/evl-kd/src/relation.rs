@@ -264,7 +264,28 @@ pub struct RelationHost {
     pub grad_y: [Vec<f64>; 2],
 }
 
-/// One input's geometry on one batch item (valid tokens only).
+/// Start of row `i` in the packed strict upper triangle of an `n x n` matrix (row `i` holds
+/// columns `i + 1..n`). The relation kernel stores its pair quantities this way: they are
+/// symmetric, so half the memory traffic, and no mirroring of the potentials.
+#[inline(always)]
+fn upper_start(n: usize, i: usize) -> usize {
+    i * (2 * n - i - 1) / 2
+}
+
+/// The full symmetric `n x n` matrix from its packed strict upper triangle and diagonal.
+fn unpack_symmetric(upper: &[f64], diag: &[f64], n: usize) -> Vec<f64> {
+    let mut full = vec![0.0; n * n];
+    for i in 0..n {
+        let o = upper_start(n, i);
+        full[i * n + i + 1..(i + 1) * n].copy_from_slice(&upper[o..o + n - i - 1]);
+        full[i * n + i] = diag[i];
+    }
+    mirror_upper(&mut full, n);
+    full
+}
+
+/// One input's geometry on one batch item (valid tokens only). Pair quantities are packed
+/// strict upper triangles (`upper_start`).
 struct Geometry {
     n: usize,
     d: usize,
@@ -278,16 +299,18 @@ struct Geometry {
     floored: Vec<bool>,
     /// Ill-conditioned tokens for the centred cosine (see `max_condition`).
     bad: Vec<bool>,
-    /// Distances `d_ij` (clamped, diagonal 0) and whether `sq_ij` exceeded the clamp.
+    /// Distances `d_ij`, `i < j` (clamped), and whether `sq_ij` exceeded the clamp (the
+    /// diagonal distance is 0 with zero gradient).
     dist: Vec<f64>,
     live: Vec<bool>,
-    /// Pairs `i < j` recomputed from explicit differences.
+    /// Pairs `i < j` recomputed from explicit differences, in row order.
     near: Vec<(usize, usize)>,
     /// Distance mean `mu` and whether it is above its floor (differentiated then).
     mu: f64,
     mu_live: bool,
-    /// Cosines `x_i . x_j / (r_i r_j)`, `n x n`.
+    /// Cosines `x_i . x_j / (r_i r_j)`, `i < j`, and the diagonal `|x_i|^2 / r_i^2`.
     cos: Vec<f64>,
+    cos_diag: Vec<f64>,
 }
 
 #[inline(always)] // into the item's SIMD dispatch (`RelationItem`)
@@ -333,32 +356,32 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
     };
     let explicit_dot =
         |i: usize, j: usize| -> f64 { row_of(i).iter().zip(row_of(j)).map(|(a, b)| a * b).sum() };
-    // The upper triangle row by row, then mirrored in tiles. Each row is three branch-free
-    // passes that vectorise (squared distances and cosines from the Gram entries, the cosines
-    // written over them; then distances, clamp flags and their sum in eight lanes), with the
-    // rare near pairs and ill-conditioned tokens patched from explicit products in between.
-    let mut cos = gram;
-    let mut dist = vec![0.0; n * n];
-    let mut live = vec![false; n * n];
+    // The upper triangle row by row, packed. Each row is two branch-free passes that
+    // vectorise (squared distances and cosines from the Gram entries; then distances, clamp
+    // flags and their sum in eight lanes), with the rare near pairs and ill-conditioned
+    // tokens patched from explicit products in between.
+    let m_pairs = n * n.saturating_sub(1) / 2;
+    let mut cos = Vec::with_capacity(m_pairs);
+    let mut dist = Vec::with_capacity(m_pairs);
+    let mut live = Vec::with_capacity(m_pairs);
     let mut near = Vec::new();
     let (mut lanes, mut tail) = ([0.0; 8], 0.0);
     for i in 0..n {
-        let (row, lo) = (i * n, i + 1);
+        let (lo, o) = (i + 1, upper_start(n, i));
         let (qi, pi, ri) = (q[i], p[i], r[i]);
-        let cr = &mut cos[row + lo..row + n];
-        let dr = &mut dist[row + lo..row + n];
+        let grow = &gram[i * n + lo..(i + 1) * n];
         let mut any_near = false;
-        for ((c, dv), (&qj, (&pj, &rj))) in cr
-            .iter_mut()
-            .zip(dr.iter_mut())
-            .zip(q[lo..].iter().zip(p[lo..].iter().zip(&r[lo..])))
-        {
-            let g = *c;
+        cos.extend(
+            grow.iter()
+                .zip(p[lo..].iter().zip(&r[lo..]))
+                .map(|(&g, (&pj, &rj))| (g + pi + pj + mm) / (ri * rj)),
+        );
+        dist.extend(grow.iter().zip(&q[lo..]).map(|(&g, &qj)| {
             let sq = qi + qj - 2.0 * g;
             any_near |= sq < frac * (qi + qj);
-            *dv = sq;
-            *c = (g + pi + pj + mm) / (ri * rj);
-        }
+            sq
+        }));
+        let (cr, dr) = (&mut cos[o..], &mut dist[o..]);
         if any_near {
             for (k, dv) in dr.iter_mut().enumerate() {
                 let j = lo + k;
@@ -377,28 +400,25 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
                 cr[j - lo] = explicit_dot(i, j) / (ri * r[j]);
             }
         }
-        let lr = &mut live[row + lo..row + n];
+        live.extend(dr.iter().map(|&sq| sq > clamp));
         let mut dch = dr.chunks_exact_mut(8);
-        let mut lch = lr.chunks_exact_mut(8);
-        for (dv, lv) in (&mut dch).zip(&mut lch) {
+        for dv in &mut dch {
             for l in 0..8 {
-                let sq = dv[l];
-                lv[l] = sq > clamp;
-                dv[l] = sq.max(clamp).sqrt();
+                dv[l] = dv[l].max(clamp).sqrt();
                 lanes[l] += 2.0 * dv[l];
             }
         }
-        for (dv, lv) in dch.into_remainder().iter_mut().zip(lch.into_remainder()) {
-            *lv = *dv > clamp;
+        for dv in dch.into_remainder() {
             *dv = dv.max(clamp).sqrt();
             tail += 2.0 * *dv;
         }
-        cos[row + i] = norm[i] * norm[i] / (ri * ri);
     }
+    let cos_diag: Vec<f64> = norm
+        .iter()
+        .zip(&r)
+        .map(|(&v, &ri)| v * v / (ri * ri))
+        .collect();
     let sum = lanes.iter().fold(tail, |a, &v| a + v);
-    mirror_upper(&mut dist, n);
-    mirror_upper(&mut live, n);
-    mirror_upper(&mut cos, n);
     let off = (n * n.saturating_sub(1)).max(1) as f64;
     let mu_raw = sum / off;
     Geometry {
@@ -416,88 +436,129 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
         mu: mu_raw.max(cfg.dist_sq_clamp),
         mu_live: mu_raw > cfg.dist_sq_clamp,
         cos,
+        cos_diag,
     }
 }
 
 /// Gradient of `wd * sum(gd . psi_D) + wa * sum(ga . psi_A)` with respect to one input's
-/// tokens, where `gd`, `ga` (`n x n`) are the upstream gradients of its two potentials. One
-/// `n x n` by `n x d` product; near pairs' distance terms are added from explicit differences.
+/// tokens, where `gd`, `ga` are the upstream gradients of its two potentials (symmetric:
+/// packed strict upper triangles, and `ga`'s diagonal; `gd`'s is 0). One `n x n` by `n x d`
+/// product; near pairs' distance terms are added from explicit differences.
 #[inline(always)] // into the item's SIMD dispatch (`RelationItem`)
 fn potential_grad(
     g: &Geometry,
-    gd: &[f64],
-    ga: &[f64],
+    (gd, ga, ga_diag): (&[f64], &[f64], &[f64]),
     (wd, wa): (f64, f64),
     prec: Precision,
 ) -> Vec<f64> {
     let (n, d) = (g.n, g.d);
-    // dL/dd_ij, through psi_D = d / mu with mu differentiated.
-    let t = dot(gd, &g.dist);
+    // dL/dd_ij, through psi_D = d / mu with mu differentiated (the full-matrix sum is twice
+    // the upper triangle's: the diagonal distance is 0)
+    let t = 2.0 * dot(gd, &g.dist);
     let off = (n * n.saturating_sub(1)).max(1) as f64;
     let shift = if g.mu_live {
         t / (g.mu * g.mu * off)
     } else {
         0.0
     };
-    // With E_ij = gd_ij / mu - shift (= dL/dd_ij), W_ij = (E_ij + E_ji) / d_ij on live
-    // off-diagonal pairs, and grad_i = sum_j W_ij (x_i - x_j).
-    // `gd` and `ga` are symmetric (bit for bit: both sides' potentials are), so
-    // `E_ij + E_ji = 2 E_ij` exactly and no column-order (cache-missing) read is needed.
-    debug_assert!((0..n * n).all(|k| gd[k] == gd[(k % n) * n + k / n]));
-    debug_assert!((0..n * n).all(|k| ga[k] == ga[(k % n) * n + k / n]));
-    // Row slices and selects instead of index arithmetic and branches, so the divisions
-    // vectorise. `live` is false on the diagonal, which keeps `W_ii = 0`.
-    // (rows appended, not written over a zeroed buffer: a memset of every n x n array was 8%
-    // of the kernel)
+    // With E_ij = gd_ij / mu - shift (= dL/dd_ij), W_ij = (E_ij + E_ji) / d_ij = 2 E_ij / d_ij
+    // on live off-diagonal pairs (gd is symmetric), and grad_i = sum_j W_ij (x_i - x_j).
+    // Angle: S = G_A + G_A^T = 2 ga, dL/dxn_i = sum_j S_ij xn_j, then through the
+    // normalisation. Both go into one matrix P (the product's left operand):
+    //   P_ij = -W_ij + S_ij / (r_i r_j)   (0 / r_j for ill-conditioned columns j, whose
+    //                                       angle terms are added from raw tokens instead)
+    // P is symmetric apart from those columns: each row of the upper triangle is made once,
+    // the full matrix by a tiled mirror, and the rare ill-conditioned columns rewritten.
+    // Row sums need whole rows: each upper row adds its own sum and, by symmetry, one entry
+    // to every later row's running sum (a contiguous vector add).
     // (reciprocals multiplied instead of divisions repeated over n x n entries: a vector
     // division costs about twenty multiplications here, and the results differ by an ulp)
     let inv_mu = 1.0 / g.mu;
-    let mut w = Vec::with_capacity(n * n);
-    for (gdr, (dr, lr)) in gd
-        .chunks_exact(n)
-        .zip(g.dist.chunks_exact(n).zip(g.live.chunks_exact(n)))
-    {
-        w.extend(gdr.iter().zip(dr).zip(lr).map(|((&gv, &dv), &l)| {
-            let wij = wd * (2.0 * (gv * inv_mu - shift)) / dv;
-            if l { wij } else { 0.0 }
-        }));
-    }
-    let mut near_w = Vec::with_capacity(g.near.len());
-    for &(i, j) in &g.near {
-        near_w.push(w[i * n + j]);
-        w[i * n + j] = 0.0;
-        w[j * n + i] = 0.0;
-    }
-    // Angle: S = G_A + G_A^T, dL/dxn_i = sum_j S_ij xn_j, then through the normalisation.
-    let mut pmat = Vec::with_capacity(n * n);
-    let mut diag = vec![0.0; n]; // coefficient of x_i
-    let mut mcoef = vec![0.0; n]; // coefficient of the mean
+    let inv_r: Vec<f64> = g.r.iter().map(|&r| 1.0 / r).collect();
+    // 1 / r_j, and 0 for ill-conditioned columns
+    let inv_rb: Vec<f64> = inv_r
+        .iter()
+        .zip(&g.bad)
+        .map(|(&v, &bad)| if bad { 0.0 } else { v })
+        .collect();
+    let any_bad = g.bad.iter().any(|&b| b);
+    let mut pmat = vec![0.0; n * n];
+    let mut w_upper = if any_bad {
+        Vec::with_capacity(gd.len())
+    } else {
+        Vec::new()
+    };
     let mut wsum = vec![0.0; n]; // rowsum(W)
-    let mut s = vec![0.0; n];
-    let mut mrow = vec![0.0; n];
-    // 1 / r_j, and 0 for ill-conditioned columns (added from raw tokens after the product)
-    let inv_r: Vec<f64> =
-        g.r.iter()
-            .zip(&g.bad)
-            .map(|(&r, &bad)| if bad { 0.0 } else { 1.0 / r })
-            .collect();
+    let mut csum = vec![0.0; n]; // sum_j S_ij cos_ij
+    let mut msum = vec![0.0; n]; // sum_j S_ij / r_j over well-conditioned j
+    let mut wrow = vec![0.0; n];
+    let mut srow = vec![0.0; n];
+    let mut near_w = Vec::with_capacity(g.near.len());
+    let mut nk = 0;
     for i in 0..n {
-        let row = i * n..(i + 1) * n;
-        let (gar, wr) = (&ga[row.clone()], &w[row.clone()]);
-        for (((sv, mv), &gv), &ir) in s.iter_mut().zip(mrow.iter_mut()).zip(gar).zip(&inv_r) {
+        let (lo, o) = (i + 1, upper_start(n, i));
+        let len = n - lo;
+        let (gdr, dr, lr) = (&gd[o..o + len], &g.dist[o..o + len], &g.live[o..o + len]);
+        let (gar, cr) = (&ga[o..o + len], &g.cos[o..o + len]);
+        let (wr, sr) = (&mut wrow[..len], &mut srow[..len]);
+        for (((w, &gv), &dv), &l) in wr.iter_mut().zip(gdr).zip(dr).zip(lr) {
+            let wij = wd * (2.0 * (gv * inv_mu - shift)) / dv;
+            *w = if l { wij } else { 0.0 };
+        }
+        while nk < g.near.len() && g.near[nk].0 == i {
+            let k = g.near[nk].1 - lo;
+            near_w.push(wr[k]);
+            wr[k] = 0.0;
+            nk += 1;
+        }
+        for (sv, &gv) in sr.iter_mut().zip(gar) {
             *sv = wa * (2.0 * gv);
-            *mv = *sv * ir;
         }
-        let ri = g.r[i];
-        let iri = 1.0 / ri;
-        pmat.extend(wr.iter().zip(&mrow).map(|(&wij, &mij)| -wij + mij * iri));
-        let c = dot(&s, &g.cos[row]);
-        wsum[i] = sum(wr);
-        diag[i] = wsum[i];
-        if !g.floored[i] {
-            diag[i] -= c / (ri * ri);
+        let iri = inv_r[i];
+        // `iri * inv_r[j]` is the same product as `inv_r[j] * iri` bit for bit, so the
+        // mirror below makes exactly the lower entries this formula would
+        for (((pv, &w), &sv), &irj) in pmat[i * n + lo..(i + 1) * n]
+            .iter_mut()
+            .zip(wr.iter())
+            .zip(sr.iter())
+            .zip(&inv_r[lo..])
+        {
+            *pv = -w + sv * (iri * irj);
         }
-        mcoef[i] = sum(&mrow) / ri;
+        let s_ii = wa * (2.0 * ga_diag[i]);
+        pmat[i * n + i] = s_ii * (iri * iri);
+        let irbi = inv_rb[i];
+        for ((((ws, cs), ms), (&w, &sv)), &c) in wsum[lo..]
+            .iter_mut()
+            .zip(csum[lo..].iter_mut())
+            .zip(msum[lo..].iter_mut())
+            .zip(wr.iter().zip(sr.iter()))
+            .zip(cr)
+        {
+            *ws += w;
+            *cs += sv * c;
+            *ms += sv * irbi;
+        }
+        wsum[i] += sum(wr);
+        csum[i] += dot(sr, cr) + s_ii * g.cos_diag[i];
+        msum[i] += dot(sr, &inv_rb[lo..]) + s_ii * irbi;
+        if any_bad {
+            w_upper.extend_from_slice(wr);
+        }
+    }
+    mirror_upper(&mut pmat, n);
+    if any_bad {
+        // ill-conditioned column j: P_ij = -W_ij (W_jj = 0)
+
+        for j in (0..n).filter(|&j| g.bad[j]) {
+            for i in 0..n {
+                pmat[i * n + j] = match i.cmp(&j) {
+                    std::cmp::Ordering::Less => -w_upper[upper_start(n, i) + j - i - 1],
+                    std::cmp::Ordering::Greater => -w_upper[upper_start(n, j) + i - j - 1],
+                    std::cmp::Ordering::Equal => 0.0,
+                };
+            }
+        }
     }
     let prod = matmul_nn(&pmat, &g.xc, n, n, d, prec);
     let mut out = Vec::with_capacity(n * d);
@@ -506,7 +567,12 @@ fn potential_grad(
         // grad_i = (P Xc)_i + (angle's mean share) m + diag_i x_i - rowsum(W)_i m, where the
         // last term turns rowsum(W) x_i - (W X)_i into the cancellation-free
         // rowsum(W) xc_i - (W Xc)_i.
-        let (mc, dg) = (mcoef[i] - wsum[i], diag[i]);
+        let ri = g.r[i];
+        let mut dg = wsum[i];
+        if !g.floored[i] {
+            dg -= csum[i] / (ri * ri);
+        }
+        let mc = msum[i] / ri - wsum[i];
         out.extend(
             pr.iter()
                 .zip(&g.mean)
@@ -517,7 +583,12 @@ fn potential_grad(
     for j in (0..n).filter(|&j| g.bad[j]) {
         let xj = &g.x[j * d..(j + 1) * d];
         for i in 0..n {
-            let c = wa * (2.0 * ga[i * n + j]) / (g.r[j] * g.r[i]);
+            let gaij = match i.cmp(&j) {
+                std::cmp::Ordering::Less => ga[upper_start(n, i) + j - i - 1],
+                std::cmp::Ordering::Greater => ga[upper_start(n, j) + i - j - 1],
+                std::cmp::Ordering::Equal => ga_diag[i],
+            };
+            let c = wa * (2.0 * gaij) / (g.r[j] * g.r[i]);
             for (o, &v) in out[i * d..(i + 1) * d].iter_mut().zip(xj) {
                 *o += c * v;
             }
@@ -602,8 +673,10 @@ fn relation_item(it: RelationItem<'_>) -> Item {
     // differences of the potentials (psi_D = d / mu, 0 on the diagonal where the distance
     // is stored as 0), their squared sums, then the upstream gradients in place (separate
     // passes vectorise; one loop with two running sums does not)
-    // (one pass each, scaled as they are made: the sums are taken of the scaled values and
-    // unscaled once; reciprocals multiplied rather than an n x n division each)
+    // (one pass each over the packed upper triangles, scaled as they are made: the sums are
+    // taken of the scaled values and unscaled once; reciprocals multiplied rather than a
+    // division per pair). Full-matrix sums: twice the upper triangle, plus the angle
+    // potential's diagonal (the distance potential's is 0 on both sides).
     let (rx, ry, c) = (1.0 / gx.mu, 1.0 / gy.mu, 2.0 / n_pairs);
     let gd: Vec<f64> = gx
         .dist
@@ -617,7 +690,16 @@ fn relation_item(it: RelationItem<'_>) -> Item {
         .zip(&gy.cos)
         .map(|(&a, &b)| c * (a - b))
         .collect();
-    let sums = (dot(&gd, &gd) / (c * c), dot(&ga, &ga) / (c * c));
+    let ga_diag: Vec<f64> = gx
+        .cos_diag
+        .iter()
+        .zip(&gy.cos_diag)
+        .map(|(&a, &b)| c * (a - b))
+        .collect();
+    let sums = (
+        2.0 * dot(&gd, &gd) / (c * c),
+        (2.0 * dot(&ga, &ga) + dot(&ga_diag, &ga_diag)) / (c * c),
+    );
     let weights: &[(f64, f64)] = if cfg.term_gradients {
         &[(1.0, 0.0), (0.0, 1.0)]
     } else {
@@ -633,13 +715,17 @@ fn relation_item(it: RelationItem<'_>) -> Item {
     {
         if on && n > 0 {
             for (o, &(wd, wa)) in grads[side].iter_mut().zip(weights) {
-                *o = potential_grad(g, &gd, &ga, (sign * wd, sign * wa), prec);
+                *o = potential_grad(g, (&gd, &ga, &ga_diag), (sign * wd, sign * wa), prec);
             }
         }
     }
     let psi = if want.psi {
-        let full = |g: &Geometry| g.dist.iter().map(|&v| v / g.mu).collect();
-        [full(&gx), full(&gy), gx.cos, gy.cos]
+        let psi_d = |g: &Geometry| {
+            let scaled: Vec<f64> = g.dist.iter().map(|&v| v / g.mu).collect();
+            unpack_symmetric(&scaled, &vec![0.0; n], n)
+        };
+        let psi_a = |g: &Geometry| unpack_symmetric(&g.cos, &g.cos_diag, n);
+        [psi_d(&gx), psi_d(&gy), psi_a(&gx), psi_a(&gy)]
     } else {
         Default::default()
     };

@@ -28,7 +28,9 @@ fn randn(n: usize, seed: u64) -> Vec<f64> {
 
 /// Tokens with hard cases planted: item 0 token 1 = token 0 + 1e-7 noise (near pair), token 2
 /// = token 0 exactly (identical), token 3 = 0 (zero norm); every token of item 1 shares a
-/// large offset (cosines near 1, the Gram form's worst case).
+/// large offset (cosines near 1, the Gram form's worst case) except token 5, which is tiny
+/// (an ill-conditioned token for the centred cosine, whose angle terms come from raw
+/// products).
 fn tokens(b: usize, l: usize, d: usize, seed: u64) -> Vec<f64> {
     let mut x = randn(b * l * d, seed);
     for k in 0..d {
@@ -42,6 +44,10 @@ fn tokens(b: usize, l: usize, d: usize, seed: u64) -> Vec<f64> {
             for k in 0..d {
                 x[(l + i) * d + k] = 0.05 * x[(l + i) * d + k] + 30.0 * off[k];
             }
+        }
+        let tiny = randn(d, seed + 7);
+        for k in 0..d {
+            x[(l + 5) * d + k] = 1e-3 * tiny[k];
         }
     }
     x
