@@ -27,19 +27,6 @@ pub(crate) fn matmul_nt(
     matmul(a, (m, k), false, b, (n, k), true, prec)
 }
 
-/// `C (m x n) = A (m x k) B` where `B` is `k x n`.
-#[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
-pub(crate) fn matmul_nn(
-    a: &[f64],
-    b: &[f64],
-    m: usize,
-    k: usize,
-    n: usize,
-    prec: Precision,
-) -> Vec<f64> {
-    matmul(a, (m, k), false, b, (k, n), false, prec)
-}
-
 /// `C = op(A) op(B)` for row-major `A` (`a_shape`) and `B` (`b_shape`), `op` transposing
 /// where asked.
 #[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
@@ -76,39 +63,29 @@ pub(crate) fn matmul(
     }
 }
 
-/// The upper block triangle of the Gram matrix `X X^T` (`x` is `n x d`, row-major `f64`),
-/// multiplied in `prec`: diagonal and upper blocks of `GRAM_BLOCK` rows are exact, blocks
-/// below the diagonal are left zero. A Gram matrix is symmetric, so its users read the upper
-/// triangle only; skipping the lower blocks saves up to half of the product (`gemm` has no
-/// symmetric rank-k update; 128-row blocks keep each product large enough to run at full
-/// speed).
+/// The upper block triangle of the Gram matrix `X X^T` (`x` is `n x d`, row-major): diagonal
+/// and upper blocks of `GRAM_BLOCK` rows are exact, blocks below the diagonal are left zero.
+/// A Gram matrix is symmetric, so its users read the upper triangle only; skipping the lower
+/// blocks saves up to half of the product (`gemm` has no symmetric rank-k update; 128-row
+/// blocks keep each product large enough to run at full speed).
 #[inline(always)]
-pub(crate) fn gram_upper(x: &[f64], n: usize, d: usize, prec: Precision) -> Vec<f64> {
-    fn blocks<T: Real>(x: &[T], n: usize, d: usize) -> Vec<T> {
-        let mut c = vec![T::zero(); n * n];
-        if n == 0 || d == 0 {
-            return c;
-        }
-        // X^T stored: `gemm` runs a row-major right operand faster than a transposed view
-        // (gemm_probe)
-        let xt = transpose(x, n, d);
-        for i0 in (0..n).step_by(GRAM_BLOCK) {
-            let bi = GRAM_BLOCK.min(n - i0);
-            let a = view(x, bi, d, d, i0 * d);
-            // rows i0.. against every row block from i0 on, in one product per row block
-            let cols = n - i0;
-            let b = view(&xt, d, cols, n, i0);
-            mul_into(&a, &b, &mut view_mut(&mut c, bi, cols, n, i0 * n + i0));
-        }
-        c
+pub(crate) fn gram_upper<T: Real>(x: &[T], n: usize, d: usize) -> Vec<T> {
+    let mut c = vec![T::zero(); n * n];
+    if n == 0 || d == 0 {
+        return c;
     }
-    match prec {
-        Precision::F64 => blocks(x, n, d),
-        Precision::F32 => {
-            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-            blocks(&x32, n, d).into_iter().map(f64::from).collect()
-        }
+    // X^T stored: `gemm` runs a row-major right operand faster than a transposed view
+    // (gemm_probe)
+    let xt = transpose(x, n, d);
+    for i0 in (0..n).step_by(GRAM_BLOCK) {
+        let bi = GRAM_BLOCK.min(n - i0);
+        let a = view(x, bi, d, d, i0 * d);
+        // rows i0.. against every row block from i0 on, in one product per row block
+        let cols = n - i0;
+        let b = view(&xt, d, cols, n, i0);
+        mul_into(&a, &b, &mut view_mut(&mut c, bi, cols, n, i0 * n + i0));
     }
+    c
 }
 
 /// Rows per block of [`gram_upper`].
@@ -146,6 +123,8 @@ pub(crate) trait Real: ndarray::NdFloat + burn::tensor::Element {
     /// (within one subnormal step), 0 below them, `+inf` above the largest finite result;
     /// NaN stays NaN.
     fn exp_fast(self) -> Self;
+    /// This type as a [`Precision`].
+    const PRECISION: Precision;
 }
 
 /// `e^x` for f32: `2^k e^r`, `k = round(x log2 e)` by the 1.5 * 2^23 rounding trick,
@@ -228,6 +207,7 @@ fn exp_f64(x: f64) -> f64 {
 }
 
 impl Real for f32 {
+    const PRECISION: Precision = Precision::F32;
     fn of(x: f64) -> Self {
         x as f32
     }
@@ -244,6 +224,7 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    const PRECISION: Precision = Precision::F64;
     fn of(x: f64) -> Self {
         x
     }
@@ -497,23 +478,32 @@ impl Surrogate {
     }
 }
 
-/// The transpose (`cols x rows`) of the row-major `rows x cols` matrix `m`, in 32 x 32
-/// tiles so that reads and writes both stay in cache.
+/// The transpose (`cols x rows`) of the row-major `rows x cols` matrix `m`, in 16 x 16
+/// tiles: each full tile is read as sixteen row segments into a fixed-size buffer and
+/// written as sixteen contiguous segments of `out`'s rows (fixed trip counts, no index
+/// arithmetic per element); edge tiles entry by entry.
 pub(crate) fn transpose<T: Copy + Default>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const TILE: usize = 32;
+    const TILE: usize = 16;
     let mut out = vec![T::default(); rows * cols];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
-    // column tiles of `m`, each written as contiguous segments of `out`'s rows
-    for c0 in (0..cols).step_by(TILE) {
-        let c1 = (c0 + TILE).min(cols);
-        for r0 in (0..rows).step_by(TILE) {
-            let r1 = (r0 + TILE).min(rows);
-            for c in c0..c1 {
-                let dst = &mut out[c * rows + r0..c * rows + r1];
-                for (d, src) in dst.iter_mut().zip(m[r0 * cols..].chunks(cols)) {
-                    *d = src[c];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            if r0 + TILE <= rows && c0 + TILE <= cols {
+                let mut buf = [[T::default(); TILE]; TILE];
+                for (r, src) in m[r0 * cols + c0..].chunks(cols).take(TILE).enumerate() {
+                    let src: &[T; TILE] = src[..TILE].try_into().expect("full tile");
+                    for c in 0..TILE {
+                        buf[c][r] = src[c];
+                    }
+                }
+                for (c, b) in buf.iter().enumerate() {
+                    let at = (c0 + c) * rows + r0;
+                    out[at..at + TILE].copy_from_slice(b);
+                }
+            } else {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        out[c * rows + r] = m[r * cols + c];
+                    }
                 }
             }
         }
@@ -798,8 +788,12 @@ mod tests {
             let x: Vec<f64> = (0..n * d)
                 .map(|k| ((k * 7919 % 1013) as f64 / 1013.0 - 0.5) * 3.0)
                 .collect();
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             for prec in [Precision::F64, Precision::F32] {
-                let g = gram_upper(&x, n, d, prec);
+                let g: Vec<f64> = match prec {
+                    Precision::F64 => gram_upper(&x, n, d),
+                    Precision::F32 => gram_upper(&x32, n, d).into_iter().map(f64::from).collect(),
+                };
                 assert_eq!(g.len(), n * n);
                 let tol = match prec {
                     Precision::F64 => 1e-12,

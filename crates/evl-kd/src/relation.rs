@@ -12,7 +12,7 @@
 //! tokens enter, the distance mean is over valid off-diagonal pairs of each item, and the
 //! normaliser is the number of valid pairs `sum_b n_b^2` (= `B L_s^2` without padding).
 
-use crate::host::{Surrogate, dot, gram_upper, matmul_nn, mirror_upper, near_fraction, sum};
+use crate::host::{Real, Surrogate, dot, gemm, gram_upper, mirror_upper, near_fraction, sum};
 use burn::tensor::{Bool, Tensor};
 use evl_models::device::{Precision, on_host, precision_of, tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, sq_dist};
@@ -286,11 +286,11 @@ fn unpack_symmetric(upper: &[f64], diag: &[f64], n: usize) -> Vec<f64> {
 
 /// One input's geometry on one batch item (valid tokens only). Pair quantities are packed
 /// strict upper triangles (`upper_start`).
-struct Geometry {
+struct Geometry<T> {
     n: usize,
     d: usize,
-    /// Centred tokens `x - mean`, `n x d`.
-    xc: Vec<f64>,
+    /// Centred tokens `x - mean`, `n x d`, in the products' precision `T`.
+    xc: Vec<T>,
     mean: Vec<f64>,
     /// Raw tokens, `n x d`.
     x: Vec<f64>,
@@ -314,7 +314,8 @@ struct Geometry {
 }
 
 #[inline(always)] // into the item's SIMD dispatch (`RelationItem`)
-fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precision) -> Geometry {
+fn geometry<T: Real>(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig) -> Geometry<T> {
+    let prec = T::PRECISION;
     let mut mean = vec![0.0; d];
     for row in x.chunks_exact(d) {
         for (m, v) in mean.iter_mut().zip(row) {
@@ -329,7 +330,8 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
     // Centring removes the tokens' common direction (large in real hidden states), so the
     // Gram form below cancels far less; distances do not change.
     // only the strict upper triangle is read below
-    let gram = gram_upper(&xc, n, d, prec);
+    let xc_t: Vec<T> = xc.iter().map(|&v| T::of(v)).collect();
+    let gram = gram_upper(&xc_t, n, d);
     let sqn = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
     let q: Vec<f64> = xc.chunks_exact(d).map(sqn).collect();
     let norm: Vec<f64> = x.chunks_exact(d).map(|r| sqn(r).sqrt()).collect();
@@ -374,10 +376,10 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
         cos.extend(
             grow.iter()
                 .zip(p[lo..].iter().zip(&r[lo..]))
-                .map(|(&g, (&pj, &rj))| (g + pi + pj + mm) / (ri * rj)),
+                .map(|(&g, (&pj, &rj))| (g.wide() + pi + pj + mm) / (ri * rj)),
         );
         dist.extend(grow.iter().zip(&q[lo..]).map(|(&g, &qj)| {
-            let sq = qi + qj - 2.0 * g;
+            let sq = qi + qj - 2.0 * g.wide();
             any_near |= sq < frac * (qi + qj);
             sq
         }));
@@ -424,7 +426,7 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
     Geometry {
         n,
         d,
-        xc,
+        xc: xc_t,
         mean,
         x,
         r,
@@ -445,11 +447,10 @@ fn geometry(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig, prec: Precisi
 /// packed strict upper triangles, and `ga`'s diagonal; `gd`'s is 0). One `n x n` by `n x d`
 /// product; near pairs' distance terms are added from explicit differences.
 #[inline(always)] // into the item's SIMD dispatch (`RelationItem`)
-fn potential_grad(
-    g: &Geometry,
+fn potential_grad<T: Real>(
+    g: &Geometry<T>,
     (gd, ga, ga_diag): (&[f64], &[f64], &[f64]),
     (wd, wa): (f64, f64),
-    prec: Precision,
 ) -> Vec<f64> {
     let (n, d) = (g.n, g.d);
     // dL/dd_ij, through psi_D = d / mu with mu differentiated (the full-matrix sum is twice
@@ -482,7 +483,9 @@ fn potential_grad(
         .map(|(&v, &bad)| if bad { 0.0 } else { v })
         .collect();
     let any_bad = g.bad.iter().any(|&b| b);
-    let mut pmat = vec![0.0; n * n];
+    // P is made in the product's precision `T` (f32 for f32 tensors), entry by entry from
+    // f64 arithmetic: the same rounding as narrowing a finished f64 matrix, one pass fewer
+    let mut pmat = vec![T::zero(); n * n];
     let mut w_upper = if any_bad {
         Vec::with_capacity(gd.len())
     } else {
@@ -523,10 +526,10 @@ fn potential_grad(
             .zip(sr.iter())
             .zip(&inv_r[lo..])
         {
-            *pv = -w + sv * (iri * irj);
+            *pv = T::of(-w + sv * (iri * irj));
         }
         let s_ii = wa * (2.0 * ga_diag[i]);
-        pmat[i * n + i] = s_ii * (iri * iri);
+        pmat[i * n + i] = T::of(s_ii * (iri * iri));
         let irbi = inv_rb[i];
         for ((((ws, cs), ms), (&w, &sv)), &c) in wsum[lo..]
             .iter_mut()
@@ -552,15 +555,15 @@ fn potential_grad(
 
         for j in (0..n).filter(|&j| g.bad[j]) {
             for i in 0..n {
-                pmat[i * n + j] = match i.cmp(&j) {
+                pmat[i * n + j] = T::of(match i.cmp(&j) {
                     std::cmp::Ordering::Less => -w_upper[upper_start(n, i) + j - i - 1],
                     std::cmp::Ordering::Greater => -w_upper[upper_start(n, j) + i - j - 1],
                     std::cmp::Ordering::Equal => 0.0,
-                };
+                });
             }
         }
     }
-    let prod = matmul_nn(&pmat, &g.xc, n, n, d, prec);
+    let prod = gemm(&pmat, (n, n), false, &g.xc, (n, d), false);
     let mut out = Vec::with_capacity(n * d);
     for i in 0..n {
         let (pr, x) = (&prod[i * d..(i + 1) * d], &g.x[i * d..(i + 1) * d]);
@@ -577,7 +580,7 @@ fn potential_grad(
             pr.iter()
                 .zip(&g.mean)
                 .zip(x)
-                .map(|((&p, &m), &xv)| p + mc * m + dg * xv),
+                .map(|((&p, &m), &xv)| p.wide() + mc * m + dg * xv),
         );
     }
     for j in (0..n).filter(|&j| g.bad[j]) {
@@ -658,6 +661,24 @@ fn relation_item(it: RelationItem<'_>) -> Item {
         prec,
         want,
     } = it;
+    match prec {
+        Precision::F32 => relation_item_in::<f32>(x, y, idx, d, n_pairs, cfg, want),
+        Precision::F64 => relation_item_in::<f64>(x, y, idx, d, n_pairs, cfg, want),
+    }
+}
+
+/// [`relation_item`] with its products in `T`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)] // into `RelationItem`'s dispatch
+fn relation_item_in<T: Real>(
+    x: &[f64],
+    y: &[f64],
+    idx: Vec<usize>,
+    d: usize,
+    n_pairs: f64,
+    cfg: &RelationConfig,
+    want: RelationWant,
+) -> Item {
     let n = idx.len();
     let gather = |src: &[f64]| -> Vec<f64> {
         let mut out = Vec::with_capacity(n * d);
@@ -667,8 +688,8 @@ fn relation_item(it: RelationItem<'_>) -> Item {
         out
     };
     let (gx, gy) = (
-        geometry(gather(x), n, d, cfg, prec),
-        geometry(gather(y), n, d, cfg, prec),
+        geometry::<T>(gather(x), n, d, cfg),
+        geometry::<T>(gather(y), n, d, cfg),
     );
     // differences of the potentials (psi_D = d / mu, 0 on the diagonal where the distance
     // is stored as 0), their squared sums, then the upstream gradients in place (separate
@@ -715,16 +736,16 @@ fn relation_item(it: RelationItem<'_>) -> Item {
     {
         if on && n > 0 {
             for (o, &(wd, wa)) in grads[side].iter_mut().zip(weights) {
-                *o = potential_grad(g, (&gd, &ga, &ga_diag), (sign * wd, sign * wa), prec);
+                *o = potential_grad(g, (&gd, &ga, &ga_diag), (sign * wd, sign * wa));
             }
         }
     }
     let psi = if want.psi {
-        let psi_d = |g: &Geometry| {
+        let psi_d = |g: &Geometry<T>| {
             let scaled: Vec<f64> = g.dist.iter().map(|&v| v / g.mu).collect();
             unpack_symmetric(&scaled, &vec![0.0; n], n)
         };
-        let psi_a = |g: &Geometry| unpack_symmetric(&g.cos, &g.cos_diag, n);
+        let psi_a = |g: &Geometry<T>| unpack_symmetric(&g.cos, &g.cos_diag, n);
         [psi_d(&gx), psi_d(&gy), psi_a(&gx), psi_a(&gy)]
     } else {
         Default::default()
