@@ -22,6 +22,11 @@ fn main() {
     } else {
         (4, 512, 1024, 512, 8, 576, 144)
     };
+    // `PROBE_BATCH` overrides the batch size (fewer items than cores)
+    let b = std::env::var("PROBE_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(b);
     let r = |n: usize, s: f64| -> Vec<f64> {
         (0..n)
             .map(|k| {
