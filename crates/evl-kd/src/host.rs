@@ -457,15 +457,27 @@ impl Surrogate {
     /// [`Self::grad`] from a gradient already in the kernel's precision `T` (no `f64`
     /// round trip).
     pub(crate) fn grad_vec<T: Real, const D: usize>(&mut self, x: &Tensor<D>, grad: Vec<T>) {
-        if !x.is_tracked() {
-            return;
+        self.add(Self::term(x, grad));
+    }
+
+    /// The term `sum(x . grad)` that [`Self::grad_vec`] registers, built on its own: burn's
+    /// element-wise ops run on the calling thread, so callers with several large gradients
+    /// build their terms on different threads and [`Self::add`] them in a fixed order.
+    pub(crate) fn term<T: Real, const D: usize>(x: &Tensor<D>, grad: Vec<T>) -> Option<Tensor<1>> {
+        x.is_tracked().then(|| {
+            let g = evl_models::device::tensor_from_vec(grad, x.dims(), x);
+            (x.clone() * g).sum()
+        })
+    }
+
+    /// Registers a term made by [`Self::term`] (`None`: an untracked input).
+    pub(crate) fn add(&mut self, term: Option<Tensor<1>>) {
+        if let Some(term) = term {
+            self.acc = Some(match self.acc.take() {
+                Some(a) => a + term,
+                None => term,
+            });
         }
-        let g = evl_models::device::tensor_from_vec(grad, x.dims(), x);
-        let term = (x.clone() * g).sum();
-        self.acc = Some(match self.acc.take() {
-            Some(a) => a + term,
-            None => term,
-        });
     }
 
     /// The differentiable scalar `[1]`.

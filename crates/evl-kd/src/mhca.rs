@@ -739,13 +739,30 @@ fn fused_typed<T: crate::host::Real>(
     let (g_hs, g_ht) = (concat(|p| &p.hs), concat(|p| &p.ht));
     let g = host::weight_grads(dims, &parts, g_hs, g_ht);
     let value = lambdas[0] * values[0] + lambdas[1] * values[1];
-    let mut sg = crate::host::Surrogate::new(value, hs);
-    sg.grad_vec(hs, g.hs);
-    sg.grad_vec(ht, g.ht);
-    sg.grad_vec(&w.wq, g.wq);
-    sg.grad_vec(&w.wk, g.wk);
-    sg.grad_vec(&w.wv, g.wv);
-    sg.grad_vec(&w.wo, g.wo);
+    // the terms built two at a time (burn's element-wise ops are single-threaded), added in
+    // a fixed order
+    use crate::host::Surrogate;
+    let host::Grads {
+        hs: g_hs,
+        ht: g_ht,
+        wq,
+        wk,
+        wv,
+        wo,
+    } = g;
+    let ((t_hs, t_wq), ((t_wk, t_wo), (t_wv, t_ht))) = rayon::join(
+        || (Surrogate::term(hs, g_hs), Surrogate::term(&w.wq, wq)),
+        || {
+            rayon::join(
+                || (Surrogate::term(&w.wk, wk), Surrogate::term(&w.wo, wo)),
+                || (Surrogate::term(&w.wv, wv), Surrogate::term(ht, g_ht)),
+            )
+        },
+    );
+    let mut sg = Surrogate::new(value, hs);
+    for t in [t_hs, t_ht, t_wq, t_wk, t_wv, t_wo] {
+        sg.add(t);
+    }
     (values, sg.finish())
 }
 
