@@ -13,9 +13,9 @@ use evl_models::device::{Precision, tensor_like};
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 /// `C (m x n) = A (m x k) B^T` where `B` is `n x k`, all row-major `f64` on input and output,
-/// multiplied in `prec` (f32 GEMM for f32 tensors: twice the throughput; the callers keep
-/// every cancellation-prone quantity out of the product, see `relation`).
-#[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
+/// multiplied in `prec` (f32 GEMM for f32 tensors: twice the throughput; the caller keeps
+/// every cancellation-prone quantity out of the product, see [`SqDistsItem`]).
+#[inline(always)] // its conversions vectorise inside the caller's SIMD dispatch
 pub(crate) fn matmul_nt(
     a: &[f64],
     b: &[f64],
@@ -24,41 +24,16 @@ pub(crate) fn matmul_nt(
     n: usize,
     prec: Precision,
 ) -> Vec<f64> {
-    matmul(a, (m, k), false, b, (n, k), true, prec)
-}
-
-/// `C = op(A) op(B)` for row-major `A` (`a_shape`) and `B` (`b_shape`), `op` transposing
-/// where asked.
-#[inline(always)] // its conversions vectorise inside the callers' SIMD dispatch
-pub(crate) fn matmul(
-    a: &[f64],
-    a_shape: (usize, usize),
-    a_t: bool,
-    b: &[f64],
-    b_shape: (usize, usize),
-    b_t: bool,
-    prec: Precision,
-) -> Vec<f64> {
     // `mul_into`'s gemm kernels on host buffers; burn's own flex matmul through temporary
     // tensors measured 25% slower here (relation, paper shapes: the tensor round trips).
     match prec {
-        Precision::F64 => gemm(a, a_shape, a_t, b, b_shape, b_t),
+        Precision::F64 => gemm(a, (m, k), false, b, (n, k), true),
         Precision::F32 => {
             let narrow = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-            let a32 = narrow(a);
-            // a Gram product passes the same matrix twice: narrow it once
-            let b32 = (!std::ptr::eq(a, b)).then(|| narrow(b));
-            gemm(
-                &a32,
-                a_shape,
-                a_t,
-                b32.as_ref().unwrap_or(&a32),
-                b_shape,
-                b_t,
-            )
-            .into_iter()
-            .map(f64::from)
-            .collect()
+            gemm(&narrow(a), (m, k), false, &narrow(b), (n, k), true)
+                .into_iter()
+                .map(f64::from)
+                .collect()
         }
     }
 }

@@ -328,8 +328,8 @@ fn geometry<T: Real>(x: Vec<f64>, n: usize, d: usize, cfg: &RelationConfig) -> G
         .flat_map(|row| row.iter().zip(&mean).map(|(v, m)| v - m))
         .collect();
     // Centring removes the tokens' common direction (large in real hidden states), so the
-    // Gram form below cancels far less; distances do not change.
-    // only the strict upper triangle is read below
+    // Gram form below cancels far less; distances do not change. Only the Gram matrix's
+    // strict upper triangle is read below.
     let xc_t: Vec<T> = xc.iter().map(|&v| T::of(v)).collect();
     let gram = gram_upper(&xc_t, n, d);
     let sqn = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
