@@ -2,7 +2,11 @@
 //! is derived in the comments (finite differences check gradients against the value; these
 //! check the value itself).
 
-use evl_kd::baselines::{MultiLevelOtConfig, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss};
+use evl_kd::baselines::{
+    Dskd, MultiLevelOtConfig, emkd_loss, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss,
+};
+use evl_models::burn::module::Param;
+use evl_models::burn::nn::Linear;
 use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
@@ -116,4 +120,86 @@ fn multilevel_ot_by_hand() {
     close(to_vec_f64(out.token_ce)[0], ce, "token CE");
     close(to_vec_f64(out.sequence_ot)[0], 0.25, "sequence OT");
     close(to_vec_f64(out.loss)[0], 0.25 + ce + 0.25, "total");
+}
+
+#[test]
+fn dskd_by_hand() {
+    // One item, l_t = 1 teacher position, l_s = 2 student positions, widths 1, vocabularies 2.
+    // W_query = 0, so every cross-model score is 0 and A_ts = [1/2, 1/2]; A_st (renormalised
+    // over the single teacher position) is [1, 1]^T.
+    // Teacher space: H_s W_{s->t} = [1, 3], averaged: 2; head_t = [1, 0] gives logits (2, 0)
+    // against the teacher's own (0, 0): KL((1/2, 1/2) || softmax(2, 0))
+    //   = ln(1 + e^2) - 1 - ln 2.
+    // Student space: H_t W_{t->s} = 2 at both student positions; head_s = [1, -1] gives the
+    // target logits (2, -2), p = (s, 1 - s) with s = sigmoid(4). Student logits (0, 0) give
+    // KL = ln 2 - H(p); student logits (4, 0) are p itself, KL = 0. Mean (ln 2 - H(p)) / 2.
+    let dev = Device::flex();
+    let f = |v: &[f64], shape: [usize; 3]| tensor_from_f64(v, shape, &dev, Precision::F64);
+    let lin = |w: f64| Linear {
+        weight: Param::from_tensor(tensor_from_f64(&[w], [1, 1], &dev, Precision::F64)),
+        bias: None,
+    };
+    let m = Dskd {
+        query: lin(0.0),
+        key: lin(0.7),
+        s_to_t: lin(1.0),
+        t_to_s: lin(1.0),
+    };
+    let out = m.forward(
+        f(&[1.0, 3.0], [1, 2, 1]),
+        f(&[2.0], [1, 1, 1]),
+        f(&[0.0, 0.0, 4.0, 0.0], [1, 2, 2]),
+        f(&[0.0, 0.0], [1, 1, 2]),
+        tensor_from_f64(&[1.0, -1.0], [1, 2], &dev, Precision::F64),
+        tensor_from_f64(&[1.0, 0.0], [1, 2], &dev, Precision::F64),
+    );
+    let kl_t = (1.0 + 2f64.exp()).ln() - 1.0 - 2f64.ln();
+    let s = 1.0 / (1.0 + (-4f64).exp());
+    let entropy = -(s * s.ln() + (1.0 - s) * (1.0 - s).ln());
+    let kl_s = (2f64.ln() - entropy) / 2.0;
+    close(
+        to_vec_f64(out.kl_teacher_space)[0],
+        kl_t,
+        "teacher-space KL",
+    );
+    close(
+        to_vec_f64(out.kl_student_space)[0],
+        kl_s,
+        "student-space KL",
+    );
+    close(to_vec_f64(out.loss)[0], kl_t + kl_s, "total");
+}
+
+#[test]
+fn emkd_by_hand() {
+    // Teacher vision tokens t0 = (1, 0), t1 = (0, 1); student s0 = (0, 2), s1 = (3, 0).
+    // L1 costs: s0-t0 3, s0-t1 1, s1-t0 2, s1-t1 4, so Hungarian pairs s0-t1, s1-t0 (total 3
+    // against 7 for the identity).
+    // VAD: student text (1, 1)/sqrt 2 against s0, s1 normalised ((0, 1), (1, 0)): affinities
+    // (1/sqrt 2, 1/sqrt 2); teacher text (0, 1) against the matched t1, t0: (1, 0).
+    // Differences 1/sqrt 2 - 1 and 1/sqrt 2, both below 1: smooth-L1 = mean of d^2 / 2.
+    // VSD: s0's matched teacher distribution is softmax(0, 0) = (1/2, 1/2) and its own
+    // softmax(0, ln 3) = (1/4, 3/4): the reverse KL(p_s || p_t) = (1/4) ln(1/2) + (3/4) ln(3/2)
+    // = (3/4) ln 3 - ln 2 (the forward KL would be ln 2 - (ln 3) / 2). s1's matched teacher
+    // softmax(ln 3, 0) equals its own: KL 0. Mean over the two student tokens.
+    let dev = Device::flex();
+    let f = |v: &[f64], shape: [usize; 3]| tensor_from_f64(v, shape, &dev, Precision::F64);
+    let ln3 = 3f64.ln();
+    let out = emkd_loss(
+        f(&[1.0, 0.0, 0.0, 1.0], [1, 2, 2]),
+        f(&[0.0, 2.0, 3.0, 0.0], [1, 2, 2]),
+        f(&[0.0, 1.0], [1, 1, 2]),
+        f(&[1.0, 1.0], [1, 1, 2]),
+        f(&[ln3, 0.0, 0.0, 0.0], [1, 2, 2]),
+        f(&[0.0, ln3, ln3, 0.0], [1, 2, 2]),
+        1.0,
+        2.0,
+    );
+    assert_eq!(out.matching, vec![vec![1, 0]]);
+    let r = 0.5f64.sqrt();
+    let vad = ((r - 1.0).powi(2) / 2.0 + r * r / 2.0) / 2.0;
+    close(to_vec_f64(out.vad)[0], vad, "VAD");
+    let vsd = (0.75 * ln3 - 2f64.ln()) / 2.0;
+    close(to_vec_f64(out.vsd)[0], vsd, "VSD");
+    close(to_vec_f64(out.loss)[0], vad + 2.0 * vsd, "weighted total");
 }
