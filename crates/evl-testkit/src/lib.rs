@@ -43,11 +43,21 @@ pub fn shared_dir() -> Option<PathBuf> {
             dir.display()
         );
     }
-    eprintln!(
+    say(&format!(
         "SKIPPED: {} not found; this test needs the project's shared data",
         dir.display()
-    );
+    ));
     None
+}
+
+/// Writes one line to stderr past the test harness's output capture (`eprintln!` inside a
+/// passing test is swallowed unless `--nocapture`): for a skip that must be loud and for
+/// counts a test is required to report.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    // Nothing useful can be done if stderr itself is gone.
+    let _ = writeln!(err, "{line}");
 }
 
 /// The fixture directory: `$EVL_FIXTURES_DIR`, else `../shared/fixtures`.
