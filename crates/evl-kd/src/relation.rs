@@ -705,18 +705,11 @@ fn relation_item_in<T: Real>(
         .zip(&gy.dist)
         .map(|(&a, &b)| c * (a * rx - b * ry))
         .collect();
-    let ga: Vec<f64> = gx
-        .cos
-        .iter()
-        .zip(&gy.cos)
-        .map(|(&a, &b)| c * (a - b))
-        .collect();
-    let ga_diag: Vec<f64> = gx
-        .cos_diag
-        .iter()
-        .zip(&gy.cos_diag)
-        .map(|(&a, &b)| c * (a - b))
-        .collect();
+    let scaled_diff = |x: &[f64], y: &[f64]| -> Vec<f64> {
+        x.iter().zip(y).map(|(&a, &b)| c * (a - b)).collect()
+    };
+    let ga = scaled_diff(&gx.cos, &gy.cos);
+    let ga_diag = scaled_diff(&gx.cos_diag, &gy.cos_diag);
     let sums = (
         2.0 * dot(&gd, &gd) / (c * c),
         (2.0 * dot(&ga, &ga) + dot(&ga_diag, &ga_diag)) / (c * c),
