@@ -204,10 +204,10 @@ pub struct DistillArgs {
     /// Method: evl (EVL-ECG), ce (SFT continued), kl (vanilla KD over shared tokens), uld,
     /// multilevel-ot, tinybert, dskd, emkd (baselines, each mixed with the CE as a*CE+(1-a)*L).
     #[arg(long)]
-    pub method: Option<String>,
+    pub method: Option<evl_kd::Method>,
     /// EVL-ECG terms to switch off, comma separated: ot, mhca, rel.
     #[arg(long, value_delimiter = ',')]
-    pub ablate: Vec<String>,
+    pub ablate: Vec<evl_kd::Ablation>,
     /// Teacher model directory.
     #[arg(long)]
     pub teacher: PathBuf,

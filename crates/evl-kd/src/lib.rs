@@ -9,6 +9,8 @@
 //! - [`mhca`]: multi-head cross-attention alignment (2.2);
 //! - [`relation`]: geometric distance + angle relation matching (2.3);
 //! - [`objective`]: the weighted total with ablation switches (2);
+//! - [`method`]: the typed choice of method and ablations, and the one place each method's
+//!   terms are computed and mixed with the student's cross-entropy;
 //! - [`task`]: BCE, softmax and token cross-entropy;
 //! - [`baselines`]: vanilla KD, TinyBERT-style, ULD, MultiLevelOT, DSKD, EM-KD, RKD.
 //!
@@ -16,6 +18,7 @@
 
 pub mod baselines;
 mod host;
+pub mod method;
 pub mod mhca;
 pub mod objective;
 pub mod ot;
@@ -23,6 +26,7 @@ pub mod relation;
 pub mod sinkhorn;
 pub mod task;
 
+pub use method::{Ablation, Method, MethodError};
 pub use mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_align_loss, mhca_forward, mhca_loss};
 pub use objective::{
     EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective, evl_objective_graph,

@@ -7,6 +7,7 @@
 //! off for ablations (it is then neither computed nor added), and every term is returned
 //! separately for logging.
 
+use crate::method::Ablation;
 use crate::mhca::host as mhca_host;
 use crate::mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, fused_terms, mhca_forward, mhca_loss};
 use crate::ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
@@ -342,9 +343,9 @@ pub struct EvlLossConfig {
     /// `lot` (0.1).
     #[config(default = 0.1)]
     pub lambda_ot: f64,
-    /// Terms switched off, any of `mhca`, `rel`, `ot` (ablations).
+    /// Terms switched off (ablations).
     #[config(default = "Vec::new()")]
-    pub ablate: Vec<String>,
+    pub ablate: Vec<Ablation>,
     /// Treat `Hhat_t` as a fixed target in `L_rel`.
     #[config(default = false)]
     pub rel_detach_teacher: bool,
@@ -353,15 +354,15 @@ pub struct EvlLossConfig {
 impl EvlLossConfig {
     /// The weights and switches this configuration describes.
     pub fn weights(&self) -> EvlWeights {
-        let on = |name: &str| !self.ablate.iter().any(|a| a == name);
+        let on = |term: Ablation| !self.ablate.contains(&term);
         EvlWeights {
             alpha: self.alpha,
             lambda_mhca: self.lambda_mhca,
             lambda_rel: self.lambda_rel,
             lambda_ot: self.lambda_ot,
-            use_mhca: on("mhca"),
-            use_rel: on("rel"),
-            use_ot: on("ot"),
+            use_mhca: on(Ablation::Mhca),
+            use_rel: on(Ablation::Rel),
+            use_ot: on(Ablation::Ot),
         }
     }
 

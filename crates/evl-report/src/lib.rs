@@ -2,8 +2,10 @@
 //! SVG, the ECG as an embedded PNG, no scripts, no network) plus the figures as files, from a
 //! run directory written by `evl-ecg quickstart` or `evl-ecg eval --out`.
 //!
-//! What it reads (each part is drawn when its file is there):
-//! - `report.md` (quickstart tables) or `metrics.json` (eval: scores, per class, perturbations);
+//! What it reads, every file through its type in `evl-run` (each part is drawn when its file
+//! is there; a file that is there but does not read as its type is an error naming it):
+//! - `results.json` (quickstart: label space) with `report.md` (its tables), or
+//!   `metrics.json` (eval: scores, per class, perturbations);
 //! - `runs/*/metrics.jsonl`: training curves per loss term;
 //! - `predictions/evl-seed0.jsonl` or `predictions.jsonl`: ROC and PR curves per class and the
 //!   reliability diagram, and the first record's answer drawn under its rendered ECG;
@@ -19,6 +21,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use evl_run::{Analysis, DatasetEval, PredLine, RunDir, StepLog};
 use figures::Series;
 
 /// Errors of report writing.
@@ -34,16 +37,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A file that does not parse.
-    #[error("{}: {what}", .path.display())]
-    Parse {
-        /// Path.
-        path: PathBuf,
-        /// Line (1-based), 0 for the whole file.
-        line: usize,
-        /// Problem.
-        what: String,
-    },
+    /// A run-directory file that is missing its type, version or a field.
+    #[error(transparent)]
+    Run(#[from] evl_run::Error),
     /// Nothing to report.
     #[error("{}: {what}", .path.display())]
     Empty {
@@ -76,69 +72,6 @@ fn read(path: &Path) -> Result<String> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-fn json(path: &Path) -> Result<serde_json::Value> {
-    serde_json::from_str(&read(path)?).map_err(|e| Error::Parse {
-        path: path.to_path_buf(),
-        line: e.line(),
-        what: e.to_string(),
-    })
-}
-
-fn jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
-    read(path)?
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::Parse {
-                path: path.to_path_buf(),
-                line: i + 1,
-                what: e.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// One prediction line as the report needs it.
-struct Pred {
-    id: String,
-    text: String,
-    probs: Vec<f64>,
-    gold: Vec<String>,
-}
-
-fn preds(path: &Path) -> Result<Vec<Pred>> {
-    jsonl(path)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let bad = |what: &str| Error::Parse {
-                path: path.to_path_buf(),
-                line: i + 1,
-                what: what.to_string(),
-            };
-            let probs = v["probs"]
-                .as_array()
-                .ok_or_else(|| bad("`probs` missing (not an evl-ecg prediction file?)"))?
-                .iter()
-                .map(|x| x.as_f64().ok_or_else(|| bad("`probs` holds a non-number")))
-                .collect::<Result<Vec<f64>>>()?;
-            let gold = v["gold"]
-                .as_array()
-                .ok_or_else(|| bad("`gold` missing"))?
-                .iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect();
-            Ok(Pred {
-                id: v["question_id"].as_str().unwrap_or_default().to_string(),
-                text: v["text"].as_str().unwrap_or_default().to_string(),
-                probs,
-                gold,
-            })
-        })
-        .collect()
 }
 
 fn esc(s: &str) -> String {
@@ -194,24 +127,17 @@ pub fn write_report(run: &Path, out: Option<&Path>) -> Result<Written> {
         figures: Vec::new(),
         skipped: Vec::new(),
     };
-    let results = run.join("results.json");
-    let metrics = run.join("metrics.json");
+    let rd = RunDir::new(run);
+    let results = rd.results();
+    let metrics = rd.eval_metrics();
+    let mut eval: Option<DatasetEval> = None;
     let (title, space, data_dir) = if results.is_file() {
-        let labels = run.join("model/labels.json");
-        let space: Vec<String> = if labels.is_file() {
-            serde_json::from_value(json(&labels)?).map_err(|e| Error::Parse {
-                path: labels.clone(),
-                line: 0,
-                what: e.to_string(),
-            })?
-        } else {
-            Vec::new()
-        };
-        ("evl-ecg quickstart report", space, Some(run.join("data")))
+        let r: evl_run::Results = evl_run::read_json(&results)?;
+        ("evl-ecg quickstart report", r.space, Some(rd.data()))
     } else if metrics.is_file() {
-        let m = json(&metrics)?;
-        let space: Vec<String> = serde_json::from_value(m["space"].clone()).unwrap_or_default();
-        let data = m["data"].as_str().map(PathBuf::from);
+        let m: DatasetEval = evl_run::read_json(&metrics)?;
+        let (space, data) = (m.space.clone(), Some(m.data.clone()));
+        eval = Some(m);
         ("evl-ecg evaluation report", space, data)
     } else {
         return Err(Error::Empty {
@@ -221,8 +147,8 @@ pub fn write_report(run: &Path, out: Option<&Path>) -> Result<Written> {
     };
     // 1. Tables.
     page.body.push_str("<section><h2>Tables</h2>\n");
-    if run.join("report.md").is_file() {
-        let md = read(&run.join("report.md"))?;
+    if rd.report_md().is_file() {
+        let md = read(&rd.report_md())?;
         // The page has its own title.
         let md: String = md
             .lines()
@@ -230,23 +156,19 @@ pub fn write_report(run: &Path, out: Option<&Path>) -> Result<Written> {
             .collect::<Vec<_>>()
             .join("\n");
         page.body.push_str(&markdown(&md));
-    } else if metrics.is_file() {
-        page.body
-            .push_str(&markdown(&eval_tables(&json(&metrics)?)));
+    } else if let Some(m) = &eval {
+        page.body.push_str(&markdown(&eval_tables(m)));
     }
     page.body.push_str("</section>\n");
     // 2. Training curves.
     training_curves(run, &mut page)?;
     // 3. ROC, PR, reliability, and the ECG with its answer.
-    let main = [
-        run.join("predictions/evl-seed0.jsonl"),
-        run.join("predictions.jsonl"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file());
+    let main = [rd.predictions("evl-seed0"), rd.eval_predictions()]
+        .into_iter()
+        .find(|p| p.is_file());
     match (&main, space.is_empty()) {
         (Some(p), false) => {
-            let lines = preds(p)?;
+            let lines: Vec<PredLine> = evl_run::read_jsonl(p)?;
             let name = p
                 .file_stem()
                 .and_then(|s| s.to_str())
@@ -262,9 +184,9 @@ pub fn write_report(run: &Path, out: Option<&Path>) -> Result<Written> {
             .push("ROC/PR/reliability: no predictions file with a known label space".into()),
     }
     // 4. Method figures.
-    let analysis = run.join("analysis.json");
+    let analysis = rd.analysis();
     if analysis.is_file() {
-        method_figures(&json(&analysis)?, &mut page)?;
+        method_figures(&evl_run::read_json(&analysis)?, &mut page)?;
     } else {
         page.skipped
             .push("transport plan and spectra: no analysis.json (written by quickstart)".into());
@@ -307,66 +229,65 @@ vertical-align:top}figcaption{font-size:12px;color:#555;max-width:520px}.src{col
 .answer{font-family:monospace;background:#f6f6f6;padding:8px;border-radius:4px}\
 img.ecg{max-width:100%;border:1px solid #ddd}";
 
-fn f3(v: &serde_json::Value) -> String {
-    v.as_f64().map_or("n/a".into(), |x| format!("{x:.3}"))
+fn f3(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |x| format!("{x:.3}"))
 }
 
 /// Markdown tables of an eval run's metrics.json.
-fn eval_tables(m: &serde_json::Value) -> String {
-    let s = &m["scores"];
+fn eval_tables(m: &DatasetEval) -> String {
+    let s = &m.scores;
     let mut md = format!(
         "{} records ({} split) of `{}`, model `{}`.\n\n| metric | value |\n|---|---|\n",
-        m["n"],
-        m["split"].as_str().unwrap_or(""),
-        m["data"].as_str().unwrap_or(""),
-        m["model"].as_str().unwrap_or("")
+        m.n,
+        m.split,
+        m.data.display(),
+        m.model.display()
     );
-    for (k, label) in [
-        ("macro_auc", "macro ROC AUC"),
-        ("macro_ap", "macro PR AUC"),
-        ("fmax", "Fmax"),
-        ("macro_f1_at_05", "macro F1 at 0.5"),
-        ("ece", "ECE (10 bins)"),
-        ("parity_f1", "ECG-Bench parity F1 (generated answers)"),
+    for (v, label) in [
+        (s.macro_auc, "macro ROC AUC"),
+        (s.macro_ap, "macro PR AUC"),
+        (Some(s.fmax), "Fmax"),
+        (Some(s.macro_f1_at_05), "macro F1 at 0.5"),
+        (Some(s.ece), "ECE (10 bins)"),
+        (Some(s.parity_f1), "ECG-Bench parity F1 (generated answers)"),
         (
-            "parity_auc_binary",
+            s.parity_auc_binary,
             "ECG-Bench parity \"AUC\" of 0/1 answers",
         ),
     ] {
-        let _ = writeln!(md, "| {label} | {} |", f3(&s[k]));
+        let _ = writeln!(md, "| {label} | {} |", f3(v));
     }
     let _ = writeln!(
         md,
         "| macro F1 at validation thresholds | {} |",
-        f3(&m["macro_f1_at_val_thresholds"])
+        f3(m.macro_f1_at_val_thresholds)
     );
     md.push_str("\n| class | positives | ROC AUC | AP |\n|---|---|---|---|\n");
-    for c in m["per_class"].as_array().into_iter().flatten() {
+    for c in &m.per_class {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} |",
-            c["label"].as_str().unwrap_or(""),
-            c["positives"],
-            f3(&c["auc"]),
-            f3(&c["ap"])
+            c.label,
+            c.positives,
+            f3(c.auc),
+            f3(c.ap)
         );
     }
-    let perts = m["perturbations"].as_array().cloned().unwrap_or_default();
-    if !perts.is_empty() {
+    if !m.perturbations.is_empty() {
         md.push_str("\n## Robustness (change under perturbation, 95% paired bootstrap CI)\n\n| perturbation | metric | clean | perturbed | change | 95% CI |\n|---|---|---|---|---|---|\n");
-        for p in &perts {
-            for d in p["deltas"].as_array().into_iter().flatten() {
-                let ci = d["ci95"]
-                    .as_array()
-                    .map_or("n/a".into(), |c| format!("{} .. {}", f3(&c[0]), f3(&c[1])));
+        for p in &m.perturbations {
+            for d in &p.deltas {
+                let ci = d.ci95.map_or("n/a".into(), |(lo, hi)| {
+                    format!("{} .. {}", f3(Some(lo)), f3(Some(hi)))
+                });
                 let _ = writeln!(
                     md,
                     "| {} | {} | {} | {} | {} | {ci} |",
-                    p["spec"].as_str().unwrap_or(""),
-                    d["metric"].as_str().unwrap_or(""),
-                    f3(&d["clean"]),
-                    f3(&d["perturbed"]),
-                    f3(&d["delta"])
+                    p.spec,
+                    d.metric,
+                    f3(d.clean),
+                    f3(d.perturbed),
+                    f3(d.delta)
                 );
             }
         }
@@ -375,12 +296,15 @@ fn eval_tables(m: &serde_json::Value) -> String {
 }
 
 fn training_curves(run: &Path, page: &mut Page) -> Result<()> {
-    let runs_dir = run.join("runs");
+    let runs_dir = RunDir::new(run).runs_dir();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&runs_dir)
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path().join("metrics.jsonl")))
-                .filter(|p| p.is_file())
-                .collect()
+            rd.filter_map(|e| {
+                e.ok()
+                    .map(|e| evl_run::TrainRunDir::new(e.path()).step_logs())
+            })
+            .filter(|p| p.is_file())
+            .collect()
         })
         .unwrap_or_default();
     files.sort();
@@ -409,17 +333,11 @@ fn training_curves(run: &Path, page: &mut Page) -> Result<()> {
             .unwrap_or("run")
             .to_string();
         let mut per: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for v in jsonl(f)? {
-            let step = v["step"].as_f64().unwrap_or(0.0);
-            for k in ["total", "ce"] {
-                if let Some(x) = v[k].as_f64() {
-                    per.entry(k.to_string()).or_default().push((step, x));
-                }
-            }
-            for t in v["terms"].as_array().into_iter().flatten() {
-                if let (Some(name), Some(x)) = (t[0].as_str(), t[1].as_f64()) {
-                    per.entry(name.to_string()).or_default().push((step, x));
-                }
+        for v in evl_run::read_jsonl::<StepLog>(f)? {
+            let step = v.step as f64;
+            let fixed = [("total".to_string(), v.total), ("ce".to_string(), v.ce)];
+            for (name, x) in fixed.into_iter().chain(v.terms) {
+                per.entry(name).or_default().push((step, x));
             }
         }
         for (k, points) in per {
@@ -452,7 +370,7 @@ fn training_curves(run: &Path, page: &mut Page) -> Result<()> {
     Ok(())
 }
 
-fn column(lines: &[Pred], space: &[String], c: usize) -> (Vec<bool>, Vec<f64>) {
+fn column(lines: &[PredLine], space: &[String], c: usize) -> (Vec<bool>, Vec<f64>) {
     lines
         .iter()
         .map(|l| {
@@ -464,7 +382,7 @@ fn column(lines: &[Pred], space: &[String], c: usize) -> (Vec<bool>, Vec<f64>) {
         .unzip()
 }
 
-fn curves(lines: &[Pred], space: &[String], name: &str, page: &mut Page) -> Result<()> {
+fn curves(lines: &[PredLine], space: &[String], name: &str, page: &mut Page) -> Result<()> {
     use evl_eval::continuous::{
         average_precision, expected_calibration_error, pr_curve, roc_curve,
     };
@@ -540,21 +458,26 @@ fn curves(lines: &[Pred], space: &[String], name: &str, page: &mut Page) -> Resu
     Ok(())
 }
 
-fn ecg_with_answer(lines: &[Pred], space: &[String], data: &Path, page: &mut Page) -> Result<()> {
+fn ecg_with_answer(
+    lines: &[PredLine],
+    space: &[String],
+    data: &Path,
+    page: &mut Page,
+) -> Result<()> {
     let Some(first) = lines.first() else {
         return Ok(());
     };
-    let direct = data.join(&first.id);
+    let direct = data.join(&first.question_id);
     let path = if direct.with_extension("hea").is_file() || direct.with_extension("mat").is_file() {
         Some(direct)
     } else {
-        let want = format!("{}.hea", first.id);
+        let want = format!("{}.hea", first.question_id);
         walk_find(data, &want).map(|p| p.with_extension(""))
     };
     let Some(path) = path else {
         page.skipped.push(format!(
             "rendered ECG: record `{}` not found under {}",
-            first.id,
+            first.question_id,
             data.display()
         ));
         return Ok(());
@@ -591,7 +514,7 @@ fn ecg_with_answer(lines: &[Pred], space: &[String], data: &Path, page: &mut Pag
          <img class=\"ecg\" alt=\"ECG {id}\" src=\"data:image/png;base64,{b64}\">\
          <p class=\"answer\">record <b>{id}</b><br>model answer: {ans}<br>gold labels: {gold}<br>\
          per-label probabilities: {probs}</p></section>",
-        id = esc(&first.id),
+        id = esc(&first.question_id),
         ans = if first.text.is_empty() {
             "(empty answer)".to_string()
         } else {
@@ -618,61 +541,59 @@ fn walk_find(dir: &Path, name: &str) -> Option<PathBuf> {
     subdirs.into_iter().find_map(|d| walk_find(&d, name))
 }
 
-fn method_figures(a: &serde_json::Value, page: &mut Page) -> Result<()> {
+fn method_figures(a: &Analysis, page: &mut Page) -> Result<()> {
     page.body
         .push_str("<section><h2>What distillation aligns</h2>\n");
-    let p = &a["plan"];
-    if let (Some(rows), Some(cols), Some(vals)) =
-        (p["rows"].as_u64(), p["cols"].as_u64(), p["plan"].as_array())
-    {
-        let v: Vec<f64> = vals.iter().filter_map(|x| x.as_f64()).collect();
-        if v.len() == (rows * cols) as usize {
-            page.figure(
-                "transport-plan.svg",
-                figures::heatmap(
-                    &format!(
-                        "Sinkhorn plan, record {}",
-                        p["example"].as_str().unwrap_or("?")
-                    ),
-                    "student visual token",
-                    "teacher visual token",
-                    rows as usize,
-                    cols as usize,
-                    &v,
-                )?,
-                &format!(
-                    "Entropic OT plan (eps 0.1, {} iterations) between the {rows} projected \
-                     teacher visual tokens and the {cols} visual tokens of the EVL-ECG student, \
-                     seed 0 (as the paper's Figure 2); colour from the smallest entry ({:.2e}, \
-                     white) to the largest ({:.2e}, dark), uniform would be {:.2e}. Transport \
-                     cost {}.",
-                    p["n_iter"],
-                    v.iter().copied().fold(f64::MAX, f64::min),
-                    v.iter().copied().fold(f64::MIN, f64::max),
-                    1.0 / (rows * cols) as f64,
-                    f3(&p["cost"])
+    if let Some(p) = &a.plan {
+        let (rows, cols, v) = (p.rows, p.cols, &p.plan);
+        if v.len() != rows * cols {
+            return Err(Error::Empty {
+                path: page.dir.clone(),
+                what: format!(
+                    "analysis.json: the plan has {} entries for {rows} x {cols} tokens",
+                    v.len()
                 ),
-            )?;
+            });
         }
+        page.figure(
+            "transport-plan.svg",
+            figures::heatmap(
+                &format!("Sinkhorn plan, record {}", p.example),
+                "student visual token",
+                "teacher visual token",
+                rows,
+                cols,
+                v,
+            )?,
+            &format!(
+                "Entropic OT plan (eps {}, {} iterations) between the {rows} projected \
+                 teacher visual tokens and the {cols} visual tokens of the EVL-ECG student, \
+                 seed 0 (as the paper's Figure 2); colour from the smallest entry ({:.2e}, \
+                 white) to the largest ({:.2e}, dark), uniform would be {:.2e}. Transport \
+                 cost {}.",
+                p.eps,
+                p.n_iter,
+                v.iter().copied().fold(f64::MAX, f64::min),
+                v.iter().copied().fold(f64::MIN, f64::max),
+                1.0 / (rows * cols) as f64,
+                f3(Some(p.cost))
+            ),
+        )?;
     }
-    let spectra: Vec<Series> = a["spectra"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let spectra: Vec<Series> = a
+        .spectra
+        .iter()
         .map(|s| Series {
             name: format!(
                 "{} (eff. rank {:.1} of {})",
-                s["model"].as_str().unwrap_or("?"),
-                s["effective_rank"].as_f64().unwrap_or(f64::NAN),
-                s["width"]
+                s.model, s.effective_rank, s.width
             ),
-            points: s["singular_values"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            points: s
+                .singular_values
+                .iter()
                 .enumerate()
                 // Below 1e-4 of the top value is rounding noise of the eigensolver.
-                .filter_map(|(i, x)| x.as_f64().map(|v| ((i + 1) as f64, v)))
+                .map(|(i, &v)| ((i + 1) as f64, v))
                 .filter(|p| p.1 >= 1e-4)
                 .collect(),
         })

@@ -10,47 +10,7 @@ use evl_models::vlm::EcgVlm;
 use crate::batch::{Sample, pixels};
 use crate::train::DistillModel;
 
-/// A transport plan for one example.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct PlanFigure {
-    /// Example (record) id.
-    pub example: String,
-    /// Teacher visual tokens (rows).
-    pub rows: usize,
-    /// Student visual tokens (columns).
-    pub cols: usize,
-    /// Row-major plan entries (sum 1).
-    pub plan: Vec<f64>,
-    /// Sinkhorn iterations used.
-    pub n_iter: usize,
-    /// Transport cost `sum(P * C)`.
-    pub cost: f64,
-}
-
-/// Normalised singular values of a model's visual features.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Spectrum {
-    /// Model name.
-    pub model: String,
-    /// Feature width.
-    pub width: usize,
-    /// Token rows stacked.
-    pub rows: usize,
-    /// Singular values of the centred `[rows, width]` matrix, descending, divided by the
-    /// largest.
-    pub singular_values: Vec<f64>,
-    /// Effective rank `exp(H(p))`, `p = s / sum(s)` (Roy & Vetterli).
-    pub effective_rank: f64,
-}
-
-/// Everything `analysis.json` holds.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Analysis {
-    /// The transport plan figure.
-    pub plan: Option<PlanFigure>,
-    /// Spectra.
-    pub spectra: Vec<Spectrum>,
-}
+pub use evl_run::{Analysis, PlanFigure, Spectrum};
 
 /// The plan between `teacher`'s visual tokens (through the head's trained projector) and the
 /// distilled student's, for `sample`, with the head's OT settings.
@@ -73,6 +33,7 @@ pub fn transport_plan(
         cols,
         cost: out.plan.iter().zip(&out.cost).map(|(p, c)| p * c).sum(),
         plan: out.plan,
+        eps: ot.eps,
         n_iter: out.n_iter.first().copied().unwrap_or(0),
     }
 }

@@ -10,17 +10,11 @@ use burn::optim::ModuleOptimizer;
 use burn::store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 
-use crate::train::StepLog;
 use crate::{Error, Result};
+use evl_run::StepLog;
 
-/// The resumable part of a run.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct State {
-    /// Completed optimiser steps.
-    pub step: usize,
-    /// Logs so far.
-    pub logs: Vec<StepLog>,
-}
+/// The resumable part of a run (`state.json`).
+pub use evl_run::CheckpointState as State;
 
 fn ck(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::Checkpoint {
@@ -64,28 +58,24 @@ pub fn save<M: Module>(
     let bytes = optim.into_bytes().map_err(|e| ck(&opath, e))?;
     std::fs::write(&otmp, &bytes[..]).map_err(|e| ck(&otmp, e))?;
     std::fs::rename(&otmp, &opath).map_err(|e| ck(&opath, e))?;
-    let spath = dir.join("state.json");
-    let stmp = tmp_of(&spath);
-    let text = serde_json::to_string(&State {
+    // Last: its presence marks a complete checkpoint.
+    let state = State {
         step,
         logs: logs.to_vec(),
-    })
-    .expect("plain data");
-    std::fs::write(&stmp, text).map_err(|e| ck(&stmp, e))?;
-    std::fs::rename(&stmp, &spath).map_err(|e| ck(&spath, e))
+    };
+    Ok(evl_run::write_json(
+        &evl_run::TrainRunDir::state_in(dir),
+        &state,
+    )?)
 }
 
 /// The state of a checkpoint in `dir`, if there is one.
 pub fn load_state(dir: &Path) -> Result<Option<State>> {
-    let p = dir.join("state.json");
+    let p = evl_run::TrainRunDir::state_in(dir);
     if !p.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
-        path: p.clone(),
-        source,
-    })?;
-    serde_json::from_str(&text).map(Some).map_err(|e| ck(&p, e))
+    Ok(Some(evl_run::read_json(&p)?))
 }
 
 /// Load parameters into `model`: from the burnpack (with parameter identities, for resuming)

@@ -6,17 +6,17 @@
 //! thresholds chosen on the validation split, and for each perturbation the change of every
 //! metric with a paired bootstrap interval (the same resampled records on both sides).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::Device;
 use ecg_data::Dataset;
 use ecg_io::labels::ptbxl::Split;
 use ecg_signal::perturb::Perturbation;
-use evl_eval::continuous::{self, ReliabilityBin};
+use evl_eval::continuous;
 
 use crate::batch::{Labelled, samples_from_records};
-use crate::eval::{EvalScores, PredLine, evaluate};
+use crate::eval::{PredLine, evaluate};
 use crate::infer::ModelBundle;
 use crate::{Error, Result};
 
@@ -50,79 +50,7 @@ impl Default for EvalOptions {
     }
 }
 
-/// One class's row.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ClassRow {
-    /// Label.
-    pub label: String,
-    /// Records with the label.
-    pub positives: usize,
-    /// ROC AUC of the probabilities (None when the class has one gold value).
-    pub auc: Option<f64>,
-    /// Average precision (None without positives).
-    pub ap: Option<f64>,
-    /// Threshold chosen on the validation split (None without one).
-    pub val_threshold: Option<f64>,
-}
-
-/// A metric's change under a perturbation.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Delta {
-    /// Metric name.
-    pub metric: String,
-    /// Clean value.
-    pub clean: Option<f64>,
-    /// Perturbed value.
-    pub perturbed: Option<f64>,
-    /// perturbed - clean.
-    pub delta: Option<f64>,
-    /// 95% paired percentile bootstrap interval of the change.
-    pub ci95: Option<(f64, f64)>,
-}
-
-/// One perturbation's outcome.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct PerturbResult {
-    /// Canonical spec.
-    pub spec: String,
-    /// Scores under the perturbation.
-    pub scores: EvalScores,
-    /// Every metric's change.
-    pub deltas: Vec<Delta>,
-    /// Predictions file written.
-    pub predictions: Option<PathBuf>,
-}
-
-/// Everything `metrics.json` holds.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct DatasetEval {
-    /// Model directory.
-    pub model: PathBuf,
-    /// Data spec.
-    pub data: PathBuf,
-    /// Split evaluated (`all` when none).
-    pub split: String,
-    /// Label space.
-    pub space: Vec<String>,
-    /// Records evaluated.
-    pub n: usize,
-    /// Records none of whose labels is in the label space (scored as all-negative).
-    pub outside_space: usize,
-    /// Clean scores.
-    pub scores: EvalScores,
-    /// Per-class rows.
-    pub per_class: Vec<ClassRow>,
-    /// Macro F1 at the per-class thresholds chosen on the validation split.
-    pub macro_f1_at_val_thresholds: Option<f64>,
-    /// Records of the validation split used for thresholds.
-    pub n_val: usize,
-    /// Reliability diagram of all per-label probabilities (10 bins).
-    pub reliability: Vec<ReliabilityBin>,
-    /// Perturbation results.
-    pub perturbations: Vec<PerturbResult>,
-    /// Mean model time per record (rendering excluded), ms.
-    pub ms_per_record: f64,
-}
+pub use evl_run::{ClassRow, DatasetEval, Delta, PerturbResult};
 
 fn data_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Data(Box::new(e))
@@ -305,7 +233,7 @@ fn write_gold(path: &Path, lines: &[PredLine]) -> Result<()> {
         })
         .collect();
     let text = serde_json::to_string_pretty(&items).expect("plain data");
-    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(data_err)
+    Ok(evl_run::atomic_write(path, text.as_bytes())?)
 }
 
 fn file_name(spec: &str) -> String {
@@ -403,8 +331,9 @@ pub fn eval_dataset(
         .map(|t| continuous::macro_f1_at(&yt, &ys, t));
     let (_, reliability) = continuous::expected_calibration_error(&yt, &ys, 10);
     if let Some(o) = out {
-        crate::write_jsonl(&o.join("predictions.jsonl"), &lines)?;
-        write_gold(&o.join("gold.json"), &lines)?;
+        let dir = evl_run::RunDir::new(o);
+        evl_run::write_jsonl(&dir.eval_predictions(), &lines)?;
+        write_gold(&dir.gold(), &lines)?;
     }
     let mut perturbations = Vec::new();
     for p in &opts.perturb {
@@ -422,8 +351,8 @@ pub fn eval_dataset(
         let deltas = paired_deltas(&lines, &plines, space, opts.resamples, opts.seed);
         let predictions = match out {
             Some(o) => {
-                let path = o.join(format!("predictions-{}.jsonl", file_name(&spec)));
-                crate::write_jsonl(&path, &plines)?;
+                let path = evl_run::RunDir::new(o).perturbed_predictions(&file_name(&spec));
+                evl_run::write_jsonl(&path, &plines)?;
                 Some(path)
             }
             None => None,
@@ -460,8 +389,7 @@ pub fn eval_dataset(
         ms_per_record,
     };
     if let Some(o) = out {
-        let text = serde_json::to_string_pretty(&result).expect("plain data");
-        ecg_io::wfdb::atomic_write(&o.join("metrics.json"), text.as_bytes()).map_err(data_err)?;
+        evl_run::write_json(&evl_run::RunDir::new(o).eval_metrics(), &result)?;
     }
     Ok(result)
 }

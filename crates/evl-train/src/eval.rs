@@ -13,54 +13,7 @@ use evl_models::vlm::EcgVlm;
 use crate::batch::{Sample, encode_prompt, pixels, text_tensors};
 use crate::text::{DIAGNOSIS_PROMPT, EOS, TextTokenizer, verify_prompt};
 
-/// One prediction line (PULSE output format plus our probabilities).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PredLine {
-    /// Question id (the record id).
-    pub question_id: String,
-    /// Prompt.
-    pub prompt: String,
-    /// Generated answer.
-    pub text: String,
-    /// Per-label probabilities (label space order).
-    pub probs: Vec<f64>,
-    /// Gold labels.
-    pub gold: Vec<String>,
-}
-
-/// Scores of one evaluation.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EvalScores {
-    /// Examples.
-    pub n: usize,
-    /// Macro ROC AUC over probabilities (None if no class has both values).
-    pub macro_auc: Option<f64>,
-    /// Per-class ROC AUC (None = skipped).
-    pub per_class_auc: Vec<Option<f64>>,
-    /// Macro F1 of probabilities thresholded at 0.5.
-    pub macro_f1_at_05: f64,
-    /// Subset accuracy at 0.5.
-    pub subset_accuracy: f64,
-    /// ECG-Bench parity F1 of the generated answers.
-    pub parity_f1: f64,
-    /// ECG-Bench parity "AUC" of 0/1 answers (None = NaN in the script).
-    pub parity_auc_binary: Option<f64>,
-    /// ECG-Bench parity Hamming loss.
-    pub parity_hamming: f64,
-    /// Macro average precision (PR AUC) over classes with positives.
-    #[serde(default)]
-    pub macro_ap: Option<f64>,
-    /// Fmax over thresholds 0..1 (PTB-XL benchmark definition).
-    #[serde(default)]
-    pub fmax: f64,
-    /// Expected calibration error of the per-label probabilities (10 bins).
-    #[serde(default)]
-    pub ece: f64,
-    /// 95% percentile bootstrap interval of the macro ROC AUC (1000 resamples of records,
-    /// seed 0).
-    #[serde(default)]
-    pub macro_auc_ci95: Option<(f64, f64)>,
-}
+pub use evl_run::{EvalScores, PredLine};
 
 fn first_token(tok: &TextTokenizer, word: &str) -> i64 {
     tok.encode(word).0.first().copied().unwrap_or(EOS)

@@ -20,7 +20,7 @@ use crate::dataset_eval::load_labelled;
 use crate::eval::{EvalScores, evaluate};
 use crate::text::TextTokenizer;
 use crate::train::{
-    DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
+    Ablation, DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
 };
 use crate::{Error, Result};
 
@@ -54,10 +54,11 @@ pub struct ModelSection {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillSection {
-    /// `evl`, `ce` or `kl`.
-    pub method: String,
-    /// EVL-ECG terms switched off (`ot`, `mhca`, `rel`).
-    pub ablate: Vec<String>,
+    /// `evl`, `ce`, `kl`, `uld`, `multilevel-ot`, `tinybert`, `dskd`, `emkd`, or
+    /// `evl-no-TERM`.
+    pub method: Method,
+    /// EVL-ECG terms switched off (`ot`, `mhca`, `rel`), added to those the method names.
+    pub ablate: Vec<Ablation>,
     /// `a`, weight of the student's CE.
     pub alpha: f64,
     /// `lm`.
@@ -119,7 +120,7 @@ impl Default for JobConfig {
                 optim: o(200, 3e-3),
             },
             distill: DistillSection {
-                method: "evl".into(),
+                method: Method::evl(),
                 ablate: Vec::new(),
                 alpha: 0.3,
                 lambda_mhca: 1.0,
@@ -325,9 +326,7 @@ fn validate(
         return Ok(None);
     };
     let (scores, _) = evaluate(model, tok, &val, &crate::text::superclass_space(), device);
-    let text = serde_json::to_string_pretty(&scores).expect("plain data");
-    ecg_io::wfdb::atomic_write(&out.join("val_metrics.json"), text.as_bytes())
-        .map_err(|e| Error::Data(Box::new(e)))?;
+    evl_run::write_json(&evl_run::TrainRunDir::new(out).val_metrics(), &scores)?;
     Ok(Some(scores))
 }
 
@@ -418,7 +417,7 @@ fn finish(
     data: TrainData<'_>,
     infer_device: &Device,
 ) -> Result<JobOutcome> {
-    crate::write_jsonl(&out.join("metrics.jsonl"), logs)?;
+    evl_run::write_jsonl(&evl_run::TrainRunDir::new(out).step_logs(), logs)?;
     let stopped = logs.len() < steps;
     let val = if stopped {
         None
@@ -468,7 +467,7 @@ pub fn distill_job(
 ) -> Result<JobOutcome> {
     let d = &cfg.distill;
     check_resume(out, resume)?;
-    let method = Method::parse(&d.method, &d.ablate)?;
+    let method = Method::parse(&d.method.name(), &d.ablate)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
@@ -535,7 +534,13 @@ mod tests {
             JobConfig::from_toml_str("[distill]\nlambda_ot = 0.2\n[student.optim]\nsteps = 7\n")
                 .expect("partial config");
         assert_eq!(c.distill.lambda_ot, 0.2);
-        assert_eq!(c.distill.method, "evl");
+        assert_eq!(c.distill.method, Method::evl());
+        let m = JobConfig::from_toml_str("[distill]\nmethod = \"evl-no-ot\"\nablate = [\"rel\"]\n")
+            .expect("typed method");
+        assert_eq!(m.distill.method.ablated(), [Ablation::Ot]);
+        assert_eq!(m.distill.ablate, [Ablation::Rel]);
+        let e = JobConfig::from_toml_str("[distill]\nmethod = \"tiny-bert\"\n").expect_err("bad");
+        assert!(e.contains("tiny-bert") && e.contains("tinybert"), "{e}");
         assert_eq!(c.student.optim.steps, 7);
         assert_eq!(c.student.vocab, JobConfig::default().student.vocab);
         assert_eq!(

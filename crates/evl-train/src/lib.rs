@@ -41,6 +41,9 @@ pub enum Error {
         /// Problem.
         what: String,
     },
+    /// A run-directory file could not be written or read.
+    #[error(transparent)]
+    Run(#[from] evl_run::Error),
     /// Invalid settings.
     #[error("setting `{field}`: {what}")]
     Config {
@@ -51,20 +54,14 @@ pub enum Error {
     },
 }
 
+impl From<evl_kd::MethodError> for Error {
+    fn from(e: evl_kd::MethodError) -> Self {
+        Error::Config {
+            field: "method",
+            what: e.to_string(),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Write `items` as JSON Lines, atomically (parent directories created).
-pub(crate) fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, items: &[T]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    let text: String = items
-        .iter()
-        .map(|l| serde_json::to_string(l).expect("plain data") + "\n")
-        .collect();
-    ecg_io::wfdb::atomic_write(path, text.as_bytes()).map_err(|e| Error::Data(Box::new(e)))
-}

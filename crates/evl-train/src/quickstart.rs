@@ -16,7 +16,9 @@ use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
 use crate::batch::{InputSpec, Labelled, Sample, samples_from_records};
 use crate::eval::{EvalScores, PredLine, evaluate};
 use crate::text::TextTokenizer;
-use crate::train::{DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill, sft};
+use crate::train::{
+    Ablation, DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill, sft,
+};
 use crate::{Error, Result};
 
 /// Size presets.
@@ -55,9 +57,9 @@ pub struct QuickstartConfig {
     /// Each distillation run.
     pub distill: OptimConfig,
     /// Methods compared (table 1).
-    pub methods: Vec<String>,
+    pub methods: Vec<Method>,
     /// EVL-ECG ablations (table 2): terms removed.
-    pub ablations: Vec<String>,
+    pub ablations: Vec<Ablation>,
     /// Test examples evaluated (synthetic).
     pub n_test_eval: usize,
     /// Teacher encoder input: `image` (rendered ECG paper) or `signal` (raw 12 leads). The
@@ -94,8 +96,8 @@ impl QuickstartConfig {
                 teacher_sft: o(4, 2e-3, 4),
                 student_sft: o(4, 2e-3, 4),
                 distill: o(3, 1e-3, 4),
-                methods: vec!["evl".into(), "kl".into(), "ce".into()],
-                ablations: vec!["ot".into()],
+                methods: vec![Method::evl(), Method::Kl, Method::Ce],
+                ablations: vec![Ablation::Ot],
                 n_test_eval: 4,
                 teacher_input: "image".into(),
                 student_input: "image".into(),
@@ -112,8 +114,8 @@ impl QuickstartConfig {
                 teacher_sft: o(500, 3e-3, 16),
                 student_sft: o(200, 3e-3, 16),
                 distill: o(80, 1e-3, 16),
-                methods: vec!["evl".into(), "kl".into(), "ce".into()],
-                ablations: vec!["ot".into(), "mhca".into(), "rel".into()],
+                methods: vec![Method::evl(), Method::Kl, Method::Ce],
+                ablations: Ablation::ALL.to_vec(),
                 n_test_eval: 50,
                 teacher_input: "signal".into(),
                 student_input: "signal".into(),
@@ -130,19 +132,17 @@ impl QuickstartConfig {
                 teacher_sft: o(2000, 1e-3, 32),
                 student_sft: o(1500, 2e-3, 32),
                 distill: o(600, 5e-4, 32),
-                methods: [
-                    "evl",
-                    "kl",
-                    "ce",
-                    "uld",
-                    "multilevel-ot",
-                    "tinybert",
-                    "dskd",
-                    "emkd",
-                ]
-                .map(String::from)
-                .to_vec(),
-                ablations: vec!["ot".into(), "mhca".into(), "rel".into()],
+                methods: vec![
+                    Method::evl(),
+                    Method::Kl,
+                    Method::Ce,
+                    Method::Uld,
+                    Method::MultiLevelOt,
+                    Method::TinyBert,
+                    Method::Dskd,
+                    Method::Emkd,
+                ],
+                ablations: Ablation::ALL.to_vec(),
                 n_test_eval: 300,
                 teacher_input: "image".into(),
                 student_input: "image".into(),
@@ -190,68 +190,10 @@ impl QuickstartConfig {
     }
 }
 
-/// One distillation run's outcome.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RunResult {
-    /// Method name.
-    pub method: String,
-    /// Seed.
-    pub seed: u64,
-    /// Synthetic test scores.
-    pub synthetic: EvalScores,
-    /// Real PTB-XL scores (None without ../shared).
-    pub real: Option<EvalScores>,
-    /// Mean wall time per optimiser step, ms.
-    pub ms_per_step: f64,
-    /// Peak resident memory of the process after the run, MiB (monotonic, process-wide).
-    pub peak_rss_mib: Option<f64>,
-    /// Final loss terms.
-    pub final_terms: Vec<(String, f64)>,
-}
+pub use evl_run::{FactsJson, RunResult};
 
-/// Everything `results.json` holds.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Results {
-    /// Settings.
-    pub config: QuickstartConfig,
-    /// Teacher facts.
-    pub teacher: FactsJson,
-    /// Student facts.
-    pub student: FactsJson,
-    /// Reference rows: teacher and the student after SFT.
-    pub references: Vec<RunResult>,
-    /// Distillation runs.
-    pub runs: Vec<RunResult>,
-    /// Wall time of each stage, s.
-    pub stage_seconds: BTreeMap<String, f64>,
-    /// Training turns whose teacher and student token counts differ, and all turns.
-    pub length_differs: (usize, usize),
-    /// Total wall time, s.
-    pub wall_seconds: f64,
-    /// Notes.
-    pub notes: Vec<String>,
-}
-
-/// Model facts in results.json.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct FactsJson {
-    /// Parameters.
-    pub params: usize,
-    /// Visual tokens.
-    pub visual_tokens: usize,
-    /// Visual width.
-    pub d_vision: usize,
-    /// LM width.
-    pub d_model: usize,
-    /// Vocabulary.
-    pub vocab: usize,
-    /// Input.
-    pub input: String,
-    /// Mean answer length in tokens over the diagnosis answers of the training set.
-    pub mean_answer_tokens: f64,
-    /// Mean text length (prompt + answer + specials) over every training turn.
-    pub mean_text_tokens: f64,
-}
+/// Everything `results.json` holds, with this crate's configuration type.
+pub type Results = evl_run::Results<QuickstartConfig>;
 
 fn facts_json(f: ModelFacts, mean_answer_tokens: f64, mean_text_tokens: f64) -> FactsJson {
     FactsJson {
@@ -296,6 +238,7 @@ pub fn run(
     mut say: impl FnMut(&str),
 ) -> Result<Results> {
     let t_all = Instant::now();
+    let dir = evl_run::RunDir::new(out);
     let mut stages = BTreeMap::new();
     let mut notes = Vec::new();
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
@@ -304,7 +247,7 @@ pub fn run(
     })?;
     // 1. Data.
     let t = Instant::now();
-    let data_dir = out.join("data");
+    let data_dir = dir.data();
     let synth_cfg = ecg_synth::SynthConfig {
         difficulty: cfg.difficulty,
         ..Default::default()
@@ -476,7 +419,7 @@ pub fn run(
         ("student-sft", &student.valid(), &s_tok),
     ] {
         let (syn, r, lines) = eval_both(m, tok);
-        crate::write_jsonl(&out.join(format!("predictions/{name}.jsonl")), &lines)?;
+        evl_run::write_jsonl(&dir.predictions(name), &lines)?;
         say(&format!(
             "{name}: synthetic macro AUC {:?}, parity F1 {:.3}",
             syn.macro_auc, syn.parity_f1
@@ -494,14 +437,12 @@ pub fn run(
     stages.insert("reference_eval".into(), t.elapsed().as_secs_f64());
     // 7. Distillation runs.
     let t = Instant::now();
-    let mut methods: Vec<Method> = cfg
-        .methods
-        .iter()
-        .map(|m| Method::parse(m, &[]))
-        .collect::<Result<_>>()?;
-    methods.extend(cfg.ablations.iter().map(|a| Method::Evl {
-        ablate: vec![a.clone()],
-    }));
+    let mut methods: Vec<Method> = cfg.methods.clone();
+    methods.extend(
+        cfg.ablations
+            .iter()
+            .map(|&a| Method::Evl { ablate: vec![a] }),
+    );
     let mut runs = Vec::new();
     // Seed-0 students and the EVL run's head, for the report's figures.
     let mut seed0: Vec<(String, EcgVlm)> = vec![("student-sft".into(), student.valid())];
@@ -515,7 +456,9 @@ pub fn run(
                     ..cfg.distill.clone()
                 },
             );
-            let run_dir = out.join(format!("runs/{}-seed{seed}", m.name()));
+            let run = dir.run(&format!("{}-seed{seed}", m.name()));
+            // A quickstart run keeps its checkpoint files beside its step log.
+            let run_dir = run.root().to_path_buf();
             let (dm, logs) = distill(
                 student.clone(),
                 &train,
@@ -527,7 +470,7 @@ pub fn run(
                 train_device,
                 |_| {},
             )?;
-            crate::write_jsonl(&run_dir.join("metrics.jsonl"), &logs)?;
+            evl_run::write_jsonl(&run.step_logs(), &logs)?;
             let s = dm.student.clone();
             let first_seed = Some(&seed) == cfg.seeds.first();
             if first_seed && (m == &Method::Ce || m == &Method::Kl || m.name() == "evl") {
@@ -536,7 +479,7 @@ pub fn run(
             if matches!(m, Method::Evl { ablate } if ablate.is_empty()) && first_seed {
                 evl_head = Some(dm);
                 crate::infer::save_bundle(
-                    &out.join("model"),
+                    &dir.model(),
                     &s.valid(),
                     &student_cfg,
                     &s_tok,
@@ -545,8 +488,8 @@ pub fn run(
                 )?;
             }
             let (syn, r, lines) = eval_both(&s.valid(), &s_tok);
-            crate::write_jsonl(
-                &out.join(format!("predictions/{}-seed{seed}.jsonl", m.name())),
+            evl_run::write_jsonl(
+                &dir.predictions(&format!("{}-seed{seed}", m.name())),
                 &lines,
             )?;
             let ms = logs.iter().map(|l| l.ms).sum::<f64>() / logs.len().max(1) as f64;
@@ -599,12 +542,11 @@ pub fn run(
         spectra.push(crate::analysis::spectrum(name, m, &test, infer_device));
     }
     let analysis = crate::analysis::Analysis { plan, spectra };
-    let json = serde_json::to_string_pretty(&analysis).expect("plain data");
-    ecg_io::wfdb::atomic_write(&out.join("analysis.json"), json.as_bytes())
-        .map_err(|e| Error::Data(Box::new(e)))?;
+    evl_run::write_json(&dir.analysis(), &analysis)?;
     stages.insert("analysis".into(), t.elapsed().as_secs_f64());
     let results = Results {
         config: cfg.clone(),
+        space: crate::text::superclass_space(),
         teacher: tf,
         student: sf,
         references,
@@ -614,11 +556,8 @@ pub fn run(
         wall_seconds: t_all.elapsed().as_secs_f64(),
         notes,
     };
-    let json = serde_json::to_string_pretty(&results).expect("plain data");
-    ecg_io::wfdb::atomic_write(&out.join("results.json"), json.as_bytes())
-        .map_err(|e| Error::Data(Box::new(e)))?;
-    ecg_io::wfdb::atomic_write(&out.join("report.md"), report(&results).as_bytes())
-        .map_err(|e| Error::Data(Box::new(e)))?;
+    evl_run::write_json(&dir.results(), &results)?;
+    evl_run::atomic_write(&dir.report_md(), report(&results).as_bytes())?;
     Ok(results)
 }
 
@@ -701,7 +640,7 @@ pub fn report(r: &Results) -> String {
         s.push('\n');
     };
     let mut main_names: Vec<String> = vec!["teacher".into(), "student-sft".into()];
-    main_names.extend(r.config.methods.iter().cloned());
+    main_names.extend(r.config.methods.iter().map(Method::name));
     table(&mut s, "Methods compared", &main_names);
     let mut abl: Vec<String> = vec!["evl".into()];
     abl.extend(r.config.ablations.iter().map(|a| format!("evl-no-{a}")));

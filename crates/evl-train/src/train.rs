@@ -1,15 +1,12 @@
 //! Supervised fine-tuning and distillation loops.
 //!
 //! SFT trains a model with next-token cross-entropy on answer tokens. Distillation starts from
-//! the student's SFT weights and adds, per method:
-//! - `ce`: nothing (SFT continued for the same number of steps: the control);
-//! - `kl`: vanilla KD (Hinton, T = 2) on the answer tokens over the vocabulary the two
-//!   tokenizers share, student token `k` aligned with the teacher token whose answer-character
-//!   span contains the student token's first character (the tokenizers split differently);
-//!   `L = a L_CE + (1 - a) L_KD`;
-//! - `evl`: EVL-ECG (`L = a L_CE + (1 - a)(lm L_mhca + lr L_rel + lot L_ot)` with the paper's
-//!   defaults), MHCA and relation on the language model's hidden states at the text positions,
-//!   Sinkhorn OT between teacher and student visual tokens; any term switchable off.
+//! the student's SFT weights and adds the method's terms, computed and mixed with the CE in
+//! one place, `evl_kd::method::distill_loss`. This loop supplies them as tensors: the
+//! student's forward pass, the teacher's cached outputs for the batch, and, for the
+//! logit-based methods, the answer tokens aligned across the two tokenizers (student token
+//! `k` with the teacher token whose answer-character span contains the student token's first
+//! character; the tokenizers split differently).
 //!
 //! The frozen teacher runs once per (example, turn) before distillation: its visual tokens,
 //! hidden states and answer logits are cached in memory (offline KD).
@@ -22,14 +19,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use evl_kd::baselines::kd::SharedVocab;
-use evl_kd::baselines::{Dskd, DskdConfig, MultiLevelOtConfig};
+use evl_kd::method::{
+    AlignedAnswers, BaselineHeads, KdBatch, MixConfig, Needs, TeacherBatch, distill_loss,
+};
 use evl_kd::task::masked_token_ce;
-use evl_kd::{EvlInputs, EvlLoss, EvlLossConfig, MhcaAlignConfig, OtAlignConfig};
+use evl_kd::{EvlLoss, EvlLossConfig, MhcaAlignConfig, OtAlignConfig};
 use evl_models::vlm::{Distillable, EcgVlm};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -134,105 +132,9 @@ pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec
     out
 }
 
-/// Distillation method. Every baseline is mixed with the student's own CE as
-/// `a * CE + (1 - a) * L_method` (the paper's `a`); their losses live in `evl_kd::baselines`,
-/// each documented with its source and the choices made for different tokenizers.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum Method {
-    /// Cross-entropy only (SFT continued).
-    Ce,
-    /// Vanilla KD over the shared vocabulary.
-    Kl,
-    /// EVL-ECG with terms switched off by name (`ot`, `mhca`, `rel`).
-    Evl {
-        /// Ablated terms.
-        ablate: Vec<String>,
-    },
-    /// ULD: sorted-probability L1 at aligned answer tokens.
-    Uld,
-    /// MultiLevelOT at the aligned answer tokens of each example.
-    MultiLevelOt,
-    /// TinyBERT-style hidden-state MSE through a learned projection.
-    TinyBert,
-    /// DSKD, cross-tokenizer variant (cross-model attention, dual-space KL).
-    Dskd,
-    /// EM-KD: Hungarian-matched vision tokens inside the LM, affinity smooth-L1, reverse KL.
-    Emkd,
-}
+pub use evl_kd::method::{Ablation, Method};
 
-impl Method {
-    /// Short name for tables (`evl`, `evl-no-ot`, `kl`, `ce`, `uld`, ...).
-    pub fn name(&self) -> String {
-        match self {
-            Method::Ce => "ce".into(),
-            Method::Kl => "kl".into(),
-            Method::Evl { ablate } if ablate.is_empty() => "evl".into(),
-            Method::Evl { ablate } => format!("evl-no-{}", ablate.join("-")),
-            Method::Uld => "uld".into(),
-            Method::MultiLevelOt => "multilevel-ot".into(),
-            Method::TinyBert => "tinybert".into(),
-            Method::Dskd => "dskd".into(),
-            Method::Emkd => "emkd".into(),
-        }
-    }
-
-    /// Parse a method name (`evl`, `ce`, `kl`, `uld`, `multilevel-ot`, `tinybert`, `dskd`,
-    /// `emkd`); `ablate` applies to `evl` only.
-    pub fn parse(name: &str, ablate: &[String]) -> Result<Method> {
-        let m = match name {
-            "evl" => Method::Evl {
-                ablate: ablate.to_vec(),
-            },
-            "ce" => Method::Ce,
-            "kl" => Method::Kl,
-            "uld" => Method::Uld,
-            "multilevel-ot" => Method::MultiLevelOt,
-            "tinybert" => Method::TinyBert,
-            "dskd" => Method::Dskd,
-            "emkd" => Method::Emkd,
-            other => {
-                return Err(Error::Config {
-                    field: "method",
-                    what: format!(
-                        "`{other}` (expected evl, ce, kl, uld, multilevel-ot, tinybert, dskd, emkd)"
-                    ),
-                });
-            }
-        };
-        if !ablate.is_empty() && !matches!(m, Method::Evl { .. }) {
-            return Err(Error::Config {
-                field: "ablate",
-                what: format!("ablations apply to evl only, not `{name}`"),
-            });
-        }
-        for a in ablate {
-            if !["ot", "mhca", "rel"].contains(&a.as_str()) {
-                return Err(Error::Config {
-                    field: "ablate",
-                    what: format!("`{a}` (expected ot, mhca or rel)"),
-                });
-            }
-        }
-        Ok(m)
-    }
-}
-
-/// One optimiser step's log.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StepLog {
-    /// Step (1-based).
-    pub step: usize,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Total loss.
-    pub total: f64,
-    /// Cross-entropy term.
-    pub ce: f64,
-    /// Other terms by name.
-    pub terms: Vec<(String, f64)>,
-    /// Wall time of the step, ms.
-    pub ms: f64,
-}
+pub use evl_run::StepLog;
 
 fn scalar(t: Tensor<1>) -> f64 {
     t.into_data()
@@ -532,17 +434,6 @@ pub struct DistillModel {
     pub baselines: BaselineHeads,
 }
 
-/// Trainable parts of the baselines that have some.
-#[derive(Module, Debug)]
-pub struct BaselineHeads {
-    /// TinyBERT's `W_h: D_s -> D_t`.
-    pub hidden_proj: Linear,
-    /// DSKD's cross-model attention and projections.
-    pub dskd: Dskd,
-    /// EM-KD's teacher -> student projection of LM states (vision and text), `D_t -> D_s`.
-    pub emkd_proj: Linear,
-}
-
 /// Settings of a distillation run.
 #[derive(Debug, Clone)]
 pub struct DistillConfig {
@@ -605,10 +496,6 @@ pub fn distill(
         Teacher::Cached(c) => (c.d, c.d_vis),
         Teacher::Online { model, .. } => (model.facts().d_model, model.facts().d_vision),
     };
-    let ablate = match &cfg.method {
-        Method::Evl { ablate } => ablate.clone(),
-        _ => Vec::new(),
-    };
     let loss_cfg = EvlLossConfig::new(
         MhcaAlignConfig::new(sf.d_model, t_d).with_n_heads(cfg.heads),
         OtAlignConfig::new(t_d_vis, sf.d_vision).with_eps(cfg.eps),
@@ -617,21 +504,17 @@ pub fn distill(
     .with_lambda_mhca(cfg.lambdas.0)
     .with_lambda_rel(cfg.lambdas.1)
     .with_lambda_ot(cfg.lambdas.2)
-    .with_ablate(ablate);
+    .with_ablate(cfg.method.ablated().to_vec());
     // The head's random initialisation is part of the run: seed it.
     device.seed(cfg.optim.seed ^ 0x5EED);
-    let lin = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
+    let head = loss_cfg.init(device);
     let mut model = DistillModel {
-        head: loss_cfg.init(device),
-        baselines: BaselineHeads {
-            hidden_proj: lin(sf.d_model, t_d),
-            dskd: DskdConfig::new(sf.d_model, t_d).init(device),
-            emkd_proj: lin(t_d, sf.d_model),
-        },
+        head,
+        baselines: BaselineHeads::init(sf.d_model, t_d, device),
         student,
     };
     let shared = SharedVocab::new(&s_tok.vocab(), &t_tok.vocab());
-    if matches!(cfg.method, Method::Kl | Method::Emkd) && shared.is_empty() {
+    if cfg.method.needs_shared_vocab() && shared.is_empty() {
         return Err(Error::Config {
             field: "method",
             what: format!(
@@ -644,6 +527,11 @@ pub fn distill(
     if let Teacher::Online { model: t, .. } = &teacher {
         crate::batch::check_inputs(samples, &t.input())?;
     }
+    let mix = MixConfig {
+        alpha: cfg.alpha,
+        temperature: cfg.temperature,
+        teacher_hidden_rms: cfg.teacher_hidden_rms,
+    };
     let o = &cfg.optim;
     let (resumed, mut optim, start, mut logs) = start_or_resume(model, o, run_dir, device)?;
     model = resumed;
@@ -671,76 +559,33 @@ pub fn distill(
             check_len(&b, model.student.max_text(), &ss, &turns)?;
             let v = model.student.view(b.pixels, b.text.clone(), b.pad);
             let ce = masked_token_ce(v.logits.clone(), b.text, b.answer);
-            let mut terms = Vec::new();
-            let loss = match &cfg.method {
-                Method::Ce => ce.clone(),
-                Method::Kl => {
-                    let kd = kl_term(
-                        &v.logits,
-                        &b.rows,
-                        &idx,
-                        samples,
-                        s_tok,
-                        cache,
-                        &shared,
-                        cfg.temperature,
-                        device,
-                    );
-                    terms.push(("kd".to_string(), scalar(kd.clone())));
-                    ce.clone().mul_scalar(cfg.alpha) + kd.mul_scalar(1.0 - cfg.alpha)
-                }
-                Method::Evl { .. } => {
-                    let (ht, tmask, tvis) = teacher_tensors(&idx, cache, device);
-                    let ht = if cfg.teacher_hidden_rms {
-                        ht.mul_scalar(1.0 / cache.hidden_rms)
-                    } else {
-                        ht
-                    };
-                    let inputs = EvlInputs {
-                        l_ce: ce.clone(),
-                        hs: v.hidden,
-                        ht,
-                        student_mask: Some(v.text_mask),
-                        teacher_mask: Some(tmask),
-                        t_vis: tvis,
-                        s_vis: v.visual,
-                        t_vis_mask: None,
-                        s_vis_mask: v.visual_mask,
-                    };
-                    let out = model.head.forward(inputs, &loss_cfg);
-                    if let Some(m) = out.mhca {
-                        terms.push(("mhca".to_string(), scalar(m)));
-                    }
-                    if let Some(r) = out.rel {
-                        terms.push(("rel".to_string(), scalar(r)));
-                    }
-                    if let Some(ot) = out.ot {
-                        terms.push(("ot".to_string(), scalar(ot.loss)));
-                    }
-                    out.total
-                }
-                m => {
-                    let ctx = BaselineCtx {
-                        v: &v,
-                        rows: &b.rows,
-                        idx: &idx,
-                        samples,
-                        s_tok,
-                        cache,
-                        shared: &shared,
-                        temperature: cfg.temperature,
-                        hidden_scale: if cfg.teacher_hidden_rms {
-                            1.0 / cache.hidden_rms
-                        } else {
-                            1.0
-                        },
-                        device,
-                    };
-                    let l = ctx.loss(m, &model.baselines);
-                    terms.push((m.name(), scalar(l.clone())));
-                    ce.clone().mul_scalar(cfg.alpha) + l.mul_scalar(1.0 - cfg.alpha)
-                }
+            let needs = cfg.method.needs();
+            let answers = if needs.aligned_answers {
+                aligned_answer_logits(&v.logits, &b.rows, &idx, samples, s_tok, cache, device)
+            } else {
+                None
             };
+            let batch = KdBatch {
+                student: &v,
+                student_lens: b.rows.iter().map(|(ids, _)| ids.len()).collect(),
+                ce: ce.clone(),
+                teacher: teacher_batch(&idx, cache, needs, device),
+                answers,
+            };
+            let out = distill_loss(
+                &cfg.method,
+                batch,
+                &mix,
+                (&model.head, &loss_cfg),
+                &model.baselines,
+                &shared,
+            );
+            let terms: Vec<(String, f64)> = out
+                .terms
+                .into_iter()
+                .map(|(k, t)| (k.to_string(), scalar(t)))
+                .collect();
+            let loss = out.total;
             let loss = loss.mul_scalar(1.0 / o.accumulate as f64);
             tot += scalar(loss.clone());
             ce_sum += scalar(ce) / o.accumulate as f64;
@@ -774,42 +619,66 @@ pub fn distill(
     Ok((model, logs))
 }
 
-/// Teacher hidden states `[b, l_t, d_t]` (padded), their validity mask, and visual tokens.
-fn teacher_tensors(
+/// The cached teacher outputs of a micro-batch that the method reads: hidden states
+/// `[b, l_t, d_t]` (padded) with their validity mask and lengths, visual tokens, LM states at
+/// the visual positions, the output head.
+fn teacher_batch(
     idx: &[(usize, usize)],
     cache: &TeacherCache,
+    needs: Needs,
     device: &Device,
-) -> (Tensor<3>, Tensor<2, Bool>, Tensor<3>) {
+) -> TeacherBatch {
     let b = idx.len();
-    let lt = idx
-        .iter()
-        .map(|&(i, k)| cache.outs[i][k].len)
-        .max()
-        .unwrap_or(1);
-    let d = cache.d;
-    let mut h = vec![0.0f32; b * lt * d];
-    let mut m = vec![false; b * lt];
-    let mut vis = Vec::with_capacity(b * cache.v * cache.d_vis);
-    for (r, &(i, k)) in idx.iter().enumerate() {
-        let o = &cache.outs[i][k];
-        h[r * lt * d..r * lt * d + o.len * d].copy_from_slice(&o.hidden);
-        for j in 0..o.len {
-            m[r * lt + j] = true;
+    let lens: Vec<usize> = idx.iter().map(|&(i, k)| cache.outs[i][k].len).collect();
+    let (mut hidden, mut hidden_mask) = (None, None);
+    if needs.teacher_hidden {
+        let lt = lens.iter().copied().max().unwrap_or(1);
+        let d = cache.d;
+        let mut h = vec![0.0f32; b * lt * d];
+        let mut m = vec![false; b * lt];
+        for (r, &(i, k)) in idx.iter().enumerate() {
+            let o = &cache.outs[i][k];
+            h[r * lt * d..r * lt * d + o.len * d].copy_from_slice(&o.hidden);
+            m[r * lt..r * lt + o.len].fill(true);
         }
-        vis.extend_from_slice(&o.visual);
+        hidden = Some(Tensor::from_data(TensorData::new(h, [b, lt, d]), device));
+        hidden_mask = Some(Tensor::from_data(TensorData::new(m, [b, lt]), device));
     }
-    (
-        Tensor::from_data(TensorData::new(h, [b, lt, d]), device),
-        Tensor::from_data(TensorData::new(m, [b, lt]), device),
-        Tensor::from_data(TensorData::new(vis, [b, cache.v, cache.d_vis]), device),
-    )
+    let visual = needs.teacher_visual.then(|| {
+        let mut vis = Vec::with_capacity(b * cache.v * cache.d_vis);
+        for &(i, k) in idx {
+            vis.extend_from_slice(&cache.outs[i][k].visual);
+        }
+        Tensor::from_data(TensorData::new(vis, [b, cache.v, cache.d_vis]), device)
+    });
+    let visual_hidden = needs.teacher_visual_hidden.then(|| {
+        let mut vh = Vec::with_capacity(b * cache.v * cache.d);
+        for &(i, _) in idx {
+            vh.extend_from_slice(&cache.vis_hidden[i]);
+        }
+        Tensor::from_data(TensorData::new(vh, [b, cache.v, cache.d]), device)
+    });
+    let head = needs.teacher_head.then(|| {
+        Tensor::from_data(
+            TensorData::new(cache.head.clone(), [cache.d, cache.vocab]),
+            device,
+        )
+    });
+    TeacherBatch {
+        hidden,
+        hidden_mask,
+        lens,
+        visual,
+        visual_hidden,
+        head,
+        hidden_rms: cache.hidden_rms,
+    }
 }
 
 /// Student logit rows at answer positions and the teacher answer-logit rows aligned to them
 /// by character spans (the teacher token covering the student token's first character; the
 /// student's EOS to the teacher's EOS), with the batch row of each pair. `None` when the batch
 /// has no answer token.
-#[allow(clippy::too_many_arguments)]
 fn aligned_answer_logits(
     logits: &Tensor<3>,
     rows: &[(Vec<i64>, Vec<bool>)],
@@ -818,7 +687,7 @@ fn aligned_answer_logits(
     s_tok: &TextTokenizer,
     cache: &TeacherCache,
     device: &Device,
-) -> Option<(Tensor<2>, Tensor<2>, Vec<usize>)> {
+) -> Option<AlignedAnswers> {
     let [b, t, vs] = logits.dims();
     let mut pos: Vec<i64> = Vec::new(); // flat student positions
     let mut row_of = Vec::new();
@@ -863,190 +732,11 @@ fn aligned_answer_logits(
     let sel = Tensor::<1, Int>::from_data(TensorData::new(pos, [n]), device);
     let zs = flat.select(0, sel);
     let zt = Tensor::<2>::from_data(TensorData::new(teacher_rows, [n, cache.vocab]), device);
-    Some((zs, zt, row_of))
-}
-
-/// Vanilla KD on answer tokens over the shared vocabulary, with character-span alignment.
-#[allow(clippy::too_many_arguments)]
-fn kl_term(
-    logits: &Tensor<3>,
-    rows: &[(Vec<i64>, Vec<bool>)],
-    idx: &[(usize, usize)],
-    samples: &[Sample],
-    s_tok: &TextTokenizer,
-    cache: &TeacherCache,
-    shared: &SharedVocab,
-    temperature: f64,
-    device: &Device,
-) -> Tensor<1> {
-    match aligned_answer_logits(logits, rows, idx, samples, s_tok, cache, device) {
-        Some((zs, zt, _)) => shared.kd(zs, zt, temperature),
-        None => Tensor::<1>::zeros([1], device),
-    }
-}
-
-/// Everything a baseline's loss reads for one micro-batch.
-struct BaselineCtx<'a> {
-    v: &'a evl_models::vlm::DistillView,
-    rows: &'a [(Vec<i64>, Vec<bool>)],
-    idx: &'a [(usize, usize)],
-    samples: &'a [Sample],
-    s_tok: &'a TextTokenizer,
-    cache: &'a TeacherCache,
-    shared: &'a SharedVocab,
-    temperature: f64,
-    /// Factor on the teacher hidden states of MSE targets (TinyBERT).
-    hidden_scale: f64,
-    device: &'a Device,
-}
-
-impl BaselineCtx<'_> {
-    /// Student hidden states of row `r` without padding `[1, l_s, d_s]`.
-    fn student_hidden(&self, r: usize) -> Tensor<3> {
-        let [_, _, d] = self.v.hidden.dims();
-        let l = self.rows[r].0.len();
-        self.v.hidden.clone().slice([r..r + 1, 0..l, 0..d])
-    }
-
-    /// Cached teacher hidden states of row `r` `[1, l_t, d_t]`.
-    fn teacher_hidden(&self, r: usize) -> Tensor<3> {
-        let (i, k) = self.idx[r];
-        let o = &self.cache.outs[i][k];
-        Tensor::from_data(
-            TensorData::new(o.hidden.clone(), [1, o.len, self.cache.d]),
-            self.device,
-        )
-    }
-
-    /// The teacher's output head `[d_t, v_t]`.
-    fn teacher_head(&self) -> Tensor<2> {
-        Tensor::from_data(
-            TensorData::new(self.cache.head.clone(), [self.cache.d, self.cache.vocab]),
-            self.device,
-        )
-    }
-
-    fn mean(terms: Vec<Tensor<1>>, device: &Device) -> Tensor<1> {
-        let n = terms.len();
-        match terms.into_iter().reduce(|a, b| a + b) {
-            Some(t) => t.mul_scalar(1.0 / n as f64),
-            None => Tensor::<1>::zeros([1], device),
-        }
-    }
-
-    /// The method's distillation term (without the CE).
-    fn loss(&self, method: &Method, heads: &BaselineHeads) -> Tensor<1> {
-        let b = self.idx.len();
-        let dev = self.device;
-        match method {
-            Method::Uld | Method::MultiLevelOt => {
-                let Some((zs, zt, row_of)) = aligned_answer_logits(
-                    &self.v.logits,
-                    self.rows,
-                    self.idx,
-                    self.samples,
-                    self.s_tok,
-                    self.cache,
-                    dev,
-                ) else {
-                    return Tensor::<1>::zeros([1], dev);
-                };
-                if *method == Method::Uld {
-                    return evl_kd::baselines::uld_loss(zs, zt, self.temperature, self.temperature)
-                        .loss;
-                }
-                // MultiLevelOT per example: its aligned answer tokens form the sequence.
-                let cfg = MultiLevelOtConfig::default();
-                let per: Vec<Tensor<1>> = (0..b)
-                    .filter_map(|r| {
-                        let sel: Vec<i64> = row_of
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, x)| **x == r)
-                            .map(|(q, _)| q as i64)
-                            .collect();
-                        (!sel.is_empty()).then(|| {
-                            let n = sel.len();
-                            let ix = Tensor::<1, Int>::from_data(TensorData::new(sel, [n]), dev);
-                            let zs_r = zs.clone().select(0, ix.clone()).unsqueeze::<3>();
-                            let zt_r = zt.clone().select(0, ix).unsqueeze::<3>();
-                            evl_kd::baselines::multilevel_ot_loss(zs_r, zt_r, &cfg).loss
-                        })
-                    })
-                    .collect();
-                Self::mean(per, dev)
-            }
-            Method::TinyBert => {
-                let w = heads.hidden_proj.weight.val();
-                let per = (0..b)
-                    .map(|r| {
-                        evl_kd::baselines::tinybert_hidden_loss(
-                            self.student_hidden(r),
-                            self.teacher_hidden(r).mul_scalar(self.hidden_scale),
-                            w.clone(),
-                            None,
-                        )
-                    })
-                    .collect();
-                Self::mean(per, dev)
-            }
-            Method::Dskd => {
-                let head_t = self.teacher_head();
-                let head_s = self.v.head.clone();
-                let per = (0..b)
-                    .map(|r| {
-                        let (hs, ht) = (self.student_hidden(r), self.teacher_hidden(r));
-                        let zs = hs.clone().matmul(head_s.clone().unsqueeze::<3>());
-                        let zt = ht.clone().matmul(head_t.clone().unsqueeze::<3>());
-                        heads
-                            .dskd
-                            .forward(hs, ht, zs, zt, head_s.clone(), head_t.clone())
-                            .loss
-                    })
-                    .collect();
-                Self::mean(per, dev)
-            }
-            Method::Emkd => {
-                let head_t = self.teacher_head();
-                let head_s = self.v.head.clone();
-                let [_, vs, ds] = self.v.visual_hidden.dims();
-                let (vt, dt) = (self.cache.v, self.cache.d);
-                let per = (0..b)
-                    .map(|r| {
-                        let (i, _) = self.idx[r];
-                        let t_vis = Tensor::<3>::from_data(
-                            TensorData::new(self.cache.vis_hidden[i].clone(), [1, vt, dt]),
-                            dev,
-                        );
-                        let s_vis = self.v.visual_hidden.clone().slice([r..r + 1, 0..vs, 0..ds]);
-                        let t_logits = SharedVocab::gather(
-                            t_vis.clone().reshape([vt, dt]).matmul(head_t.clone()),
-                            &self.shared.teacher_ids,
-                        )
-                        .unsqueeze::<3>();
-                        let s_logits = SharedVocab::gather(
-                            s_vis.clone().reshape([vs, ds]).matmul(head_s.clone()),
-                            &self.shared.student_ids,
-                        )
-                        .unsqueeze::<3>();
-                        evl_kd::baselines::emkd_loss(
-                            heads.emkd_proj.forward(t_vis),
-                            s_vis,
-                            heads.emkd_proj.forward(self.teacher_hidden(r)),
-                            self.student_hidden(r),
-                            t_logits,
-                            s_logits,
-                            1.0,
-                            1.0,
-                        )
-                        .loss
-                    })
-                    .collect();
-                Self::mean(per, dev)
-            }
-            Method::Ce | Method::Kl | Method::Evl { .. } => Tensor::<1>::zeros([1], dev),
-        }
-    }
+    Some(AlignedAnswers {
+        student: zs,
+        teacher: zt,
+        row_of,
+    })
 }
 
 /// A model on the inference device (no autodiff).

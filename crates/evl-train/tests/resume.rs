@@ -342,8 +342,8 @@ fn every_method_trains() {
             "{name}: the student did not change"
         );
     }
-    assert!(Method::parse("uld", &["ot".into()]).is_err());
-    assert!(Method::parse("evl", &["bogus".into()]).is_err());
+    assert!(Method::parse("uld", &[evl_train::train::Ablation::Ot]).is_err());
+    assert!("bogus".parse::<evl_train::train::Ablation>().is_err());
 }
 
 /// `turns_per_record` groups distinct questions about the same record in a batch; 1 keeps

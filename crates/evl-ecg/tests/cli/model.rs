@@ -33,8 +33,11 @@ fn eval_writes_pulse_predictions_metrics_and_paired_perturbation_deltas() {
         .arg(&out));
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let m: serde_json::Value =
+    let mut m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    // The file carries its schema version (evl-run); the summary is the same document.
+    let version = m.as_object_mut().unwrap().remove("schema_version");
+    assert_eq!(version, Some(serde_json::json!(1)));
     assert_eq!(summary["data"], m);
     let n = m["n"].as_u64().unwrap() as usize;
     assert!(n > 0 && m["per_class"].as_array().unwrap().len() == 5);
