@@ -7,10 +7,21 @@
 //! headers.
 
 pub mod cache;
+pub mod labelled;
 
 use std::path::{Path, PathBuf};
 
 pub use cache::SignalCache;
+
+/// The project's shared records (`../shared/data` beside a checkout): the directory named by
+/// `EVL_SHARED_DATA` when set, else `../shared/data` from the working directory (commands are
+/// run from the repository root). `None` when that is not a directory. Looked up at run time:
+/// a binary carries no path of the machine it was built on.
+pub fn shared_data() -> Option<PathBuf> {
+    let d = std::env::var_os("EVL_SHARED_DATA")
+        .map_or_else(|| PathBuf::from("../shared/data"), PathBuf::from);
+    d.is_dir().then_some(d)
+}
 use ecg_io::labels::ptbxl::{PtbxlTree, Split, header_labels};
 use ecg_io::labels::{LabelSpace, snomed};
 use ecg_io::{Lead, ReadOptions};
@@ -59,6 +70,14 @@ pub enum Error {
         /// Entry id.
         id: String,
         /// Problem.
+        what: String,
+    },
+    /// A data spec that is no dataset, or whose records cannot be labelled.
+    #[error("{}: {what}", .path.display())]
+    Spec {
+        /// The path given (or the record's header).
+        path: PathBuf,
+        /// What is wrong and what to give instead.
         what: String,
     },
     /// Cache file problems.

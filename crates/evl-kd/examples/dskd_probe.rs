@@ -1,8 +1,8 @@
 //! Profiling probe: DSKD forward + backward at the bench's small shapes (B=8, L_t=96,
 //! L_s=64, D_t=256, D_s=128, vocabularies 1024/512).
 //! `cargo run --release -p evl-kd --example dskd_probe`.
+use burn::tensor::Device;
 use evl_kd::baselines::dskd::DskdConfig;
-use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use std::time::Instant;
 

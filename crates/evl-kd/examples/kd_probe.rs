@@ -1,7 +1,7 @@
 //! Profiling probe: vanilla KD forward + backward on `[512, 512]` logits (the small bench
 //! shape). `cargo run --release -p evl-kd --example kd_probe`.
+use burn::tensor::Device;
 use evl_kd::baselines::kd_vanilla;
-use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use std::time::Instant;
 

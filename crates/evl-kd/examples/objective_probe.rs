@@ -1,11 +1,11 @@
 //! Profiling probe: the EVL-ECG objective (forward + backward) at paper shapes (B=4,
 //! L=512, V_t=576, V_s=144, D_t=1024, D_s=512, h=8), teacher frozen.
 //! `cargo run --release -p evl-kd --example objective_probe [-- mhca|relation|ot] [small] [graph]`.
+use burn::tensor::Device;
 use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
     mhca_align_loss, relation_loss,
 };
-use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use std::time::Instant;
 

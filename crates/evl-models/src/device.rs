@@ -4,7 +4,11 @@
 //! tensor carries a dtype. All of evl-ecg's tensor code creates tensors through the helpers
 //! here so that the choice of `f32`/`f64` and CPU/GPU is made in exactly one place.
 
-use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+
+/// The compute device handle (burn's): callers above the model crates hold it without naming
+/// burn, and get one from [`DeviceSpec::device`].
+pub use burn::tensor::Device;
 use std::fmt;
 use std::str::FromStr;
 
@@ -52,6 +56,16 @@ impl fmt::Display for DeviceSpecError {
 }
 
 impl std::error::Error for DeviceSpecError {}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+            DeviceSpec::Vulkan(i) => write!(f, "vulkan:{i}"),
+        }
+    }
+}
 
 impl FromStr for DeviceSpec {
     type Err = DeviceSpecError;

@@ -1,7 +1,8 @@
 //! Model-side building blocks of evl-ecg on [burn](https://burn.dev) 0.22.1.
 //!
-//! This crate is one of the three places in the workspace that see burn (with `evl-kd` and the
-//! training crate), so that a breaking burn release is a contained edit. It owns:
+//! burn is a direct dependency of the crates that build tensors (this one, `evl-kd`,
+//! `evl-infer`, `evl-train`, `evl-ops`, `evl-bench`) and of no other; nothing re-exports it
+//! (the binary holds a [`device::Device`] and names no burn item). It owns:
 //!
 //! - [`ops`]: tensor operations burn lacks (max-shifted `logsumexp`, explicit-difference
 //!   squared distances, masked means, L2 normalisation with PyTorch's floor), each tested once;
@@ -18,5 +19,4 @@ pub mod native;
 pub mod ops;
 pub mod vlm;
 
-pub use burn;
 pub use device::{DeviceSpec, Precision};

@@ -1,26 +1,23 @@
-//! Training for evl-ecg: tokenizers and conversations ([`text`]), batching records into model
-//! inputs ([`batch`]), supervised fine-tuning and distillation with EVL-ECG or a baseline
-//! ([`train`]), checkpoints that survive interruption ([`checkpoint`]), evaluation
-//! ([`eval`]) and the end-to-end quickstart ([`quickstart`]).
+//! Training for evl-ecg: the supervised fine-tuning and distillation loops ([`train`]),
+//! training batches ([`batch`]), the frozen teacher's cached outputs ([`cache`]) and
+//! checkpoints that survive interruption ([`checkpoint`]).
+//!
+//! Which loss a method uses and how it is mixed is `evl-kd`'s ([`evl_kd::method`]); record
+//! preparation, tokenizers, evaluation and the model bundle are `evl-infer`'s; jobs and the
+//! quickstart are `evl-ops`'s.
 
-pub mod analysis;
 pub mod batch;
+pub mod cache;
 pub mod checkpoint;
-pub mod dataset_eval;
-pub mod eval;
-pub mod infer;
-pub mod job;
-pub mod quickstart;
-pub mod text;
 pub mod train;
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Tokenizer training, loading or saving failed.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    /// Preparing records, tokenizing or evaluating failed.
+    #[error(transparent)]
+    Infer(Box<evl_infer::Error>),
     /// File access.
     #[error("cannot access {}", .path.display())]
     Io {
@@ -52,6 +49,12 @@ pub enum Error {
         /// Problem.
         what: String,
     },
+}
+
+impl From<evl_infer::Error> for Error {
+    fn from(e: evl_infer::Error) -> Self {
+        Error::Infer(Box::new(e))
+    }
 }
 
 impl From<evl_kd::MethodError> for Error {

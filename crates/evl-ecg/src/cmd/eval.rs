@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use ecg_io::labels::ptbxl::Split;
 use ecg_signal::perturb::Perturbation;
-use evl_train::dataset_eval::{EvalOptions, eval_dataset};
+use evl_infer::dataset::{EvalOptions, eval_dataset};
 
 use crate::args::EvalArgs;
 
@@ -22,8 +22,8 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
         .map(|s| s.parse::<Perturbation>())
         .collect::<Result<Vec<_>, _>>()
         .context("--perturb")?;
-    let device = crate::cmd::quickstart::burn_device()?;
-    let bundle = evl_train::infer::ModelBundle::load(&a.model, &device)
+    let device = crate::cmd::device(a.device)?;
+    let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let opts = EvalOptions {
         split,

@@ -1,8 +1,5 @@
 //! One module per noun; one function per verb.
 
-mod bench;
-mod bench_data;
-mod bench_infer;
 pub(crate) mod data;
 mod eval;
 pub(crate) mod quickstart;
@@ -11,13 +8,19 @@ mod train;
 
 use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb, TrainVerb};
 
+/// The one place a `--device` becomes a device (inference mode; `.autodiff()` for training).
+pub(crate) fn device(spec: evl_models::DeviceSpec) -> anyhow::Result<evl_models::device::Device> {
+    spec.device()
+        .map_err(|e| anyhow::anyhow!("--device {spec}: {e}"))
+}
+
 /// Dispatches a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.noun {
-        Noun::Bench(BenchVerb::Losses(a)) => bench::losses(&a, cli.json),
-        Noun::Bench(BenchVerb::Io(a)) => bench_data::io(&a, cli.json),
-        Noun::Bench(BenchVerb::Render(a)) => bench_data::render(&a, cli.json),
-        Noun::Bench(BenchVerb::Infer(a)) => bench_infer::run(&a, cli.json),
+        Noun::Bench(BenchVerb::Losses(a)) => evl_bench::losses::losses(&a, cli.json),
+        Noun::Bench(BenchVerb::Io(a)) => evl_bench::data::io(&a, cli.json),
+        Noun::Bench(BenchVerb::Render(a)) => evl_bench::data::render(&a, cli.json),
+        Noun::Bench(BenchVerb::Infer(a)) => evl_bench::infer::run(&a, cli.json),
         Noun::Data(DataVerb::Inspect(a)) => data::inspect(&a, cli.json),
         Noun::Data(DataVerb::Convert(a)) => data::convert(&a),
         Noun::Data(DataVerb::Synth(a)) => data::synth(&a, cli.json),
@@ -27,10 +30,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Interpret(a) => quickstart::interpret(&a, cli.json),
         Noun::Eval(a) => eval::run(&a, cli.json),
         Noun::Train(TrainVerb::Teacher(a)) => {
-            train::run_train(evl_train::job::Role::Teacher, &a, cli.json)
+            train::run_train(evl_ops::job::Role::Teacher, &a, cli.json)
         }
         Noun::Train(TrainVerb::Student(a)) => {
-            train::run_train(evl_train::job::Role::Student, &a, cli.json)
+            train::run_train(evl_ops::job::Role::Student, &a, cli.json)
         }
         Noun::Distill(a) => train::run_distill(&a, cli.json),
         Noun::Report(a) => report(&a, cli.json),

@@ -1,10 +1,7 @@
 //! `evl-ecg quickstart`.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
-use evl_models::DeviceSpec;
-use evl_train::quickstart::{Preset, QuickstartConfig, run as run_quickstart};
+use evl_ops::quickstart::{Preset, QuickstartConfig, run as run_quickstart};
 
 use crate::args::{DifficultyArg, InterpretArgs, PresetArg, QuickstartArgs};
 
@@ -29,18 +26,21 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
             DifficultyArg::Mixed => ecg_synth::Difficulty::Mixed,
         };
     }
-    let spec: DeviceSpec = a
-        .device
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    let device = spec
-        .device()
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device = crate::cmd::device(a.device)?;
     let train_device = device.clone().autodiff();
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    let shared = shared.is_dir().then_some(shared);
+    let shared = ecg_data::shared_data();
     if shared.is_none() {
-        eprintln!("note: ../shared/data not found; the real-record evaluation is skipped");
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            anyhow::bail!(
+                "../shared/data is not here (CI=true): the real-record evaluation cannot be \
+                 skipped under CI; run from the repository root or set EVL_SHARED_DATA"
+            );
+        }
+        eprintln!(
+            "note: ../shared/data not found from {} (set EVL_SHARED_DATA to point at it); \
+             the real-record evaluation is skipped",
+            std::env::current_dir().map_or("here".into(), |d| d.display().to_string())
+        );
     }
     let t = std::time::Instant::now();
     let r = run_quickstart(&a.out, &cfg, shared.as_deref(), &train_device, &device, |msg| {
@@ -71,15 +71,15 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
 
 /// `interpret`.
 pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
-    let device = burn_device()?;
+    let device = crate::cmd::device(a.device)?;
     let t = std::time::Instant::now();
-    let bundle = evl_train::infer::ModelBundle::load(&a.model, &device)
+    let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     for path in &a.records {
         let rec = crate::cmd::data::load(path, a.no_verify)?;
         let r = bundle
-            .interpret(&rec)
+            .interpret_on(&rec, &device)
             .with_context(|| format!("interpreting {}", path.display()))?;
         if json {
             println!(
@@ -103,10 +103,4 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-pub(crate) fn burn_device() -> Result<evl_models::burn::tensor::Device> {
-    DeviceSpec::Cpu
-        .device()
-        .map_err(|e| anyhow::anyhow!("device: {e}"))
 }

@@ -1,8 +1,7 @@
 //! `evl-ecg train teacher|student` and `evl-ecg distill`.
 
 use anyhow::{Context, Result};
-use evl_models::DeviceSpec;
-use evl_train::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
+use evl_ops::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
 use evl_train::train::{OptimConfig, StepLog};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -42,19 +41,8 @@ fn apply(o: &mut OptimConfig, a: &JobArgs) {
     o.stop_after = a.stop_after;
 }
 
-fn devices(
-    a: &JobArgs,
-) -> Result<(
-    evl_models::burn::tensor::Device,
-    evl_models::burn::tensor::Device,
-)> {
-    let spec: DeviceSpec = a
-        .device
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    let d = spec
-        .device()
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+fn devices(a: &JobArgs) -> Result<(evl_models::device::Device, evl_models::device::Device)> {
+    let d = crate::cmd::device(a.device)?;
     Ok((d.clone().autodiff(), d))
 }
 

@@ -5,12 +5,12 @@
 //! loss (key and student masks), the fused objective (masks, ablations, detached teacher) and
 //! the fused OT loss (masks, an empty item, a zero token).
 
+use burn::tensor::{Bool, Device, Tensor};
 use evl_kd::relation::relation_loss_graph;
 use evl_kd::{
     EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, RelationOutput,
     evl_objective, evl_objective_graph, mhca_align_loss, mhca_forward, mhca_loss, relation_loss,
 };
-use evl_models::burn::tensor::{Bool, Device, Tensor};
 use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
 fn randn(n: usize, seed: u64) -> Vec<f64> {

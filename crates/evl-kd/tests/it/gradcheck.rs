@@ -1,12 +1,12 @@
 //! Central finite differences (f64) against autodiff, for the losses without fixtures.
 
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor};
 use evl_kd::baselines::{
     Dskd, MultiLevelOtConfig, SharedVocab, emkd_loss, multilevel_ot_loss, rkd_loss,
     tinybert_hidden_loss, uld_loss,
 };
-use evl_models::burn::module::Param;
-use evl_models::burn::nn::Linear;
-use evl_models::burn::tensor::{Device, Tensor};
 use evl_models::device::{Precision, tensor_from_f64, to_vec_f64};
 
 /// Deterministic pseudo-normal values.

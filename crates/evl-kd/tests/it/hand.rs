@@ -2,12 +2,12 @@
 //! is derived in the comments (finite differences check gradients against the value; these
 //! check the value itself).
 
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::Device;
 use evl_kd::baselines::{
     Dskd, MultiLevelOtConfig, emkd_loss, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss,
 };
-use evl_models::burn::module::Param;
-use evl_models::burn::nn::Linear;
-use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
 fn close(got: f64, want: f64, what: &str) {

@@ -2,11 +2,11 @@
 //! masked rows, batch 1; in f32 and f64, detached and unrolled.
 
 use crate::gradcheck::values;
+use burn::tensor::{Device, Tensor};
 use evl_kd::sinkhorn::{PlanGradient, Stop};
 use evl_kd::{
     MhcaWeights, OtLossConfig, RelationConfig, mhca_forward, mhca_loss, ot_loss, relation_loss,
 };
-use evl_models::burn::tensor::{Device, Tensor};
 use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
 fn finite(v: &[f64]) -> bool {

@@ -4,11 +4,11 @@
 //! every EVAL_EVERY steps. A development probe, not part of the product.
 #![allow(clippy::unwrap_used)]
 
-use evl_models::burn::module::Module;
-use evl_models::burn::tensor::Device;
-use evl_train::batch::samples_from_records;
-use evl_train::quickstart::{Preset, QuickstartConfig};
-use evl_train::text::TextTokenizer;
+use burn::module::Module;
+use burn::tensor::Device;
+use evl_infer::input::samples_from_records;
+use evl_infer::text::TextTokenizer;
+use evl_ops::quickstart::{Preset, QuickstartConfig};
 use evl_train::train::{OptimConfig, sft};
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -44,14 +44,14 @@ fn main() {
         n,
     )
     .unwrap();
-    let train_recs = evl_train::dataset_eval::load_labelled(
+    let train_recs = evl_infer::dataset::load_labelled(
         dir.path(),
         Some(ecg_io::labels::ptbxl::Split::Train),
         None,
         false,
     )
     .unwrap();
-    let val_recs = evl_train::dataset_eval::load_labelled(
+    let val_recs = evl_infer::dataset::load_labelled(
         dir.path(),
         Some(ecg_io::labels::ptbxl::Split::Val),
         None,
@@ -60,7 +60,7 @@ fn main() {
     .unwrap();
     let train = samples_from_records(train_recs, &cfg.input, 1).unwrap();
     let val = samples_from_records(val_recs, &cfg.input, 2).unwrap();
-    let texts = evl_train::batch::corpus(&train);
+    let texts = evl_infer::input::corpus(&train);
     let (vocab, mut mcfg) = if role == "teacher" {
         (cfg.teacher_vocab, cfg.teacher_model())
     } else {
@@ -98,19 +98,19 @@ fn main() {
         let (m, logs) = sft(model, &train, &tok, &o2, Some(&run), &tdev, |_| {}).unwrap();
         model = m;
         done = upto;
-        let (s, _) = evl_train::eval::evaluate(&model.valid(), &tok, &val, &space, &dev);
+        let (s, _) = evl_infer::eval::evaluate(&model.valid(), &tok, &val, &space, &dev);
         let recent: f64 = logs.iter().rev().take(20).map(|l| l.total).sum::<f64>() / 20.0;
         let inf = model.valid();
         for s in val.iter().take(2) {
             for q in [
-                evl_train::text::DIAGNOSIS_PROMPT.to_string(),
+                evl_infer::text::DIAGNOSIS_PROMPT.to_string(),
                 "What is the rhythm? Options: SR, SBRAD, STACH, AF.".to_string(),
-                evl_train::text::verify_prompt("MI"),
+                evl_infer::text::verify_prompt("MI"),
             ] {
                 let ids = inf.generate(
-                    evl_train::batch::pixels(&[s], &inf.input(), &dev),
-                    &evl_train::batch::encode_prompt(&tok, &q),
-                    evl_train::text::EOS,
+                    evl_infer::input::pixels(&[s], &inf.input(), &dev),
+                    &evl_infer::input::encode_prompt(&tok, &q),
+                    evl_infer::text::EOS,
                     12,
                 );
                 println!(

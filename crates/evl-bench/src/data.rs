@@ -8,11 +8,12 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
-use crate::args::{BenchIoArgs, BenchRenderArgs};
+use crate::args::{IoArgs as BenchIoArgs, RenderArgs as BenchRenderArgs};
 
+/// `../shared/data` (the project's shared records) when it is there: `EVL_SHARED_DATA`, else
+/// `../shared/data` from the working directory (the repository root).
 pub(crate) fn shared_data() -> Option<PathBuf> {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    d.is_dir().then_some(d)
+    ecg_data::shared_data()
 }
 
 pub(crate) fn run_python(
@@ -86,9 +87,16 @@ pub fn io(a: &BenchIoArgs, json: bool) -> Result<()> {
     }
     let mut reference = None;
     if !a.no_python {
+        let scripts = crate::scripts::Scripts::write()?;
         match run_python(
             &a.python,
-            &["bench/wfdb_read.py", &a.reps.to_string()],
+            &[
+                scripts
+                    .path(crate::scripts::WFDB_READ)
+                    .to_str()
+                    .unwrap_or_default(),
+                &a.reps.to_string(),
+            ],
             Some(serde_json::to_string(&paths).expect("strings")),
         ) {
             Ok(v) => {
@@ -204,12 +212,16 @@ pub fn render(a: &BenchRenderArgs, json: bool) -> Result<()> {
     drop(img);
     let mut reference = None;
     if !a.no_python {
+        let scripts = crate::scripts::Scripts::write()?;
         let tmp = std::env::temp_dir().join(format!("evl-ecg-bench-render-{}", std::process::id()));
         ecg_synth::write_dataset(&tmp, &ecg_synth::SynthConfig::default(), 0, m.min(20))?;
         match run_python(
             &a.python,
             &[
-                "bench/mpl_render.py",
+                scripts
+                    .path(crate::scripts::MPL_RENDER)
+                    .to_str()
+                    .unwrap_or_default(),
                 &tmp.to_string_lossy(),
                 &a.dpi.to_string(),
                 &m.min(20).to_string(),

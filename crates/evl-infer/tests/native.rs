@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use burn::tensor::Device;
+use evl_infer::bundle::{ModelBundle, save_bundle};
+use evl_infer::input::{InputSpec, Sample, image_of, signal_of};
+use evl_infer::text::{TextTokenizer, conversations};
 use evl_models::vlm::{EcgVlmConfig, InputKind};
-use evl_train::batch::{InputSpec, Sample, image_of, signal_of};
-use evl_train::infer::{ModelBundle, save_bundle};
-use evl_train::text::{TextTokenizer, conversations};
 
 fn samples(n: usize, spec: &InputSpec) -> Vec<Sample> {
     let r = ecg_render::Renderer::new(ecg_render::RenderConfig {
@@ -40,7 +40,7 @@ fn native_engine_matches_the_burn_model() {
     let device = Device::flex();
     let spec = InputSpec::default();
     let data = samples(4, &spec);
-    let texts = evl_train::batch::corpus(&data);
+    let texts = evl_infer::input::corpus(&data);
     let tok = TextTokenizer::train(&texts, 90).unwrap();
     let space: Vec<String> = ecg_synth::SUPERCLASSES
         .iter()
@@ -67,7 +67,7 @@ fn native_engine_matches_the_burn_model() {
         let dir = tempfile::tempdir().unwrap();
         save_bundle(dir.path(), &model, cfg, &tok, &spec, &space).unwrap();
         let bundle = ModelBundle::load(dir.path(), &device).unwrap();
-        let (_, lines) = evl_train::eval::evaluate(&bundle.model, &tok, &data, &space, &device);
+        let (_, lines) = evl_infer::eval::evaluate(&bundle.model, &tok, &data, &space, &device);
         for (s, line) in data.iter().zip(&lines) {
             let got = bundle.answer(s);
             for (p, q) in got.probs.iter().zip(&line.probs) {

@@ -10,7 +10,7 @@
 use burn::tensor::Device;
 use evl_models::vlm::EcgVlm;
 
-use crate::batch::{Sample, encode_prompt, pixels, text_tensors};
+use crate::input::{Sample, encode_prompt, pixels, text_tensors};
 use crate::text::{DIAGNOSIS_PROMPT, EOS, TextTokenizer, verify_prompt};
 
 pub use evl_run::{EvalScores, PredLine};

@@ -1,8 +1,11 @@
 //! `evl-ecg bench losses`: our losses (burn, `flex` CPU, f32) against the PyTorch/POT
 //! reference script `bench/torch_losses.py`, run in the same invocation on the same shapes.
 
-use crate::args::{BenchLossesArgs, ShapePreset};
+use crate::args::{LossesArgs as BenchLossesArgs, ShapePreset};
 use anyhow::{Context, Result};
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::Device;
 use evl_kd::baselines::{
     Dskd, MultiLevelOtConfig, kd_vanilla, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss,
     uld_loss,
@@ -13,14 +16,10 @@ use evl_kd::{
     mhca_align_loss, ot_loss, relation_loss,
 };
 use evl_models::DeviceSpec;
-use evl_models::burn::module::Param;
-use evl_models::burn::nn::Linear;
-use evl_models::burn::tensor::Device;
 use evl_models::device::{Precision, tensor_from_f64};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -124,7 +123,7 @@ fn rkd_len(s: &Shapes) -> usize {
 }
 
 /// A bias-free linear layer holding `w` (`[d_in, d_out]`).
-fn lin(w: evl_models::burn::tensor::Tensor<2>) -> Linear {
+fn lin(w: burn::tensor::Tensor<2>) -> Linear {
     Linear {
         weight: Param::from_tensor(w),
         bias: None,
@@ -370,11 +369,8 @@ fn torch_times(
     threads: usize,
     torch_device: &str,
 ) -> Result<BTreeMap<String, f64>, String> {
-    // The script of the checkout this binary was built from, or, for a binary moved to another
-    // machine, the one under the working directory's `bench/`.
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_losses.py");
-    let local = PathBuf::from("bench/torch_losses.py");
-    let script = if built.exists() { built } else { local };
+    let dir = crate::scripts::Scripts::write().map_err(|e| e.to_string())?;
+    let script = dir.path(crate::scripts::TORCH_LOSSES);
     let shapes = serde_json::to_string(s).map_err(|e| e.to_string())?;
     let out = Command::new(python)
         .arg(&script)

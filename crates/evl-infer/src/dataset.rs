@@ -10,14 +10,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::Device;
-use ecg_data::Dataset;
 use ecg_io::labels::ptbxl::Split;
 use ecg_signal::perturb::Perturbation;
 use evl_eval::continuous;
 
-use crate::batch::{Labelled, samples_from_records};
+use crate::bundle::ModelBundle;
 use crate::eval::{PredLine, evaluate};
-use crate::infer::ModelBundle;
+use crate::input::{Labelled, samples_from_records};
 use crate::{Error, Result};
 
 /// What to evaluate.
@@ -52,83 +51,21 @@ impl Default for EvalOptions {
 
 pub use evl_run::{ClassRow, DatasetEval, Delta, PerturbResult};
 
-fn data_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Data(Box::new(e))
-}
-
-/// Records of a data spec: an index file (`*.jsonl`, `evl-ecg data import`), a directory of
-/// `evl-ecg data synth` (with `labels.csv`), or any directory of WFDB records labelled in
-/// their headers (`# Labels:` / `#Dx:` as in PTB-XL's Challenge preparation; split ignored).
+/// Records of a data spec with their labels (see [`ecg_data::labelled`] for what a spec can be).
 pub fn load_labelled(
     spec: &Path,
     split: Option<Split>,
     limit: Option<usize>,
     no_verify: bool,
 ) -> Result<Vec<Labelled>> {
-    let opts = ecg_io::ReadOptions {
-        verify_checksum: !no_verify,
-    };
-    let ds = if spec.is_file() {
-        Some(Dataset::read_index(spec).map_err(data_err)?)
-    } else if spec.join("labels.csv").is_file() {
-        Some(Dataset::from_synth_dir(spec).map_err(data_err)?)
-    } else if spec.is_dir() {
-        None
-    } else {
-        return Err(Error::Config {
-            field: "data",
-            what: format!(
-                "{} is neither an index file nor a directory of records",
-                spec.display()
-            ),
-        });
-    };
-    let cap = limit.unwrap_or(usize::MAX);
-    let mut out = Vec::new();
-    match ds {
-        Some(ds) => {
-            for e in ds
-                .entries
-                .iter()
-                .filter(|e| split.is_none_or(|s| e.split == s))
-                .take(cap)
-            {
-                let path = ds.record_path(e).ok_or_else(|| Error::Config {
-                    field: "data",
-                    what: format!("entry `{}` has no record (image-only items)", e.id),
-                })?;
-                let rec = ecg_io::read_record(&path, opts).map_err(data_err)?;
-                out.push((rec, e.labels.clone(), e.findings.clone()));
-            }
-        }
-        None => {
-            for hea in ecg_data::walk(spec, "hea").into_iter().take(cap) {
-                let rec = ecg_io::read_record(&hea, opts).map_err(data_err)?;
-                let labels =
-                    ecg_io::labels::ptbxl::header_labels(&rec.comments).ok_or_else(|| {
-                        Error::Config {
-                            field: "data",
-                            what: format!(
-                                "{}: no `# Labels:` or `#Dx:` comment to take gold labels from",
-                                hea.display()
-                            ),
-                        }
-                    })?;
-                out.push((rec, labels.superclasses, labels.other));
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::Config {
-            field: "data",
-            what: format!(
-                "no records in {}{}",
-                spec.display(),
-                split.map_or(String::new(), |s| format!(" (split {})", s.name()))
-            ),
-        });
-    }
-    Ok(out)
+    Ok(ecg_data::labelled::load_labelled(
+        spec,
+        ecg_data::labelled::LoadOptions {
+            split,
+            limit,
+            verify_checksum: !no_verify,
+        },
+    )?)
 }
 
 /// The metrics compared under perturbation, on a subset of rows.

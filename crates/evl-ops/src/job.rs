@@ -15,14 +15,14 @@ use burn::tensor::Device;
 use ecg_io::labels::ptbxl::Split;
 use evl_models::vlm::{EcgVlm, EcgVlmConfig, InputKind};
 
-use crate::batch::{InputSpec, Sample, samples_from_records};
-use crate::dataset_eval::load_labelled;
-use crate::eval::{EvalScores, evaluate};
-use crate::text::TextTokenizer;
-use crate::train::{
+use crate::{Error, Result};
+use evl_infer::dataset::load_labelled;
+use evl_infer::eval::{EvalScores, evaluate};
+use evl_infer::input::{InputSpec, Sample, samples_from_records};
+use evl_infer::text::TextTokenizer;
+use evl_train::train::{
     Ablation, DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
 };
-use crate::{Error, Result};
 
 /// Which model a `train` job builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -277,7 +277,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 fn load_split(data: &Path, split: Split, spec: &InputSpec, seed: u64) -> Result<Vec<Sample>> {
-    samples_from_records(load_labelled(data, Some(split), None, false)?, spec, seed)
+    Ok(samples_from_records(
+        load_labelled(data, Some(split), None, false)?,
+        spec,
+        seed,
+    )?)
 }
 
 /// Where training data comes from.
@@ -300,9 +304,9 @@ impl TrainData<'_> {
     fn train(&self, spec: &InputSpec) -> Result<Vec<Sample>> {
         match self {
             TrainData::Labelled(d) => load_split(d, Split::Train, spec, 1),
-            TrainData::Conversations { file, image_root } => {
-                crate::batch::conversation_samples(file, image_root, spec)
-            }
+            TrainData::Conversations { file, image_root } => Ok(
+                evl_infer::input::conversation_samples(file, image_root, spec)?,
+            ),
         }
     }
 
@@ -325,7 +329,13 @@ fn validate(
     let Ok(val) = load_split(data, Split::Val, spec, 2) else {
         return Ok(None);
     };
-    let (scores, _) = evaluate(model, tok, &val, &crate::text::superclass_space(), device);
+    let (scores, _) = evaluate(
+        model,
+        tok,
+        &val,
+        &evl_infer::text::superclass_space(),
+        device,
+    );
     evl_run::write_json(&evl_run::TrainRunDir::new(out).val_metrics(), &scores)?;
     Ok(Some(scores))
 }
@@ -361,7 +371,7 @@ pub fn train(
     let tok = if tok_path.is_file() {
         TextTokenizer::load(&tok_path)?
     } else {
-        let texts = crate::batch::corpus(&samples);
+        let texts = evl_infer::input::corpus(&samples);
         let t = TextTokenizer::train(&texts, sec.vocab)?;
         t.save(&tok_path)?;
         t
@@ -393,7 +403,7 @@ pub fn train(
 /// Refuse to overwrite a run in `out` unless `resume` asks to continue it.
 fn check_resume(out: &Path, resume: bool) -> Result<()> {
     let ck = out.join("checkpoint");
-    if !resume && let Some(state) = crate::checkpoint::load_state(&ck)? {
+    if !resume && let Some(state) = evl_train::checkpoint::load_state(&ck)? {
         return Err(Error::Config {
             field: "resume",
             what: format!(
@@ -422,8 +432,8 @@ fn finish(
     let val = if stopped {
         None
     } else {
-        let space = crate::text::superclass_space();
-        crate::infer::save_bundle(&out.join("model"), &model, arch, tok, spec, &space)?;
+        let space = evl_infer::text::superclass_space();
+        evl_infer::bundle::save_bundle(&out.join("model"), &model, arch, tok, spec, &space)?;
         match data.labelled() {
             Some(d) => validate(&model, tok, d, spec, out, infer_device)?,
             None => None,
@@ -446,8 +456,11 @@ fn load_trainable(dir: &Path, device: &Device) -> Result<(EcgVlm, EcgVlmConfig, 
         what: e.to_string(),
     })?;
     let tok = TextTokenizer::load(&dir.join("tokenizer.json"))?;
-    let model =
-        crate::checkpoint::load_module(cfg.init(device), &dir.join("model.safetensors"), device)?;
+    let model = evl_train::checkpoint::load_module(
+        cfg.init(device),
+        &dir.join("model.safetensors"),
+        device,
+    )?;
     Ok((model, cfg, tok))
 }
 
@@ -471,9 +484,9 @@ pub fn distill_job(
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
-    let t = crate::infer::ModelBundle::load(teacher, infer_device)?;
+    let t = evl_infer::bundle::ModelBundle::load(teacher, infer_device)?;
     let (s_model, s_cfg, s_tok) = load_trainable(student, train_device)?;
-    let s_spec = crate::infer::ModelBundle::load(student, infer_device)?.spec;
+    let s_spec = evl_infer::bundle::ModelBundle::load(student, infer_device)?.spec;
     if s_spec != t.spec {
         return Err(Error::Config {
             field: "input",

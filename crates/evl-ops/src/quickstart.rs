@@ -13,13 +13,13 @@ use burn::tensor::Device;
 use ecg_io::labels::ptbxl::Split;
 use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
 
-use crate::batch::{InputSpec, Labelled, Sample, samples_from_records};
-use crate::eval::{EvalScores, PredLine, evaluate};
-use crate::text::TextTokenizer;
-use crate::train::{
+use crate::{Error, Result};
+use evl_infer::eval::{EvalScores, PredLine, evaluate};
+use evl_infer::input::{InputSpec, Labelled, Sample, samples_from_records};
+use evl_infer::text::TextTokenizer;
+use evl_train::train::{
     Ablation, DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill, sft,
 };
-use crate::{Error, Result};
 
 /// Size presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -225,7 +225,7 @@ fn real_samples(shared_data: &Path, spec: &InputSpec) -> Result<Vec<Sample>> {
         let labels = ecg_io::labels::ptbxl::header_labels(&rec.comments).unwrap_or_default();
         recs.push((rec, labels.superclasses, labels.other));
     }
-    samples_from_records(recs, spec, 99)
+    Ok(samples_from_records(recs, spec, 99)?)
 }
 
 /// Run the quickstart into `out`. `shared_data` is `../shared/data` when present.
@@ -294,7 +294,7 @@ pub fn run(
     stages.insert("data".into(), t.elapsed().as_secs_f64());
     // 2. Tokenizers.
     let t = Instant::now();
-    let texts = crate::batch::corpus(&train);
+    let texts = evl_infer::input::corpus(&train);
     let t_tok = TextTokenizer::train(&texts, cfg.teacher_vocab)?;
     let s_tok = TextTokenizer::train(&texts, cfg.student_vocab)?;
     std::fs::create_dir_all(out.join("tokenizers")).map_err(|source| Error::Io {
@@ -363,7 +363,7 @@ pub fn run(
             .flat_map(|s| {
                 s.turns
                     .iter()
-                    .map(|t| crate::batch::encode_turn(tok, t).0.len())
+                    .map(|t| evl_infer::input::encode_turn(tok, t).0.len())
             })
             .collect()
     };
@@ -405,12 +405,19 @@ pub fn run(
                 m,
                 tok,
                 &test,
-                &crate::text::superclass_space(),
+                &evl_infer::text::superclass_space(),
                 infer_device,
             );
-            let r = real
-                .as_ref()
-                .map(|r| evaluate(m, tok, r, &crate::text::superclass_space(), infer_device).0);
+            let r = real.as_ref().map(|r| {
+                evaluate(
+                    m,
+                    tok,
+                    r,
+                    &evl_infer::text::superclass_space(),
+                    infer_device,
+                )
+                .0
+            });
             (syn, r, lines)
         };
     let mut references = Vec::new();
@@ -478,13 +485,13 @@ pub fn run(
             }
             if matches!(m, Method::Evl { ablate } if ablate.is_empty()) && first_seed {
                 evl_head = Some(dm);
-                crate::infer::save_bundle(
+                evl_infer::bundle::save_bundle(
                     &dir.model(),
                     &s.valid(),
                     &student_cfg,
                     &s_tok,
                     &cfg.input,
-                    &crate::text::superclass_space(),
+                    &evl_infer::text::superclass_space(),
                 )?;
             }
             let (syn, r, lines) = eval_both(&s.valid(), &s_tok);
@@ -546,7 +553,7 @@ pub fn run(
     stages.insert("analysis".into(), t.elapsed().as_secs_f64());
     let results = Results {
         config: cfg.clone(),
-        space: crate::text::superclass_space(),
+        space: evl_infer::text::superclass_space(),
         teacher: tf,
         student: sf,
         references,

@@ -7,8 +7,8 @@ use burn::tensor::Device;
 use evl_kd::ot::ot_loss;
 use evl_models::vlm::EcgVlm;
 
-use crate::batch::{Sample, pixels};
-use crate::train::DistillModel;
+use evl_infer::input::{Sample, pixels};
+use evl_train::train::DistillModel;
 
 pub use evl_run::{Analysis, PlanFigure, Spectrum};
 

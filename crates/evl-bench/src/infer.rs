@@ -4,14 +4,14 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use evl_models::burn::tensor::Device;
+use burn::tensor::Device;
+use evl_infer::eval::evaluate;
+use evl_infer::input::{encode_prompt, pixels, samples_from_records};
+use evl_infer::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
 use evl_models::vlm::Distillable;
-use evl_train::batch::{encode_prompt, pixels, samples_from_records};
-use evl_train::eval::evaluate;
-use evl_train::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
 
-use crate::args::BenchInferArgs;
-use crate::cmd::bench_data::{run_python, shared_data};
+use crate::args::InferArgs as BenchInferArgs;
+use crate::data::{run_python, shared_data};
 
 fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -29,7 +29,7 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         .build_global()
         .ok();
     let device = Device::flex();
-    let bundle = evl_train::infer::ModelBundle::load(&a.model, &device)
+    let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let dir = match &a.data {
         Some(d) => d.clone(),
@@ -103,7 +103,7 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
     if !a.no_torch {
         let tmp = tempfile::tempdir()?;
         let input = bundle.model.input();
-        let refs: Vec<&evl_train::batch::Sample> = samples.iter().collect();
+        let refs: Vec<&evl_infer::input::Sample> = samples.iter().collect();
         let px = pixels(&refs, &input, &device);
         let shape = px.dims();
         let data: Vec<f32> = px.into_data().iter::<f32>().collect();
@@ -123,12 +123,12 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         });
         let job_path = tmp.path().join("job.json");
         std::fs::write(&job_path, job.to_string())?;
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_vlm.py");
+        let scripts = crate::scripts::Scripts::write()?;
+        let script = scripts.path(crate::scripts::TORCH_VLM);
         match run_python(
             &a.python,
             &[
-                script.to_str().unwrap_or("bench/torch_vlm.py"),
+                script.to_str().unwrap_or_default(),
                 "--job",
                 job_path.to_str().unwrap_or_default(),
                 "--threads",

@@ -10,9 +10,8 @@ use burn::module::Module;
 use burn::tensor::Device;
 use evl_models::vlm::{EcgVlm, EcgVlmConfig};
 
-use crate::batch::encode_prompt;
-use crate::batch::{InputSpec, Sample, image_of, signal_of};
-use crate::checkpoint;
+use crate::input::encode_prompt;
+use crate::input::{InputSpec, Sample, image_of, signal_of};
 use crate::text::TextTokenizer;
 use crate::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
 use crate::{Error, Result};
@@ -83,11 +82,23 @@ pub fn save_bundle(
     })
 }
 
+/// Load parameters from a safetensors file into `model`; a missing, unexpected or mis-shaped
+/// tensor is an error naming the file.
+pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M> {
+    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    let mut store = SafetensorsStore::from_file(path);
+    model.load_from(&mut store).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })?;
+    Ok(model)
+}
+
 impl ModelBundle {
     /// The native engine's answers for one prepared sample: `p(yes)` per label of the
     /// bundle's space and the greedy diagnosis (the same questions `evaluate` asks).
     pub fn answer(&self, sample: &Sample) -> evl_models::native::NativeAnswer {
-        let input = crate::batch::model_input(sample, &self.model.input());
+        let input = crate::input::model_input(sample, &self.model.input());
         let prompts: Vec<Vec<i64>> = self
             .space
             .iter()
@@ -133,9 +144,7 @@ impl ModelBundle {
             what: format!("expected a JSON list of label names: {e}"),
         })?;
         let tok = TextTokenizer::load(&dir.join("tokenizer.json"))?;
-        let model =
-            checkpoint::load_module(cfg.init(device), &dir.join("model.safetensors"), device)?
-                .valid();
+        let model = load_weights(cfg.init(device), &dir.join("model.safetensors"))?.valid();
         let native = evl_models::native::NativeVlm::load(dir).map_err(|e| Error::Checkpoint {
             path: e.path.clone(),
             what: e.what,
@@ -146,6 +155,33 @@ impl ModelBundle {
             spec,
             space,
             native,
+        })
+    }
+
+    /// Interpret one record on `device`: on the CPU with the framework-free engine (what
+    /// [`ModelBundle::interpret`] runs), elsewhere with the burn model on that device (the
+    /// same questions through [`crate::eval::evaluate`]).
+    pub fn interpret_on(&self, record: &ecg_io::Record, device: &Device) -> Result<Interpretation> {
+        if evl_models::device::DeviceSpec::Cpu.device().ok().as_ref() == Some(device) {
+            return self.interpret(record);
+        }
+        let t = Instant::now();
+        let samples = crate::input::samples_from_records(
+            vec![(record.clone(), Vec::new(), Vec::new())],
+            &self.spec,
+            0,
+        )?;
+        let (_, lines) =
+            crate::eval::evaluate(&self.model, &self.tok, &samples, &self.space, device);
+        let line = lines.into_iter().next().ok_or_else(|| Error::Config {
+            field: "record",
+            what: format!("record `{}` gave no prediction", record.name),
+        })?;
+        Ok(Interpretation {
+            record: record.name.clone(),
+            answer: line.text,
+            probabilities: self.space.iter().cloned().zip(line.probs).collect(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
         })
     }
 

@@ -6,9 +6,9 @@
 use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
-use evl_train::batch::{InputSpec, Sample, image_of, signal_of};
-use evl_train::quickstart::{Preset, QuickstartConfig};
-use evl_train::text::{TextTokenizer, conversations};
+use evl_infer::input::{InputSpec, Sample, image_of, signal_of};
+use evl_infer::text::{TextTokenizer, conversations};
+use evl_ops::quickstart::{Preset, QuickstartConfig};
 use evl_train::train::{DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill};
 
 /// burn's `flex` RNG is process-global (`Device::seed`) and parameters draw from it lazily:
@@ -70,7 +70,7 @@ fn distillation_resumes_to_the_same_weights() {
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(12);
-    let texts = evl_train::batch::corpus(&data);
+    let texts = evl_infer::input::corpus(&data);
     let t_tok = TextTokenizer::train(&texts, 120).unwrap();
     let s_tok = TextTokenizer::train(&texts, 90).unwrap();
     assert_ne!(t_tok.vocab_size(), s_tok.vocab_size());
@@ -171,51 +171,6 @@ fn distillation_resumes_to_the_same_weights() {
     );
 }
 
-#[test]
-fn tiny_quickstart_end_to_end() {
-    let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let device = Device::flex();
-    let cfg = QuickstartConfig::preset(Preset::Tiny);
-    let r = evl_train::quickstart::run(
-        dir.path(),
-        &cfg,
-        None,
-        &device.clone().autodiff(),
-        &device,
-        |_| {},
-    )
-    .unwrap();
-    assert!(r.teacher.params >= 10 * r.student.params);
-    assert!(r.teacher.visual_tokens >= 4 * r.student.visual_tokens);
-    assert_ne!(r.teacher.vocab, r.student.vocab);
-    assert_ne!(r.teacher.d_model, r.student.d_model);
-    assert!(r.teacher.mean_text_tokens < r.student.mean_text_tokens);
-    assert_eq!(
-        r.length_differs.0, r.length_differs.1,
-        "L_t must differ from L_s on every turn"
-    );
-    assert_eq!(
-        r.runs.len(),
-        cfg.seeds.len() * (cfg.methods.len() + cfg.ablations.len())
-    );
-    let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
-    assert!(
-        report.contains("Methods compared")
-            && report.contains("Loss ablation")
-            && report.contains("ms/step")
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
-            .unwrap();
-    assert!(v["runs"][0]["synthetic"]["parity_f1"].is_number());
-    // Predictions are in PULSE's format: the parity scorer reads them.
-    let preds =
-        evl_eval::ecgbench::read_predictions(&dir.path().join("predictions/evl-seed0.jsonl"))
-            .unwrap();
-    assert_eq!(preds.len(), r.runs[0].synthetic.n);
-}
-
 /// The per-label probability is read where training puts the answer: p(yes) / (p(yes) + p(no))
 /// of the logit row that the CE trains for the first answer token of the full verification
 /// turn `[BOS] prompt [SEP] yes [EOS]`. (An off-by-one here once read the prediction of SEP.)
@@ -225,7 +180,7 @@ fn label_probability_is_read_at_the_trained_answer_position() {
     use evl_models::vlm::Distillable;
     let device = Device::flex();
     let data = samples(3);
-    let texts = evl_train::batch::corpus(&data);
+    let texts = evl_infer::input::corpus(&data);
     let tok = TextTokenizer::train(&texts, 120).unwrap();
     let mut cfg = QuickstartConfig::preset(Preset::Tiny).student_model();
     cfg.vocab = tok.vocab_size();
@@ -235,20 +190,20 @@ fn label_probability_is_read_at_the_trained_answer_position() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let (_, lines) = evl_train::eval::evaluate(&model, &tok, &data, &space, &device);
+    let (_, lines) = evl_infer::eval::evaluate(&model, &tok, &data, &space, &device);
     let yes = tok.encode("yes").0[0] as usize;
     let no = tok.encode("no").0[0] as usize;
     for (s, line) in data.iter().zip(&lines) {
         for (j, label) in space.iter().enumerate() {
-            let turn = evl_train::text::Turn {
-                prompt: evl_train::text::verify_prompt(label),
+            let turn = evl_infer::text::Turn {
+                prompt: evl_infer::text::verify_prompt(label),
                 answer: "yes".into(),
                 template: "verify".into(),
             };
-            let (ids, mask, _) = evl_train::batch::encode_turn(&tok, &turn);
+            let (ids, mask, _) = evl_infer::input::encode_turn(&tok, &turn);
             let first_answer = mask.iter().position(|&m| m).unwrap();
-            let (text, pad, _, _) = evl_train::batch::text_tensors(vec![(ids, mask)], &device);
-            let px = evl_train::batch::pixels(&[s], &model.input(), &device);
+            let (text, pad, _, _) = evl_infer::input::text_tensors(vec![(ids, mask)], &device);
+            let px = evl_infer::input::pixels(&[s], &model.input(), &device);
             let v = model.view(px, text, pad);
             let [_, t, vocab] = v.logits.dims();
             let z: Vec<f32> = v.logits.into_data().iter::<f32>().collect();
@@ -273,7 +228,7 @@ fn every_method_trains() {
     let device = Device::flex();
     let train_dev = device.clone().autodiff();
     let data = samples(6);
-    let texts = evl_train::batch::corpus(&data);
+    let texts = evl_infer::input::corpus(&data);
     let t_tok = TextTokenizer::train(&texts, 120).unwrap();
     let s_tok = TextTokenizer::train(&texts, 90).unwrap();
     let qc = QuickstartConfig::preset(Preset::Tiny);
