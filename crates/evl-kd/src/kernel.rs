@@ -1,7 +1,7 @@
 //! Which form of a loss runs: the fused host kernels or burn tensor ops (issue 19).
 //!
-//! Every distillation loss with a closed-form gradient exists twice: a fused kernel in
-//! [`crate::host`] (value and exact gradient in one pass over host buffers, handed to
+//! Every distillation loss with a closed-form gradient exists twice: a fused kernel in the
+//! private `host` module tree (value and exact gradient in one pass over host buffers, handed to
 //! autodiff as a surrogate scalar) and a "graph" form written as burn tensor ops. Both
 //! compute the same function. [`Kernel`] chooses between them; every loss family's
 //! configuration carries one, and [`Kernel::fused_for`] is the single place where the
