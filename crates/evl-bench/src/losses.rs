@@ -57,7 +57,7 @@ fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
         vocab_s: 512,
         vocab_t: 1024,
         n_iter: 100,
-        eps: 0.1,
+        eps: evl_kd::PAPER_EPS,
         rkd_len: 64,
     };
     let paper = Shapes {
@@ -73,7 +73,7 @@ fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
         vocab_s: 4096,
         vocab_t: 2048,
         n_iter: 100,
-        eps: 0.1,
+        eps: evl_kd::PAPER_EPS,
         rkd_len: 64,
     };
     if quick {
@@ -90,7 +90,7 @@ fn presets(p: ShapePreset, quick: bool) -> Vec<Shapes> {
             vocab_s: 12,
             vocab_t: 10,
             n_iter: 10,
-            eps: 0.1,
+            eps: evl_kd::PAPER_EPS,
             rkd_len: 5,
         }];
     }

@@ -77,16 +77,20 @@ fn main() {
         } else {
             let inputs =
                 EvlInputs::unmasked(ce.clone(), hs.clone(), ht.clone(), tv.clone(), sv.clone());
-            let f = if std::env::args().any(|a| a == "graph") {
-                evl_kd::evl_objective_graph
+            // `graph`: every term as burn tensor ops (`Kernel::Graph`)
+            let kernel = if std::env::args().any(|a| a == "graph") {
+                evl_kd::Kernel::Graph
             } else {
-                evl_objective
+                evl_kd::Kernel::Auto
             };
-            f(
+            evl_objective(
                 inputs,
                 &wts,
                 h,
-                &EvlWeights::default(),
+                &EvlWeights {
+                    kernel,
+                    ..EvlWeights::default()
+                },
                 &OtLossConfig::default(),
                 &RelationConfig::default(),
             )

@@ -15,9 +15,15 @@
 //! - [`baselines`]: vanilla KD, TinyBERT-style, ULD, MultiLevelOT, DSKD, EM-KD, RKD.
 //!
 //! All functions work in `f32` and `f64` (the dtype of the inputs) on any burn device.
+//!
+//! Losses with a closed-form gradient exist twice: a fused host kernel (the private `host`
+//! module tree) and burn tensor ops. Their configurations carry a [`Kernel`] choosing the
+//! form; the default, [`Kernel::Auto`], runs the fused kernels on the CPU device and the
+//! tensor ops elsewhere.
 
 pub mod baselines;
 mod host;
+pub mod kernel;
 pub mod method;
 pub mod mhca;
 pub mod objective;
@@ -26,11 +32,13 @@ pub mod relation;
 pub mod sinkhorn;
 pub mod task;
 
+pub use kernel::{Kernel, KernelParseError};
 pub use method::{Ablation, Method, MethodError};
-pub use mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_align_loss, mhca_forward, mhca_loss};
-pub use objective::{
-    EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective, evl_objective_graph,
+pub use mhca::{
+    MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_align_loss, mhca_align_loss_with, mhca_forward,
+    mhca_loss,
 };
-pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss, ot_loss_graph};
+pub use objective::{EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective};
+pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
 pub use relation::{RelationConfig, RelationOutput, relation_loss};
-pub use sinkhorn::{PlanGradient, Stop};
+pub use sinkhorn::{PAPER_EPS, PlanGradient, Stop};

@@ -2,21 +2,21 @@
 //!
 //! `L_total = (1 - a) L_CE + a (lm L_mhca + lr L_rel + lot L_ot)`
 //!
-//! with the paper's defaults `a = 0.3, lm = 1.0, lr = 0.03, lot = 0.1, h = 8, eps = 0.1`.
+//! with the paper's defaults `a = 0.3, lm = 1.0, lr = 0.03, lot = 0.1, h = 8, eps = 0.1`
+//! ([`crate::sinkhorn::PAPER_EPS`]).
 //! `Hhat_t` from the cross-attention feeds both `L_mhca` and `L_rel`. Any term can be switched
 //! off for ablations (it is then neither computed nor added), and every term is returned
 //! separately for logging.
 
+use crate::Kernel;
 use crate::method::Ablation;
-use crate::mhca::host as mhca_host;
-use crate::mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, fused_terms, mhca_forward, mhca_loss};
+use crate::mhca::{MhcaAlign, MhcaAlignConfig, MhcaWeights, mhca_forward, mhca_loss};
 use crate::ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
 use crate::relation::{RelationConfig, relation_loss};
-use crate::relation::{RelationItem, RelationWant};
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
-use evl_models::device::{precision_of, tensor_like, to_vec_bool};
+use evl_models::device::tensor_like;
 
 /// Weights and switches of the objective.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,6 +36,8 @@ pub struct EvlWeights {
     pub use_rel: bool,
     /// Compute and add `L_ot`.
     pub use_ot: bool,
+    /// Fused host kernels or burn tensor ops for every term ([`Kernel`]; default `Auto`).
+    pub kernel: Kernel,
 }
 
 impl Default for EvlWeights {
@@ -48,6 +50,7 @@ impl Default for EvlWeights {
             use_mhca: true,
             use_rel: true,
             use_ot: true,
+            kernel: Kernel::Auto,
         }
     }
 }
@@ -115,11 +118,13 @@ pub struct EvlTerms {
 
 /// The objective from explicit weights (the functional form the fixtures exercise).
 ///
-/// On the CPU, `L_mhca` and `L_rel` run as one fused host computation
-/// ([`crate::mhca::mhca_align_loss`]'s kernel feeding `Hhat_t` to the relation kernel, then a
-/// single backward pass through the cross-attention for both terms); the returned
-/// `mhca`/`rel` terms are then values for logging and `total` carries every gradient.
-/// Elsewhere, and on request, it is [`evl_objective_graph`]; both compute the same function.
+/// [`EvlWeights::kernel`] chooses the form of every term ([`Kernel`]); the `kernel` fields
+/// of `ot_cfg` and `rel_cfg` are ignored. Fused (the default on the CPU), `L_mhca` and
+/// `L_rel` run as one host computation ([`crate::mhca::mhca_align_loss`]'s kernel feeding
+/// `Hhat_t` to the relation kernel, then a single backward pass through the cross-attention
+/// for both terms); the returned `mhca`/`rel` terms are then values for logging and `total`
+/// carries every gradient. Graph, every term is burn tensor ops and differentiable on its
+/// own. Both compute the same function.
 pub fn evl_objective(
     inputs: EvlInputs,
     mhca: &MhcaWeights,
@@ -128,8 +133,12 @@ pub fn evl_objective(
     ot_cfg: &OtLossConfig,
     rel_cfg: &RelationConfig,
 ) -> EvlTerms {
-    if !(weights.use_mhca || weights.use_rel) || !evl_models::device::on_host(&inputs.hs) {
-        return evl_objective_graph(inputs, mhca, n_heads, weights, ot_cfg, rel_cfg);
+    // one kernel for every term
+    let kernel = weights.kernel;
+    let ot_cfg = &OtLossConfig { kernel, ..*ot_cfg };
+    let rel_cfg = &RelationConfig { kernel, ..*rel_cfg };
+    if !((weights.use_mhca || weights.use_rel) && kernel.fused_for(&inputs.hs)) {
+        return objective_graph(inputs, mhca, n_heads, weights, ot_cfg, rel_cfg);
     }
     let EvlInputs {
         l_ce,
@@ -142,87 +151,13 @@ pub fn evl_objective(
         t_vis_mask,
         s_vis_mask,
     } = inputs;
-    let [b, l, d] = hs.dims();
-    let sm = student_mask.as_ref().map(|m| to_vec_bool(m.clone()));
-    let valid_row = |bi: usize| sm.as_deref().map(|m| &m[bi * l..(bi + 1) * l]);
-    let n_valid = |bi: usize| valid_row(bi).map_or(l, |v| v.iter().filter(|&&x| x).count());
-    let n_tokens: usize = (0..b).map(n_valid).sum();
-    let n_pairs = (0..b)
-        .map(|bi| (n_valid(bi) as f64).powi(2))
-        .sum::<f64>()
-        .max(1.0);
-    let cfg = RelationConfig {
-        term_gradients: false,
-        ..*rel_cfg
-    };
-    let prec = precision_of(&hs);
-    // Per item, on its Hhat_t and H_s rows: L_mhca's share, then L_rel's (its gradients
-    // scattered from the valid rows), each gradient weighted by its lambda.
-    let terms =
-        |bi: usize, (hs_r, hhat_r): (&[f64], &[f64]), (gh, gs): (&mut [f64], &mut [f64])| {
-            let mut values = [0.0; 2];
-            if weights.use_mhca {
-                values[0] = mhca_host::loss_item(
-                    (hs_r, hhat_r),
-                    d,
-                    valid_row(bi),
-                    n_tokens,
-                    weights.lambda_mhca,
-                    (&mut *gh, &mut *gs),
-                );
-            }
-            if weights.use_rel {
-                let idx: Vec<usize> = (0..l)
-                    .filter(|&i| valid_row(bi).is_none_or(|v| v[i]))
-                    .collect();
-                let r = crate::host::simd(RelationItem {
-                    x: hhat_r,
-                    y: hs_r,
-                    idx,
-                    d,
-                    n_pairs,
-                    cfg: &cfg,
-                    prec,
-                    want: RelationWant {
-                        grad_x: !cfg.detach_teacher,
-                        grad_y: true,
-                        psi: false,
-                    },
-                });
-                values[1] = 0.5 * (r.sums.0 + r.sums.1) / n_pairs;
-                for (out, g) in [(&mut *gh, &r.grads[0][0]), (&mut *gs, &r.grads[1][0])] {
-                    if g.is_empty() {
-                        continue;
-                    }
-                    for (a, &i) in r.idx.iter().enumerate() {
-                        let (o, src) = (&mut out[i * d..(i + 1) * d], &g[a * d..(a + 1) * d]);
-                        o.iter_mut()
-                            .zip(src)
-                            .for_each(|(o, &x)| *o += weights.lambda_rel * x);
-                    }
-                }
-            }
-            values
-        };
-    let lambdas = [
-        if weights.use_mhca {
-            weights.lambda_mhca
-        } else {
-            0.0
-        },
-        if weights.use_rel {
-            weights.lambda_rel
-        } else {
-            0.0
-        },
-    ];
-    let ([v_mhca, v_rel], align) = fused_terms(
+    let ([v_mhca, v_rel], align) = crate::host::objective::align_terms_fused(
         (&hs, &ht),
+        (student_mask.as_ref(), teacher_mask.as_ref()),
         mhca,
         n_heads,
-        teacher_mask.as_ref(),
-        lambdas,
-        &terms,
+        weights,
+        rel_cfg,
     );
     let l_mhca = weights.use_mhca.then_some(v_mhca);
     let l_rel = weights.use_rel.then_some(v_rel);
@@ -250,9 +185,10 @@ pub fn evl_objective(
     }
 }
 
-/// [`evl_objective`] as burn tensor ops throughout: every term differentiable on its own.
-/// What runs off the CPU; on the CPU, the reference the fused form is tested against.
-pub fn evl_objective_graph(
+/// [`evl_objective`] term by term, each differentiable on its own: the cross-attention as
+/// burn tensor ops, `L_rel` and `L_ot` in the form their configurations (the objective's
+/// kernel) choose. The graph form, and what runs when neither `L_mhca` nor `L_rel` is on.
+fn objective_graph(
     inputs: EvlInputs,
     mhca: &MhcaWeights,
     n_heads: usize,
@@ -349,6 +285,10 @@ pub struct EvlLossConfig {
     /// Treat `Hhat_t` as a fixed target in `L_rel`.
     #[config(default = false)]
     pub rel_detach_teacher: bool,
+    /// Fused host kernels or burn tensor ops for every term ([`Kernel`]); it overrides
+    /// `ot.kernel` in [`EvlLoss::forward`].
+    #[config(default = "Kernel::Auto")]
+    pub kernel: Kernel,
 }
 
 impl EvlLossConfig {
@@ -363,6 +303,7 @@ impl EvlLossConfig {
             use_mhca: on(Ablation::Mhca),
             use_rel: on(Ablation::Rel),
             use_ot: on(Ablation::Ot),
+            kernel: self.kernel,
         }
     }
 

@@ -5,25 +5,37 @@
 //! `sum_ij P*_ij C_ij` of the entropic plan between the two uniform token measures, with
 //! `C_ij = ||t_i - s_j||^2`, averaged over the batch.
 //!
+//! The fused host form lives in `host/ot.rs`; this file holds the settings, the tensor-op
+//! form and the choice between them ([`OtLossConfig::kernel`]).
+//!
 //! Default gradient (detached plan): the plan comes from [`sinkhorn_host`] outside the graph
 //! and only `sum(P * C)` is differentiated. Since `P` is constant,
 //! `sum_ij P_ij C_ij = sum_i r_i |t_i|^2 + sum_j c_j |s_j|^2 - 2 sum(T (.) P S)` with `r`,
 //! `c` the plan's row and column sums, so the backward pass is two matrix products and never
 //! materialises `C` in the graph. The forward value is the host's exact `sum P C`.
 
-use crate::host::{Real, Surrogate, gemm, host_vec};
-use crate::sinkhorn::{MASKED_LOG, PlanGradient, Problem, Stop, sinkhorn_host, sinkhorn_log_plan};
+use crate::Kernel;
+use crate::sinkhorn::{
+    MASKED_LOG, PAPER_EPS, PlanGradient, Problem, Stop, sinkhorn_host, sinkhorn_log_plan,
+};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
-use evl_models::device::{Precision, tensor_like, to_vec_bool, to_vec_f64};
+use evl_models::device::{tensor_like, to_vec_bool, to_vec_f64};
 use evl_models::ops::{l2_normalize, with_gram_gradient};
+use serde::{Deserialize, Serialize};
 
 /// Settings of the OT loss.
-#[derive(Clone, Copy, Debug, PartialEq)]
+///
+/// Serialisable (every field has its default when absent), so a job file can carry every
+/// Sinkhorn setting, e.g. in TOML:
+/// `eps = 0.1`, `stop = { tolerance = { tol = 1e-6, max_iter = 10000 } }`,
+/// `gradient = "unrolled"`, `kernel = "graph"`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OtLossConfig {
-    /// Entropic regularisation `eps` (POT's `reg`); paper default 0.1.
+    /// Entropic regularisation `eps` (POT's `reg`); default [`PAPER_EPS`].
     pub eps: f64,
     /// Stopping rule; default 100 iterations.
     pub stop: Stop,
@@ -31,15 +43,18 @@ pub struct OtLossConfig {
     pub gradient: PlanGradient,
     /// Floor on token norms before normalisation (PyTorch `F.normalize`), 1e-12.
     pub norm_eps: f64,
+    /// Fused host kernel or burn tensor ops ([`Kernel`]); default [`Kernel::Auto`].
+    pub kernel: Kernel,
 }
 
 impl Default for OtLossConfig {
     fn default() -> Self {
         Self {
-            eps: 0.1,
+            eps: PAPER_EPS,
             stop: Stop::Iterations(100),
             gradient: PlanGradient::Detached,
             norm_eps: 1e-12,
+            kernel: Kernel::Auto,
         }
     }
 }
@@ -67,11 +82,14 @@ pub struct OtOutput {
 /// valid tokens. An item with no valid token on one side has an all-zero plan and is left out
 /// of the batch mean (the loss is 0 when every item is empty).
 ///
-/// On the CPU with the detached plan (the default) one host pass normalises the tokens,
-/// builds the cost, solves the plan and writes the closed-form gradient
-/// (`dL/dt_i = 2 (r_i t^_i - (P s^)_i)` taken back through the normalisation), handed to
-/// autodiff as a surrogate; elsewhere, and for the unrolled plan, it is [`ot_loss_graph`].
-/// Both compute the same function.
+/// [`OtLossConfig::kernel`] chooses the form ([`Kernel`]). Fused (the default on the CPU),
+/// one host pass normalises the tokens, builds the cost, solves the plan and writes the
+/// closed-form gradient (`dL/dt_i = 2 (r_i t^_i - (P s^)_i)` taken back through the
+/// normalisation), handed to autodiff as a surrogate. Graph, the normalisation and the
+/// detached plan's gradient are burn tensor ops (the cost and the plan are still solved on
+/// the host). The unrolled plan ([`PlanGradient::Unrolled`]) differentiates through the
+/// iterations, which only the graph form can: it runs the graph form under every kernel.
+/// Both forms compute the same function.
 ///
 /// # Shapes
 /// - `t`: `[batch, v_t, d]`, `s`: `[batch, v_s, d]`, masks `[batch, v_t]` / `[batch, v_s]`
@@ -86,16 +104,15 @@ pub fn ot_loss(
     cfg: &OtLossConfig,
 ) -> OtOutput {
     check_shapes(&t, &s);
-    if cfg.gradient != PlanGradient::Detached || !evl_models::device::on_host(&t) {
-        return ot_loss_graph(t, s, t_mask, s_mask, cfg);
-    }
-    match evl_models::device::precision_of(&t) {
-        Precision::F32 => ot_loss_host::<f32>(&t, &s, t_mask, s_mask, cfg),
-        Precision::F64 => ot_loss_host::<f64>(&t, &s, t_mask, s_mask, cfg),
+    // the unrolled plan has no fused form (see [`Kernel`])
+    if cfg.gradient == PlanGradient::Detached && cfg.kernel.fused_for(&t) {
+        crate::host::ot::ot_loss_fused(&t, &s, t_mask, s_mask, cfg)
+    } else {
+        ot_loss_graph(t, s, t_mask, s_mask, cfg)
     }
 }
 
-fn check_shapes(t: &Tensor<3>, s: &Tensor<3>) {
+pub(crate) fn check_shapes(t: &Tensor<3>, s: &Tensor<3>) {
     let ([b, _, d], [bs, _, ds]) = (t.dims(), s.dims());
     assert!(
         b == bs && d == ds,
@@ -106,16 +123,16 @@ fn check_shapes(t: &Tensor<3>, s: &Tensor<3>) {
 }
 
 /// The token masks on the host and each item's weight in the batch mean (both OT forms).
-struct OtMasks {
-    rows: Option<Vec<bool>>,
-    cols: Option<Vec<bool>>,
-    weight: Vec<f64>,
-    dims: [usize; 3],
+pub(crate) struct OtMasks {
+    pub(crate) rows: Option<Vec<bool>>,
+    pub(crate) cols: Option<Vec<bool>>,
+    pub(crate) weight: Vec<f64>,
+    pub(crate) dims: [usize; 3],
 }
 
 impl OtMasks {
     /// Reads the masks back to the host and weighs the items.
-    fn read(
+    pub(crate) fn read(
         t_mask: Option<&Tensor<2, Bool>>,
         s_mask: Option<&Tensor<2, Bool>>,
         dims: [usize; 3],
@@ -132,7 +149,7 @@ impl OtMasks {
     }
 
     /// The Sinkhorn problem over these masks.
-    fn problem(&self) -> Problem<'_> {
+    pub(crate) fn problem(&self) -> Problem<'_> {
         let [batch, n, m] = self.dims;
         Problem {
             batch,
@@ -165,7 +182,7 @@ fn batch_weights(
 }
 
 /// `sum_b w_b sum_ij P_ij C_ij` over per-item blocks of `plan` and `cost`.
-fn transport_value(plan: &[f64], cost: &[f64], weight: &[f64]) -> f64 {
+pub(crate) fn transport_value(plan: &[f64], cost: &[f64], weight: &[f64]) -> f64 {
     let block = plan.len() / weight.len().max(1);
     plan.chunks(block.max(1))
         .zip(cost.chunks(block.max(1)))
@@ -174,151 +191,9 @@ fn transport_value(plan: &[f64], cost: &[f64], weight: &[f64]) -> f64 {
         .sum()
 }
 
-/// Rows of `x` (`d` wide) divided by `sqrt(max(|x|^2, eps^2))` as [`l2_normalize`] does;
-/// also the divisor and whether the norm was above the floor (differentiated then).
-fn normalise_rows<T: Real>(x: &[T], d: usize, eps: T) -> (Vec<T>, Vec<T>, Vec<bool>) {
-    let mut xn = Vec::with_capacity(x.len());
-    let (mut norm, mut live) = (Vec::new(), Vec::new());
-    for row in x.chunks_exact(d.max(1)) {
-        let sq = crate::host::dot(row, row);
-        let on = sq > eps * eps;
-        let n = if on { sq.sqrt() } else { eps };
-        xn.extend(row.iter().map(|&v| v / n));
-        norm.push(n);
-        live.push(on);
-    }
-    (xn, norm, live)
-}
-
-/// One item's normalised tokens and cost matrix (see [`ot_loss_host`]).
-struct ItemPrep<T> {
-    tn: Vec<T>,
-    t_norm: Vec<T>,
-    t_live: Vec<bool>,
-    sn: Vec<T>,
-    s_norm: Vec<T>,
-    s_live: Vec<bool>,
-    cost: Vec<f64>,
-}
-
-/// Back through `x^ = x / n` for each row of `g` (`d` wide): `(g - x^ (x^ . g)) / n` where
-/// the norm is above the floor, `g / eps` below it.
-fn unnormalise<T: Real>(g: &mut [T], xn: &[T], norm: &[T], live: &[bool], d: usize) {
-    for (k, gr) in g.chunks_exact_mut(d.max(1)).enumerate() {
-        let x = &xn[k * d..(k + 1) * d];
-        let proj = if live[k] {
-            crate::host::dot(gr, x)
-        } else {
-            T::zero()
-        };
-        for (gv, &xv) in gr.iter_mut().zip(x) {
-            *gv = (*gv - xv * proj) / norm[k];
-        }
-    }
-}
-
-/// The detached-plan OT loss on host memory in the inputs' precision `T`. Items run in
-/// parallel before the (batched, itself parallel) Sinkhorn solve, normalising their tokens
-/// and building their cost matrices, and after it, building their gradients.
-fn ot_loss_host<T: Real>(
-    t: &Tensor<3>,
-    s: &Tensor<3>,
-    t_mask: Option<&Tensor<2, Bool>>,
-    s_mask: Option<&Tensor<2, Bool>>,
-    cfg: &OtLossConfig,
-) -> OtOutput {
-    use rayon::prelude::*;
-    let [b, vt, d] = t.dims();
-    let [_, vs, _] = s.dims();
-    let eps = T::of(cfg.norm_eps);
-    let prec = evl_models::device::precision_of(t);
-    let (th, sh) = rayon::join(|| host_vec::<T, 3>(t), || host_vec::<T, 3>(s));
-    let preps: Vec<ItemPrep<T>> = (0..b)
-        .into_par_iter()
-        .map(|i| {
-            let (tn, t_norm, t_live) = normalise_rows(&th[i * vt * d..(i + 1) * vt * d], d, eps);
-            let (sn, s_norm, s_live) = normalise_rows(&sh[i * vs * d..(i + 1) * vs * d], d, eps);
-            let wide = |v: &[T]| v.iter().map(|x| x.wide()).collect::<Vec<f64>>();
-            let cost = crate::host::simd(crate::host::SqDistsItem {
-                xb: &wide(&tn),
-                yb: &wide(&sn),
-                d,
-                prec,
-            });
-            ItemPrep {
-                tn,
-                t_norm,
-                t_live,
-                sn,
-                s_norm,
-                s_live,
-                cost,
-            }
-        })
-        .collect();
-    let block = vt * vs;
-    let mut cost = vec![0.0; b * block];
-    cost.par_chunks_mut(block.max(1))
-        .zip(&preps)
-        .for_each(|(c, p)| c.copy_from_slice(&p.cost));
-    let masks = OtMasks::read(t_mask, s_mask, [b, vt, vs]);
-    let weight = &masks.weight;
-    let host = sinkhorn_host(&cost, masks.problem(), cfg.eps, cfg.stop);
-    let value = transport_value(&host.plan, &cost, weight);
-    let mut sg = Surrogate::new(value, t);
-    if t.is_tracked() || s.is_tracked() {
-        // Per item, with P the weighted plan, r and c its row and column sums:
-        // dL/dt^ = 2 (r t^ - P s^), dL/ds^ = 2 (c s^ - P^T t^), then through t^ = t / n.
-        let mut gt = vec![T::zero(); b * vt * d];
-        let mut gs = vec![T::zero(); b * vs * d];
-        gt.par_chunks_mut((vt * d).max(1))
-            .zip(gs.par_chunks_mut((vs * d).max(1)))
-            .zip(&preps)
-            .enumerate()
-            .for_each(|(i, ((gt, gs), p))| {
-                let wp: Vec<T> = host.plan[i * block..(i + 1) * block]
-                    .iter()
-                    .map(|&v| T::of(v * weight[i]))
-                    .collect();
-                let (ti, si) = (&p.tn[..], &p.sn[..]);
-                let mut ps = gemm(&wp, (vt, vs), false, si, (vs, d), false);
-                let mut pt = gemm(&wp, (vt, vs), true, ti, (vt, d), false);
-                let mut col = vec![T::zero(); vs];
-                for (k, row) in wp.chunks_exact(vs.max(1)).enumerate() {
-                    let r = crate::host::sum(row);
-                    col.iter_mut().zip(row).for_each(|(c, &p)| *c += p);
-                    let g = &mut ps[k * d..(k + 1) * d];
-                    for (gv, &x) in g.iter_mut().zip(&ti[k * d..(k + 1) * d]) {
-                        *gv = T::of(2.0) * (r * x - *gv);
-                    }
-                }
-                for (k, &c) in col.iter().enumerate() {
-                    let g = &mut pt[k * d..(k + 1) * d];
-                    for (gv, &x) in g.iter_mut().zip(&si[k * d..(k + 1) * d]) {
-                        *gv = T::of(2.0) * (c * x - *gv);
-                    }
-                }
-                unnormalise(&mut ps, ti, &p.t_norm, &p.t_live, d);
-                unnormalise(&mut pt, si, &p.s_norm, &p.s_live, d);
-                gt.copy_from_slice(&ps);
-                gs.copy_from_slice(&pt);
-            });
-        sg.grad_vec(t, gt);
-        sg.grad_vec(s, gs);
-    }
-    OtOutput {
-        loss: sg.finish(),
-        cost,
-        plan: host.plan,
-        n_iter: host.n_iter,
-        marginal_error: host.marginal_error,
-        dims: [b, vt, vs],
-    }
-}
-
 /// [`ot_loss`] with the normalisation and the detached plan's gradient as burn tensor ops
-/// (what runs off the CPU, and the unrolled plan everywhere).
-pub fn ot_loss_graph(
+/// ([`Kernel::Graph`], `Auto` off the CPU, and the unrolled plan everywhere).
+fn ot_loss_graph(
     t: Tensor<3>,
     s: Tensor<3>,
     t_mask: Option<&Tensor<2, Bool>>,
@@ -511,8 +386,8 @@ pub struct OtAlignConfig {
     pub d_teacher: usize,
     /// Width of a student visual token (`D_s`).
     pub d_student: usize,
-    /// Entropic regularisation (paper: 0.1).
-    #[config(default = 0.1)]
+    /// Entropic regularisation; default [`PAPER_EPS`].
+    #[config(default = "PAPER_EPS")]
     pub eps: f64,
     /// Fixed Sinkhorn iterations; ignored when `tol` is set.
     #[config(default = 100)]
@@ -526,6 +401,9 @@ pub struct OtAlignConfig {
     /// Differentiate through the iterations instead of detaching the plan.
     #[config(default = false)]
     pub unrolled: bool,
+    /// Fused host kernel or burn tensor ops ([`Kernel`]).
+    #[config(default = "Kernel::Auto")]
+    pub kernel: Kernel,
 }
 
 impl OtAlignConfig {
@@ -546,6 +424,7 @@ impl OtAlignConfig {
                 PlanGradient::Detached
             },
             norm_eps: 1e-12,
+            kernel: self.kernel,
         }
     }
 
@@ -580,5 +459,45 @@ impl OtAlign {
         cfg: &OtLossConfig,
     ) -> OtOutput {
         ot_loss(self.proj.forward(t_vis), s_vis, t_mask, s_mask, cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_config_round_trips_through_serde_with_defaults_for_absent_fields() {
+        let cfg = OtLossConfig {
+            eps: 0.05,
+            stop: Stop::Tolerance {
+                tol: 1e-6,
+                max_iter: 500,
+            },
+            gradient: PlanGradient::Unrolled,
+            norm_eps: 1e-12,
+            kernel: Kernel::Graph,
+        };
+        let json = serde_json::to_string(&cfg).expect("serialises");
+        assert_eq!(
+            serde_json::from_str::<OtLossConfig>(&json).expect("parses"),
+            cfg
+        );
+        assert!(json.contains(r#""gradient":"unrolled""#), "{json}");
+        assert!(json.contains(r#""tolerance":{"tol""#), "{json}");
+        assert!(json.contains(r#""kernel":"graph""#), "{json}");
+        let partial: OtLossConfig =
+            serde_json::from_str(r#"{"stop": {"iterations": 7}}"#).expect("parses");
+        assert_eq!(
+            partial,
+            OtLossConfig {
+                stop: Stop::Iterations(7),
+                ..OtLossConfig::default()
+            }
+        );
+        assert_eq!(OtLossConfig::default().eps, PAPER_EPS);
+        let align = OtAlignConfig::new(4, 3);
+        assert_eq!(align.eps, PAPER_EPS);
+        assert_eq!(align.loss_config(), OtLossConfig::default());
     }
 }

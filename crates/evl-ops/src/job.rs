@@ -127,7 +127,7 @@ impl Default for JobConfig {
                 lambda_rel: 0.03,
                 lambda_ot: 0.1,
                 heads: 8,
-                eps: 0.1,
+                eps: evl_kd::PAPER_EPS,
                 temperature: 2.0,
                 online: false,
                 teacher_hidden_rms: true,

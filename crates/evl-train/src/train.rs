@@ -317,7 +317,7 @@ impl DistillConfig {
             temperature: 2.0,
             heads: 8,
             lambdas: (1.0, 0.03, 0.1),
-            eps: 0.1,
+            eps: evl_kd::PAPER_EPS,
             teacher_hidden_rms: true,
         }
     }

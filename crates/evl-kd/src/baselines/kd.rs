@@ -14,129 +14,44 @@
 //! mapping of cross-tokenizer KD papers (e.g. MinED's baseline); tokens outside the
 //! intersection carry no KD signal, which is exactly the weakness ULD/MultiLevelOT/EVL-ECG
 //! address.
+//!
+//! The fused kernel is in `host/kd.rs`; [`kd_vanilla_with`] chooses the form ([`Kernel`]).
 
-use crate::host::{Real, Surrogate, host_vec, sum};
+use crate::Kernel;
 use burn::tensor::{Int, Tensor, activation};
 use std::collections::HashMap;
 
-/// `T^2 * KL(softmax(zt/T) || softmax(zs/T))`, summed over classes, averaged over rows.
-///
-/// On the CPU one fused pass per row computes the value and both gradients in closed form
-/// (`dL/dzs = T (p_s - p_t) / n`, `dL/dzt = T p_t (log p_t - log p_s - KL_row) / n`);
-/// elsewhere it is [`kd_vanilla_graph`].
+/// `T^2 * KL(softmax(zt/T) || softmax(zs/T))`, summed over classes, averaged over rows, in
+/// the default form ([`Kernel::Auto`]; see [`kd_vanilla_with`]).
 ///
 /// # Shapes
 /// - `zs`, `zt`: `[n, c]`
 pub fn kd_vanilla(zs: Tensor<2>, zt: Tensor<2>, temperature: f64) -> Tensor<1> {
-    if !evl_models::device::on_host(&zs) {
-        return kd_vanilla_graph(zs, zt, temperature);
-    }
-    match evl_models::device::precision_of(&zs) {
-        evl_models::device::Precision::F32 => kd_host::<f32>(&zs, &zt, temperature),
-        evl_models::device::Precision::F64 => kd_host::<f64>(&zs, &zt, temperature),
-    }
+    kd_vanilla_with(zs, zt, temperature, Kernel::Auto)
 }
 
-/// `softmax(z / T)` into `out` (vectorised exp); returns the log of the normaliser including
-/// the max shift, so `log p_k = z_k / T - that`.
-#[inline(always)] // into `simd`'s dispatch (`KdRow`)
-fn softmax_into<T: Real>(z: &[T], out: &mut [T], inv_t: T) -> T {
-    let m = z.iter().fold(T::neg_infinity(), |m, &x| m.max(x * inv_t));
-    for (o, &x) in out.iter_mut().zip(z) {
-        *o = (x * inv_t - m).exp_fast();
-    }
-    let s = sum(out);
-    let inv = T::one() / s;
-    out.iter_mut().for_each(|o| *o *= inv);
-    m + s.ln()
-}
-
-/// One row of the fused KD kernel: the row's KL, with the student's (and, if `want_t`, the
-/// teacher's) gradient written over `gs` (`gt`), compiled for this CPU's vector width
-/// (`crate::host::simd`).
-struct KdRow<'a, T> {
-    za: &'a [T],
-    zb: &'a [T],
-    gs: &'a mut [T],
-    gt: &'a mut [T],
-    inv_t: T,
-    scale: T,
-    want_t: bool,
-}
-
-impl<T: Real> pulp::WithSimd for KdRow<'_, T> {
-    type Output = T;
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) -> T {
-        let Self {
-            za,
-            zb,
-            gs,
-            gt,
-            inv_t,
-            scale,
-            want_t,
-        } = self;
-        let c = za.len();
-        let (la, lb) = (softmax_into(za, gs, inv_t), softmax_into(zb, gt, inv_t));
-        // log p_t - log p_s, exact from the logits
-        let shift = la - lb;
-        let mut kl = T::zero();
-        for k in 0..c {
-            kl += gt[k] * ((zb[k] - za[k]) * inv_t + shift);
-        }
-        for k in 0..c {
-            gs[k] = scale * (gs[k] - gt[k]);
-        }
-        if want_t {
-            for k in 0..c {
-                gt[k] = scale * gt[k] * ((zb[k] - za[k]) * inv_t + shift - kl);
-            }
-        }
-        kl
+/// [`kd_vanilla`] in the form `kernel` chooses: fused (the default on the CPU), one host
+/// pass per row computes the value and both gradients in closed form
+/// (`dL/dzs = T (p_s - p_t) / n`, `dL/dzt = T p_t (log p_t - log p_s - KL_row) / n`);
+/// graph, log-softmaxes as burn tensor ops.
+///
+/// # Shapes
+/// - `zs`, `zt`: `[n, c]`
+pub fn kd_vanilla_with(
+    zs: Tensor<2>,
+    zt: Tensor<2>,
+    temperature: f64,
+    kernel: Kernel,
+) -> Tensor<1> {
+    if kernel.fused_for(&zs) {
+        crate::host::kd::kd_fused(&zs, &zt, temperature)
+    } else {
+        kd_graph(zs, zt, temperature)
     }
 }
 
-fn kd_host<T: Real>(zs: &Tensor<2>, zt: &Tensor<2>, temperature: f64) -> Tensor<1> {
-    use rayon::prelude::*;
-    let [n, c] = zs.dims();
-    assert_eq!(
-        zs.dims(),
-        zt.dims(),
-        "kd_vanilla: logits of different shapes"
-    );
-    let (a, b) = (host_vec::<T, 2>(zs), host_vec::<T, 2>(zt));
-    // the teacher's gradient only when it is tracked (DSKD passes detached targets)
-    let want_t = zt.is_tracked();
-    let mut gs = vec![T::zero(); n * c];
-    let mut gt = vec![T::zero(); n * c];
-    let inv_t = T::of(1.0 / temperature);
-    let scale = T::of(temperature / n.max(1) as f64);
-    let rows: f64 = gs
-        .par_chunks_mut(c.max(1))
-        .zip(gt.par_chunks_mut(c.max(1)))
-        .enumerate()
-        .map(|(r, (gs, gt))| {
-            crate::host::simd(KdRow {
-                za: &a[r * c..(r + 1) * c],
-                zb: &b[r * c..(r + 1) * c],
-                gs,
-                gt,
-                inv_t,
-                scale,
-                want_t,
-            })
-            .wide()
-        })
-        .sum();
-    let mut sg = Surrogate::new(rows * temperature * temperature / n.max(1) as f64, zs);
-    sg.grad_vec(zs, gs);
-    sg.grad_vec(zt, gt);
-    sg.finish()
-}
-
-/// [`kd_vanilla`] as burn tensor ops (what runs off the CPU).
-pub fn kd_vanilla_graph(zs: Tensor<2>, zt: Tensor<2>, temperature: f64) -> Tensor<1> {
+/// [`kd_vanilla`] as burn tensor ops ([`Kernel::Graph`], and `Auto` off the CPU).
+fn kd_graph(zs: Tensor<2>, zt: Tensor<2>, temperature: f64) -> Tensor<1> {
     let [n, _] = zs.dims();
     let log_ps = activation::log_softmax(zs.mul_scalar(1.0 / temperature), 1);
     let log_pt = activation::log_softmax(zt.mul_scalar(1.0 / temperature), 1);
@@ -199,15 +114,30 @@ impl SharedVocab {
         logits.select(1, idx)
     }
 
-    /// Vanilla KD over the shared vocabulary.
+    /// Vanilla KD over the shared vocabulary ([`kd_vanilla`], default kernel).
     ///
     /// # Shapes
     /// - `zs`: `[n, v_s]`, `zt`: `[n, v_t]`
     pub fn kd(&self, zs: Tensor<2>, zt: Tensor<2>, temperature: f64) -> Tensor<1> {
-        kd_vanilla(
+        self.kd_with(zs, zt, temperature, Kernel::Auto)
+    }
+
+    /// [`Self::kd`] in the form `kernel` chooses ([`kd_vanilla_with`]).
+    ///
+    /// # Shapes
+    /// - `zs`: `[n, v_s]`, `zt`: `[n, v_t]`
+    pub fn kd_with(
+        &self,
+        zs: Tensor<2>,
+        zt: Tensor<2>,
+        temperature: f64,
+        kernel: Kernel,
+    ) -> Tensor<1> {
+        kd_vanilla_with(
             Self::gather(zs, &self.student_ids),
             Self::gather(zt, &self.teacher_ids),
             temperature,
+            kernel,
         )
     }
 }

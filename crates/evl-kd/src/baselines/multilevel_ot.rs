@@ -13,9 +13,13 @@
 //! `L = w_tok (L1 + CE) + w_seq L_seq`. Choices where the paper leaves room: token positions
 //! for the token-level terms are paired by index over the answer, truncated to the shorter
 //! sequence (as ULD); the sequence-level term uses all valid positions of both sequences,
-//! so it needs no pairing; `k = 50`, `eps = 0.1`, 100 iterations by default.
+//! so it needs no pairing; `k = 50`, `eps = 0.1` ([`PAPER_EPS`]), 100 iterations by default.
+//!
+//! The fused sequence-level kernel is in `host/multilevel_ot.rs`;
+//! [`MultiLevelOtConfig::kernel`] chooses the form.
 
-use crate::sinkhorn::{Problem, Stop, sinkhorn_host};
+use crate::Kernel;
+use crate::sinkhorn::{PAPER_EPS, Problem, Stop, sinkhorn_host};
 use burn::tensor::Tensor;
 use evl_models::device::{tensor_like, to_vec_f64};
 
@@ -26,7 +30,7 @@ pub struct MultiLevelOtConfig {
     pub top_k: usize,
     /// Softmax temperature (both models).
     pub temperature: f64,
-    /// Sinkhorn regularisation for the sequence level.
+    /// Sinkhorn regularisation for the sequence level; default [`PAPER_EPS`].
     pub eps: f64,
     /// Sinkhorn iterations.
     pub n_iter: usize,
@@ -34,6 +38,9 @@ pub struct MultiLevelOtConfig {
     pub w_token: f64,
     /// Weight of the sequence-level term.
     pub w_sequence: f64,
+    /// Fused host kernel or burn tensor ops for the sequence level ([`Kernel`]); default
+    /// [`Kernel::Auto`].
+    pub kernel: Kernel,
 }
 
 impl Default for MultiLevelOtConfig {
@@ -41,10 +48,11 @@ impl Default for MultiLevelOtConfig {
         Self {
             top_k: 50,
             temperature: 1.0,
-            eps: 0.1,
+            eps: PAPER_EPS,
             n_iter: 100,
             w_token: 1.0,
             w_sequence: 1.0,
+            kernel: Kernel::Auto,
         }
     }
 }
@@ -75,110 +83,26 @@ fn sorted_topk(z: Tensor<3>, temperature: f64, k: usize) -> Tensor<3> {
 /// MultiLevelOT between student logits `[batch, l_s, v_s]` and teacher logits
 /// `[batch, l_t, v_t]` (any vocabularies and lengths).
 ///
-/// On the CPU the sequence-level cost `[batch, l_t, l_s]` and its detached-plan gradient
-/// (`sum_i P_ij sign(p_s,jk - p_t,ik)`) are computed on the host, without materialising the
-/// `[batch, l_t, l_s, k]` difference tensor of [`multilevel_ot_loss_graph`]; the token-level
-/// terms are the same tensor ops in both. Both compute the same function.
+/// [`MultiLevelOtConfig::kernel`] chooses the form of the sequence level ([`Kernel`]).
+/// Fused (the default on the CPU), the cost `[batch, l_t, l_s]` and its detached-plan
+/// gradient (`sum_i P_ij sign(p_s,jk - p_t,ik)`) are computed on the host, without
+/// materialising the `[batch, l_t, l_s, k]` difference tensor of the graph form. The
+/// token-level terms are the same tensor ops in both, and the plan is solved on the host in
+/// both. Both compute the same function.
 pub fn multilevel_ot_loss(
     zs: Tensor<3>,
     zt: Tensor<3>,
     cfg: &MultiLevelOtConfig,
 ) -> MultiLevelOtOutput {
-    let host = evl_models::device::on_host(&zs);
-    multilevel_ot_impl(zs, zt, cfg, host)
-}
-
-/// [`multilevel_ot_loss`] as burn tensor ops throughout (what runs off the CPU).
-pub fn multilevel_ot_loss_graph(
-    zs: Tensor<3>,
-    zt: Tensor<3>,
-    cfg: &MultiLevelOtConfig,
-) -> MultiLevelOtOutput {
-    multilevel_ot_impl(zs, zt, cfg, false)
-}
-
-/// `C[b, i, j] = sum_k |pt[b, i, k] - ps[b, j, k]|` on row-major host buffers.
-fn l1_cost(pt: &[f64], ps: &[f64], [b, lt, ls, k]: [usize; 4]) -> Vec<f64> {
-    use rayon::prelude::*;
-    let mut c = vec![0.0; b * lt * ls];
-    c.par_chunks_mut((lt * ls).max(1))
-        .enumerate()
-        .for_each(|(bi, cb)| {
-            for (i, row) in cb.chunks_exact_mut(ls.max(1)).enumerate() {
-                let ti = &pt[(bi * lt + i) * k..(bi * lt + i + 1) * k];
-                for (j, cij) in row.iter_mut().enumerate() {
-                    let sj = &ps[(bi * ls + j) * k..(bi * ls + j + 1) * k];
-                    *cij = ti.iter().zip(sj).map(|(a, b)| (a - b).abs()).sum();
-                }
-            }
-        });
-    c
-}
-
-/// `sum_ij P_ij C_ij / b` with the plan constant, as a surrogate carrying the gradients
-/// `dL/dps_jk = sum_i P_ij sign(ps_jk - pt_ik) / b` (and the negated sum for `pt` when it is
-/// tracked); `sign(0) = 0`, as the graph form's `abs` has it.
-fn sequence_term_host(
-    ps: &Tensor<3>,
-    pt: &Tensor<3>,
-    psv: &[f64],
-    ptv: &[f64],
-    plan: &[f64],
-    cost: &[f64],
-    [b, lt, ls, k]: [usize; 4],
-) -> Tensor<1> {
-    use rayon::prelude::*;
-    let inv_b = 1.0 / b.max(1) as f64;
-    let value = plan.iter().zip(cost).map(|(p, c)| p * c).sum::<f64>() * inv_b;
-    let mut sg = crate::host::Surrogate::new(value, ps);
-    let want_t = pt.is_tracked();
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = (0..b)
-        .into_par_iter()
-        .map(|bi| {
-            let mut gs = vec![0.0; ls * k];
-            let mut gt = vec![0.0; if want_t { lt * k } else { 0 }];
-            for i in 0..lt {
-                let ti = &ptv[(bi * lt + i) * k..(bi * lt + i + 1) * k];
-                for j in 0..ls {
-                    let p = plan[(bi * lt + i) * ls + j] * inv_b;
-                    if p == 0.0 {
-                        continue;
-                    }
-                    let sj = &psv[(bi * ls + j) * k..(bi * ls + j + 1) * k];
-                    for kk in 0..k {
-                        let d = sj[kk] - ti[kk];
-                        let sgn = if d > 0.0 {
-                            p
-                        } else if d < 0.0 {
-                            -p
-                        } else {
-                            0.0
-                        };
-                        gs[j * k + kk] += sgn;
-                        if want_t {
-                            gt[i * k + kk] -= sgn;
-                        }
-                    }
-                }
-            }
-            (gs, gt)
-        })
-        .collect();
-    let (mut gs, mut gt) = (Vec::new(), Vec::new());
-    for (a, c) in parts {
-        gs.extend(a);
-        gt.extend(c);
-    }
-    sg.grad(ps, &gs);
-    sg.grad(pt, &gt);
-    sg.finish()
+    let fused = cfg.kernel.fused_for(&zs);
+    multilevel_ot_impl(zs, zt, cfg, fused)
 }
 
 fn multilevel_ot_impl(
     zs: Tensor<3>,
     zt: Tensor<3>,
     cfg: &MultiLevelOtConfig,
-    host: bool,
+    fused: bool,
 ) -> MultiLevelOtOutput {
     let k = cfg.top_k.min(zs.dims()[2]).min(zt.dims()[2]);
     let ps = sorted_topk(zs, cfg.temperature, k); // [b, ls, k]
@@ -204,14 +128,8 @@ fn multilevel_ot_impl(
         row_mask: None,
         col_mask: None,
     };
-    let sequence_ot = if host {
-        let (psv, ptv) = (
-            to_vec_f64(ps.clone().detach()),
-            to_vec_f64(pt.clone().detach()),
-        );
-        let cost = l1_cost(&ptv, &psv, [b, lt, ls, k]);
-        let plan = sinkhorn_host(&cost, problem, cfg.eps, Stop::Iterations(cfg.n_iter));
-        sequence_term_host(&ps, &pt, &psv, &ptv, &plan.plan, &cost, [b, lt, ls, k])
+    let sequence_ot = if fused {
+        crate::host::multilevel_ot::sequence_term_fused(&ps, &pt, problem, cfg)
     } else {
         let cost = (pt.reshape([b, lt, 1, k]) - ps.reshape([b, 1, ls, k]))
             .abs()

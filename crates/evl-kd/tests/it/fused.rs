@@ -3,13 +3,13 @@
 //! identical tokens, a zero token, a large common offset (anisotropic "hidden states"),
 //! detached teacher and combined-gradient mode, in f64 and f32; the same for the fused MHCA
 //! loss (key and student masks), the fused objective (masks, ablations, detached teacher) and
-//! the fused OT loss (masks, an empty item, a zero token).
+//! the fused OT loss (masks, an empty item, a zero token). Each test runs one public entry
+//! point twice, with `Kernel::Fused` and `Kernel::Graph`.
 
-use burn::tensor::{Bool, Device, Tensor};
-use evl_kd::relation::relation_loss_graph;
+use burn::tensor::{Device, Tensor};
 use evl_kd::{
-    EvlInputs, EvlWeights, MhcaWeights, OtLossConfig, RelationConfig, RelationOutput,
-    evl_objective, evl_objective_graph, mhca_align_loss, mhca_forward, mhca_loss, relation_loss,
+    EvlInputs, EvlWeights, Kernel, MhcaWeights, OtLossConfig, RelationConfig, evl_objective,
+    mhca_align_loss_with, relation_loss,
 };
 use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
@@ -54,7 +54,7 @@ fn tokens(b: usize, l: usize, d: usize, seed: u64) -> Vec<f64> {
 }
 
 fn run(
-    f: fn(Tensor<3>, Tensor<3>, Option<&Tensor<2, Bool>>, &RelationConfig) -> RelationOutput,
+    kernel: Kernel,
     x: &[f64],
     y: &[f64],
     shape: [usize; 3],
@@ -63,6 +63,7 @@ fn run(
     p: Precision,
 ) -> Vec<(String, Vec<f64>)> {
     let dev = Device::flex().autodiff();
+    let cfg = &RelationConfig { kernel, ..*cfg };
     let m = mask.map(|m| bool_tensor(m, [shape[0], shape[1]], &dev));
     let inputs = || {
         (
@@ -71,7 +72,7 @@ fn run(
         )
     };
     let (xt, yt) = inputs();
-    let out = f(xt, yt, m.as_ref(), cfg);
+    let out = relation_loss(xt, yt, m.as_ref(), cfg);
     let mut res = vec![
         (
             "psi_d_t".to_string(),
@@ -101,7 +102,7 @@ fn run(
     for &name in terms {
         // burn consumes the tape on backward: one fresh forward pass per gradient
         let (xt, yt) = inputs();
-        let out = f(xt.clone(), yt.clone(), m.as_ref(), cfg);
+        let out = relation_loss(xt.clone(), yt.clone(), m.as_ref(), cfg);
         let t = match name {
             "l_d" => out.l_d,
             "l_a" => out.l_a,
@@ -141,8 +142,8 @@ fn fused_relation_equals_graph_form() {
                     ..RelationConfig::default()
                 };
                 let m = masked.then_some(mask.as_slice());
-                let fused = run(relation_loss, &x, &y, [b, l, d], m, &cfg, p);
-                let graph = run(relation_loss_graph, &x, &y, [b, l, d], m, &cfg, p);
+                let fused = run(Kernel::Fused, &x, &y, [b, l, d], m, &cfg, p);
+                let graph = run(Kernel::Graph, &x, &y, [b, l, d], m, &cfg, p);
                 for ((name, a), (_, g)) in fused.iter().zip(&graph) {
                     assert_eq!(a.len(), g.len(), "{name}: shapes ({p:?})");
                     let scale = g.iter().fold(1e-3f64, |s, v| s.max(v.abs()));
@@ -177,7 +178,7 @@ fn weights(ds: usize, dt: usize, hdk: usize, dev: &Device, p: Precision, seed: u
 /// Loss and every gradient of one objective call, fresh inputs each time.
 #[allow(clippy::type_complexity)]
 fn objective_run(
-    fused: bool,
+    kernel: Kernel,
     p: Precision,
     masks: bool,
     w: &EvlWeights,
@@ -200,12 +201,8 @@ fn objective_run(
         inputs.student_mask = Some(bool_tensor(&sm, [b, ls], &dev));
         inputs.teacher_mask = Some(bool_tensor(&km, [b, lt], &dev));
     }
-    let f = if fused {
-        evl_objective
-    } else {
-        evl_objective_graph
-    };
-    let terms = f(inputs, &wts, h, w, &OtLossConfig::default(), rel);
+    let w = &EvlWeights { kernel, ..*w };
+    let terms = evl_objective(inputs, &wts, h, w, &OtLossConfig::default(), rel);
     let mut out = vec![
         ("total".to_string(), to_vec_f64(terms.total.clone())),
         (
@@ -276,8 +273,8 @@ fn fused_objective_equals_graph_form_with_masks_ablations_and_detach() {
                 };
                 let what = format!("{p:?} masks={masks} ablate={ablate} detach={detach}");
                 assert_close(
-                    &objective_run(true, p, masks, &w, &rel),
-                    &objective_run(false, p, masks, &w, &rel),
+                    &objective_run(Kernel::Fused, p, masks, &w, &rel),
+                    &objective_run(Kernel::Graph, p, masks, &w, &rel),
                     tol,
                     &what,
                 );
@@ -291,7 +288,7 @@ fn fused_mhca_loss_equals_graph_form_with_masks() {
     let (b, ls, lt, ds, dt, h) = (3, 5, 6, 8, 10, 4);
     for p in [Precision::F64, Precision::F32] {
         let tol = if p == Precision::F64 { 1e-9 } else { 1e-4 };
-        let run = |fused: bool| {
+        let run = |kernel: Kernel| {
             let dev = Device::flex().autodiff();
             let t = |shape: [usize; 3], seed| {
                 let v: Vec<f64> = randn(shape.iter().product(), seed)
@@ -309,15 +306,8 @@ fn fused_mhca_loss_equals_graph_form_with_masks() {
                 bool_tensor(&km, [b, lt], &dev),
                 bool_tensor(&sm, [b, ls], &dev),
             );
-            let loss = if fused {
-                mhca_align_loss(hs.clone(), ht.clone(), &w, h, Some(&km), Some(&sm))
-            } else {
-                mhca_loss(
-                    hs.clone(),
-                    mhca_forward(hs.clone(), ht.clone(), &w, h, Some(&km)),
-                    Some(&sm),
-                )
-            };
+            let loss =
+                mhca_align_loss_with(hs.clone(), ht.clone(), &w, h, Some(&km), Some(&sm), kernel);
             let mut out = vec![("loss".to_string(), to_vec_f64(loss.clone()))];
             let g = loss.backward();
             for (n, x) in [("hs", hs), ("ht", ht)] {
@@ -328,19 +318,24 @@ fn fused_mhca_loss_equals_graph_form_with_masks() {
             }
             out
         };
-        assert_close(&run(true), &run(false), tol, &format!("mhca {p:?}"));
+        assert_close(
+            &run(Kernel::Fused),
+            &run(Kernel::Graph),
+            tol,
+            &format!("mhca {p:?}"),
+        );
     }
 }
 
 #[test]
 fn fused_ot_equals_graph_form() {
-    use evl_kd::{ot_loss, ot_loss_graph};
+    use evl_kd::ot_loss;
     let dev = Device::flex().autodiff();
     let (b, vt, vs, d) = (3, 6, 4, 5);
     for p in [Precision::F64, Precision::F32] {
         let tol = if p == Precision::F64 { 1e-10 } else { 1e-4 };
         for masked in [false, true] {
-            let run = |fused: bool| {
+            let run = |kernel: Kernel| {
                 let mut tv = randn(b * vt * d, 11);
                 tv[..d].fill(0.0); // a zero token: the normalisation's floor
                 let t = tensor_from_f64(&tv, [b, vt, d], &dev, p).require_grad();
@@ -357,8 +352,11 @@ fn fused_ot_equals_graph_form() {
                 } else {
                     (None, None)
                 };
-                let f = if fused { ot_loss } else { ot_loss_graph };
-                let out = f(t.clone(), s.clone(), tm, sm, &OtLossConfig::default());
+                let cfg = OtLossConfig {
+                    kernel,
+                    ..OtLossConfig::default()
+                };
+                let out = ot_loss(t.clone(), s.clone(), tm, sm, &cfg);
                 let mut res = vec![
                     ("loss".to_string(), to_vec_f64(out.loss.clone())),
                     ("cost".into(), out.cost),
@@ -369,7 +367,7 @@ fn fused_ot_equals_graph_form() {
                 res.push(("s".into(), s.grad(&g).map(to_vec_f64).unwrap_or_default()));
                 res
             };
-            let (a, bb) = (run(true), run(false));
+            let (a, bb) = (run(Kernel::Fused), run(Kernel::Graph));
             assert!(a.iter().all(|(_, v)| !v.is_empty()), "every output present");
             assert_close(&a, &bb, tol, &format!("ot {p:?} masked={masked}"));
         }
@@ -378,7 +376,7 @@ fn fused_ot_equals_graph_form() {
 
 #[test]
 fn fused_multilevel_ot_equals_graph_form() {
-    use evl_kd::baselines::{MultiLevelOtConfig, multilevel_ot_loss, multilevel_ot_loss_graph};
+    use evl_kd::baselines::{MultiLevelOtConfig, multilevel_ot_loss};
     let dev = Device::flex().autodiff();
     let (b, ls, lt, vs, vt) = (2, 5, 7, 9, 11);
     let cfg = MultiLevelOtConfig {
@@ -387,15 +385,11 @@ fn fused_multilevel_ot_equals_graph_form() {
     };
     for p in [Precision::F64, Precision::F32] {
         let tol = if p == Precision::F64 { 1e-10 } else { 1e-4 };
-        let run = |fused: bool| {
+        let run = |kernel: Kernel| {
             let zs = tensor_from_f64(&randn(b * ls * vs, 31), [b, ls, vs], &dev, p).require_grad();
             let zt = tensor_from_f64(&randn(b * lt * vt, 32), [b, lt, vt], &dev, p).require_grad();
-            let f = if fused {
-                multilevel_ot_loss
-            } else {
-                multilevel_ot_loss_graph
-            };
-            let out = f(zs.clone(), zt.clone(), &cfg);
+            let cfg = MultiLevelOtConfig { kernel, ..cfg };
+            let out = multilevel_ot_loss(zs.clone(), zt.clone(), &cfg);
             let mut res = vec![
                 ("loss".to_string(), to_vec_f64(out.loss.clone())),
                 ("sequence_ot".into(), to_vec_f64(out.sequence_ot)),
@@ -405,7 +399,7 @@ fn fused_multilevel_ot_equals_graph_form() {
             res.push(("zt".into(), zt.grad(&g).map(to_vec_f64).unwrap_or_default()));
             res
         };
-        let (a, bb) = (run(true), run(false));
+        let (a, bb) = (run(Kernel::Fused), run(Kernel::Graph));
         assert!(a.iter().all(|(_, v)| !v.is_empty()), "every output present");
         assert_close(&a, &bb, tol, &format!("multilevel_ot {p:?}"));
     }

@@ -38,6 +38,7 @@ fn ot_case(
                 stop: Stop::Iterations(200),
                 gradient,
                 norm_eps: 1e-12,
+                ..OtLossConfig::default()
             };
             let o = ot_loss(
                 tt.clone(),

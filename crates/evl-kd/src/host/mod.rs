@@ -1,12 +1,36 @@
-//! Host-side pieces shared by the fused loss kernels: matrix products in the inputs'
-//! precision, and the scalar "surrogate" that carries a host-computed gradient into burn's
-//! autodiff graph.
+//! The fused host kernels of every loss ([`crate::Kernel::Fused`], and
+//! [`crate::Kernel::Auto`] on the CPU), and the pieces they share: matrix products in the
+//! inputs' precision, SIMD dispatch, and the scalar "surrogate" that carries a
+//! host-computed gradient into burn's autodiff graph.
 //!
 //! Why fused host kernels: on burn's `flex` CPU backend a loss written as a chain of tensor
 //! ops pays per-op dispatch and materialises every intermediate (BENCHMARKS.md, issue 3).
-//! For the losses whose forward and backward we can write in closed form (relation, OT), one
-//! host pass computes the value and the exact gradient with a few GEMMs, and
-//! [`Surrogate`] hands the gradient to autodiff. This is the only place that knows the trick.
+//! For the losses whose forward and backward we can write in closed form, one host pass
+//! computes the value and the exact gradient with a few GEMMs, and [`Surrogate`] hands the
+//! gradient to autodiff. This tree is the only place that knows the trick; the tensor-op
+//! ("graph") forms stay in the family files ([`crate::ot`], [`crate::mhca`],
+//! [`crate::relation`], [`crate::sinkhorn`], [`crate::baselines`]), which choose between the
+//! two through [`crate::Kernel::fused_for`].
+//!
+//! The kernels read their inputs back to host memory and build their outputs on the inputs'
+//! device, so they run on any device (off the CPU at the cost of that round trip).
+//!
+//! - [`sinkhorn`]: the batched, masked log-domain Sinkhorn solver;
+//! - [`ot`]: the detached-plan OT loss (normalisation, cost, plan, gradient);
+//! - [`mhca`]: the cross-attention forward and backward pass, and the fused pass over loss
+//!   terms on its output;
+//! - [`relation`]: the distance and angle relation kernel;
+//! - [`objective`]: `L_mhca` and `L_rel` of the objective in one cross-attention pass;
+//! - [`kd`], [`uld`], [`multilevel_ot`]: the baselines' kernels.
+
+pub(crate) mod kd;
+pub(crate) mod mhca;
+pub(crate) mod multilevel_ot;
+pub(crate) mod objective;
+pub(crate) mod ot;
+pub(crate) mod relation;
+pub(crate) mod sinkhorn;
+pub(crate) mod uld;
 
 use burn::tensor::Tensor;
 use evl_models::device::{Precision, tensor_like};
