@@ -43,11 +43,13 @@ pub enum Noun {
     ///
     /// Example: evl-ecg distill --method evl --teacher runs/teacher/model
     ///   --student runs/student/model --data synth-dir --out runs/evl
+    #[command(verbatim_doc_comment)]
     Distill(DistillArgs),
     /// Read a WFDB or CinC record and print the student's answer and per-label probabilities.
     ///
     /// Example: evl-ecg interpret ../shared/data/ptbxl_subset/records500/00000/00001_hr
     ///   --model quickstart-out/model
+    #[command(verbatim_doc_comment)]
     Interpret(InterpretArgs),
     /// Run a saved model over a labelled dataset: predictions in PULSE's format, gold in
     /// ECG-Bench's format, and metrics.json (macro/per-class ROC AUC and PR AUC, Fmax, F1 at 0.5
@@ -66,6 +68,7 @@ pub enum Noun {
     ///
     /// Example: evl-ecg eval --model quickstart-out/model --data quickstart-out/data
     ///   --perturb noise:10 --perturb lead-dropout:V1,V2 --out eval-out
+    #[command(verbatim_doc_comment)]
     Eval(EvalArgs),
     /// Write an offline HTML report (index.html + figures/) for a quickstart or eval run:
     /// tables, training curves per loss term, ROC and PR curves per class, reliability diagram,
@@ -150,26 +153,33 @@ pub enum TrainVerb {
 pub struct JobArgs {
     /// Training data: an index file (.jsonl) or a `data synth` directory (train/val splits),
     /// or with --image-root an ECGInstruct-style conversation file (JSON/JSONL, LLaVA format).
-    #[arg(long)]
-    pub data: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    pub data: Option<PathBuf>,
     /// Image root of a conversation file's `image` paths (a path missing there is looked up
     /// by file name below the root).
     #[arg(long)]
     pub image_root: Option<PathBuf>,
     /// Output directory (model/, checkpoint/, metrics.jsonl, config.toml, val_metrics.json).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    pub out: Option<PathBuf>,
     /// TOML configuration (every key optional; `evl-ecg train teacher --print-config` shows
     /// the defaults).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Print the resolved configuration as TOML and exit.
+    /// Print the resolved configuration as TOML and exit (needs no --data or --out).
     #[arg(long)]
     pub print_config: bool,
+    /// Override one configuration key, as a dotted path into the layout --print-config shows
+    /// (repeatable; applied after --config, before the flags below). Examples:
+    /// `--set distill.sinkhorn.eps=0.05`, `--set distill.kernel=graph`,
+    /// `--set student.optim.warmup=5`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Optimiser steps (overrides the config).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Peak learning rate (overrides the config).
+    /// Peak learning rate of the optimiser (overrides the config; not the relation-loss
+    /// weight `lr` of the paper, which is --lambda-rel).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Examples per step (overrides the config).
@@ -215,12 +225,39 @@ pub struct DistillArgs {
     /// EVL-ECG terms to switch off, comma separated: ot, mhca, rel.
     #[arg(long, value_delimiter = ',')]
     pub ablate: Vec<evl_kd::Ablation>,
-    /// Teacher model directory.
+    /// Teacher model directory (the `model/` folder a `train teacher` run writes).
+    #[arg(long, required_unless_present = "print_config")]
+    pub teacher: Option<PathBuf>,
+    /// Student model directory (the `model/` folder a `train student` run writes).
+    #[arg(long, required_unless_present = "print_config")]
+    pub student: Option<PathBuf>,
+    /// Loss kernels: auto (fused host kernels on the CPU, tensor ops elsewhere), fused, graph.
     #[arg(long)]
-    pub teacher: PathBuf,
-    /// Student model directory (after SFT).
+    pub kernel: Option<evl_kd::Kernel>,
+    /// `a` of the paper (overrides the config).
     #[arg(long)]
-    pub student: PathBuf,
+    pub alpha: Option<f64>,
+    /// `lm`, weight of L_mhca (overrides the config).
+    #[arg(long)]
+    pub lambda_mhca: Option<f64>,
+    /// `lr`, weight of L_rel (overrides the config).
+    #[arg(long)]
+    pub lambda_rel: Option<f64>,
+    /// `lot`, weight of L_ot (overrides the config).
+    #[arg(long)]
+    pub lambda_ot: Option<f64>,
+    /// Sinkhorn entropic regularisation eps (overrides the config).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Fixed Sinkhorn iterations (overrides the config).
+    #[arg(long)]
+    pub sinkhorn_iters: Option<usize>,
+    /// Stop Sinkhorn on this student-marginal L1 error instead of a fixed count.
+    #[arg(long)]
+    pub sinkhorn_tol: Option<f64>,
+    /// Differentiate through the Sinkhorn iterations instead of detaching the plan.
+    #[arg(long)]
+    pub unrolled: bool,
     /// Run the teacher on each batch instead of caching its outputs once.
     #[arg(long)]
     pub online: bool,

@@ -110,6 +110,20 @@ pub enum ScoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// Valid JSON of the other kind: a predictions file where gold was expected, or the
+    /// reverse (the two files swapped).
+    #[error(
+        "{}: this is {found}, not {expected}; were the prediction and gold files swapped?",
+        .path.display()
+    )]
+    WrongKind {
+        /// File.
+        path: PathBuf,
+        /// What was expected.
+        expected: &'static str,
+        /// What the file is.
+        found: &'static str,
+    },
     /// A structurally valid item missing what the scorer needs.
     #[error("{}:{line}: {what}", .path.display())]
     Item {
@@ -150,18 +164,36 @@ fn id_string(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Whether `text` is JSON Lines whose first object has a `question_id` and a `text` (what
+/// [`read_predictions`] reads).
+fn looks_like_predictions(text: &str) -> bool {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .is_some_and(|v| v.get("question_id").is_some() && v.get("text").is_some())
+}
+
 /// Read ECG-Bench gold items (`id` or `No`, `conversations[1].value`).
 pub fn read_gold(path: &Path) -> Result<HashMap<String, GoldValue>, ScoreError> {
     let text = std::fs::read_to_string(path).map_err(|source| ScoreError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let items: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|source| ScoreError::Json {
-            path: path.to_path_buf(),
-            line: 0,
-            source,
-        })?;
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|source| {
+        if looks_like_predictions(&text) {
+            ScoreError::WrongKind {
+                path: path.to_path_buf(),
+                expected: "a gold file (a JSON array of items)",
+                found: "a predictions file (JSON Lines with `question_id` and `text`)",
+            }
+        } else {
+            ScoreError::Json {
+                path: path.to_path_buf(),
+                line: 0,
+                source,
+            }
+        }
+    })?;
     let mut out = HashMap::new();
     for (i, it) in items.iter().enumerate() {
         let bad = |what: &str| ScoreError::Item {
@@ -224,12 +256,24 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>, ScoreError> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| ScoreError::Json {
-                path: path.to_path_buf(),
-                line: i + 1,
-                source,
-            })?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|source| {
+            if matches!(
+                serde_json::from_str::<serde_json::Value>(&text),
+                Ok(serde_json::Value::Array(_))
+            ) {
+                ScoreError::WrongKind {
+                    path: path.to_path_buf(),
+                    expected: "a predictions file (JSON Lines)",
+                    found: "a gold file (one JSON array of items)",
+                }
+            } else {
+                ScoreError::Json {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    source,
+                }
+            }
+        })?;
         let bad = |what: &str| ScoreError::Item {
             path: path.to_path_buf(),
             line: i + 1,

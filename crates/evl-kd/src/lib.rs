@@ -39,6 +39,6 @@ pub use mhca::{
     mhca_loss,
 };
 pub use objective::{EvlInputs, EvlLoss, EvlLossConfig, EvlTerms, EvlWeights, evl_objective};
-pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, ot_loss};
+pub use ot::{OtAlign, OtAlignConfig, OtLossConfig, OtOutput, SinkhornSettings, ot_loss};
 pub use relation::{RelationConfig, RelationOutput, relation_loss};
 pub use sinkhorn::{PAPER_EPS, PlanGradient, Stop};

@@ -406,7 +406,47 @@ pub struct OtAlignConfig {
     pub kernel: Kernel,
 }
 
+/// The Sinkhorn settings of `L_ot` without the token widths: what a job configuration
+/// (TOML, command line) carries. Defaults are [`OtAlignConfig`]'s, written there once.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkhornSettings {
+    /// Entropic regularisation `eps` (paper: 0.1).
+    pub eps: f64,
+    /// Fixed iterations; ignored when `tolerance` is set.
+    pub iterations: usize,
+    /// Stop when the student-marginal L1 error falls below this instead of a fixed count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
+    /// Iteration cap in tolerance mode.
+    pub max_iter: usize,
+    /// Differentiate through the iterations instead of detaching the plan.
+    pub unrolled: bool,
+}
+
+impl Default for SinkhornSettings {
+    fn default() -> Self {
+        let d = OtAlignConfig::new(0, 0);
+        SinkhornSettings {
+            eps: d.eps,
+            iterations: d.n_iter,
+            tolerance: d.tol,
+            max_iter: d.max_iter,
+            unrolled: d.unrolled,
+        }
+    }
+}
+
 impl OtAlignConfig {
+    /// This configuration with the Sinkhorn settings `s`.
+    pub fn with_sinkhorn(self, s: &SinkhornSettings) -> Self {
+        self.with_eps(s.eps)
+            .with_n_iter(s.iterations)
+            .with_tol(s.tolerance)
+            .with_max_iter(s.max_iter)
+            .with_unrolled(s.unrolled)
+    }
+
     /// The loss settings this configuration describes.
     pub fn loss_config(&self) -> OtLossConfig {
         OtLossConfig {

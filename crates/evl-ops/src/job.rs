@@ -13,6 +13,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Device;
 use ecg_io::labels::ptbxl::Split;
+use evl_kd::{Kernel, SinkhornSettings};
 use evl_models::vlm::{EcgVlm, EcgVlmConfig, InputKind};
 
 use crate::{Error, Result};
@@ -69,8 +70,12 @@ pub struct DistillSection {
     pub lambda_ot: f64,
     /// MHCA heads.
     pub heads: usize,
-    /// Sinkhorn entropic regularisation.
-    pub eps: f64,
+    /// Fused host kernels or burn tensor ops for EVL-ECG's terms: `auto` (fused on the
+    /// CPU), `fused`, `graph`.
+    pub kernel: Kernel,
+    /// Sinkhorn settings of `L_ot` (`[distill.sinkhorn]`: eps, iterations, tolerance,
+    /// max_iter, unrolled).
+    pub sinkhorn: SinkhornSettings,
     /// KD temperature (`kl`).
     pub temperature: f64,
     /// Run the teacher on every step's batch instead of caching its outputs once.
@@ -119,19 +124,24 @@ impl Default for JobConfig {
                 arch: None,
                 optim: o(200, 3e-3),
             },
-            distill: DistillSection {
-                method: Method::evl(),
-                ablate: Vec::new(),
-                alpha: 0.3,
-                lambda_mhca: 1.0,
-                lambda_rel: 0.03,
-                lambda_ot: 0.1,
-                heads: 8,
-                eps: evl_kd::PAPER_EPS,
-                temperature: 2.0,
-                online: false,
-                teacher_hidden_rms: true,
-                optim: o(80, 1e-3),
+            // The paper's settings, written once in evl-kd and DistillConfig::paper.
+            distill: {
+                let p = DistillConfig::paper(Method::evl(), o(80, 1e-3));
+                DistillSection {
+                    method: p.method,
+                    ablate: Vec::new(),
+                    alpha: p.alpha,
+                    lambda_mhca: p.lambdas.0,
+                    lambda_rel: p.lambdas.1,
+                    lambda_ot: p.lambdas.2,
+                    heads: p.heads,
+                    kernel: p.kernel,
+                    sinkhorn: p.sinkhorn,
+                    temperature: p.temperature,
+                    online: false,
+                    teacher_hidden_rms: p.teacher_hidden_rms,
+                    optim: p.optim,
+                }
             },
         }
     }
@@ -158,6 +168,47 @@ impl JobConfig {
         let mut base: toml::Table =
             toml::from_str(&JobConfig::default().to_toml()).expect("defaults serialise");
         merge(&mut base, user);
+        toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())
+    }
+
+    /// This configuration with `KEY=VALUE` overrides (`--set distill.sinkhorn.eps=0.05`):
+    /// KEY is a dotted path into the TOML layout `--print-config` shows, VALUE a TOML value
+    /// (a bare word that is not one is taken as a string: `distill.kernel=graph`). Unknown
+    /// keys and ill-typed values are errors naming the override.
+    pub fn with_overrides(&self, sets: &[String]) -> std::result::Result<JobConfig, String> {
+        if sets.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut base: toml::Table = toml::from_str(&self.to_toml()).expect("config serialises");
+        for set in sets {
+            let (key, value) = set
+                .split_once('=')
+                .ok_or_else(|| format!("--set `{set}`: expected KEY=VALUE"))?;
+            let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+                Ok(mut t) => t.remove("v").expect("parsed key"),
+                Err(_) => toml::Value::String(value.to_string()),
+            };
+            let mut user = toml::Table::new();
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                return Err(format!("--set `{set}`: `{key}` is not a dotted key"));
+            }
+            let mut node = &mut user;
+            for p in &parts[..parts.len() - 1] {
+                node = node
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .expect("just inserted a table");
+            }
+            node.insert(parts[parts.len() - 1].to_string(), value);
+            merge(&mut base, user);
+            toml::Value::Table(base.clone())
+                .try_into::<JobConfig>()
+                .map_err(|e| format!("--set `{set}`: {e}"))?;
+        }
         toml::Value::Table(base)
             .try_into()
             .map_err(|e: toml::de::Error| e.to_string())
@@ -450,6 +501,30 @@ fn finish(
 }
 
 /// Load a model bundle's weights onto the training device (trainable).
+/// `dir` is a model bundle (`config.json` beside the weights), else an error that names the
+/// role's flag and, for a training run's folder, the `model/` inside it.
+fn check_bundle(role: &'static str, dir: &Path) -> Result<()> {
+    if dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let what = if dir.join("model/config.json").is_file() {
+        format!(
+            "{} is a training run, not a model: pass its model folder, --{role} {}",
+            dir.display(),
+            dir.join("model").display()
+        )
+    } else if dir.is_dir() {
+        format!(
+            "{} is not a model folder (no config.json): pass the `model/` folder a \
+             `train {role}` run wrote",
+            dir.display()
+        )
+    } else {
+        format!("{} does not exist", dir.display())
+    };
+    Err(Error::Config { field: role, what })
+}
+
 fn load_trainable(dir: &Path, device: &Device) -> Result<(EcgVlm, EcgVlmConfig, TextTokenizer)> {
     let cfg = EcgVlmConfig::load(dir.join("config.json")).map_err(|e| Error::Checkpoint {
         path: dir.join("config.json"),
@@ -481,9 +556,9 @@ pub fn distill_job(
     let d = &cfg.distill;
     check_resume(out, resume)?;
     let method = Method::parse(&d.method.name(), &d.ablate)?;
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let cfg_path = out.join("config.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
+    // Both models load before anything is written, so a wrong path leaves no half-made --out.
+    check_bundle("teacher", teacher)?;
+    check_bundle("student", student)?;
     let t = evl_infer::bundle::ModelBundle::load(teacher, infer_device)?;
     let (s_model, s_cfg, s_tok) = load_trainable(student, train_device)?;
     let s_spec = evl_infer::bundle::ModelBundle::load(student, infer_device)?.spec;
@@ -497,6 +572,9 @@ pub fn distill_job(
         });
     }
     let samples = data.train(&t.spec)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let cfg_path = out.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
     let cache = (!d.online).then(|| cache_teacher(&t.model, &samples, &t.tok, infer_device));
     let source = match &cache {
         Some(c) => Teacher::Cached(c),
@@ -512,7 +590,8 @@ pub fn distill_job(
         temperature: d.temperature,
         heads: d.heads,
         lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
-        eps: d.eps,
+        sinkhorn: d.sinkhorn,
+        kernel: d.kernel,
         teacher_hidden_rms: d.teacher_hidden_rms,
     };
     let (dm, logs) = distill(
@@ -562,6 +641,39 @@ mod tests {
         );
         let e = JobConfig::from_toml_str("[distill]\nlamda_ot = 0.2\n").expect_err("typo");
         assert!(e.contains("lamda_ot"), "{e}");
+        // Every Sinkhorn and kernel setting is reachable from TOML and from --set.
+        let k = JobConfig::from_toml_str(
+            "[distill]\nkernel = \"graph\"\n[distill.sinkhorn]\neps = 0.05\ntolerance = 1e-6\n",
+        )
+        .expect("sinkhorn section");
+        assert_eq!(k.distill.kernel, evl_kd::Kernel::Graph);
+        assert_eq!(k.distill.sinkhorn.eps, 0.05);
+        assert_eq!(k.distill.sinkhorn.tolerance, Some(1e-6));
+        assert_eq!(
+            k.distill.sinkhorn.iterations, 100,
+            "unset keys keep the default"
+        );
+        let o = JobConfig::default()
+            .with_overrides(&[
+                "distill.sinkhorn.iterations=30".into(),
+                "distill.kernel=fused".into(),
+                "distill.sinkhorn.unrolled=true".into(),
+            ])
+            .expect("overrides");
+        assert_eq!(o.distill.sinkhorn.iterations, 30);
+        assert_eq!(o.distill.kernel, evl_kd::Kernel::Fused);
+        assert!(o.distill.sinkhorn.unrolled);
+        let e = JobConfig::default()
+            .with_overrides(&["distill.sinkhorn.epsilon=0.2".into()])
+            .expect_err("unknown key");
+        assert!(
+            e.contains("distill.sinkhorn.epsilon=0.2") && e.contains("epsilon"),
+            "{e}"
+        );
+        let e = JobConfig::default()
+            .with_overrides(&["distill.kernel=gpu".into()])
+            .expect_err("bad kernel");
+        assert!(e.contains("gpu"), "{e}");
         // The printed defaults read back to the same configuration.
         let d = JobConfig::default();
         let back = JobConfig::from_toml_str(&d.to_toml()).expect("round trip");

@@ -15,6 +15,21 @@ fn opts(no_verify: bool) -> ReadOptions {
 }
 
 pub(crate) fn load(path: &Path, no_verify: bool) -> Result<Record> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if let Some(e @ ("png" | "jpg" | "jpeg" | "gif" | "bmp" | "tif" | "tiff" | "webp")) =
+        ext.as_deref()
+    {
+        anyhow::bail!(
+            "{} is an image ({e}), not an ECG record: this command reads WFDB (.hea + signal \
+             files) and PhysioNet/CinC (.hea + .mat) records; images of ECG paper are what \
+             `evl-ecg render` writes and what image models read during training \
+             (`train --image-root`)",
+            path.display()
+        );
+    }
     read_record(path, opts(no_verify)).with_context(|| format!("reading record {}", path.display()))
 }
 

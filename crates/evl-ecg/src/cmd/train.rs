@@ -1,5 +1,7 @@
 //! `evl-ecg train teacher|student` and `evl-ecg distill`.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use evl_ops::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
 use evl_train::train::{OptimConfig, StepLog};
@@ -7,21 +9,27 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{DistillArgs, JobArgs, TrainArgs};
 
-fn data(a: &JobArgs) -> TrainData<'_> {
-    match &a.image_root {
+/// `--data` and `--out` (clap requires both unless --print-config).
+fn paths(a: &JobArgs) -> Result<(TrainData<'_>, &Path)> {
+    let (Some(data), Some(out)) = (&a.data, &a.out) else {
+        anyhow::bail!("--data and --out are required to run a job");
+    };
+    let data = match &a.image_root {
         Some(root) => TrainData::Conversations {
-            file: &a.data,
+            file: data,
             image_root: root,
         },
-        None => TrainData::Labelled(&a.data),
-    }
+        None => TrainData::Labelled(data),
+    };
+    Ok((data, out))
 }
 
 fn config(a: &JobArgs) -> Result<JobConfig> {
-    match &a.config {
-        Some(p) => JobConfig::from_toml(p).with_context(|| format!("reading {}", p.display())),
-        None => Ok(JobConfig::default()),
-    }
+    let cfg = match &a.config {
+        Some(p) => JobConfig::from_toml(p).with_context(|| format!("reading {}", p.display()))?,
+        None => JobConfig::default(),
+    };
+    cfg.with_overrides(&a.set).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn apply(o: &mut OptimConfig, a: &JobArgs) {
@@ -130,19 +138,11 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
         Role::Teacher => cfg.teacher.optim.steps,
         Role::Student => cfg.student.optim.steps,
     };
+    let (data, out) = paths(&a.job)?;
     let (tdev, idev) = devices(&a.job)?;
     let (bar, cb) = progress(steps, json);
-    let o = train(
-        role,
-        &cfg,
-        data(&a.job),
-        &a.job.out,
-        a.job.resume,
-        &tdev,
-        &idev,
-        cb,
-    )
-    .with_context(|| format!("training the {role:?} into {}", a.job.out.display()))?;
+    let o = train(role, &cfg, data, out, a.job.resume, &tdev, &idev, cb)
+        .with_context(|| format!("training the {role:?} into {}", out.display()))?;
     bar.finish_and_clear();
     finish(&o, json);
     Ok(())
@@ -160,25 +160,53 @@ pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
     if a.online {
         cfg.distill.online = true;
     }
+    let d = &mut cfg.distill;
+    if let Some(k) = a.kernel {
+        d.kernel = k;
+    }
+    for (flag, field) in [
+        (a.alpha, &mut d.alpha),
+        (a.lambda_mhca, &mut d.lambda_mhca),
+        (a.lambda_rel, &mut d.lambda_rel),
+        (a.lambda_ot, &mut d.lambda_ot),
+        (a.eps, &mut d.sinkhorn.eps),
+    ] {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
+    if let Some(n) = a.sinkhorn_iters {
+        d.sinkhorn.iterations = n;
+    }
+    if let Some(t) = a.sinkhorn_tol {
+        d.sinkhorn.tolerance = Some(t);
+    }
+    if a.unrolled {
+        d.sinkhorn.unrolled = true;
+    }
     apply(&mut cfg.distill.optim, &a.job);
     if a.job.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
+    let (data, out) = paths(&a.job)?;
+    let (Some(teacher), Some(student)) = (&a.teacher, &a.student) else {
+        anyhow::bail!("--teacher and --student are required to distil");
+    };
     let (tdev, idev) = devices(&a.job)?;
     let (bar, cb) = progress(cfg.distill.optim.steps, json);
     let o = distill_job(
         &cfg,
-        &a.teacher,
-        &a.student,
-        data(&a.job),
-        &a.job.out,
+        teacher,
+        student,
+        data,
+        out,
         a.job.resume,
         &tdev,
         &idev,
         cb,
     )
-    .with_context(|| format!("distilling into {}", a.job.out.display()))?;
+    .with_context(|| format!("distilling into {}", out.display()))?;
     bar.finish_and_clear();
     finish(&o, json);
     Ok(())

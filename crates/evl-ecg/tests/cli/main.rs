@@ -3,6 +3,7 @@
 
 mod data;
 mod model;
+mod newcomer;
 
 use std::path::PathBuf;
 use std::process::Command;
