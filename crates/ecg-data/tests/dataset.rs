@@ -63,12 +63,28 @@ fn ptbxl_and_cinc_sources() {
     let tree = PtbxlTree::open(&root, Some("ptbxl_database_excerpt.csv")).unwrap();
     let ds = Dataset::from_ptbxl(&tree, 500, true).unwrap();
     assert_eq!(ds.entries.len(), 33);
-    assert!(
-        ds.entries
+    // Each entry's split is its row's `strat_fold` through PTB-XL's recipe (9 val, 10 test),
+    // and the excerpt holds rows of every split (this once read `any(test|val) || all(train)`,
+    // which no split assignment could fail).
+    // (Entries found only through headers have no database row.)
+    let mut from_rows = 0;
+    for e in &ds.entries {
+        if let Some(row) = tree
+            .rows
             .iter()
-            .any(|e| e.split == Split::Test || e.split == Split::Val)
-            || ds.entries.iter().all(|e| e.split == Split::Train)
+            .find(|r| format!("ptbxl-{}", r.ecg_id) == e.id)
+        {
+            assert_eq!(e.split, Split::from_fold(row.strat_fold), "{}", e.id);
+            from_rows += 1;
+        }
+    }
+    assert!(
+        from_rows >= 10,
+        "only {from_rows} entries from database rows"
     );
+    for s in [Split::Train, Split::Val, Split::Test] {
+        assert!(ds.entries.iter().any(|e| e.split == s), "no {s:?} entry");
+    }
     let ex = ds.load_many(&[0, 1, 2], &Preprocess::default()).unwrap();
     assert_eq!(ex[0].signal.len(), 12_000);
     let dx = ecg_io::labels::snomed::DxMap::load(
