@@ -117,7 +117,7 @@ pub fn io(a: &BenchIoArgs, json: bool) -> Result<()> {
                 });
             }
             Err(e) => eprintln!(
-                "note: wfdb-python reference not run ({e}); install with `python3 -m pip install -r bench/requirements.txt`"
+                "note: wfdb-python reference not run ({e}); install with `python3 -m pip install -r crates/evl-bench/scripts/requirements.txt`"
             ),
         }
     }

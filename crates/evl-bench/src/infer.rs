@@ -162,7 +162,7 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
                 reference = Some((v, max_diff, same_answers));
             }
             Err(e) => eprintln!(
-                "note: PyTorch reference not run ({e}); pip install -r bench/requirements.txt"
+                "note: PyTorch reference not run ({e}); pip install -r crates/evl-bench/scripts/requirements.txt"
             ),
         }
     }

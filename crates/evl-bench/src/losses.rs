@@ -1,5 +1,5 @@
 //! `evl-ecg bench losses`: our losses (burn, `flex` CPU, f32) against the PyTorch/POT
-//! reference script `bench/torch_losses.py`, run in the same invocation on the same shapes.
+//! reference script `crates/evl-bench/scripts/torch_losses.py`, run in the same invocation on the same shapes.
 
 use crate::args::{LossesArgs as BenchLossesArgs, ShapePreset};
 use anyhow::{Context, Result};
@@ -460,7 +460,7 @@ pub fn losses(a: &BenchLossesArgs, json: bool) -> Result<()> {
         }
         if let Err(e) = &reference {
             eprintln!(
-                "note: PyTorch/POT reference not measured: {e}\n      install it with `python3 -m pip install -r bench/requirements.txt`"
+                "note: PyTorch/POT reference not measured: {e}\n      install it with `python3 -m pip install -r crates/evl-bench/scripts/requirements.txt`"
             );
         }
         let refs = reference.unwrap_or_default();

@@ -547,8 +547,8 @@ pub enum BenchVerb {
     /// Forward+backward time of every distillation loss, ours (burn, flex CPU) vs PyTorch,
     /// and the Sinkhorn plan vs POT's `sinkhorn_log`, with ratios.
     ///
-    /// The PyTorch/POT side runs `bench/torch_losses.py` with the same shapes and thread
-    /// count (install with `python3 -m pip install -r bench/requirements.txt`). Without
+    /// The PyTorch/POT side runs `crates/evl-bench/scripts/torch_losses.py` with the same shapes and thread
+    /// count (install with `python3 -m pip install -r crates/evl-bench/scripts/requirements.txt`). Without
     /// PyTorch the command says so and reports our times alone.
     Losses(evl_bench::LossesArgs),
     /// Records read per second: ours vs wfdb-python's `rdrecord` on the same files.
@@ -557,7 +557,7 @@ pub enum BenchVerb {
     Render(evl_bench::RenderArgs),
     /// Student inference latency per record (what `interpret` runs: every label's
     /// verification question, batched, plus greedy generation of the diagnosis) and peak
-    /// memory: ours vs the same model and weights in PyTorch (`bench/torch_vlm.py`), with a
+    /// memory: ours vs the same model and weights in PyTorch (`crates/evl-bench/scripts/torch_vlm.py`), with a
     /// check that both computed the same probabilities and answers.
     Infer(evl_bench::InferArgs),
 }
