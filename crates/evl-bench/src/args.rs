@@ -30,6 +30,10 @@ pub struct InferArgs {
     /// Python interpreter.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Device of the burn model: cpu, cuda:N or vulkan:N (GPU kinds need their cargo
+    /// feature). The framework-free engine always runs on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: evl_models::DeviceSpec,
 }
 
 /// Arguments of `bench io`.

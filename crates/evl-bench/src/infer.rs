@@ -4,7 +4,6 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use evl_infer::eval::evaluate;
 use evl_infer::input::{encode_prompt, pixels, samples_from_records};
 use evl_infer::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
@@ -28,7 +27,10 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         .num_threads(a.threads)
         .build_global()
         .ok();
-    let device = Device::flex();
+    let device = a
+        .device
+        .device()
+        .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
     let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let dir = match &a.data {
@@ -191,7 +193,10 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         "  evl-ecg native       {our_ms:8.3} ms/record  (what interpret runs; process peak RSS {:.0} MiB)",
         our_rss.unwrap_or(f64::NAN)
     );
-    println!("  evl-ecg burn flex    {burn_ms:8.3} ms/record");
+    println!(
+        "  evl-ecg burn {:8}{burn_ms:8.3} ms/record",
+        a.device.to_string()
+    );
     println!(
         "  native vs burn: max |dp| = {native_diff:.2e}, answers identical on {native_same}/{}",
         samples.len()
