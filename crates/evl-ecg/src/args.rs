@@ -306,6 +306,24 @@ pub struct QuickstartArgs {
     /// Finding size of the synthetic data.
     #[arg(long, value_enum)]
     pub difficulty: Option<DifficultyArg>,
+    /// Loss kernels: auto (fused host kernels on the CPU, tensor ops elsewhere), fused, graph.
+    #[arg(long)]
+    pub kernel: Option<evl_kd::Kernel>,
+    /// Sinkhorn entropic regularisation eps (paper: 0.1).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Fixed Sinkhorn iterations (paper: 100).
+    #[arg(long)]
+    pub sinkhorn_iters: Option<usize>,
+    /// Stop Sinkhorn on this student-marginal L1 error instead of a fixed count.
+    #[arg(long)]
+    pub sinkhorn_tol: Option<f64>,
+    /// Differentiate through the Sinkhorn iterations instead of detaching the plan.
+    #[arg(long)]
+    pub unrolled: bool,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// `evl-ecg score <verb>`.

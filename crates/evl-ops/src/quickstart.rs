@@ -11,6 +11,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::Device;
 use ecg_io::labels::ptbxl::Split;
+use evl_kd::{Kernel, SinkhornSettings};
 use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
 
 use crate::{Error, Result};
@@ -72,9 +73,20 @@ pub struct QuickstartConfig {
     pub student_input: String,
     /// Finding size of the synthetic data.
     pub difficulty: ecg_synth::Difficulty,
+    /// Loss kernels of every distillation run (`auto`: fused on the CPU).
+    pub kernel: Kernel,
+    /// Sinkhorn settings of every EVL-ECG run and of the transport-plan figure (the paper's
+    /// by default; the loss weights stay the paper's: the quickstart compares methods at the
+    /// paper's settings, `evl-ecg distill` changes them).
+    pub sinkhorn: SinkhornSettings,
 }
 
 impl QuickstartConfig {
+    /// The configuration as TOML (what `quickstart --print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("plain data")
+    }
+
     /// The settings of a preset.
     pub fn preset(p: Preset) -> QuickstartConfig {
         let o = |steps: usize, lr: f64, batch: usize| OptimConfig {
@@ -102,6 +114,8 @@ impl QuickstartConfig {
                 teacher_input: "image".into(),
                 student_input: "image".into(),
                 difficulty: ecg_synth::Difficulty::Mixed,
+                kernel: Kernel::default(),
+                sinkhorn: SinkhornSettings::default(),
             },
             Preset::Quick => QuickstartConfig {
                 preset: p,
@@ -120,6 +134,8 @@ impl QuickstartConfig {
                 teacher_input: "signal".into(),
                 student_input: "signal".into(),
                 difficulty: ecg_synth::Difficulty::Mixed,
+                kernel: Kernel::default(),
+                sinkhorn: SinkhornSettings::default(),
             },
             Preset::Full => QuickstartConfig {
                 preset: p,
@@ -147,6 +163,8 @@ impl QuickstartConfig {
                 teacher_input: "image".into(),
                 student_input: "image".into(),
                 difficulty: ecg_synth::Difficulty::Mixed,
+                kernel: Kernel::default(),
+                sinkhorn: SinkhornSettings::default(),
             },
         }
     }
@@ -456,13 +474,17 @@ pub fn run(
     let mut evl_head = None;
     for &seed in &cfg.seeds {
         for m in &methods {
-            let dcfg = DistillConfig::paper(
-                m.clone(),
-                OptimConfig {
-                    seed,
-                    ..cfg.distill.clone()
-                },
-            );
+            let dcfg = DistillConfig {
+                sinkhorn: cfg.sinkhorn,
+                kernel: cfg.kernel,
+                ..DistillConfig::paper(
+                    m.clone(),
+                    OptimConfig {
+                        seed,
+                        ..cfg.distill.clone()
+                    },
+                )
+            };
             let run = dir.run(&format!("{}-seed{seed}", m.name()));
             // A quickstart run keeps its checkpoint files beside its step log.
             let run_dir = run.root().to_path_buf();
@@ -528,6 +550,8 @@ pub fn run(
     let plan = match (&evl_head, test.first()) {
         (Some(dm), Some(ex)) => {
             let ot = evl_kd::ot::OtAlignConfig::new(cache.d_vis, dm.student.facts().d_vision)
+                .with_sinkhorn(&cfg.sinkhorn)
+                .with_kernel(cfg.kernel)
                 .loss_config();
             Some(crate::analysis::transport_plan(
                 &teacher_inf,

@@ -157,3 +157,29 @@ fn r19_eval_help_lists_one_perturbation_per_line() {
         );
     }
 }
+
+#[test]
+fn r19_quickstart_prints_its_resolved_config_with_sinkhorn_settings() {
+    let (ok, stdout, err) = run(bin().args([
+        "quickstart",
+        "--preset",
+        "tiny",
+        "--print-config",
+        "--kernel",
+        "graph",
+        "--eps",
+        "0.05",
+        "--sinkhorn-iters",
+        "40",
+    ]));
+    assert!(ok, "{err}");
+    for key in [
+        "preset = \"tiny\"",
+        "kernel = \"graph\"",
+        "[sinkhorn]",
+        "eps = 0.05",
+        "iterations = 40",
+    ] {
+        assert!(stdout.contains(key), "missing `{key}` in\n{stdout}");
+    }
+}
