@@ -213,6 +213,47 @@ pub struct TrainArgs {
     pub vocab: Option<usize>,
 }
 
+/// The loss-kernel and Sinkhorn flags of `distill` and `quickstart`.
+#[derive(Debug, Args)]
+pub struct SinkhornArgs {
+    /// Loss kernels: auto (fused host kernels on the CPU, tensor ops elsewhere), fused, graph.
+    #[arg(long)]
+    pub kernel: Option<evl_kd::Kernel>,
+    /// Sinkhorn entropic regularisation eps (paper: 0.1; overrides the config).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Fixed Sinkhorn iterations (paper: 100; overrides the config).
+    #[arg(long)]
+    pub sinkhorn_iters: Option<usize>,
+    /// Stop Sinkhorn on this student-marginal L1 error instead of a fixed count.
+    #[arg(long)]
+    pub sinkhorn_tol: Option<f64>,
+    /// Differentiate through the Sinkhorn iterations instead of detaching the plan.
+    #[arg(long)]
+    pub unrolled: bool,
+}
+
+impl SinkhornArgs {
+    /// Overlay the flags given onto a configuration's kernel and Sinkhorn settings.
+    pub fn apply(&self, kernel: &mut evl_kd::Kernel, s: &mut evl_kd::SinkhornSettings) {
+        if let Some(k) = self.kernel {
+            *kernel = k;
+        }
+        if let Some(e) = self.eps {
+            s.eps = e;
+        }
+        if let Some(n) = self.sinkhorn_iters {
+            s.iterations = n;
+        }
+        if let Some(t) = self.sinkhorn_tol {
+            s.tolerance = Some(t);
+        }
+        if self.unrolled {
+            s.unrolled = true;
+        }
+    }
+}
+
 /// Arguments of `distill`.
 #[derive(Debug, Args)]
 pub struct DistillArgs {
@@ -231,9 +272,6 @@ pub struct DistillArgs {
     /// Student model directory (the `model/` folder a `train student` run writes).
     #[arg(long, required_unless_present = "print_config")]
     pub student: Option<PathBuf>,
-    /// Loss kernels: auto (fused host kernels on the CPU, tensor ops elsewhere), fused, graph.
-    #[arg(long)]
-    pub kernel: Option<evl_kd::Kernel>,
     /// `a` of the paper (overrides the config).
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -246,18 +284,8 @@ pub struct DistillArgs {
     /// `lot`, weight of L_ot (overrides the config).
     #[arg(long)]
     pub lambda_ot: Option<f64>,
-    /// Sinkhorn entropic regularisation eps (overrides the config).
-    #[arg(long)]
-    pub eps: Option<f64>,
-    /// Fixed Sinkhorn iterations (overrides the config).
-    #[arg(long)]
-    pub sinkhorn_iters: Option<usize>,
-    /// Stop Sinkhorn on this student-marginal L1 error instead of a fixed count.
-    #[arg(long)]
-    pub sinkhorn_tol: Option<f64>,
-    /// Differentiate through the Sinkhorn iterations instead of detaching the plan.
-    #[arg(long)]
-    pub unrolled: bool,
+    #[command(flatten)]
+    pub sinkhorn: SinkhornArgs,
     /// Run the teacher on each batch instead of caching its outputs once.
     #[arg(long)]
     pub online: bool,
@@ -306,21 +334,8 @@ pub struct QuickstartArgs {
     /// Finding size of the synthetic data.
     #[arg(long, value_enum)]
     pub difficulty: Option<DifficultyArg>,
-    /// Loss kernels: auto (fused host kernels on the CPU, tensor ops elsewhere), fused, graph.
-    #[arg(long)]
-    pub kernel: Option<evl_kd::Kernel>,
-    /// Sinkhorn entropic regularisation eps (paper: 0.1).
-    #[arg(long)]
-    pub eps: Option<f64>,
-    /// Fixed Sinkhorn iterations (paper: 100).
-    #[arg(long)]
-    pub sinkhorn_iters: Option<usize>,
-    /// Stop Sinkhorn on this student-marginal L1 error instead of a fixed count.
-    #[arg(long)]
-    pub sinkhorn_tol: Option<f64>,
-    /// Differentiate through the Sinkhorn iterations instead of detaching the plan.
-    #[arg(long)]
-    pub unrolled: bool,
+    #[command(flatten)]
+    pub sinkhorn: SinkhornArgs,
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,

@@ -84,11 +84,10 @@ pub fn load_module<M: Module>(mut model: M, path: &Path, _device: &Device) -> Re
     if path.extension().is_some_and(|e| e == "bpk") {
         let mut store = BurnpackStore::from_file(path);
         model.load_from(&mut store).map_err(|e| ck(path, e))?;
+        Ok(model)
     } else {
-        let mut store = SafetensorsStore::from_file(path);
-        model.load_from(&mut store).map_err(|e| ck(path, e))?;
+        Ok(evl_infer::bundle::load_weights(model, path)?)
     }
-    Ok(model)
 }
 
 /// Load optimiser state.

@@ -26,21 +26,7 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
             DifficultyArg::Mixed => ecg_synth::Difficulty::Mixed,
         };
     }
-    if let Some(k) = a.kernel {
-        cfg.kernel = k;
-    }
-    if let Some(e) = a.eps {
-        cfg.sinkhorn.eps = e;
-    }
-    if let Some(n) = a.sinkhorn_iters {
-        cfg.sinkhorn.iterations = n;
-    }
-    if let Some(t) = a.sinkhorn_tol {
-        cfg.sinkhorn.tolerance = Some(t);
-    }
-    if a.unrolled {
-        cfg.sinkhorn.unrolled = true;
-    }
+    a.sinkhorn.apply(&mut cfg.kernel, &mut cfg.sinkhorn);
     if a.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());

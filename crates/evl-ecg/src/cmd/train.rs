@@ -161,28 +161,16 @@ pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
         cfg.distill.online = true;
     }
     let d = &mut cfg.distill;
-    if let Some(k) = a.kernel {
-        d.kernel = k;
-    }
+    a.sinkhorn.apply(&mut d.kernel, &mut d.sinkhorn);
     for (flag, field) in [
         (a.alpha, &mut d.alpha),
         (a.lambda_mhca, &mut d.lambda_mhca),
         (a.lambda_rel, &mut d.lambda_rel),
         (a.lambda_ot, &mut d.lambda_ot),
-        (a.eps, &mut d.sinkhorn.eps),
     ] {
         if let Some(v) = flag {
             *field = v;
         }
-    }
-    if let Some(n) = a.sinkhorn_iters {
-        d.sinkhorn.iterations = n;
-    }
-    if let Some(t) = a.sinkhorn_tol {
-        d.sinkhorn.tolerance = Some(t);
-    }
-    if a.unrolled {
-        d.sinkhorn.unrolled = true;
     }
     apply(&mut cfg.distill.optim, &a.job);
     if a.job.print_config {
