@@ -8,8 +8,15 @@ mod newcomer;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The binary under test. Tests run with the package folder as working directory, where the
+/// binary's own default (`../shared/data` from the working directory) does not resolve, so the
+/// shared data is handed over explicitly (and, under `CI=true`, must exist).
 pub(crate) fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_evl-ecg"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evl-ecg"));
+    if let Some(d) = data() {
+        cmd.env("EVL_SHARED_DATA", d);
+    }
+    cmd
 }
 
 pub(crate) fn data() -> Option<PathBuf> {
