@@ -1,0 +1,15 @@
+//! The paper's real checkpoints as files: everything about a Hugging Face / LLaVA checkpoint
+//! folder that needs no tensor framework.
+//!
+//! - [`config`]: `config.json` of Qwen3-VL and LLaVA-NeXT, in the transformers form and the
+//!   original LLaVA repository's form (`LlavaLlamaForCausalLM`, as PULSE-7B is published);
+//! - [`weights`]: one or sharded safetensors files in bf16, f16 or f32, widened to f32 on the
+//!   host, with every tensor accounted for (missing, unexpected and mis-shaped are errors
+//!   naming the tensor and the file).
+//!
+//! The burn models built from these live in `evl-models::hf`.
+
+pub mod config;
+pub mod weights;
+
+pub use config::{Error as ConfigError, HfConfig};
