@@ -465,7 +465,7 @@ fn text_config(f: &Fields, llama_defaults: bool, tie_default: bool) -> Result<Te
     let num_heads = req("num_attention_heads", d(32))?;
     let num_kv_heads = f.usize_or("num_key_value_heads", num_heads)?;
     let head_dim = f.usize_or("head_dim", hidden_size / num_heads.max(1))?;
-    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
         return Err(f.err(
             "num_key_value_heads",
             format!("{num_kv_heads} key/value heads do not divide {num_heads} query heads"),
@@ -576,8 +576,8 @@ fn qwen3_vl(f: &Fields) -> Result<Qwen3VlConfig> {
     if side * side != vision.num_position_embeddings {
         return Err(v.err("num_position_embeddings", "not a square number"));
     }
-    if vision.hidden_size % vision.num_heads != 0
-        || (vision.hidden_size / vision.num_heads) % 4 != 0
+    if !vision.hidden_size.is_multiple_of(vision.num_heads)
+        || !(vision.hidden_size / vision.num_heads).is_multiple_of(4)
     {
         return Err(v.err(
             "num_heads",
@@ -619,10 +619,10 @@ fn clip_vision(f: &Fields) -> Result<ClipVisionConfig> {
         layer_norm_eps: f.f64_or("layer_norm_eps", 1e-5)?,
         num_channels: f.usize_or("num_channels", 3)?,
     };
-    if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+    if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
         return Err(f.err("patch_size", "does not divide image_size"));
     }
-    if c.num_heads == 0 || c.hidden_size % c.num_heads != 0 {
+    if c.num_heads == 0 || !c.hidden_size.is_multiple_of(c.num_heads) {
         return Err(f.err("num_attention_heads", "does not divide hidden_size"));
     }
     Ok(c)

@@ -10,6 +10,8 @@
 //! The burn models built from these live in `evl-models::hf`.
 
 pub mod config;
+pub mod preprocess;
 pub mod weights;
 
 pub use config::{Error as ConfigError, HfConfig};
+pub use preprocess::Error as PreprocessError;

@@ -362,12 +362,15 @@ fn widen(raw: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     }
 }
 
+/// One reference array: shape and values.
+pub type Reference = (Vec<usize>, Vec<f64>);
+
 /// Reads a whole safetensors file of reference values (any numeric dtype) as f64 arrays,
 /// keyed by name: the parity tests' `expected.safetensors`.
 ///
 /// # Errors
 /// Unreadable or malformed file, a non-numeric dtype.
-pub fn read_all_f64(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f64>)>> {
+pub fn read_all_f64(path: &Path) -> Result<BTreeMap<String, Reference>> {
     let bytes = read(path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
         path: path.to_path_buf(),

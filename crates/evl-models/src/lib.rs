@@ -15,6 +15,7 @@
 //!   CPU inference of small students.
 
 pub mod device;
+pub mod hf;
 pub mod native;
 pub mod ops;
 pub mod vlm;
