@@ -678,8 +678,16 @@ fn llava_next_hf(f: &Fields) -> Result<LlavaNextConfig> {
     })
 }
 
-/// The original LLaVA repository's `<image>` marker in `input_ids` (`IMAGE_TOKEN_INDEX`).
-pub const LLAVA_IMAGE_TOKEN_INDEX: i64 = -200;
+/// The image placeholder id of an original-form LLaVA checkpoint in evl-ecg's `input_ids`.
+///
+/// The original repository splits the prompt at `<image>` and marks the spot with the
+/// in-memory sentinel `IMAGE_TOKEN_INDEX = -200`; its tokenizer (LLaMA-2's 32,000 tokens) has no
+/// `<image>`. evl-ecg expands the placeholder to one id per visual token like the transformers
+/// form does, using the tokenizer's `<image>` id where it has one and else the first id past
+/// its vocabulary: 32000 either way for LLaMA-2-based LLaVA (see `prompt`). The id is never
+/// looked up in the embedding table (image positions take the visual tokens), so it may lie
+/// beyond it.
+pub const LLAVA_ORIGINAL_IMAGE_ID: i64 = 32000;
 
 fn llava_original(f: &Fields, dir: &Path) -> Result<LlavaNextConfig> {
     let text = text_config(f, false, false)?;
@@ -765,7 +773,7 @@ fn llava_original(f: &Fields, dir: &Path) -> Result<LlavaNextConfig> {
         drop_cls,
         projector_bias: true,
         image_grid_pinpoints: f.pinpoints("image_grid_pinpoints")?,
-        image_token_index: LLAVA_IMAGE_TOKEN_INDEX,
+        image_token_index: LLAVA_ORIGINAL_IMAGE_ID,
         naming: Naming::OriginalLlava,
     })
 }
@@ -849,7 +857,7 @@ mod tests {
             panic!()
         };
         assert_eq!(c.vision, ClipVisionConfig::vit_large_patch14_336());
-        assert_eq!(c.image_token_index, LLAVA_IMAGE_TOKEN_INDEX);
+        assert_eq!(c.image_token_index, LLAVA_ORIGINAL_IMAGE_ID);
         // Qwen3-VL-2B's released form: rope_theta beside rope_scaling.
         write(
             tmp.path(),

@@ -5,13 +5,21 @@
 //!   original LLaVA repository's form (`LlavaLlamaForCausalLM`, as PULSE-7B is published);
 //! - [`weights`]: one or sharded safetensors files in bf16, f16 or f32, widened to f32 on the
 //!   host, with every tensor accounted for (missing, unexpected and mis-shaped are errors
-//!   naming the tensor and the file).
+//!   naming the tensor and the file);
+//! - [`preprocess`]: the image processors (Qwen's `smart_resize` + patchify, LLaVA-NeXT's
+//!   anyres tiles), with PyTorch's 8-bit bicubic resize reproduced so `pixel_values` match
+//!   transformers exactly;
+//! - [`prompt`]: the checkpoint's tokenizer and chat format (Qwen3-VL's, `llava_v1`), image
+//!   placeholders expanded to the visual token count, answer spans, Qwen3-VL's multimodal RoPE
+//!   index.
 //!
 //! The burn models built from these live in `evl-models::hf`.
 
 pub mod config;
 pub mod preprocess;
+pub mod prompt;
 pub mod weights;
 
 pub use config::{Error as ConfigError, HfConfig};
 pub use preprocess::Error as PreprocessError;
+pub use prompt::Error as PromptError;

@@ -18,8 +18,8 @@
 //!   ([`TokenizedConversation::labels`]).
 //! - [`qwen3_vl_rope_index`]: Qwen3-VL's multimodal RoPE position ids `[3, seq]` and the
 //!   `rope_delta` that generation adds to later positions.
-//! - [`qwen3_vl_image_token_count`] and [`llava_next_image_token_count`]: how many tokens one
-//!   image becomes.
+//! - [`qwen3_vl_image_token_count`]: how many tokens one Qwen3-VL image becomes (LLaVA-NeXT's
+//!   count, which depends on anyres unpadding, is `preprocess::llava_next_num_image_tokens`).
 //!
 //! # The original LLaVA form and the image token id
 //!
@@ -1201,78 +1201,6 @@ pub fn qwen3_vl_image_token_count(
     Ok(t * (h / m) * (w / m))
 }
 
-/// LLaVA-NeXT's anyres grid: of `pinpoints` (`[height, width]` pairs, as
-/// `image_grid_pinpoints`), the one that keeps most of an `height x width` image's
-/// resolution, ties going to the least wasted area (transformers' `select_best_resolution`).
-pub fn llava_next_best_resolution(
-    height: usize,
-    width: usize,
-    pinpoints: &[[usize; 2]],
-) -> Option<[usize; 2]> {
-    let (oh, ow) = (height as f64, width as f64);
-    let mut best = None;
-    let mut max_effective = 0usize;
-    let mut min_wasted = usize::MAX;
-    for &[ph, pw] in pinpoints {
-        let scale = (pw as f64 / ow).min(ph as f64 / oh);
-        // Truncation, as Python's int().
-        let dw = (ow * scale) as usize;
-        let dh = (oh * scale) as usize;
-        let effective = (dw * dh).min(width * height);
-        let wasted = (pw * ph).saturating_sub(effective);
-        if effective > max_effective || (effective == max_effective && wasted < min_wasted) {
-            max_effective = effective;
-            min_wasted = wasted;
-            best = Some([ph, pw]);
-        }
-    }
-    best
-}
-
-/// LLaVA-NeXT (`vision_feature_select_strategy = "default"`, CLS dropped, as llava-v1.6 and
-/// PULSE-7B): the number of tokens one `height x width` image becomes: the base view's
-/// `(image_size / patch_size)^2` features plus the anyres grid's features after unpadding to
-/// the image's aspect ratio, with one `image_newline` per row (transformers'
-/// `LlavaNextProcessor._get_number_of_features`; its `round(.., 7)` guard included).
-pub fn llava_next_image_token_count(
-    height: usize,
-    width: usize,
-    pinpoints: &[[usize; 2]],
-    image_size: usize,
-    patch_size: usize,
-) -> Result<usize> {
-    if height == 0 || width == 0 || image_size == 0 || patch_size == 0 {
-        return Err(Error::Positions(format!(
-            "LLaVA-NeXT token count: image {height}x{width}, image_size {image_size}, patch_size {patch_size} must all be positive"
-        )));
-    }
-    let [bh, bw] = llava_next_best_resolution(height, width, pinpoints).ok_or_else(|| {
-        Error::Positions("LLaVA-NeXT token count: no image_grid_pinpoints".into())
-    })?;
-    let (scale_h, scale_w) = (bh / image_size, bw / image_size);
-    let patches = image_size / patch_size;
-    let mut cur_h = patches * scale_h;
-    let mut cur_w = patches * scale_w;
-    if cur_h == 0 || cur_w == 0 {
-        return Err(Error::Positions(format!(
-            "LLaVA-NeXT token count: pinpoint {bh}x{bw} is smaller than image_size {image_size}"
-        )));
-    }
-    let round7 = |x: f64| ((x * 1e7).round() / 1e7) as usize;
-    let original_aspect = width as f64 / height as f64;
-    let current_aspect = cur_w as f64 / cur_h as f64;
-    if original_aspect > current_aspect {
-        let new_h = round7(height as f64 * (cur_w as f64 / width as f64));
-        let padding = cur_h.saturating_sub(new_h) / 2;
-        cur_h -= padding * 2;
-    } else {
-        let new_w = round7(width as f64 * (cur_h as f64 / height as f64));
-        let padding = cur_w.saturating_sub(new_w) / 2;
-        cur_w -= padding * 2;
-    }
-    Ok(cur_h * cur_w + cur_h + patches * patches)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Qwen3-VL multimodal RoPE index
 // ---------------------------------------------------------------------------------------------
@@ -1479,21 +1407,6 @@ mod tests {
         v.iter().map(|&x| u32::try_from(x).unwrap()).collect()
     }
 
-    fn pinpoints(dir: &Path) -> Vec<[usize; 2]> {
-        let cfg = read_json(&dir.join("config.json")).unwrap();
-        cfg["image_grid_pinpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                [
-                    p[0].as_u64().unwrap() as usize,
-                    p[1].as_u64().unwrap() as usize,
-                ]
-            })
-            .collect()
-    }
-
     /// Builds the prompt from case.json and from the question, tokenises both and compares
     /// with the processor's outputs in `expected`.
     fn check_prompt(
@@ -1590,12 +1503,12 @@ mod tests {
         assert_eq!(p.format.placeholder_mode, ImagePlaceholder::AddedToken);
         assert_eq!(p.format.image_token_id, 32000);
         assert!(p.tokenizer.adds_bos());
-        let (_, hw) = ints(&expected, "image_sizes");
-        let n =
-            llava_next_image_token_count(hw[0] as usize, hw[1] as usize, &pinpoints(&dir), 336, 14)
-                .unwrap();
+        // The anyres count itself (2438 for 1700 x 2200) is `preprocess`'s; here the
+        // expansion must reproduce the processor's ids with case.json's count.
+        let case = case_json(&dir);
+        let n = case["image_tokens"].as_u64().unwrap() as usize;
         assert_eq!(n, 2438);
-        let got = check_prompt(&p, &case_json(&dir), &expected, n);
+        let got = check_prompt(&p, &case, &expected, n);
         assert_eq!(got.input_ids[0], 1, "BOS");
     }
 
@@ -2013,28 +1926,10 @@ mod tests {
     }
 
     #[test]
-    fn llava_next_token_counts() {
-        let pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
-        // The shared case: 1700 x 2200 -> 672 x 672 grid, 38 of 48 rows kept.
-        assert_eq!(
-            llava_next_best_resolution(1700, 2200, &pins),
-            Some([672, 672])
-        );
-        assert_eq!(
-            llava_next_image_token_count(1700, 2200, &pins, 336, 14).unwrap(),
-            2438
-        );
-        // A square image fills its grid: 48*48 + 48 newlines + 576.
-        assert_eq!(
-            llava_next_image_token_count(672, 672, &pins, 336, 14).unwrap(),
-            2304 + 48 + 576
-        );
-        // A tall image: width unpadded.
-        assert_eq!(
-            llava_next_best_resolution(1000, 300, &pins),
-            Some([1008, 336])
-        );
+    fn qwen3_vl_token_counts() {
         assert_eq!(qwen3_vl_image_token_count([1, 14, 18], 2).unwrap(), 63);
+        assert_eq!(qwen3_vl_image_token_count([2, 4, 6], 2).unwrap(), 12);
         assert!(qwen3_vl_image_token_count([1, 13, 18], 2).is_err());
+        assert!(qwen3_vl_image_token_count([1, 14, 18], 0).is_err());
     }
 }

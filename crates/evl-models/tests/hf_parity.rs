@@ -14,6 +14,7 @@ use evl_hf::weights::{Checkpoint, Reference, read_all_f64};
 use evl_models::device::to_vec_f64;
 use evl_models::hf::decoder::KvCache;
 use evl_models::hf::io::Loader;
+use evl_models::hf::llava_next::{LlavaImage, LlavaNext};
 use evl_models::hf::qwen3_vl::{Qwen3Vl, QwenImage};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -144,12 +145,19 @@ fn qwen3_vl(c: &Case, cfg: &evl_hf::config::Qwen3VlConfig) {
         pixels: tensor2(pixels, [pshape[0], pshape[1]], &device),
         grid: [grid[0], grid[1], grid[2]],
     };
+    let merge = cfg.vision.spatial_merge_size;
+    user_inputs(c, grid.iter().product::<usize>() / (merge * merge));
     let ids = c.ids("input_ids");
     let s = ids.len();
     let d = cfg.text.hidden_size;
     let mut cache = KvCache::default();
     let out = model
-        .forward(std::slice::from_ref(&ids), &[Some(image.clone())], &mut cache, true)
+        .forward(
+            std::slice::from_ref(&ids),
+            &[Some(image.clone())],
+            &mut cache,
+            true,
+        )
         .unwrap();
     // Positions.
     let pos: Vec<f64> = out.positions[0]
@@ -228,6 +236,128 @@ fn logits_checks(c: &Case, logits: Tensor<3>, s: usize, lat: f64) {
     c.check("argmax_all", &arg, &[s], 0.0, 0.0);
 }
 
+/// The case's PTB-XL image, where the case's data folder is beside the checkpoints
+/// (`<hf>/../data/ptbxl_subset/records100/00000/`) or in the case folder itself.
+fn image_path(c: &Case) -> Option<PathBuf> {
+    let name = c.case["image"].as_str()?;
+    let root = c.dir.parent()?;
+    [
+        root.join("../data/ptbxl_subset/records100/00000")
+            .join(name),
+        c.dir.join(name),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+/// The user's path in front of the model: the prompt string through the checkpoint's
+/// tokenizer and chat format, the PNG through its image processor, against the stored
+/// processor outputs.
+fn user_inputs(c: &Case, image_tokens: usize) {
+    let prompter = evl_hf::prompt::Prompter::from_dir(&c.dir).unwrap();
+    let prompt = c.case["prompt"].as_str().unwrap();
+    let t = prompter.tokenize_prompt(prompt, &[image_tokens]).unwrap();
+    let ids: Vec<f64> = t.input_ids.iter().map(|&v| f64::from(v)).collect();
+    c.check("input_ids", &ids, &[1, ids.len()], 0.0, 0.0);
+    let mask: Vec<f64> = t.attention_mask.iter().map(|&v| f64::from(v)).collect();
+    c.check("attention_mask", &mask, &[1, ids.len()], 0.0, 0.0);
+    if c.expected.contains_key("mm_token_type_ids") {
+        let tt: Vec<f64> = t.mm_token_type_ids.iter().map(|&v| f64::from(v)).collect();
+        c.check("mm_token_type_ids", &tt, &[1, ids.len()], 0.0, 0.0);
+    }
+    let Some(png) = image_path(c) else {
+        eprintln!(
+            "NOTE {}: the case image is not beside it; preprocessing not compared",
+            c.dir.display()
+        );
+        return;
+    };
+    let atol = c.tol("preprocess_atol");
+    match HfConfig::from_dir(&c.dir).unwrap() {
+        HfConfig::Qwen3Vl(_) => {
+            let p = evl_hf::preprocess::QwenImageProcessor::from_dir(&c.dir)
+                .unwrap()
+                .preprocess_path(&png)
+                .unwrap();
+            let v: Vec<f64> = p.values.iter().map(|&x| f64::from(x)).collect();
+            let m = c.check("pixel_values", &v, &[p.n_patches, p.patch_dim], atol, 0.0);
+            eprintln!("{}: pixel_values max |diff| {m:.2e}", c.dir.display());
+            let g: Vec<f64> = p.grid_thw.iter().map(|&x| x as f64).collect();
+            c.check("image_grid_thw", &g, &[1, 3], 0.0, 0.0);
+        }
+        HfConfig::LlavaNext(_) => {
+            let p = evl_hf::preprocess::LlavaNextImageProcessor::from_dir(&c.dir)
+                .unwrap()
+                .preprocess_path(&png)
+                .unwrap();
+            let v: Vec<f64> = p.values.iter().map(|&x| f64::from(x)).collect();
+            let (th, tw) = p.tile_size;
+            let m = c.check("pixel_values", &v, &[1, p.n_tiles, 3, th, tw], atol, 0.0);
+            eprintln!("{}: pixel_values max |diff| {m:.2e}", c.dir.display());
+            let sz = [p.image_size.0 as f64, p.image_size.1 as f64];
+            c.check("image_sizes", &sz, &[1, 2], 0.0, 0.0);
+        }
+    }
+}
+
+fn llava_next(c: &Case, cfg: &evl_hf::config::LlavaNextConfig) {
+    let device = Device::flex();
+    let mut ckpt = Checkpoint::open(&c.dir).unwrap();
+    let model = LlavaNext::load(&mut Loader::new(&mut ckpt, &device), cfg).unwrap();
+    ckpt.finish().unwrap();
+    let (hat, hrt, lat) = (
+        c.tol("hidden_atol"),
+        c.tol("hidden_rtol"),
+        c.tol("logits_atol"),
+    );
+    let (pshape, pixels) = c.get("pixel_values");
+    let v: Vec<f32> = pixels.iter().map(|&x| x as f32).collect();
+    let tiles = Tensor::<4>::from_data(
+        TensorData::new(v, [pshape[1], pshape[2], pshape[3], pshape[4]]),
+        (&device, DType::F32),
+    );
+    let size = c.get("image_sizes").1.clone();
+    let image = LlavaImage {
+        tiles,
+        size: (size[0] as usize, size[1] as usize),
+    };
+    let n_img = model.image_tokens(image.size).unwrap();
+    assert_eq!(n_img as u64, c.case["image_tokens"].as_u64().unwrap());
+    user_inputs(c, n_img);
+    let ids = c.ids("input_ids");
+    let s = ids.len();
+    let d = cfg.text.hidden_size;
+    let mut cache = KvCache::default();
+    let out = model
+        .forward(
+            std::slice::from_ref(&ids),
+            &[Some(image.clone())],
+            &mut cache,
+            true,
+        )
+        .unwrap();
+    let e = &out.image_embeds[0];
+    let m = c.check("image_embeds", &flat(e.clone()), &e.dims(), hat, hrt);
+    eprintln!("{}: image_embeds max |diff| {m:.2e}", c.dir.display());
+    assert_eq!(out.hidden.len(), cfg.text.num_layers + 1);
+    for (i, h) in out.hidden.iter().enumerate() {
+        let m = c.check(
+            &format!("hidden_states.{i}"),
+            &flat(h.clone()),
+            &[s, d],
+            hat,
+            hrt,
+        );
+        eprintln!("{}: hidden_states.{i} max |diff| {m:.2e}", c.dir.display());
+    }
+    logits_checks(c, model.text().logits(out.last.clone()), s, lat);
+    let want = c.ids("generated_ids");
+    let got = model
+        .generate(&ids, Some(image), want.len(), want.len(), &eos_ids(&c.dir))
+        .unwrap();
+    assert_eq!(got, want, "{}: generated ids", c.dir.display());
+}
+
 #[test]
 fn every_case_matches_transformers() {
     let cases = cases();
@@ -235,11 +365,11 @@ fn every_case_matches_transformers() {
     for c in &cases {
         match HfConfig::from_dir(&c.dir).unwrap() {
             HfConfig::Qwen3Vl(cfg) => qwen3_vl(c, &cfg),
-            HfConfig::LlavaNext(_) => continue,
+            HfConfig::LlavaNext(cfg) => llava_next(c, &cfg),
         }
         ran += 1;
     }
     if !cases.is_empty() {
-        assert!(ran > 0);
+        assert_eq!(ran, cases.len());
     }
 }

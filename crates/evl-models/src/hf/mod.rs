@@ -10,6 +10,7 @@
 
 pub mod decoder;
 pub mod io;
+pub mod llava_next;
 pub mod qwen3_vl;
 
 use burn::tensor::Tensor;

@@ -370,74 +370,36 @@ pub struct Qwen3VlOutput {
     pub rope_deltas: Vec<i64>,
 }
 
-/// Qwen3-VL's multimodal RoPE index for one sequence (transformers' `get_rope_index`, images
-/// only): text tokens advance one position on all three axes; an image block of
-/// `(t, h/merge, w/merge)` merged tokens takes its grid coordinates offset by the position
-/// after the preceding text; text after it continues from the block's maximum plus one.
-/// Returns the three axes and `max + 1 - len`.
+/// Qwen3-VL's multimodal RoPE index of one sequence (`evl_hf::prompt`'s, which checks each
+/// image run against its grid): the three axes and `max + 1 - len`.
 ///
 /// # Errors
-/// An image-token run whose length differs from its grid's token count, or more runs than
-/// grids.
+/// Ids outside the vocabulary's range, image runs that do not match the grids.
 pub fn rope_index(
     ids: &[i64],
     image_token: i64,
+    vision_start: i64,
     grids: &[[usize; 3]],
     merge: usize,
 ) -> Result<([Vec<i64>; 3], i64)> {
-    let n = ids.len();
-    let mut axes = [vec![0i64; n], vec![0i64; n], vec![0i64; n]];
-    let mut next = 0i64;
-    let mut i = 0;
-    let mut g = 0;
-    while i < n {
-        if ids[i] != image_token {
-            for a in axes.iter_mut() {
-                a[i] = next;
-            }
-            next += 1;
-            i += 1;
-            continue;
-        }
-        let [t, h, w] = *grids.get(g).ok_or_else(|| {
-            HfError::Input(format!(
-                "image token run {} has no image (only {} given)",
-                g + 1,
-                grids.len()
-            ))
-        })?;
-        let (gh, gw) = (h / merge, w / merge);
-        let count = t * gh * gw;
-        let run = ids[i..].iter().take_while(|&&t| t == image_token).count();
-        if run != count {
-            return Err(HfError::Input(format!(
-                "image {} has {count} visual tokens but the prompt has {run} image placeholders",
-                g + 1
-            )));
-        }
-        let mut max = next;
-        for ti in 0..t {
-            for hi in 0..gh {
-                for wi in 0..gw {
-                    let k = i + (ti * gh + hi) * gw + wi;
-                    axes[0][k] = next + ti as i64;
-                    axes[1][k] = next + hi as i64;
-                    axes[2][k] = next + wi as i64;
-                    max = max.max(axes[0][k]).max(axes[1][k]).max(axes[2][k]);
-                }
-            }
-        }
-        next = max + 1;
-        i += count;
-        g += 1;
-    }
-    if g != grids.len() {
-        return Err(HfError::Input(format!(
-            "{} images but {g} image placeholder runs in the prompt",
-            grids.len()
-        )));
-    }
-    Ok((axes, next - n as i64))
+    let to_u32 = |v: i64| {
+        u32::try_from(v).map_err(|_| HfError::Input(format!("token id {v} is not a vocabulary id")))
+    };
+    let ids = ids
+        .iter()
+        .map(|&v| to_u32(v))
+        .collect::<Result<Vec<u32>>>()?;
+    let m = evl_hf::prompt::qwen3_vl_rope_index(
+        &ids,
+        None,
+        to_u32(image_token)?,
+        to_u32(vision_start)?,
+        grids,
+        merge,
+    )
+    .map_err(|e| HfError::Input(e.to_string()))?;
+    let [t, h, w] = m.rows();
+    Ok(([t.to_vec(), h.to_vec(), w.to_vec()], m.rope_delta))
 }
 
 impl Qwen3Vl {
@@ -521,7 +483,13 @@ impl Qwen3Vl {
                 .and_then(|o| o.as_ref())
                 .map(|im| vec![im.grid])
                 .unwrap_or_default();
-            let (axes, delta) = rope_index(seq, self.image_token_id, &grids, self.merge)?;
+            let (axes, delta) = rope_index(
+                seq,
+                self.image_token_id,
+                self.vision_start_token_id,
+                &grids,
+                self.merge,
+            )?;
             let mut k = 0;
             for (j, &t) in seq.iter().enumerate() {
                 if t == self.image_token_id {
