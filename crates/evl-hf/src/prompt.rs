@@ -961,6 +961,9 @@ pub struct TokenizedConversation {
     /// vicuna_v1 that includes the `▁` of the separating space). The template around it
     /// (`assistant\n`, `ASSISTANT:`, Qwen's `\n` after `<|im_end|>`) does not.
     pub answer_spans: Vec<Range<usize>>,
+    /// Byte range of each token in `text` (empty for expanded image tokens): where a token's
+    /// characters are, for aligning two tokenizers' answers.
+    pub offsets: Vec<ByteRange>,
 }
 
 impl TokenizedConversation {
@@ -1177,6 +1180,7 @@ impl Prompter {
             prompt,
             text: conv.text,
             answer_spans,
+            offsets,
         })
     }
 }
