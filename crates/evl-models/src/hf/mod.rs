@@ -62,6 +62,7 @@ use std::path::Path;
 
 /// A loaded real model of either family.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one model per process: no collections of these to shrink
 pub enum HfModel {
     /// Qwen3-VL.
     Qwen3Vl(Qwen3Vl),
