@@ -193,6 +193,9 @@ pub struct LlavaNext {
     /// Anyres pinpoints as `[h0, w0, h1, w1, ...]`.
     pinpoints: Vec<usize>,
     naming_original: bool,
+    /// The CLIP tower's tensors lack the `vision_model.` level (how some `save_pretrained`
+    /// versions write it); kept so export writes the names it read.
+    vision_flat: bool,
 }
 
 /// One image's processor output.
@@ -269,8 +272,12 @@ impl LlavaNext {
         for &(h, w) in &c.image_grid_pinpoints {
             pinpoints.extend([h, w]);
         }
+        let flat = n.vision.trim_end_matches(".vision_model");
+        let vision_flat = !l.has(&format!("{}.embeddings.class_embedding", n.vision))
+            && l.has(&format!("{flat}.embeddings.class_embedding"));
+        let vision_prefix = if vision_flat { flat } else { n.vision };
         Ok(LlavaNext {
-            vision: ClipVision::load(l, n.vision, &c.vision)?,
+            vision: ClipVision::load(l, vision_prefix, &c.vision)?,
             linear_1: l.linear(n.proj1, dv, d, c.projector_bias)?,
             linear_2: l.linear(n.proj2, d, d, c.projector_bias)?,
             image_newline: l.param(n.newline, [d])?,
@@ -281,6 +288,7 @@ impl LlavaNext {
             tile: c.vision.image_size,
             pinpoints,
             naming_original: c.naming == Naming::OriginalLlava,
+            vision_flat,
         })
     }
 
@@ -291,7 +299,9 @@ impl LlavaNext {
         } else {
             Naming::Transformers
         });
-        self.vision.export(e, n.vision);
+        let flat = n.vision.trim_end_matches(".vision_model");
+        self.vision
+            .export(e, if self.vision_flat { flat } else { n.vision });
         e.linear(n.proj1, &self.linear_1);
         e.linear(n.proj2, &self.linear_2);
         e.tensor(n.newline, self.image_newline.val());
