@@ -278,22 +278,20 @@ pub fn image_file(path: &std::path::Path, spec: &InputSpec) -> Result<Vec<f32>> 
     Ok(page_to_model(&img, spec))
 }
 
-/// ECGInstruct-style conversations with images under `image_root` as training samples: each
-/// item's (user, assistant) exchanges become its turns (`<image>` placeholders dropped). An
-/// image path that does not exist under the root is looked up by its file name anywhere below
-/// the root. The raw signal is read from a WFDB record beside the image when there is one
-/// (PTB-XL's `<record>-0.png` next to `<record>.hea`); without it, signal input is empty and
-/// signal models refuse the item by name.
-pub fn conversation_samples(
+/// The items of an ECGInstruct-style conversation file with each one's image file under
+/// `image_root` (a path missing there is looked up by its file name anywhere below the root).
+///
+/// # Errors
+/// An unreadable file, an item without an image or whose image is not found, named.
+pub fn conversation_images(
     path: &std::path::Path,
     image_root: &std::path::Path,
-    spec: &InputSpec,
-) -> Result<Vec<Sample>> {
+) -> Result<Vec<(ecg_io::conversation::ConversationItem, std::path::PathBuf)>> {
     let items =
         ecg_io::conversation::read_conversations(path).map_err(|e| Error::Data(Box::new(e)))?;
     let mut by_name: Option<std::collections::HashMap<String, std::path::PathBuf>> = None;
     let mut out = Vec::with_capacity(items.len());
-    for it in &items {
+    for it in items {
         let rel = it.image.as_deref().ok_or_else(|| Error::Config {
             field: "image",
             what: format!("{}: item `{}` has no image", path.display(), it.id),
@@ -327,6 +325,24 @@ pub fn conversation_samples(
                 ),
             })?
         };
+        out.push((it, img_path));
+    }
+    Ok(out)
+}
+
+/// ECGInstruct-style conversations with images under `image_root` as training samples: each
+/// item's (user, assistant) exchanges become its turns (`<image>` placeholders dropped). An
+/// image path that does not exist under the root is looked up by its file name anywhere below
+/// the root. The raw signal is read from a WFDB record beside the image when there is one
+/// (PTB-XL's `<record>-0.png` next to `<record>.hea`); without it, signal input is empty and
+/// signal models refuse the item by name.
+pub fn conversation_samples(
+    path: &std::path::Path,
+    image_root: &std::path::Path,
+    spec: &InputSpec,
+) -> Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for (it, img_path) in conversation_images(path, image_root)? {
         let image = image_file(&img_path, spec)?;
         // `<record>-<k>.png` beside `<record>.hea`.
         let stem = img_path.file_stem().and_then(|s| s.to_str()).unwrap_or("");

@@ -8,6 +8,7 @@
 pub mod bundle;
 pub mod dataset;
 pub mod eval;
+pub mod hf;
 pub mod input;
 pub mod text;
 

@@ -332,6 +332,9 @@ pub struct TeacherBatch {
     pub lens: Vec<usize>,
     /// Visual tokens `[batch, v_t, d_vis_t]`.
     pub visual: Option<Tensor<3>>,
+    /// Valid teacher visual tokens `[batch, v_t]` when their number varies by example (a
+    /// LLaVA-NeXT teacher's anyres tiles depend on the image's size); `None` when all are.
+    pub visual_mask: Option<Tensor<2, Bool>>,
     /// LM hidden states at the visual positions `[batch, v_t, d_t]`.
     pub visual_hidden: Option<Tensor<3>>,
     /// Output head `[d_t, vocab_t]`.
@@ -439,7 +442,7 @@ pub fn distill_loss(
                 teacher_mask: t.hidden_mask.clone(),
                 t_vis: t.visual.clone().expect("evl reads teacher visual tokens"),
                 s_vis: v.visual.clone(),
-                t_vis_mask: None,
+                t_vis_mask: t.visual_mask.clone(),
                 s_vis_mask: v.visual_mask.clone(),
             };
             let out = evl.0.forward(inputs, evl.1);

@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod cache;
 pub mod checkpoint;
+pub mod hf;
 pub mod train;
 
 /// Errors of training.

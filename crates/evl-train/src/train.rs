@@ -21,7 +21,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_kd::baselines::kd::SharedVocab;
 use evl_kd::method::{
     AlignedAnswers, BaselineHeads, KdBatch, MixConfig, Needs, TeacherBatch, distill_loss,
@@ -107,6 +107,16 @@ pub fn lr_at(cfg: &OptimConfig, step: usize) -> f64 {
 
 /// (sample, turn) pairs of micro-batch `micro` of a run: a pure function of the seed.
 pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec<(usize, usize)> {
+    let turns: Vec<usize> = samples.iter().map(|s| s.turns.len()).collect();
+    batch_indices_by_turns(&turns, cfg, micro)
+}
+
+/// [`batch_indices`] for examples given by their number of turns.
+pub fn batch_indices_by_turns(
+    turns: &[usize],
+    cfg: &OptimConfig,
+    micro: usize,
+) -> Vec<(usize, usize)> {
     let mut rng = ChaCha8Rng::seed_from_u64(
         cfg.seed
             .wrapping_mul(0x9E37_79B9)
@@ -115,16 +125,16 @@ pub fn batch_indices(samples: &[Sample], cfg: &OptimConfig, micro: usize) -> Vec
     if cfg.turns_per_record <= 1 {
         return (0..cfg.batch_size)
             .map(|_| {
-                let i = rng.random_range(0..samples.len());
-                let k = rng.random_range(0..samples[i].turns.len());
+                let i = rng.random_range(0..turns.len());
+                let k = rng.random_range(0..turns[i]);
                 (i, k)
             })
             .collect();
     }
     let mut out = Vec::with_capacity(cfg.batch_size);
     while out.len() < cfg.batch_size {
-        let i = rng.random_range(0..samples.len());
-        let mut ks: Vec<usize> = (0..samples[i].turns.len()).collect();
+        let i = rng.random_range(0..turns.len());
+        let mut ks: Vec<usize> = (0..turns[i]).collect();
         ks.shuffle(&mut rng);
         for &k in ks.iter().take(cfg.turns_per_record) {
             if out.len() < cfg.batch_size {
@@ -139,7 +149,7 @@ pub use evl_kd::method::{Ablation, Method};
 
 pub use evl_run::StepLog;
 
-fn scalar(t: Tensor<1>) -> f64 {
+pub(crate) fn scalar(t: Tensor<1>) -> f64 {
     t.into_data()
         .iter::<f32>()
         .next()
@@ -149,7 +159,7 @@ fn scalar(t: Tensor<1>) -> f64 {
 /// AdamW as configured, and, when `run_dir` holds a checkpoint, the model, optimiser state,
 /// completed steps and logs restored from it (the burnpack copy, which keeps the parameter
 /// identities the optimiser state is keyed by).
-fn start_or_resume<M: Module>(
+pub(crate) fn start_or_resume<M: Module>(
     model: M,
     cfg: &OptimConfig,
     run_dir: Option<&Path>,
@@ -175,7 +185,7 @@ fn start_or_resume<M: Module>(
 
 /// After optimiser step `step` (0-based): write the periodic checkpoint, and return true when
 /// the run must stop here (`stop_after`), with its checkpoint written.
-fn after_step<M: Module>(
+pub(crate) fn after_step<M: Module>(
     run_dir: Option<&Path>,
     cfg: &OptimConfig,
     step: usize,
@@ -271,9 +281,9 @@ fn check_len(b: &crate::batch::Batch, max: usize, ss: &[&Sample], turns: &[usize
 
 /// Student plus the trainable distillation head, optimised together.
 #[derive(Module, Debug)]
-pub struct DistillModel {
+pub struct DistillModel<S: Module = EcgVlm> {
     /// The student.
-    pub student: EcgVlm,
+    pub student: S,
     /// EVL-ECG's aligner and projector (unused by the other methods).
     pub head: EvlLoss,
     /// The baselines' trainable parts (each used by its method only).
@@ -474,7 +484,7 @@ pub fn distill(
 /// The cached teacher outputs of a micro-batch that the method reads: hidden states
 /// `[b, l_t, d_t]` (padded) with their validity mask and lengths, visual tokens, LM states at
 /// the visual positions, the output head.
-fn teacher_batch(
+pub(crate) fn teacher_batch(
     idx: &[(usize, usize)],
     cache: &TeacherCache,
     needs: Needs,
@@ -496,19 +506,41 @@ fn teacher_batch(
         hidden = Some(Tensor::from_data(TensorData::new(h, [b, lt, d]), device));
         hidden_mask = Some(Tensor::from_data(TensorData::new(m, [b, lt]), device));
     }
-    let visual = needs.teacher_visual.then(|| {
-        let mut vis = Vec::with_capacity(b * cache.v * cache.d_vis);
-        for &(i, k) in idx {
-            vis.extend_from_slice(&cache.outs[i][k].visual);
+    // Visual tokens padded to the cache's largest count, with a mask when counts differ.
+    let v = cache.v;
+    let counts: Vec<usize> = idx
+        .iter()
+        .map(|&(i, k)| cache.outs[i][k].visual.len() / cache.d_vis.max(1))
+        .collect();
+    let varying = counts.iter().any(|&n| n != v);
+    let pad = |rows: Vec<&[f32]>, width: usize| {
+        let mut out = vec![0.0f32; b * v * width];
+        for (r, row) in rows.into_iter().enumerate() {
+            let n = row.len().min(v * width);
+            out[r * v * width..r * v * width + n].copy_from_slice(&row[..n]);
         }
-        Tensor::from_data(TensorData::new(vis, [b, cache.v, cache.d_vis]), device)
+        Tensor::<3>::from_data(TensorData::new(out, [b, v, width]), device)
+    };
+    let visual = needs.teacher_visual.then(|| {
+        let rows = idx
+            .iter()
+            .map(|&(i, k)| cache.outs[i][k].visual.as_slice())
+            .collect();
+        pad(rows, cache.d_vis)
+    });
+    let visual_mask = (needs.teacher_visual && varying).then(|| {
+        let m: Vec<bool> = counts
+            .iter()
+            .flat_map(|&n| (0..v).map(move |q| q < n))
+            .collect();
+        Tensor::<2, Bool>::from_data(TensorData::new(m, [b, v]), device)
     });
     let visual_hidden = needs.teacher_visual_hidden.then(|| {
-        let mut vh = Vec::with_capacity(b * cache.v * cache.d);
-        for &(i, _) in idx {
-            vh.extend_from_slice(&cache.vis_hidden[i]);
-        }
-        Tensor::from_data(TensorData::new(vh, [b, cache.v, cache.d]), device)
+        let rows = idx
+            .iter()
+            .map(|&(i, _)| cache.vis_hidden[i].as_slice())
+            .collect();
+        pad(rows, cache.d)
     });
     let head = needs.teacher_head.then(|| {
         Tensor::from_data(
@@ -521,6 +553,7 @@ fn teacher_batch(
         hidden_mask,
         lens,
         visual,
+        visual_mask,
         visual_hidden,
         head,
         hidden_rms: cache.hidden_rms,

@@ -28,6 +28,12 @@ pub enum HfError {
     /// Inputs that do not fit the model (placeholders vs images, shapes).
     #[error("{0}")]
     Input(String),
+    /// A tokenizer or prompt problem.
+    #[error(transparent)]
+    Prompt(#[from] evl_hf::PromptError),
+    /// An image that cannot be read or prepared.
+    #[error(transparent)]
+    Image(#[from] evl_hf::PreprocessError),
 }
 
 /// Result of this module.
