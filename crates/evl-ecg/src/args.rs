@@ -91,9 +91,21 @@ pub struct InterpretArgs {
     /// Record path(s).
     #[arg(required = true)]
     pub records: Vec<PathBuf>,
-    /// Model directory (config.json, input.json, tokenizer.json, model.safetensors).
+    /// Model directory (config.json, input.json, tokenizer.json, model.safetensors), or a
+    /// Hugging Face checkpoint folder (Qwen3-VL, LLaVA-NeXT / PULSE-7B), which also reads
+    /// ECG images (PNG, JPEG) in place of records.
     #[arg(long, default_value = "quickstart-out/model")]
     pub model: PathBuf,
+    /// The question whose greedy answer is printed (Hugging Face checkpoints; evl-ecg
+    /// bundles always ask for the diagnostic superclasses).
+    #[arg(long)]
+    pub question: Option<String>,
+    /// Also write the tensors of the question's forward pass (input_ids, attention_mask,
+    /// pixel_values, image_grid_thw or image_sizes, logits) to this safetensors file, to
+    /// check a checkpoint against transformers with bench/hf_from_pretrained.py (Hugging Face
+    /// checkpoints, one record).
+    #[arg(long, value_name = "FILE")]
+    pub save_inputs: Option<PathBuf>,
     /// Load even if a checksum does not match.
     #[arg(long)]
     pub no_verify: bool,
@@ -211,6 +223,16 @@ pub struct TrainArgs {
     /// Tokenizer vocabulary size.
     #[arg(long)]
     pub vocab: Option<usize>,
+    /// Start from a Hugging Face checkpoint folder instead of a new model: Qwen3-VL or
+    /// LLaVA-NeXT as downloaded (config.json, safetensors, tokenizer, processor files), or
+    /// PULSE-7B in the original LLaVA layout. Trains on --data (an ECGInstruct-style
+    /// conversation file) with --image-root; OUT/model is written in the checkpoint's own
+    /// layout, loadable by transformers' from_pretrained.
+    ///
+    /// Example: evl-ecg train student --init Qwen3-VL-2B-Instruct
+    ///   --data ecginstruct.json --image-root images --out runs/student
+    #[arg(long, verbatim_doc_comment)]
+    pub init: Option<PathBuf>,
 }
 
 /// The loss-kernel and Sinkhorn flags of `distill` and `quickstart`.
@@ -266,10 +288,14 @@ pub struct DistillArgs {
     /// EVL-ECG terms to switch off, comma separated: ot, mhca, rel.
     #[arg(long, value_delimiter = ',')]
     pub ablate: Vec<evl_kd::Ablation>,
-    /// Teacher model directory (the `model/` folder a `train teacher` run writes).
+    /// Teacher model directory (the `model/` folder a `train teacher` run writes), or a
+    /// Hugging Face checkpoint folder (LLaVA-NeXT / PULSE-7B, Qwen3-VL) when the student is
+    /// one too: then --data is a conversation file with --image-root, and the distilled
+    /// student is written in its checkpoint layout.
     #[arg(long, required_unless_present = "print_config")]
     pub teacher: Option<PathBuf>,
-    /// Student model directory (the `model/` folder a `train student` run writes).
+    /// Student model directory (the `model/` folder a `train student` run writes), or a
+    /// Hugging Face checkpoint folder (see --teacher).
     #[arg(long, required_unless_present = "print_config")]
     pub student: Option<PathBuf>,
     /// `a` of the paper (overrides the config).

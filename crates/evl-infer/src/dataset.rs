@@ -185,10 +185,63 @@ fn file_name(spec: &str) -> String {
         .collect()
 }
 
+/// A model `eval_dataset` can score: its label space and its predictions (per-label
+/// probabilities and the greedy diagnosis) for labelled records.
+pub trait Scorable {
+    /// The labels it gives probabilities for.
+    fn space(&self) -> &[String];
+    /// One prediction line per record, in order.
+    ///
+    /// # Errors
+    /// A record that cannot be prepared for the model.
+    fn predict(&self, records: Vec<Labelled>, device: &Device) -> Result<Vec<PredLine>>;
+}
+
+impl Scorable for ModelBundle {
+    fn space(&self) -> &[String] {
+        &self.space
+    }
+
+    fn predict(&self, records: Vec<Labelled>, device: &Device) -> Result<Vec<PredLine>> {
+        let samples = samples_from_records(records, &self.spec, 2)?;
+        Ok(evaluate(&self.model, &self.tok, &samples, &self.space, device).1)
+    }
+}
+
+impl Scorable for crate::hf::HfBundle {
+    fn space(&self) -> &[String] {
+        &self.space
+    }
+
+    /// Each record rendered as ECG paper, asked the same questions as the built-in models.
+    fn predict(&self, records: Vec<Labelled>, device: &Device) -> Result<Vec<PredLine>> {
+        records
+            .into_iter()
+            .map(|(rec, labels, _)| {
+                let image = self.prepare_record(&rec)?;
+                let r = self.interpret(
+                    &rec.name,
+                    &image,
+                    crate::text::DIAGNOSIS_PROMPT,
+                    &self.space,
+                    device,
+                )?;
+                Ok(PredLine {
+                    question_id: rec.name.clone(),
+                    prompt: crate::text::DIAGNOSIS_PROMPT.to_string(),
+                    text: r.answer,
+                    probs: r.probabilities.into_iter().map(|(_, p)| p).collect(),
+                    gold: labels,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Evaluate `bundle` on `data`; with `out`, write `predictions.jsonl`, `gold.json`,
 /// `predictions-<perturbation>.jsonl` and `metrics.json` there.
-pub fn eval_dataset(
-    bundle: &ModelBundle,
+pub fn eval_dataset<B: Scorable>(
+    bundle: &B,
     model_dir: &Path,
     data: &Path,
     opts: &EvalOptions,
@@ -196,7 +249,7 @@ pub fn eval_dataset(
     device: &Device,
     mut say: impl FnMut(&str),
 ) -> Result<DatasetEval> {
-    let space = &bundle.space;
+    let space = &bundle.space().to_vec();
     let records = load_labelled(data, opts.split, opts.limit, opts.no_verify)?;
     let outside_space = records
         .iter()
@@ -233,16 +286,15 @@ pub fn eval_dataset(
         && let Ok(val) = load_labelled(data, Some(Split::Val), opts.limit, opts.no_verify)
     {
         n_val = val.len();
-        let vs = samples_from_records(val, &bundle.spec, 2)?;
-        let (_, vl) = evaluate(&bundle.model, &bundle.tok, &vs, space, device);
+        let vl = bundle.predict(val, device)?;
         let (yt, ys) = flat(&vl, space);
         thresholds = Some(continuous::best_thresholds(&yt, &ys, space.len()));
         say(&format!("thresholds chosen on {n_val} validation records"));
     }
-    let samples = samples_from_records(records.clone(), &bundle.spec, 2)?;
     let t = Instant::now();
-    let (scores, lines) = evaluate(&bundle.model, &bundle.tok, &samples, space, device);
-    let ms_per_record = t.elapsed().as_secs_f64() * 1e3 / samples.len() as f64;
+    let lines = bundle.predict(records.clone(), device)?;
+    let scores = crate::eval::score_lines(&lines, space);
+    let ms_per_record = t.elapsed().as_secs_f64() * 1e3 / lines.len().max(1) as f64;
     say(&format!(
         "clean: {} records, macro AUC {}, parity F1 {:.3}",
         lines.len(),
@@ -283,8 +335,8 @@ pub fn eval_dataset(
                 (r, l.clone(), f.clone())
             })
             .collect();
-        let ps = samples_from_records(recs, &bundle.spec, 2)?;
-        let (pscores, plines) = evaluate(&bundle.model, &bundle.tok, &ps, space, device);
+        let plines = bundle.predict(recs, device)?;
+        let pscores = crate::eval::score_lines(&plines, space);
         let deltas = paired_deltas(&lines, &plines, space, opts.resamples, opts.seed);
         let predictions = match out {
             Some(o) => {

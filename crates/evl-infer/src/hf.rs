@@ -17,7 +17,7 @@ use evl_hf::preprocess::{
     LlavaNextImageProcessor, LlavaNextPixels, QwenImageProcessor, QwenPixels,
 };
 use evl_hf::prompt::{Prompter, Turn};
-use evl_hf::weights::{Checkpoint, WeightDtype};
+use evl_hf::weights::{Checkpoint, HostTensor, WeightDtype};
 use evl_models::hf::llava_next::LlavaImage;
 use evl_models::hf::qwen3_vl::QwenImage;
 use evl_models::hf::{HfError, HfImage, HfModel};
@@ -102,6 +102,21 @@ pub struct EncodedTurn {
     pub answer_len: usize,
 }
 
+impl EncodedTurn {
+    /// [`EncodedTurn::answer_spans`] spread over every position (`(0, 0)` outside the answer).
+    fn answer_spans_padded(&self) -> Vec<(usize, usize)> {
+        let mut out = vec![(0, 0); self.ids.len()];
+        let mut k = 0;
+        for (j, &m) in self.answer.iter().enumerate() {
+            if m {
+                out[j] = self.answer_spans[k];
+                k += 1;
+            }
+        }
+        out
+    }
+}
+
 /// A loaded checkpoint with its prompt format and image processor.
 #[derive(Debug)]
 pub struct HfBundle {
@@ -117,6 +132,8 @@ pub struct HfBundle {
     pub processor: HfProcessor,
     /// The weights' storage dtype (what [`HfBundle::save`] writes).
     pub dtype: WeightDtype,
+    /// Labels `eval` and `interpret` ask about (PTB-XL's diagnostic superclasses).
+    pub space: Vec<String>,
 }
 
 fn hf(e: impl Into<HfError>, dir: &Path) -> Error {
@@ -156,6 +173,7 @@ impl HfBundle {
             prompter,
             processor,
             dtype,
+            space: crate::text::superclass_space(),
         })
     }
 
@@ -335,6 +353,163 @@ impl HfBundle {
         device: &Device,
     ) -> Result<String> {
         self.answer_with(&self.model, image, question, max_new, device)
+    }
+
+    /// A record rendered as 12-lead ECG paper (the default layout of `evl-ecg render`) and
+    /// prepared for the model.
+    ///
+    /// # Errors
+    /// A record the renderer cannot draw.
+    pub fn prepare_record(&self, record: &ecg_io::Record) -> Result<PreparedImage> {
+        let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig::default())
+            .map_err(|e| Error::Data(Box::new(e)))?;
+        let rgb = renderer
+            .render(record)
+            .map_err(|e| Error::Data(Box::new(e)))?;
+        self.prepare_rgb(&rgb)
+    }
+
+    /// The first token of `word` as the model's answer (after the chat format's answer
+    /// prefix; a lone leading-space token is skipped).
+    fn answer_token(&self, word: &str) -> Result<i64> {
+        let e = self.encode_turn("?", word, 1)?;
+        let first = e
+            .ids
+            .iter()
+            .zip(&e.answer)
+            .zip(&e.answer_spans_padded())
+            .find(|((_, m), sp)| **m && sp.1 > sp.0)
+            .map(|((&id, _), _)| id);
+        first.ok_or_else(|| Error::Config {
+            field: "tokenizer",
+            what: format!("`{word}` has no token of its own"),
+        })
+    }
+
+    /// `p(yes)` of the verification question of each label (yes against no, first answer
+    /// token), from one batched forward pass of `model`.
+    ///
+    /// # Errors
+    /// Tokenisation or shape errors.
+    pub fn label_probabilities(
+        &self,
+        model: &HfModel,
+        image: &PreparedImage,
+        labels: &[String],
+        device: &Device,
+    ) -> Result<Vec<f64>> {
+        if labels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = self.image_tokens(image)?;
+        let rows = labels
+            .iter()
+            .map(|l| self.question_ids(&crate::text::verify_prompt(l), n))
+            .collect::<Result<Vec<_>>>()?;
+        let (yes, no) = (self.answer_token("yes")?, self.answer_token("no")?);
+        let img = image.to_model(device);
+        let images = vec![Some(img); rows.len()];
+        let logits = model.logits(&rows, &images).map_err(|e| hf(e, &self.dir))?;
+        let [_, s, v] = logits.dims();
+        let flat: Vec<f32> = logits.into_data().iter::<f32>().collect();
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(r, ids)| {
+                let base = (r * s + ids.len() - 1) * v;
+                let (zy, zn) = (
+                    f64::from(flat[base + yes as usize]),
+                    f64::from(flat[base + no as usize]),
+                );
+                1.0 / (1.0 + (zn - zy).exp())
+            })
+            .collect())
+    }
+
+    /// What the model says about one ECG image: the greedy answer to `question` and `p(yes)`
+    /// per label.
+    ///
+    /// # Errors
+    /// Tokenisation or shape errors.
+    pub fn interpret(
+        &self,
+        name: &str,
+        image: &PreparedImage,
+        question: &str,
+        labels: &[String],
+        device: &Device,
+    ) -> Result<crate::bundle::Interpretation> {
+        let t = std::time::Instant::now();
+        let probs = self.label_probabilities(&self.model, image, labels, device)?;
+        let answer = self.answer(image, question, 64, device)?;
+        Ok(crate::bundle::Interpretation {
+            record: name.to_string(),
+            answer,
+            probabilities: labels.iter().cloned().zip(probs).collect(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The tensors of one forward pass on the generation prompt for `question`, named as
+    /// transformers' processor and model name them (`input_ids`, `attention_mask`,
+    /// `pixel_values`, `image_grid_thw` or `image_sizes`, `logits` of every position): what
+    /// `bench/hf_from_pretrained.py` compares with transformers.
+    ///
+    /// # Errors
+    /// Tokenisation or shape errors.
+    pub fn reference_inputs(
+        &self,
+        image: &PreparedImage,
+        question: &str,
+        device: &Device,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let ids = self.question_ids(question, self.image_tokens(image)?)?;
+        let logits = self
+            .model
+            .logits(std::slice::from_ref(&ids), &[Some(image.to_model(device))])
+            .map_err(|e| hf(e, &self.dir))?;
+        let [_, s, v] = logits.dims();
+        let host = |shape: Vec<usize>, data: Vec<f32>| HostTensor { shape, data };
+        let mut out = vec![
+            (
+                "input_ids".to_string(),
+                host(vec![1, s], ids.iter().map(|&i| i as f32).collect()),
+            ),
+            ("attention_mask".to_string(), host(vec![1, s], vec![1.0; s])),
+        ];
+        match image {
+            PreparedImage::Qwen(p) => {
+                out.push((
+                    "pixel_values".into(),
+                    host(vec![p.n_patches, p.patch_dim], p.values.clone()),
+                ));
+                out.push((
+                    "image_grid_thw".into(),
+                    host(vec![1, 3], p.grid_thw.iter().map(|&g| g as f32).collect()),
+                ));
+            }
+            PreparedImage::Llava(p) => {
+                out.push((
+                    "pixel_values".into(),
+                    host(
+                        vec![1, p.n_tiles, 3, p.tile_size.0, p.tile_size.1],
+                        p.values.clone(),
+                    ),
+                ));
+                out.push((
+                    "image_sizes".into(),
+                    host(
+                        vec![1, 2],
+                        vec![p.image_size.0 as f32, p.image_size.1 as f32],
+                    ),
+                ));
+            }
+        }
+        out.push((
+            "logits".into(),
+            host(vec![1, s, v], logits.into_data().iter::<f32>().collect()),
+        ));
+        Ok(out)
     }
 
     /// The chat format's end-of-turn token when it is not an EOS (`<|im_end|>`).

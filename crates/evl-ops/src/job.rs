@@ -83,8 +83,20 @@ pub struct DistillSection {
     /// Divide teacher hidden states by their RMS before `L_mhca` / TinyBERT (not in the paper;
     /// see `DistillConfig::teacher_hidden_rms`).
     pub teacher_hidden_rms: bool,
+    /// Real checkpoints only: the teacher's hidden states distillation reads, as an index
+    /// into transformers' `hidden_states` (0 = embeddings, k = after decoder layer k, -1 =
+    /// after the final norm, -2 = the last layer before it).
+    #[serde(default = "last_layer")]
+    pub teacher_layer: i64,
+    /// Real checkpoints only: the student's, as `teacher_layer`.
+    #[serde(default = "last_layer")]
+    pub student_layer: i64,
     /// Optimisation.
     pub optim: OptimConfig,
+}
+
+fn last_layer() -> i64 {
+    -1
 }
 
 /// The whole job configuration (`--config FILE.toml`).
@@ -140,6 +152,8 @@ impl Default for JobConfig {
                     temperature: p.temperature,
                     online: false,
                     teacher_hidden_rms: p.teacher_hidden_rms,
+                    teacher_layer: -1,
+                    student_layer: -1,
                     optim: p.optim,
                 }
             },
@@ -320,7 +334,7 @@ pub struct JobOutcome {
     pub stopped: bool,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -452,7 +466,7 @@ pub fn train(
 }
 
 /// Refuse to overwrite a run in `out` unless `resume` asks to continue it.
-fn check_resume(out: &Path, resume: bool) -> Result<()> {
+pub(crate) fn check_resume(out: &Path, resume: bool) -> Result<()> {
     let ck = out.join("checkpoint");
     if !resume && let Some(state) = evl_train::checkpoint::load_state(&ck)? {
         return Err(Error::Config {
@@ -503,7 +517,7 @@ fn finish(
 /// Load a model bundle's weights onto the training device (trainable).
 /// `dir` is a model bundle (`config.json` beside the weights), else an error that names the
 /// role's flag and, for a training run's folder, the `model/` inside it.
-fn check_bundle(role: &'static str, dir: &Path) -> Result<()> {
+pub(crate) fn check_bundle(role: &'static str, dir: &Path) -> Result<()> {
     if dir.join("config.json").is_file() {
         return Ok(());
     }

@@ -6,6 +6,7 @@
 //! Orchestrates the crates below it; owns no model, loss or file format of its own.
 
 pub mod analysis;
+pub mod hf_job;
 pub mod job;
 pub mod quickstart;
 

@@ -23,8 +23,6 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .context("--perturb")?;
     let device = crate::cmd::device(a.device)?;
-    let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
-        .with_context(|| format!("loading model {}", a.model.display()))?;
     let opts = EvalOptions {
         split,
         limit: a.limit,
@@ -33,19 +31,21 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
         resamples: a.resamples,
         no_verify: a.no_verify,
     };
-    let r = eval_dataset(
-        &bundle,
-        &a.model,
-        &a.data,
-        &opts,
-        a.out.as_deref(),
-        &device,
-        |m| {
-            if !json {
-                eprintln!("{m}");
-            }
-        },
-    )
+    let say = |m: &str| {
+        if !json {
+            eprintln!("{m}");
+        }
+    };
+    let out = a.out.as_deref();
+    let r = if evl_infer::hf::is_checkpoint(&a.model) {
+        let bundle = evl_infer::hf::HfBundle::load(&a.model, &device)
+            .with_context(|| format!("loading checkpoint {}", a.model.display()))?;
+        eval_dataset(&bundle, &a.model, &a.data, &opts, out, &device, say)
+    } else {
+        let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
+            .with_context(|| format!("loading model {}", a.model.display()))?;
+        eval_dataset(&bundle, &a.model, &a.data, &opts, out, &device, say)
+    }
     .with_context(|| format!("evaluating {} on {}", a.model.display(), a.data.display()))?;
     if json {
         println!("{}", serde_json::json!({"type": "summary", "data": r}));

@@ -77,6 +77,15 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
 /// `interpret`.
 pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
     let device = crate::cmd::device(a.device)?;
+    if evl_infer::hf::is_checkpoint(&a.model) {
+        return interpret_hf(a, json, &device);
+    }
+    if a.question.is_some() || a.save_inputs.is_some() {
+        anyhow::bail!(
+            "--question and --save-inputs are for Hugging Face checkpoints; {} is an evl-ecg bundle",
+            a.model.display()
+        );
+    }
     let t = std::time::Instant::now();
     let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
         .with_context(|| format!("loading model {}", a.model.display()))?;
@@ -105,6 +114,74 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
                 println!("  {l:5} {p:.3}");
             }
             println!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
+        }
+    }
+    Ok(())
+}
+
+fn print_interpretation(r: &evl_infer::bundle::Interpretation, json: bool, load_ms: f64) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "interpretation", "data": r})
+        );
+        return;
+    }
+    println!(
+        "{}: {}",
+        r.record,
+        if r.answer.is_empty() {
+            "(empty answer)"
+        } else {
+            &r.answer
+        }
+    );
+    for (l, p) in &r.probabilities {
+        println!("  {l:5} {p:.3}");
+    }
+    println!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
+}
+
+/// `interpret` with a Hugging Face checkpoint: records are rendered as ECG paper, images are
+/// read as they are.
+fn interpret_hf(a: &InterpretArgs, json: bool, device: &evl_models::device::Device) -> Result<()> {
+    let t = std::time::Instant::now();
+    let bundle = evl_infer::hf::HfBundle::load(&a.model, device)
+        .with_context(|| format!("loading checkpoint {}", a.model.display()))?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    if a.save_inputs.is_some() && a.records.len() != 1 {
+        anyhow::bail!("--save-inputs writes one record's tensors: give one record");
+    }
+    let question = a
+        .question
+        .clone()
+        .unwrap_or_else(|| evl_infer::text::DIAGNOSIS_PROMPT.to_string());
+    let labels = evl_infer::text::superclass_space();
+    for path in &a.records {
+        let is_image = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"));
+        let (name, image) = if is_image {
+            let name = path
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+            (name, bundle.prepare_path(path)?)
+        } else {
+            let rec = crate::cmd::data::load(path, a.no_verify)?;
+            let img = bundle
+                .prepare_record(&rec)
+                .with_context(|| format!("rendering {}", path.display()))?;
+            (rec.name.clone(), img)
+        };
+        let r = bundle
+            .interpret(&name, &image, &question, &labels, device)
+            .with_context(|| format!("interpreting {}", path.display()))?;
+        print_interpretation(&r, json, load_ms);
+        if let Some(file) = &a.save_inputs {
+            let tensors = bundle.reference_inputs(&image, &question, device)?;
+            evl_hf::weights::save(file, &tensors, evl_hf::weights::WeightDtype::F32)
+                .with_context(|| format!("writing {}", file.display()))?;
         }
     }
     Ok(())

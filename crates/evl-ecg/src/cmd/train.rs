@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use evl_ops::hf_job;
 use evl_ops::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
 use evl_train::train::{OptimConfig, StepLog};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -140,9 +141,21 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
     };
     let (data, out) = paths(&a.job)?;
     let (tdev, idev) = devices(&a.job)?;
+    if let Some(init) = &a.init
+        && !hf_job::is_hf_checkpoint(init)
+    {
+        anyhow::bail!(
+            "--init {}: not a Hugging Face checkpoint folder (a config.json with `architectures` \
+             or `model_type`, beside the safetensors weights)",
+            init.display()
+        );
+    }
     let (bar, cb) = progress(steps, json);
-    let o = train(role, &cfg, data, out, a.job.resume, &tdev, &idev, cb)
-        .with_context(|| format!("training the {role:?} into {}", out.display()))?;
+    let o = match &a.init {
+        Some(init) => hf_job::hf_train(role, &cfg, init, data, out, a.job.resume, &tdev, cb),
+        None => train(role, &cfg, data, out, a.job.resume, &tdev, &idev, cb),
+    }
+    .with_context(|| format!("training the {role:?} into {}", out.display()))?;
     bar.finish_and_clear();
     finish(&o, json);
     Ok(())
@@ -182,8 +195,32 @@ pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
         anyhow::bail!("--teacher and --student are required to distil");
     };
     let (tdev, idev) = devices(&a.job)?;
+    let real = (
+        hf_job::is_hf_checkpoint(teacher),
+        hf_job::is_hf_checkpoint(student),
+    );
+    if real.0 != real.1 {
+        let (hf, ours) = if real.0 {
+            (("teacher", teacher), ("student", student))
+        } else {
+            (("student", student), ("teacher", teacher))
+        };
+        anyhow::bail!(
+            "--{} {} is a Hugging Face checkpoint but --{} {} is an evl-ecg bundle: distil \
+             between two checkpoints, or between two bundles",
+            hf.0,
+            hf.1.display(),
+            ours.0,
+            ours.1.display()
+        );
+    }
     let (bar, cb) = progress(cfg.distill.optim.steps, json);
-    let o = distill_job(
+    let run = if real.0 {
+        hf_job::hf_distill_job
+    } else {
+        distill_job
+    };
+    let o = run(
         &cfg,
         teacher,
         student,

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod data;
+mod hf;
 mod model;
 mod newcomer;
 
