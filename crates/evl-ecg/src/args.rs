@@ -77,6 +77,14 @@ pub enum Noun {
     ///
     /// Example: evl-ecg report quickstart-out   (writes quickstart-out/report/index.html)
     Report(ReportArgs),
+    /// Size a distillation run from two checkpoints' config.json before renting a GPU:
+    /// parameters by component, visual tokens per image, the memory one step needs (training
+    /// state, teacher weights, activations, logits) and its FLOPs and estimated time.
+    ///
+    /// Example (the paper's models, from their published configs):
+    ///   evl-ecg plan --teacher docs/configs/pulse-7b --student docs/configs/qwen3-vl-2b-instruct
+    #[command(verbatim_doc_comment)]
+    Plan(PlanArgs),
     /// Score model answers: ECG-Bench parity (PULSE's scorer, quirks included).
     #[command(subcommand)]
     Score(ScoreVerb),
@@ -113,6 +121,41 @@ pub struct InterpretArgs {
     /// (the burn model on that GPU; needs the `cuda` / `vulkan` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: evl_models::DeviceSpec,
+}
+
+/// Arguments of `plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Teacher checkpoint folder (config.json and processor files; weights not needed).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Student checkpoint folder (as --teacher).
+    #[arg(long)]
+    pub student: PathBuf,
+    /// Examples per step per GPU.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Text tokens per example (prompt and answer).
+    #[arg(long, default_value_t = 256)]
+    pub text_tokens: usize,
+    /// Answer tokens per example.
+    #[arg(long, default_value_t = 64)]
+    pub answer_tokens: usize,
+    /// ECG image size in pixels, WIDTHxHEIGHT (default: a PTB-XL page as ECG-Bench renders it).
+    #[arg(long, default_value = "2200x1700")]
+    pub image: String,
+    /// The teacher runs on every step (its bf16 weights on the GPU) instead of being cached.
+    #[arg(long)]
+    pub online: bool,
+    /// Eager attention (scores kept for the backward pass) instead of a fused kernel.
+    #[arg(long)]
+    pub eager: bool,
+    /// GPU peak dense bf16 TFLOP/s (H100 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
+    /// Fraction of the peak reached (model FLOPs utilisation).
+    #[arg(long, default_value_t = 0.4)]
+    pub mfu: f64,
 }
 
 /// Arguments of `eval`.

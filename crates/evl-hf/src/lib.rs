@@ -16,6 +16,7 @@
 //! The burn models built from these live in `evl-models::hf`.
 
 pub mod config;
+pub mod plan;
 pub mod preprocess;
 pub mod prompt;
 pub mod weights;

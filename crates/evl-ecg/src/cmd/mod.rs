@@ -2,6 +2,7 @@
 
 pub(crate) mod data;
 mod eval;
+mod plan;
 pub(crate) mod quickstart;
 mod score;
 mod train;
@@ -37,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Noun::Distill(a) => train::run_distill(&a, cli.json),
         Noun::Report(a) => report(&a, cli.json),
+        Noun::Plan(a) => plan::run(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }

@@ -161,3 +161,28 @@ fn real_checkpoints_sft_distil_interpret_and_resume() {
         .arg(tmp.path().join("nolabels")));
     assert!(!ok && err.contains("--image-root"), "{err}");
 }
+
+#[test]
+fn plan_sizes_the_papers_models_from_their_configs() {
+    let root = evl_testkit::workspace_root().join("docs/configs");
+    let (ok, stdout, err) = run(bin()
+        .args(["--json", "plan", "--teacher"])
+        .arg(root.join("pulse-7b"))
+        .arg("--student")
+        .arg(root.join("qwen3-vl-2b-instruct")));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let p = &v["data"]["plan"];
+    let params = |m: &str| p[m]["params"]["total"].as_f64().unwrap() / 1e9;
+    // LLaVA-v1.6-Vicuna-7B with its CLIP tower; Qwen3-VL-2B with tied embeddings.
+    assert!((7.0..7.1).contains(&params("teacher")), "{p}");
+    assert!((2.1..2.2).contains(&params("student")), "{p}");
+    assert_eq!(p["teacher"]["visual_tokens"], 2438);
+    assert_eq!(p["teacher_weights"], 0, "cached teacher by default");
+    let (ok, _, err) = run(bin()
+        .args(["plan", "--image", "2200", "--teacher"])
+        .arg(root.join("pulse-7b"))
+        .arg("--student")
+        .arg(root.join("qwen3-vl-2b-instruct")));
+    assert!(!ok && err.contains("WIDTHxHEIGHT"), "{err}");
+}
