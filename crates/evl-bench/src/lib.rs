@@ -12,6 +12,7 @@
 
 mod args;
 pub mod data;
+pub mod hf;
 pub mod infer;
 pub mod losses;
 pub mod scripts;

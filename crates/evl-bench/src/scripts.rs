@@ -12,6 +12,8 @@ pub const TORCH_LOSSES: (&str, &str) = (
 );
 /// `torch_vlm.py`: the student VLM in PyTorch, same weights.
 pub const TORCH_VLM: (&str, &str) = ("torch_vlm.py", include_str!("../scripts/torch_vlm.py"));
+/// `torch_hf.py`: a Qwen3-VL or LLaVA-NeXT checkpoint in transformers.
+pub const TORCH_HF: (&str, &str) = ("torch_hf.py", include_str!("../scripts/torch_hf.py"));
 /// `wfdb_read.py`: wfdb-python's `rdrecord` over the same records.
 pub const WFDB_READ: (&str, &str) = ("wfdb_read.py", include_str!("../scripts/wfdb_read.py"));
 /// `mpl_render.py`: a matplotlib ECG-paper renderer.
@@ -29,7 +31,7 @@ impl Scripts {
     /// The directory or a file cannot be written.
     pub fn write() -> std::io::Result<Scripts> {
         let dir = tempfile::Builder::new().prefix("evl-bench-").tempdir()?;
-        for (name, text) in [TORCH_LOSSES, TORCH_VLM, WFDB_READ, MPL_RENDER] {
+        for (name, text) in [TORCH_LOSSES, TORCH_VLM, TORCH_HF, WFDB_READ, MPL_RENDER] {
             std::fs::write(dir.path().join(name), text)?;
         }
         Ok(Scripts { dir })

@@ -662,4 +662,10 @@ pub enum BenchVerb {
     /// memory: ours vs the same model and weights in PyTorch (`crates/evl-bench/scripts/torch_vlm.py`), with a
     /// check that both computed the same probabilities and answers.
     Infer(evl_bench::InferArgs),
+    /// The paper's real architectures (Qwen3-VL, LLaVA-NeXT) in burn vs transformers on the
+    /// same CPU, threads, weights and inputs: forward, a training step (forward, answer CE,
+    /// backward, AdamW), greedy tokens/s, peak memory, and the logits' largest difference.
+    /// --size mid builds a random Qwen3-VL of mid size (text 512 wide, 8 layers; vision 256
+    /// wide, 6 blocks). The PyTorch side needs bench/requirements-hf.txt (pass its --python).
+    Hf(evl_bench::hf::HfArgs),
 }

@@ -138,6 +138,8 @@ pub struct Checkpoint {
     /// Tensor name -> shard.
     where_: BTreeMap<String, usize>,
     dtype: Option<WeightDtype>,
+    /// A synthetic checkpoint's generator state (see [`Checkpoint::synthetic`]).
+    synthetic: Option<u64>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -247,7 +249,36 @@ impl Checkpoint {
             shards,
             where_,
             dtype,
+            synthetic: None,
         })
+    }
+
+    /// A checkpoint that holds every tensor asked for, freshly initialised: norm weights 1,
+    /// biases 0, everything else N(0, 0.02) from `seed`. For building a model of any size
+    /// from a `config.json` alone (benchmarks at sizes nobody published); a model built from
+    /// it is random, and says nothing about a trained one.
+    pub fn synthetic(seed: u64) -> Checkpoint {
+        Checkpoint {
+            origin: PathBuf::from("<synthetic>"),
+            shards: Vec::new(),
+            where_: BTreeMap::new(),
+            dtype: None,
+            synthetic: Some(seed ^ 0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    /// The next standard normal draw of a synthetic checkpoint (SplitMix64 + Box-Muller:
+    /// benchmark weights need no statistical quality a dependency would add).
+    fn normal(state: &mut u64) -> f32 {
+        let mut next = || {
+            *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
     }
 
     /// The checkpoint's main file (`model.safetensors` or the index).
@@ -262,7 +293,7 @@ impl Checkpoint {
 
     /// Whether the checkpoint holds a tensor of this name (taken or not).
     pub fn contains(&self, name: &str) -> bool {
-        self.where_.contains_key(name)
+        self.synthetic.is_some() || self.where_.contains_key(name)
     }
 
     /// Takes one tensor, checking its shape.
@@ -271,6 +302,20 @@ impl Checkpoint {
     /// [`Error::Missing`], [`Error::Shape`], [`Error::Dtype`], or a shard that became
     /// unreadable.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        if let Some(state) = &mut self.synthetic {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else if shape.len() == 1 && name.contains("norm") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| 0.02 * Self::normal(state)).collect()
+            };
+            return Ok(HostTensor {
+                shape: shape.to_vec(),
+                data,
+            });
+        }
         let &i = self.where_.get(name).ok_or_else(|| Error::Missing {
             name: name.to_string(),
             path: self.origin.clone(),

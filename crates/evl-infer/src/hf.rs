@@ -329,10 +329,8 @@ impl HfBundle {
         let out = model
             .generate(&ids, Some(image.to_model(device)), max_new, &eos)
             .map_err(|e| hf(e, &self.dir))?;
-        let new: Vec<u32> = out[ids.len().min(out.len())..]
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
+        // `generate` returns the new tokens only.
+        let new: Vec<u32> = out.iter().map(|&i| i as u32).collect();
         let text = self
             .prompter
             .tokenizer
@@ -464,6 +462,20 @@ impl HfBundle {
         device: &Device,
     ) -> Result<Vec<(String, HostTensor)>> {
         let ids = self.question_ids(question, self.image_tokens(image)?)?;
+        self.reference_inputs_for(&ids, image, device)
+    }
+
+    /// [`HfBundle::reference_inputs`] for given token ids (e.g. a whole conversation).
+    ///
+    /// # Errors
+    /// Ids whose image placeholders do not match the image.
+    pub fn reference_inputs_for(
+        &self,
+        ids: &[i64],
+        image: &PreparedImage,
+        device: &Device,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let ids = ids.to_vec();
         let logits = self
             .model
             .logits(std::slice::from_ref(&ids), &[Some(image.to_model(device))])

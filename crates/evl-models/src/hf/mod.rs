@@ -101,15 +101,27 @@ impl HfModel {
     pub fn load(dir: &Path, device: &Device) -> Result<(HfModel, HfConfig)> {
         let cfg = HfConfig::from_dir(dir)?;
         let mut ckpt = Checkpoint::open(dir)?;
-        let model = {
-            let mut l = io::Loader::new(&mut ckpt, device);
-            match &cfg {
-                HfConfig::Qwen3Vl(c) => HfModel::Qwen3Vl(Qwen3Vl::load(&mut l, c)?),
-                HfConfig::LlavaNext(c) => HfModel::LlavaNext(LlavaNext::load(&mut l, c)?),
-            }
-        };
+        let model = Self::build(&cfg, &mut ckpt, device)?;
         ckpt.finish()?;
         Ok((model, cfg))
+    }
+
+    /// A randomly initialised model of the architecture `cfg` describes (norm weights 1,
+    /// biases 0, other weights N(0, 0.02) from `seed`): for benchmarks and tests at sizes no
+    /// checkpoint exists for. [`HfModel::export`] writes it as a checkpoint.
+    ///
+    /// # Errors
+    /// A configuration the model cannot be built from.
+    pub fn init(cfg: &HfConfig, seed: u64, device: &Device) -> Result<HfModel> {
+        Self::build(cfg, &mut Checkpoint::synthetic(seed), device)
+    }
+
+    fn build(cfg: &HfConfig, ckpt: &mut Checkpoint, device: &Device) -> Result<HfModel> {
+        let mut l = io::Loader::new(ckpt, device);
+        Ok(match cfg {
+            HfConfig::Qwen3Vl(c) => HfModel::Qwen3Vl(Qwen3Vl::load(&mut l, c)?),
+            HfConfig::LlavaNext(c) => HfModel::LlavaNext(LlavaNext::load(&mut l, c)?),
+        })
     }
 
     /// Every parameter under its checkpoint name and layout.
