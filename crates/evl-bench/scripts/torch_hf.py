@@ -41,6 +41,15 @@ def log(message):
 
 
 def peak_rss_mib():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a process started by a
+    # larger parent (evl-ecg, after its own measurement) would report the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

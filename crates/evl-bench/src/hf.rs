@@ -309,6 +309,13 @@ pub fn run(a: &HfArgs, json: bool) -> Result<()> {
         f(&r["gen_tokens_per_s"]),
         x(ratio("gen_tokens_per_s", true))
     );
+    if r.get("forward_ms_sdpa").is_some() {
+        println!(
+            "  torch with its fused attention (sdpa; ours is the eager form): forward {} ms, training step {} ms",
+            f(&r["forward_ms_sdpa"]),
+            f(&r["train_step_ms_sdpa"])
+        );
+    }
     println!(
         "  peak RSS           ours {:>9} MiB torch {:>9} MiB",
         f(&ours["peak_rss_mib"]),

@@ -518,9 +518,16 @@ impl TextModel {
                 let [b, s, d] = h.dims();
                 let w = self.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                h.reshape([b * s, d])
-                    .matmul(w.transpose())
-                    .reshape([b, s, v])
+                let h = h.reshape([b * s, d]);
+                // Decoding a few rows: `E h^T`, transposed back (a copy of `[vocab, rows]`),
+                // is faster on flex than `h E^T` over the transposed table (measured with
+                // `bench hf`: 24.5 -> 27.5 tokens/s at mid size); for whole sequences the
+                // direct product wins (forward 383 -> 325 ms).
+                if b * s <= 8 {
+                    w.matmul(h.transpose()).transpose().reshape([b, s, v])
+                } else {
+                    h.matmul(w.transpose()).reshape([b, s, v])
+                }
             }
         }
     }

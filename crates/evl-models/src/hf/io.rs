@@ -24,6 +24,18 @@ fn tensor<const D: usize>(t: HostTensor, device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(t.data, shape), (device, DType::F32))
 }
 
+/// A row-major `[rows, cols]` matrix as a contiguous `[cols, rows]` tensor: done on the host
+/// once, because a transposed view would be copied again by every product that reads it.
+fn transposed(data: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    let mut out = vec![0.0f32; data.len()];
+    for (r, row) in data.chunks_exact(cols.max(1)).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [cols, rows]), (device, DType::F32))
+}
+
 impl<'a> Loader<'a> {
     /// A loader over `ckpt` placing parameters on `device`.
     pub fn new(ckpt: &'a mut Checkpoint, device: &Device) -> Self {
@@ -74,14 +86,17 @@ impl<'a> Loader<'a> {
         d_out: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"), [d_out, d_in])?;
+        let w = self
+            .ckpt
+            .take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let w = transposed(&w.data, d_out, d_in, &self.device);
         let bias = if bias {
             Some(self.param(&format!("{prefix}.bias"), [d_out])?)
         } else {
             None
         };
         Ok(Linear {
-            weight: Param::from_tensor(w.transpose()),
+            weight: Param::from_tensor(w),
             bias,
         })
     }
@@ -95,20 +110,14 @@ impl<'a> Loader<'a> {
         let t = self.ckpt.take(&format!("{prefix}.weight"), shape)?;
         let d_out = shape[0];
         let d_in = shape[1..].iter().product();
-        let w: Tensor<2> = tensor(
-            HostTensor {
-                shape: vec![d_out, d_in],
-                data: t.data,
-            },
-            &self.device,
-        );
+        let w = transposed(&t.data, d_out, d_in, &self.device);
         let bias = if bias {
             Some(self.param(&format!("{prefix}.bias"), [d_out])?)
         } else {
             None
         };
         Ok(Linear {
-            weight: Param::from_tensor(w.transpose()),
+            weight: Param::from_tensor(w),
             bias,
         })
     }
