@@ -7,7 +7,6 @@ use anyhow::{Context, Result, bail};
 use evl_infer::eval::evaluate;
 use evl_infer::input::{encode_prompt, pixels, samples_from_records};
 use evl_infer::text::{DIAGNOSIS_PROMPT, EOS, verify_prompt};
-use evl_models::vlm::Distillable;
 
 use crate::args::InferArgs as BenchInferArgs;
 use crate::data::{run_python, shared_data};

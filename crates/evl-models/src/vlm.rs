@@ -175,35 +175,33 @@ pub struct ModelFacts {
     pub input: String,
 }
 
-/// A model that can be distilled from or into: built-in models implement it, and so can an
-/// adapter over a ported LLaVA or Qwen3-VL. What such an adapter returns, from their real
-/// forward passes (candle-transformers' `llava` and `qwen3_vl`, HF transformers):
-/// - LLaVA-1.5: `visual` = CLIP ViT-L/14-336 patch features of the selected layer
-///   `[b, 576, 1024]` (before the MLP projector); the LM sequence is text with the 576
-///   projected tokens spliced in at the `<image>` placeholder, so `hidden`/`logits` are the LM
-///   states at the non-image positions and `visual_hidden` those at the image positions
-///   `[b, 576, 4096]`; `visual_mask` `None`.
+/// A model that can be distilled from or into: the built-in family ([`EcgVlm`], a batch of
+/// fixed-size pixels and padded text) and the paper's real families
+/// ([`crate::hf::HfModel`]: Qwen3-VL and LLaVA-NeXT, a batch of token ids with image
+/// placeholders and per-image pixels). What they return:
+/// - built-in: `visual` = the encoder's tokens, the LM sequence is `[visual; text]`;
+/// - LLaVA-NeXT: `visual` = the projected, unpadded anyres tiles with their newline tokens as
+///   spliced into the LM at the `<image>` placeholder, so `hidden`/`logits` are the LM states
+///   at the non-image positions and `visual_hidden` those at the image positions; the count
+///   depends on the image's size: padded to the batch maximum with `visual_mask`;
 /// - Qwen3-VL: `visual` = the patch merger's output (2x2 merged patches projected to the LM
-///   width), a variable count per image from its `grid_thw`, padded to the batch maximum with
-///   `visual_mask` marking real tokens; the merged tokens replace `<|image_pad|>` runs inside
-///   the text (M-RoPE positions and DeepStack injections stay inside the adapter), so again
-///   `hidden`/`logits` are gathered at text positions and `visual_hidden` at image positions.
+///   width), a count per image from its `grid_thw`, padded likewise; the merged tokens replace
+///   `<|image_pad|>` runs inside the text (M-RoPE positions and DeepStack injections stay
+///   inside the model), so again `hidden`/`logits` are gathered at text positions.
 ///
 /// The losses only ever see these tensors and masks, never the layout of the sequence.
 pub trait Distillable {
+    /// What one forward pass reads.
+    type Batch<'a>
+    where
+        Self: 'a;
+    /// Why a batch cannot be read (an impossible case for the built-in family).
+    type Error: std::error::Error;
     /// One forward pass with everything distillation needs.
     ///
-    /// # Shapes
-    /// - `pixels`: image `[b, 1, h, w]` or signal `[b, leads, samples]` flattened to 3-D
-    ///   `[b, c, n]` (images are passed as `[b, 1, h * w]`)
-    /// - `text`: `[b, t]` token ids (prompt then answer, padded), `text_pad`: `[b, t]`, true at
-    ///   padding
-    fn view(
-        &self,
-        pixels: Tensor<3>,
-        text: Tensor<2, Int>,
-        text_pad: Tensor<2, Bool>,
-    ) -> DistillView;
+    /// # Errors
+    /// A batch the model cannot take (image placeholders that do not match the images).
+    fn distill_view(&self, batch: Self::Batch<'_>) -> Result<DistillView, Self::Error>;
     /// Size facts.
     fn facts(&self) -> ModelFacts;
 }
@@ -467,7 +465,28 @@ impl EcgVlm {
 }
 
 impl Distillable for EcgVlm {
-    fn view(
+    /// `(pixels, text, text_pad)` as [`EcgVlm::view`] reads them.
+    type Batch<'a> = (Tensor<3>, Tensor<2, Int>, Tensor<2, Bool>);
+    type Error = std::convert::Infallible;
+
+    fn distill_view(&self, (p, t, pad): Self::Batch<'_>) -> Result<DistillView, Self::Error> {
+        Ok(self.view(p, t, pad))
+    }
+
+    fn facts(&self) -> ModelFacts {
+        EcgVlm::facts(self)
+    }
+}
+
+impl EcgVlm {
+    /// The distillation view (see [`Distillable`]).
+    ///
+    /// # Shapes
+    /// - `pixels`: image `[b, 1, h, w]` or signal `[b, leads, samples]` flattened to 3-D
+    ///   `[b, c, n]` (images are passed as `[b, 1, h * w]`)
+    /// - `text`: `[b, t]` token ids (prompt then answer, padded), `text_pad`: `[b, t]`, true at
+    ///   padding
+    pub fn view(
         &self,
         pixels: Tensor<3>,
         text: Tensor<2, Int>,
@@ -493,7 +512,8 @@ impl Distillable for EcgVlm {
         }
     }
 
-    fn facts(&self) -> ModelFacts {
+    /// Size facts.
+    pub fn facts(&self) -> ModelFacts {
         ModelFacts {
             params: self.num_params(),
             visual_tokens: self.n_visual,

@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use ecg_io::labels::ptbxl::Split;
 use evl_kd::{Kernel, SinkhornSettings};
-use evl_models::vlm::{Distillable, EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
+use evl_models::vlm::{EcgVlm, EcgVlmConfig, InputKind, ModelFacts};
 
 use crate::{Error, Result};
 use evl_infer::eval::{EvalScores, PredLine, evaluate};

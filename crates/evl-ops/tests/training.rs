@@ -177,7 +177,6 @@ fn distillation_resumes_to_the_same_weights() {
 #[test]
 fn label_probability_is_read_at_the_trained_answer_position() {
     let _rng = rng_lock();
-    use evl_models::vlm::Distillable;
     let device = Device::flex();
     let data = samples(3);
     let texts = evl_infer::input::corpus(&data);

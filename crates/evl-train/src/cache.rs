@@ -6,7 +6,7 @@
 use burn::tensor::Device;
 use evl_infer::input::{Sample, encode_turn, pixels, text_tensors};
 use evl_infer::text::TextTokenizer;
-use evl_models::vlm::{Distillable, EcgVlm};
+use evl_models::vlm::EcgVlm;
 
 /// The frozen teacher's outputs for one (example, turn).
 #[derive(Debug, Clone)]

@@ -28,7 +28,7 @@ use evl_kd::method::{
 };
 use evl_kd::task::masked_token_ce;
 use evl_kd::{EvlLoss, EvlLossConfig, Kernel, MhcaAlignConfig, OtAlignConfig, SinkhornSettings};
-use evl_models::vlm::{Distillable, EcgVlm};
+use evl_models::vlm::EcgVlm;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use evl_infer::hf::{HfBundle, HfExample};
 use evl_kd::Method;
 use evl_models::device::Device;
-use evl_models::hf::HfModel;
+use evl_models::hf::{HfBatch, HfModel};
+use evl_models::vlm::Distillable;
 use evl_train::hf::{
     HfDistillConfig, HfTeacher, encode_examples, hf_distill, hf_sft, hf_teacher_cache,
 };
@@ -61,6 +62,10 @@ fn examples(shared: &Path) -> Vec<HfExample> {
     }
     assert_eq!(out.len(), 4, "PTB-XL images under {}", root.display());
     out
+}
+
+fn generic_view<M: Distillable>(m: &M, b: M::Batch<'_>) -> evl_models::vlm::DistillView {
+    m.distill_view(b).unwrap()
 }
 
 fn first_values(m: &HfModel, name: &str) -> Vec<f32> {
@@ -185,6 +190,22 @@ fn online_teacher_equals_the_cache_and_layers_are_selectable() {
     let ex = examples(&shared)[..2].to_vec();
     let t_enc = encode_examples(&teacher, &ex).unwrap();
     let s_enc = encode_examples(&student, &ex).unwrap();
+    // Through the trait both families implement: the teacher's visual tokens are its
+    // anyres tokens, the same number for both examples' same-sized pages (no mask).
+    let images: Vec<_> = (0..2)
+        .map(|i| Some(t_enc.images[i].to_model(&infer)))
+        .collect();
+    let ids: Vec<Vec<i64>> = (0..2).map(|i| t_enc.turns[i][0].ids.clone()).collect();
+    let v = generic_view(
+        &teacher.model,
+        HfBatch {
+            ids: &ids,
+            images: &images,
+            layer: None,
+        },
+    );
+    assert_eq!(v.visual.dims()[1], t_enc.image_tokens[0]);
+    assert!(v.visual_mask.is_none());
     let cache = hf_teacher_cache(&teacher.model, &t_enc, None, Some(1), &infer).unwrap();
     let last = hf_teacher_cache(&teacher.model, &t_enc, None, None, &infer).unwrap();
     assert_ne!(

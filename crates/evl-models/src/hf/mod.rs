@@ -76,6 +76,31 @@ pub enum HfModel {
     LlavaNext(LlavaNext),
 }
 
+/// A batch of a real model: right-padded token ids with image placeholders, one image per
+/// row, and the hidden-state layer `hidden` reads (see [`HfModel::view`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HfBatch<'a> {
+    /// Token ids per row.
+    pub ids: &'a [Vec<i64>],
+    /// The image of each row.
+    pub images: &'a [Option<HfImage>],
+    /// transformers' `hidden_states` index (None = after the final norm).
+    pub layer: Option<usize>,
+}
+
+impl crate::vlm::Distillable for HfModel {
+    type Batch<'a> = HfBatch<'a>;
+    type Error = HfError;
+
+    fn distill_view(&self, b: HfBatch<'_>) -> Result<DistillView> {
+        Ok(self.view(b.ids, b.images, b.layer)?.0)
+    }
+
+    fn facts(&self) -> ModelFacts {
+        HfModel::facts(self)
+    }
+}
+
 /// One image prepared for its model family.
 #[derive(Clone, Debug)]
 pub enum HfImage {
