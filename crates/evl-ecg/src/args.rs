@@ -325,7 +325,8 @@ pub struct DistillArgs {
     #[command(flatten)]
     pub job: JobArgs,
     /// Method: evl (EVL-ECG), ce (SFT continued), kl (vanilla KD over shared tokens), uld,
-    /// multilevel-ot, tinybert, dskd, emkd (baselines, each mixed with the CE as a*CE+(1-a)*L).
+    /// multilevel-ot, tinybert, dskd, emkd (baselines). Every method mixes as (1-a)*CE + a*L,
+    /// the paper's convention: --alpha is the weight of the distillation term.
     #[arg(long)]
     pub method: Option<evl_kd::Method>,
     /// EVL-ECG terms to switch off, comma separated: ot, mhca, rel.

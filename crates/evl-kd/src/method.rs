@@ -362,8 +362,8 @@ pub struct KdBatch<'a> {
 /// Settings of the distillation loss that are not EVL-ECG's own ([`EvlLossConfig`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixConfig {
-    /// `a`: weight of the student's CE for the baselines, weight of the distillation terms
-    /// for EVL-ECG (see [`distill_loss`]).
+    /// `a`: the weight of every method's distillation term, `1 - a` the CE's (see
+    /// [`distill_loss`]).
     pub alpha: f64,
     /// KD temperature (vanilla KD, ULD).
     pub temperature: f64,
@@ -386,12 +386,13 @@ pub struct MethodLoss {
 ///
 /// - `ce`: `L = L_CE`;
 /// - EVL-ECG: `L = (1 - a) L_CE + a (lm L_mhca + lr L_rel + lot L_ot)` ([`crate::evl_objective`]);
-/// - every baseline: `L = a L_CE + (1 - a) L_method`.
+/// - every baseline: `L = (1 - a) L_CE + a L_method`.
 ///
-/// DEVIATION: the two mixings weight the distillation terms differently for the same `a`
-/// (0.3 for EVL-ECG, 0.7 for the baselines at the paper's `a = 0.3`); kept as it was to leave
-/// earlier results unchanged, written once here so that the fairness fix (issue 16) is a
-/// one-place edit.
+/// One convention for every method, the paper's (its Eq. for `L_total`, and "all baseline KD
+/// methods ... start from this same checkpoint for fair comparison"): `a` is the weight of the
+/// distillation term and `1 - a` that of the CE, so at the paper's `a = 0.3` every method
+/// gives its distillation term 0.3 and the CE 0.7. (Until this was unified the baselines got
+/// `a L_CE + (1 - a) L_method`, i.e. 0.7 of distillation against EVL-ECG's 0.3.)
 ///
 /// # Panics
 /// If `batch` lacks an output [`Method::needs`] says the method reads (a caller bug).
@@ -406,7 +407,7 @@ pub fn distill_loss(
     let device = batch.ce.device();
     let zero = || Tensor::<1>::zeros([1], &device);
     let baseline = |ce: Tensor<1>, name: &'static str, l: Tensor<1>| MethodLoss {
-        total: ce.mul_scalar(mix.alpha) + l.clone().mul_scalar(1.0 - mix.alpha),
+        total: ce.mul_scalar(1.0 - mix.alpha) + l.clone().mul_scalar(mix.alpha),
         terms: vec![(name, l)],
     };
     let rms_scale = if mix.teacher_hidden_rms {
@@ -697,5 +698,110 @@ mod tests {
         assert!(m.teacher_visual_hidden && m.teacher_head && m.teacher_hidden);
         assert!(Method::Kl.needs_shared_vocab() && Method::Emkd.needs_shared_vocab());
         assert!(!Method::Dskd.needs_shared_vocab());
+    }
+
+    /// Every method's total is `(1 - a) CE + a * (its distillation term)`, with the terms it
+    /// reports: one convention, the paper's, for EVL-ECG and every baseline (the baselines
+    /// used to get `a CE + (1 - a) L`).
+    #[test]
+    fn every_method_mixes_ce_and_distillation_the_same_way() {
+        use crate::{MhcaAlignConfig, OtAlignConfig};
+        use burn::tensor::Distribution;
+        let dev = Device::flex();
+        dev.seed(11);
+        let (b, t, vs, vt, ds, dt, nvs, nvt) = (2, 5, 3, 4, 8, 6, 10, 12);
+        let r =
+            |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        let view = DistillView {
+            visual: r([b, vs, ds]),
+            hidden: r([b, t, ds]),
+            text_mask: Tensor::<2, Bool>::from_data(
+                TensorData::new(vec![true; b * t], [b, t]),
+                &dev,
+            ),
+            logits: r([b, t, nvs]),
+            visual_hidden: r([b, vs, ds]),
+            head: Tensor::<2>::random([ds, nvs], Distribution::Normal(0.0, 1.0), &dev),
+            visual_mask: None,
+        };
+        let teacher = TeacherBatch {
+            hidden: Some(r([b, t + 1, dt])),
+            hidden_mask: Some(Tensor::<2, Bool>::from_data(
+                TensorData::new(vec![true; b * (t + 1)], [b, t + 1]),
+                &dev,
+            )),
+            lens: vec![t + 1; b],
+            visual: Some(r([b, vt, dt])),
+            visual_mask: None,
+            visual_hidden: Some(r([b, vt, dt])),
+            head: Some(Tensor::<2>::random(
+                [dt, nvt],
+                Distribution::Normal(0.0, 1.0),
+                &dev,
+            )),
+            hidden_rms: 1.0,
+        };
+        let answers = AlignedAnswers {
+            student: r([1, 4, nvs]).reshape([4, nvs]),
+            teacher: r([1, 4, nvt]).reshape([4, nvt]),
+            row_of: vec![0, 0, 1, 1],
+        };
+        let words = |n: usize, off: usize| -> Vec<String> {
+            (0..n).map(|i| format!("w{}", i + off)).collect()
+        };
+        let shared = SharedVocab::new(&words(nvs, 0), &words(nvt, 3));
+        let a = 0.3;
+        let mix = MixConfig {
+            alpha: a,
+            temperature: 2.0,
+            teacher_hidden_rms: false,
+        };
+        let cfg = EvlLossConfig::new(MhcaAlignConfig::new(ds, dt), OtAlignConfig::new(dt, ds))
+            .with_alpha(a);
+        let head = cfg.init(&dev);
+        let heads = BaselineHeads::init(ds, dt, &dev);
+        let ce = 1.7f64;
+        let value = |x: &Tensor<1>| x.clone().into_data().iter::<f32>().next().unwrap() as f64;
+        for name in Method::NAMES {
+            let method = Method::parse(name, &[]).unwrap();
+            let batch = KdBatch {
+                student: &view,
+                student_lens: vec![t; b],
+                ce: Tensor::<1>::from_data(TensorData::new(vec![ce as f32], [1]), &dev),
+                teacher: teacher.clone(),
+                answers: Some(answers.clone()),
+            };
+            let out = distill_loss(&method, batch, &mix, (&head, &cfg), &heads, &shared);
+            let kd: f64 = out
+                .terms
+                .iter()
+                .map(|(k, v)| {
+                    let w = match *k {
+                        "mhca" => cfg.lambda_mhca,
+                        "rel" => cfg.lambda_rel,
+                        "ot" => cfg.lambda_ot,
+                        _ => 1.0,
+                    };
+                    w * value(v)
+                })
+                .sum();
+            let want = if name == "ce" {
+                ce
+            } else {
+                (1.0 - a) * ce + a * kd
+            };
+            let got = value(&out.total);
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{name}: total {got}, (1 - a) CE + a L = {want} (terms {:?})",
+                out.terms
+                    .iter()
+                    .map(|(k, v)| (*k, value(v)))
+                    .collect::<Vec<_>>()
+            );
+            if name != "ce" {
+                assert!(kd.abs() > 1e-6, "{name}: no distillation term");
+            }
+        }
     }
 }

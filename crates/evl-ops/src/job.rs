@@ -60,7 +60,7 @@ pub struct DistillSection {
     pub method: Method,
     /// EVL-ECG terms switched off (`ot`, `mhca`, `rel`), added to those the method names.
     pub ablate: Vec<Ablation>,
-    /// `a`, weight of the student's CE.
+    /// `a`, the weight of the distillation term of every method (`1 - a` weighs the CE).
     pub alpha: f64,
     /// `lm`.
     pub lambda_mhca: f64,

@@ -297,7 +297,7 @@ pub struct DistillConfig {
     pub method: Method,
     /// Optimisation.
     pub optim: OptimConfig,
-    /// `a` (weight of the student's CE).
+    /// `a`, the weight of the distillation term (`1 - a` weighs the CE), every method.
     pub alpha: f64,
     /// KD temperature.
     pub temperature: f64,
