@@ -5,7 +5,7 @@ use crate::args::{LossesArgs as BenchLossesArgs, ShapePreset};
 use anyhow::{Context, Result};
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::Device;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_kd::baselines::{
     Dskd, MultiLevelOtConfig, kd_vanilla, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss,
     uld_loss,
@@ -322,6 +322,17 @@ fn our_times(s: &Shapes, reps: usize, device: &Device) -> BTreeMap<String, f64> 
             tensor_from_f64(&v, [r, c], &dev, Precision::F32)
         };
         let (head_s, head_t) = (unit(s.d_s, s.vocab_s, 35), unit(s.d_t, s.vocab_t, 36));
+        // Every position an answer token, the same targets as the PyTorch side.
+        let n = s.b * s.l_s;
+        let targets = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                (0..n as i64).map(|i| i % s.vocab_s as i64).collect(),
+                [s.b, s.l_s],
+            ),
+            &dev,
+        );
+        let answer =
+            Tensor::<2, Bool>::from_data(TensorData::new(vec![true; n], [s.b, s.l_s]), &dev);
         median_ms(&dev, reps, || {
             let o = m.forward(
                 hs.clone(),
@@ -330,6 +341,8 @@ fn our_times(s: &Shapes, reps: usize, device: &Device) -> BTreeMap<String, f64> 
                 zt.clone(),
                 head_s.clone(),
                 head_t.clone(),
+                targets.clone(),
+                answer.clone(),
             );
             let g = o.loss.backward();
             std::hint::black_box((hs.grad(&g), zs.grad(&g)));

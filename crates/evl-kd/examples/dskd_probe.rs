@@ -1,7 +1,7 @@
 //! Profiling probe: DSKD forward + backward at the bench's small shapes (B=8, L_t=96,
 //! L_s=64, D_t=256, D_s=128, vocabularies 1024/512).
 //! `cargo run --release -p evl-kd --example dskd_probe`.
-use burn::tensor::Device;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_kd::baselines::dskd::DskdConfig;
 use evl_models::device::{Precision, tensor_from_f64};
 use std::time::Instant;
@@ -35,6 +35,14 @@ fn main() {
         )
     };
     let (head_s, head_t) = (head(ds, vs), head(dt, vt));
+    let targets = Tensor::<2, Int>::from_data(
+        TensorData::new(
+            (0..(b * ls) as i64).map(|i| i % vs as i64).collect(),
+            [b, ls],
+        ),
+        &dev,
+    );
+    let answer = Tensor::<2, Bool>::from_data(TensorData::new(vec![true; b * ls], [b, ls]), &dev);
     for _ in 0..5 {
         let s = Instant::now();
         for _ in 0..20 {
@@ -45,6 +53,8 @@ fn main() {
                 zt.clone(),
                 head_s.clone(),
                 head_t.clone(),
+                targets.clone(),
+                answer.clone(),
             );
             let g = o.loss.backward();
             std::hint::black_box(hs.grad(&g));

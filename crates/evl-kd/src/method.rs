@@ -352,6 +352,10 @@ pub struct KdBatch<'a> {
     pub student_lens: Vec<usize>,
     /// The student's own cross-entropy on the answer tokens (scalar).
     pub ce: Tensor<1>,
+    /// The token each student text position predicts `[batch, t]` (the CE's targets).
+    pub targets: Tensor<2, Int>,
+    /// The answer positions the CE trains `[batch, t]`.
+    pub answer: Tensor<2, Bool>,
     /// The teacher's outputs.
     pub teacher: TeacherBatch,
     /// Aligned answer logits (`None` when the batch has no answer token or the method does
@@ -510,9 +514,19 @@ pub fn distill_loss(
                     let (hs, ht) = (student_hidden(&batch, r), teacher_hidden(&batch, r));
                     let zs = hs.clone().matmul(head_s.clone().unsqueeze::<3>());
                     let zt = ht.clone().matmul(head_t.clone().unsqueeze::<3>());
+                    let l = batch.student_lens[r];
                     heads
                         .dskd
-                        .forward(hs, ht, zs, zt, head_s.clone(), head_t.clone())
+                        .forward(
+                            hs,
+                            ht,
+                            zs,
+                            zt,
+                            head_s.clone(),
+                            head_t.clone(),
+                            batch.targets.clone().slice([r..r + 1, 0..l]),
+                            batch.answer.clone().slice([r..r + 1, 0..l]),
+                        )
                         .loss
                 })
                 .collect();
@@ -768,6 +782,17 @@ mod tests {
                 student: &view,
                 student_lens: vec![t; b],
                 ce: Tensor::<1>::from_data(TensorData::new(vec![ce as f32], [1]), &dev),
+                targets: Tensor::<2, Int>::from_data(
+                    TensorData::new(
+                        (0..(b * t) as i64).map(|i| i % nvs as i64).collect(),
+                        [b, t],
+                    ),
+                    &dev,
+                ),
+                answer: Tensor::<2, Bool>::from_data(
+                    TensorData::new((0..b * t).map(|i| i % t >= 2).collect(), [b, t]),
+                    &dev,
+                ),
                 teacher: teacher.clone(),
                 answers: Some(answers.clone()),
             };

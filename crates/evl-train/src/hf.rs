@@ -401,7 +401,7 @@ pub fn hf_distill(
             };
             let s = hf_step(&model.student, s_enc, &idx, cfg.student_layer, device)?;
             // The CE reads the final norm's logits whatever layer `hidden` comes from.
-            let ce = masked_token_ce(s.view.logits.clone(), s.targets, s.answer);
+            let ce = masked_token_ce(s.view.logits.clone(), s.targets.clone(), s.answer.clone());
             let needs = c.method.needs();
             let answers = if needs.aligned_answers {
                 aligned_answers(&s.view.logits, &s.answer_pos, &idx, s_enc, cache, device)
@@ -412,6 +412,8 @@ pub fn hf_distill(
                 student: &s.view,
                 student_lens: s.lens.clone(),
                 ce: ce.clone(),
+                targets: s.targets,
+                answer: s.answer,
                 teacher: teacher_batch(&idx, cache, needs, device),
                 answers,
             };

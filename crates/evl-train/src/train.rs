@@ -420,7 +420,7 @@ pub fn distill(
             let b = make_batch(&ss, &turns, s_tok, &input, device);
             check_len(&b, model.student.max_text(), &ss, &turns)?;
             let v = model.student.view(b.pixels, b.text.clone(), b.pad);
-            let ce = masked_token_ce(v.logits.clone(), b.text, b.answer);
+            let ce = masked_token_ce(v.logits.clone(), b.text.clone(), b.answer.clone());
             let needs = cfg.method.needs();
             let answers = if needs.aligned_answers {
                 aligned_answer_logits(&v.logits, &b.rows, &idx, samples, s_tok, cache, device)
@@ -431,6 +431,8 @@ pub fn distill(
                 student: &v,
                 student_lens: b.rows.iter().map(|(ids, _)| ids.len()).collect(),
                 ce: ce.clone(),
+                targets: b.text,
+                answer: b.answer,
                 teacher: teacher_batch(&idx, cache, needs, device),
                 answers,
             };

@@ -2,12 +2,12 @@
 
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use evl_kd::baselines::{
     Dskd, MultiLevelOtConfig, SharedVocab, emkd_loss, multilevel_ot_loss, rkd_loss,
     tinybert_hidden_loss, uld_loss,
 };
-use evl_models::device::{Precision, tensor_from_f64, to_vec_f64};
+use evl_models::device::{Precision, bool_tensor, tensor_from_f64, to_vec_f64};
 
 /// Deterministic pseudo-normal values.
 pub fn values(n: usize, seed: u64) -> Vec<f64> {
@@ -173,7 +173,7 @@ fn dskd_gradient() {
         (values(2 * 3 * 6, 15), [2, 3, 6]),
         (values(2 * 4 * 7, 16), [2, 4, 7]),
     ];
-    let run = |t: &[Tensor<3>]| {
+    let run_with = |t: &[Tensor<3>], y: &[i64]| {
         let d = t[0].device();
         let m = Dskd {
             query: lin(5, 3, 30, &d),
@@ -190,8 +190,36 @@ fn dskd_gradient() {
             t[3].clone(),
             hs_,
             ht_,
+            Tensor::<2, Int>::from_data(TensorData::new(y.to_vec(), [2, 3]), &d),
+            bool_tensor(&[true, true, false, true, true, true], [2, 3], &d),
         )
     };
+    // Ground truth: the projection's own prediction at rows 0, 3 and 4 (they teach), another
+    // token at rows 1 and 5 (they do not), row 2 outside the answer.
+    let d0 = Device::flex();
+    let t0: Vec<Tensor<3>> = inputs
+        .iter()
+        .map(|(v, s)| tensor_from_f64(v, *s, &d0, Precision::F64))
+        .collect();
+    let pred: Vec<i64> = run_with(&t0, &[0; 6])
+        .teacher_in_student_space
+        .argmax(1)
+        .into_data()
+        .iter::<i64>()
+        .collect();
+    let y: Vec<i64> = (0..6)
+        .map(|i| {
+            if [1, 5].contains(&i) {
+                (pred[i] + 1) % 6
+            } else {
+                pred[i]
+            }
+        })
+        .collect();
+    let run = |t: &[Tensor<3>]| run_with(t, &y);
+    // The projection's ground-truth CE: gradient into the student and teacher hidden
+    // states (through the attention and the projections).
+    check_inputs(&inputs, |t| run(t).ce_projected, 1e-5, &[0, 1]);
     // Teacher-space KL: its target (teacher logits, input 3) is detached.
     check_inputs(&inputs, |t| run(t).kl_teacher_space, 1e-5, &[0, 1]);
     // Student-space KL: its target (projected teacher) is detached; only zs carries gradient.

@@ -4,7 +4,7 @@
 
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use evl_kd::baselines::{
     Dskd, MultiLevelOtConfig, emkd_loss, multilevel_ot_loss, rkd_loss, tinybert_hidden_loss,
 };
@@ -145,6 +145,10 @@ fn dskd_by_hand() {
         s_to_t: lin(1.0),
         t_to_s: lin(1.0),
     };
+    // Ground truth: token 0 at the first student position (the projection's argmax: right),
+    // token 1 at the second (wrong). The projection's CE averages -ln p over both; the
+    // student-space KL counts only the first position, where the student's (0, 0) is
+    // KL = ln 2 - H(p) (the old, unmasked mean would be half of that).
     let out = m.forward(
         f(&[1.0, 3.0], [1, 2, 1]),
         f(&[2.0], [1, 1, 1]),
@@ -152,11 +156,15 @@ fn dskd_by_hand() {
         f(&[0.0, 0.0], [1, 1, 2]),
         tensor_from_f64(&[1.0, -1.0], [1, 2], &dev, Precision::F64),
         tensor_from_f64(&[1.0, 0.0], [1, 2], &dev, Precision::F64),
+        Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1], [1, 2]), &dev),
+        bool_tensor(&[true, true], [1, 2], &dev),
     );
     let kl_t = (1.0 + 2f64.exp()).ln() - 1.0 - 2f64.ln();
     let s = 1.0 / (1.0 + (-4f64).exp());
     let entropy = -(s * s.ln() + (1.0 - s) * (1.0 - s).ln());
-    let kl_s = (2f64.ln() - entropy) / 2.0;
+    let kl_s = 2f64.ln() - entropy;
+    let ce = -(s.ln() + (1.0 - s).ln()) / 2.0;
+    close(to_vec_f64(out.ce_projected)[0], ce, "projection CE");
     close(
         to_vec_f64(out.kl_teacher_space)[0],
         kl_t,
@@ -167,7 +175,7 @@ fn dskd_by_hand() {
         kl_s,
         "student-space KL",
     );
-    close(to_vec_f64(out.loss)[0], kl_t + kl_s, "total");
+    close(to_vec_f64(out.loss)[0], kl_t + ce + kl_s, "total");
 }
 
 #[test]
