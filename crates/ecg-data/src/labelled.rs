@@ -4,7 +4,9 @@
 //! - an index file (`*.jsonl`, written by `evl-ecg data import`), with splits;
 //! - a directory written by `evl-ecg data synth` (it has `labels.csv`), with splits;
 //! - any directory of WFDB records labelled in their headers (`# Labels:` or `#Dx:` with
-//!   PTB-XL superclass names, as in PTB-XL's Challenge preparation); no splits.
+//!   PTB-XL superclass names, as in PTB-XL's Challenge preparation); split deterministically
+//!   by patient where the header names one (`# Patient ID:`), else by record
+//!   ([`folder_split`]): 80% train, 10% validation, 10% test, as PTB-XL's ten folds.
 //!
 //! Each record comes with its superclass labels and its other findings.
 
@@ -21,9 +23,8 @@ pub type Labelled = (Record, Vec<String>, Vec<String>);
 /// Which records of a data spec to load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Split of an index or synthetic directory (`None` = every entry). A plain directory of
-    /// records has no splits and is read whole whatever this says (TODO(#16): that lets
-    /// `eval` choose thresholds on the records it reports; refuse or split it there).
+    /// Split to read (`None` = every entry): an index's or synthetic directory's own, or for
+    /// a plain directory of records the deterministic [`folder_split`].
     pub split: Option<Split>,
     /// At most this many records, in the dataset's order.
     pub limit: Option<usize>,
@@ -95,6 +96,51 @@ pub fn spec_kind(spec: &Path) -> Result<SpecKind> {
     ))
 }
 
+/// The split of a record in a plain directory of records: decided by its patient (`# Patient
+/// ID:`, `# Patient:` or `# patient_id:` in the header) when the header names one, so no
+/// patient is on both sides, else by the record's name (the versions of one ECG at two
+/// sampling rates, PTB-XL's `NNNNN_lr` and `NNNNN_hr`, count as one record; so do records of
+/// one name in different sub-folders). A stable hash (FNV-1a,
+/// the same on every machine and release) of that key, modulo 10: 0-7 train, 8 validation,
+/// 9 test. Adding or removing records never moves another record between splits.
+pub fn folder_split(hea: &Path, header_text: &str) -> Split {
+    let key = patient_of(header_text).unwrap_or_else(|| {
+        // The record's name; PTB-XL's `_lr` / `_hr` versions of one ECG share it.
+        let stem = hea
+            .file_stem()
+            .map_or(String::new(), |s| s.to_string_lossy().into_owned());
+        let name = stem
+            .strip_suffix("_lr")
+            .or_else(|| stem.strip_suffix("_hr"))
+            .unwrap_or(&stem);
+        format!("record:{name}")
+    });
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    match h % 10 {
+        8 => Split::Val,
+        9 => Split::Test,
+        _ => Split::Train,
+    }
+}
+
+/// The patient a header's comments name, as `patient:<id>`.
+fn patient_of(header_text: &str) -> Option<String> {
+    header_text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix('#'))
+        .find_map(|c| {
+            let (k, v) = c.split_once(':')?;
+            let k = k.trim().to_ascii_lowercase().replace(['_', ' '], "");
+            let v = v.trim();
+            (matches!(k.as_str(), "patientid" | "patient") && !v.is_empty())
+                .then(|| format!("patient:{v}"))
+        })
+}
+
 /// Records of a data spec with their labels (see the module docs for the kinds).
 ///
 /// # Errors
@@ -133,7 +179,21 @@ pub fn load_labelled(spec: &Path, opts: LoadOptions) -> Result<Vec<Labelled>> {
             }
         }
         SpecKind::Headers => {
-            for hea in crate::walk(spec, "hea").into_iter().take(cap) {
+            let mut taken = 0;
+            for hea in crate::walk(spec, "hea") {
+                if taken == cap {
+                    break;
+                }
+                if let Some(want) = opts.split {
+                    let text = std::fs::read_to_string(&hea).map_err(|source| Error::File {
+                        path: hea.clone(),
+                        source,
+                    })?;
+                    if folder_split(&hea, &text) != want {
+                        continue;
+                    }
+                }
+                taken += 1;
                 let rec = ecg_io::read_record(&hea, read)?;
                 let labels = header_labels(&rec.comments).ok_or_else(|| Error::Spec {
                     path: hea.clone(),

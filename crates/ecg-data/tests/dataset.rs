@@ -102,3 +102,82 @@ fn ptbxl_and_cinc_sources() {
     assert_eq!(conv.entries.len(), 500);
     assert!(conv.load(0, &Preprocess::default()).is_err());
 }
+
+/// A plain directory of records is split deterministically, by patient where the headers
+/// name one, else by record; the three splits are disjoint and cover the directory, and the
+/// two sampling rates of one PTB-XL ECG never fall on both sides.
+#[test]
+fn folder_without_splits_is_split_by_patient_or_record() {
+    use ecg_data::labelled::{LoadOptions, folder_split, load_labelled};
+    use std::path::Path;
+    // Patient beats record name; the same patient in two records shares a split.
+    let a = folder_split(Path::new("x/r1.hea"), "r1 1 100 10\n# Patient ID: 42\n");
+    let b = folder_split(
+        Path::new("y/other.hea"),
+        "other 1 100 10\n#patient_id: 42\n",
+    );
+    assert_eq!(a, b);
+    // Over many patients, about 80/10/10.
+    let mut n = [0usize; 3];
+    for i in 0..10_000 {
+        let s = folder_split(Path::new("r.hea"), &format!("#Patient ID: {i}\n"));
+        n[s as usize] += 1;
+    }
+    assert!(
+        (7_700..8_300).contains(&n[0]) && (800..1_200).contains(&n[1]),
+        "{n:?}"
+    );
+    // PTB-XL's _lr and _hr versions of one ECG share a split.
+    for id in 0..200 {
+        let lr = folder_split(Path::new(&format!("records100/{id:05}_lr.hea")), "");
+        let hr = folder_split(Path::new(&format!("records500/{id:05}_hr.hea")), "");
+        assert_eq!(lr, hr);
+    }
+    let Some(shared) = evl_testkit::shared_dir() else {
+        return;
+    };
+    let dir = shared.join("data/ptbxl_subset");
+    let read = |split| {
+        let opts = LoadOptions {
+            split,
+            ..LoadOptions::default()
+        };
+        let mut names: Vec<String> = load_labelled(&dir, opts)
+            .unwrap()
+            .into_iter()
+            .map(|(r, _, _)| r.name)
+            .collect();
+        names.sort();
+        names
+    };
+    let all = read(None);
+    let parts = [
+        read(Some(Split::Train)),
+        read(Some(Split::Val)),
+        read(Some(Split::Test)),
+    ];
+    let key = |n: &str| {
+        n.trim_end_matches("_lr")
+            .trim_end_matches("_hr")
+            .to_string()
+    };
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!p.is_empty(), "split {i} of {} records is empty", all.len());
+        for q in &parts[i + 1..] {
+            assert!(
+                p.iter().all(|n| q.iter().all(|m| key(n) != key(m))),
+                "splits overlap"
+            );
+        }
+    }
+    let mut union: Vec<String> = parts.concat();
+    union.sort();
+    assert_eq!(union, all);
+    evl_testkit::say(&format!(
+        "ptbxl_subset: {} records -> train {}, val {}, test {}",
+        all.len(),
+        parts[0].len(),
+        parts[1].len(),
+        parts[2].len()
+    ));
+}

@@ -168,7 +168,10 @@ pub struct EvalArgs {
     /// directory of WFDB records whose headers carry `# Labels:` / `#Dx:` (PTB-XL superclasses).
     #[arg(long)]
     pub data: PathBuf,
-    /// Split of an index or synthetic directory: train, val, test or all.
+    /// Split: train, val, test or all. An index or synthetic directory has its own; a plain
+    /// directory of records is split 80/10/10 by patient (`# Patient ID:`) or by record name,
+    /// the same on every run. Thresholds are chosen on `val`, never on the records reported;
+    /// `all` for data no model trained on (e.g. real records after synthetic training).
     #[arg(long, default_value = "test")]
     pub split: String,
     /// Device: cpu, cuda:N or vulkan:N (GPU kinds need the `cuda` / `vulkan` cargo feature).
@@ -207,7 +210,8 @@ pub enum TrainVerb {
 #[derive(Debug, Args)]
 pub struct JobArgs {
     /// Training data: an index file (.jsonl) or a `data synth` directory (train/val splits),
-    /// or with --image-root an ECGInstruct-style conversation file (JSON/JSONL, LLaVA format).
+    /// a directory of labelled records (split 80/10/10 by patient or record name: trains on
+    /// train, validates on val, never touches test), or with --image-root an ECGInstruct-style conversation file (JSON/JSONL, LLaVA format).
     #[arg(long, required_unless_present = "print_config")]
     pub data: Option<PathBuf>,
     /// Image root of a conversation file's `image` paths (a path missing there is looked up

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tokenizers::decoders::bpe::BPEDecoder;
 use tokenizers::models::ModelWrapper;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
@@ -30,6 +31,9 @@ pub const SEP: i64 = 2;
 /// End-of-sequence id.
 pub const EOS: i64 = 3;
 
+/// The suffix that marks a word's last piece in the trained vocabularies.
+const WORD_END: &str = "</w>";
+
 /// A trained tokenizer with the ids the models use.
 #[derive(Clone)]
 pub struct TextTokenizer {
@@ -49,6 +53,9 @@ impl TextTokenizer {
             .vocab_size(vocab)
             .min_frequency(1)
             .show_progress(false)
+            // Mark word ends so decoding can join a word's pieces back together (without it a
+            // split word decodes as "N O R M" and no scorer finds the label).
+            .end_of_word_suffix(WORD_END.into())
             .special_tokens(
                 SPECIALS
                     .iter()
@@ -68,7 +75,7 @@ impl TextTokenizer {
             .with_pre_tokenizer(Some(Whitespace {}.into()))
             .with_normalizer(None)
             .with_post_processor(None)
-            .with_decoder(None)
+            .with_decoder(Some(BPEDecoder::new(WORD_END.into()).into()))
             .build()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         tok.train(&mut trainer, texts.iter())
@@ -79,9 +86,17 @@ impl TextTokenizer {
 
     /// Load from a `tokenizer.json`.
     pub fn load(path: &Path) -> Result<TextTokenizer> {
-        Tokenizer::from_file(path)
-            .map(|inner| TextTokenizer { inner })
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        if inner.get_decoder().is_none() {
+            return Err(Error::Tokenizer(format!(
+                "{}: field `decoder` is null, so split words would decode letter by letter \
+                 (\"N O R M\") and no answer would parse; this tokenizer was written by an \
+                 evl-ecg before word-end markers: retrain the model",
+                path.display()
+            )));
+        }
+        Ok(TextTokenizer { inner })
     }
 
     /// Save as `tokenizer.json`.
@@ -118,8 +133,8 @@ impl TextTokenizer {
         }
     }
 
-    /// Text of ids (joined with spaces between whole words, as the whitespace pre-tokenizer
-    /// split them; punctuation re-attached).
+    /// Text of ids: a word's pieces joined, words separated by one space, punctuation
+    /// re-attached (the whitespace pre-tokenizer made it a word of its own).
     pub fn decode(&self, ids: &[i64]) -> String {
         let ids: Vec<u32> = ids
             .iter()
@@ -240,4 +255,65 @@ pub fn conversations(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers must read as written, whatever the vocabulary size: a small vocabulary splits
+    /// label names into several tokens, and decoding must put them back together.
+    #[test]
+    fn decoded_answers_read_as_written() {
+        let space = superclass_space();
+        let mut texts = Vec::new();
+        for (i, l) in space.iter().enumerate() {
+            for t in conversations(&[l.clone()], &["SR".into()], &space, i as u64) {
+                texts.push(t.prompt);
+                texts.push(t.answer);
+            }
+        }
+        for vocab in [60, 90, 400] {
+            let tok = TextTokenizer::train(&texts, vocab).unwrap();
+            for s in [
+                "NORM",
+                "MI, STTC, HYP",
+                "yes",
+                "no",
+                "Answer: B",
+                "sinus rhythm. CD",
+            ] {
+                let (ids, _) = tok.encode(s);
+                assert_eq!(tok.decode(&ids), s, "vocab {vocab}: ids {ids:?}");
+            }
+            // The small vocabularies do split words (or the test would not test joining).
+            if vocab == 60 {
+                assert!(tok.encode("NORM").0.len() > 1);
+            }
+        }
+    }
+
+    #[test]
+    fn tokenizer_without_decoder_is_refused() {
+        let texts: Vec<String> = ["NORM MI STTC", "yes no"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let tok = TextTokenizer::train(&texts, 40).unwrap();
+        let dir = std::env::temp_dir().join(format!("evl-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        tok.save(&path).unwrap();
+        assert!(TextTokenizer::load(&path).is_ok());
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["decoder"] = serde_json::Value::Null;
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = TextTokenizer::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("decoder"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
