@@ -268,7 +268,7 @@ mod tests {
         let space = superclass_space();
         let mut texts = Vec::new();
         for (i, l) in space.iter().enumerate() {
-            for t in conversations(&[l.clone()], &["SR".into()], &space, i as u64) {
+            for t in conversations(std::slice::from_ref(l), &["SR".into()], &space, i as u64) {
                 texts.push(t.prompt);
                 texts.push(t.answer);
             }
