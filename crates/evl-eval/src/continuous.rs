@@ -307,6 +307,75 @@ pub fn bootstrap_ci_many(
         .collect()
 }
 
+/// Macro ROC AUC (mean over classes with both values) of row-major `score` (records x `k`).
+pub fn macro_roc_auc(y_true: &[bool], score: &[f64], k: usize) -> Option<f64> {
+    let aucs: Vec<f64> = (0..k)
+        .filter_map(|c| {
+            let t: Vec<bool> = y_true.iter().skip(c).step_by(k).copied().collect();
+            let s: Vec<f64> = score.iter().skip(c).step_by(k).copied().collect();
+            crate::metrics::roc_auc(&t, &s)
+        })
+        .collect();
+    (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64)
+}
+
+/// The paired difference of macro ROC AUC between two models scored on the same records
+/// (`score_b - score_a`, both row-major records x `k`), with its percentile bootstrap
+/// interval: each resample draws records with replacement and scores both models on the
+/// same draw, so the record-to-record variation both share cancels.
+pub fn paired_macro_auc_delta(
+    y_true: &[bool],
+    score_a: &[f64],
+    score_b: &[f64],
+    k: usize,
+    resamples: usize,
+    seed: u64,
+) -> BootstrapCi {
+    let n = y_true.len() / k.max(1);
+    let pick = |v: &[f64], rows: &[usize]| -> Vec<f64> {
+        rows.iter()
+            .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+            .collect()
+    };
+    let delta = |rows: &[usize]| {
+        let t: Vec<bool> = rows
+            .iter()
+            .flat_map(|&r| y_true[r * k..(r + 1) * k].iter().copied())
+            .collect();
+        Some(
+            macro_roc_auc(&t, &pick(score_b, rows), k)?
+                - macro_roc_auc(&t, &pick(score_a, rows), k)?,
+        )
+    };
+    let mut ci = bootstrap_ci(n, delta, resamples, 0.95, seed);
+    let all: Vec<usize> = (0..n).collect();
+    ci.estimate = delta(&all);
+    ci
+}
+
+/// Below this largest per-class standard deviation of the probabilities across records, a
+/// model is said to ignore its input: a model that reads the ECG moves its probabilities by
+/// far more than 0.001 between a normal and an infarct record; one that gives every record
+/// the same answer (a prior learnt from the text alone) moves them by rounding noise.
+pub const INPUT_INDEPENDENT_SD: f64 = 1e-3;
+
+/// How much a model's per-label probabilities depend on the record: for each of the `k`
+/// classes the standard deviation of `score` (row-major, records x classes) across records,
+/// and the largest of them. `None` with fewer than two records.
+pub fn probability_spread(score: &[f64], k: usize) -> Option<f64> {
+    let n = score.len().checked_div(k)?;
+    if n < 2 {
+        return None;
+    }
+    (0..k)
+        .map(|c| {
+            let col = score.iter().skip(c).step_by(k);
+            let mean = col.clone().sum::<f64>() / n as f64;
+            (col.map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        })
+        .reduce(f64::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +419,39 @@ mod tests {
         assert_eq!(a, bootstrap_ci(6, m, 200, 0.95, 1));
         assert_eq!(a.estimate, Some(1.0));
         assert!(a.lo <= 1.0 && a.hi == 1.0 && a.undefined > 0);
+    }
+
+    #[test]
+    fn spread_sees_a_constant_model() {
+        // 3 records x 2 classes: class 0 constant, class 1 moves.
+        let s = [0.3, 0.1, 0.3, 0.5, 0.3, 0.9];
+        let sd = probability_spread(&s, 2).unwrap();
+        assert!((sd - 0.4).abs() < 1e-12, "{sd}");
+        let flat = [0.38086, 0.2, 0.38096, 0.2, 0.38090, 0.2];
+        assert!(probability_spread(&flat, 2).unwrap() < INPUT_INDEPENDENT_SD);
+        assert_eq!(probability_spread(&[0.5, 0.5], 2), None);
+    }
+
+    #[test]
+    fn paired_delta_is_the_difference_and_its_interval_is_tight_for_a_shift() {
+        // 60 records, 1 class; model b = model a with the ranking of 6 pairs repaired.
+        let y: Vec<bool> = (0..60).map(|i| i % 3 == 0).collect();
+        let a: Vec<f64> = (0..60).map(|i| ((i * 37) % 60) as f64 / 60.0).collect();
+        let b: Vec<f64> = a
+            .iter()
+            .zip(&y)
+            .map(|(&s, &t)| if t { s + 0.2 } else { s })
+            .collect();
+        let ci = paired_macro_auc_delta(&y, &a, &b, 1, 300, 1);
+        let want =
+            crate::metrics::roc_auc(&y, &b).unwrap() - crate::metrics::roc_auc(&y, &a).unwrap();
+        assert!((ci.estimate.unwrap() - want).abs() < 1e-12);
+        assert!(
+            want > 0.0 && ci.lo > 0.0 && ci.lo <= want && want <= ci.hi,
+            "{ci:?}"
+        );
+        // Identical models: a zero difference with a zero-width interval.
+        let same = paired_macro_auc_delta(&y, &a, &a, 1, 100, 1);
+        assert_eq!((same.estimate, same.lo, same.hi), (Some(0.0), 0.0, 0.0));
     }
 }

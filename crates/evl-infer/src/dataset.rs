@@ -301,6 +301,16 @@ pub fn eval_dataset<B: Scorable>(
         fmt_opt(scores.macro_auc),
         scores.parity_f1
     ));
+    if scores.ignores_input() {
+        say(&format!(
+            "WARNING: the model's probabilities do not depend on the record (largest per-class \
+             sd across {} records {:.1e} < {:.0e}): it answers every ECG alike, so its scores \
+             measure ties, not reading; check its training (and that --data is what it reads)",
+            lines.len(),
+            scores.prob_spread.unwrap_or(0.0),
+            evl_eval::continuous::INPUT_INDEPENDENT_SD
+        ));
+    }
     let (yt, ys) = flat(&lines, space);
     let k = space.len();
     let (_, per_ap) = continuous::macro_average_precision(&yt, &ys, k);

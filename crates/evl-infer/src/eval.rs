@@ -150,5 +150,42 @@ pub fn score_lines(lines: &[PredLine], space: &[String]) -> EvalScores {
         parity_f1: f1,
         parity_auc_binary: (!auc.is_nan()).then_some(auc),
         parity_hamming: hl,
+        prob_spread: evl_eval::continuous::probability_spread(&y_score, k),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(i: usize, probs: Vec<f64>, gold: &str) -> PredLine {
+        PredLine {
+            question_id: format!("r{i}"),
+            prompt: String::new(),
+            text: gold.into(),
+            probs,
+            gold: vec![gold.into()],
+        }
+    }
+
+    /// A model answering every record alike (the teacher: NORM between 0.38086 and
+    /// 0.38096 on every record) is flagged; one whose probabilities follow the record is not.
+    #[test]
+    fn a_model_that_ignores_its_input_is_flagged() {
+        let space: Vec<String> = vec!["NORM".into(), "MI".into()];
+        let gold = |i: usize| if i.is_multiple_of(2) { "NORM" } else { "MI" };
+        let flat: Vec<PredLine> = (0..40)
+            .map(|i| line(i, vec![0.38086 + 1e-5 * (i % 3) as f64, 0.31], gold(i)))
+            .collect();
+        let s = score_lines(&flat, &space);
+        assert!(s.ignores_input(), "{:?}", s.prob_spread);
+        let reading: Vec<PredLine> = (0..40)
+            .map(|i| {
+                let p = if i % 2 == 0 { 0.8 } else { 0.3 };
+                line(i, vec![p, 1.0 - p], gold(i))
+            })
+            .collect();
+        let s = score_lines(&reading, &space);
+        assert!(!s.ignores_input(), "{:?}", s.prob_spread);
     }
 }

@@ -18,6 +18,7 @@ use crate::{Error, Result};
 use evl_infer::eval::{EvalScores, PredLine, evaluate};
 use evl_infer::input::{InputSpec, Labelled, Sample, samples_from_records};
 use evl_infer::text::TextTokenizer;
+use evl_run::Comparison;
 use evl_train::train::{
     Ablation, DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill, sft,
 };
@@ -469,6 +470,7 @@ pub fn run(
             .map(|&a| Method::Evl { ablate: vec![a] }),
     );
     let mut runs = Vec::new();
+    let mut run_lines: Vec<(String, u64, Vec<PredLine>)> = Vec::new();
     // Seed-0 students and the EVL run's head, for the report's figures.
     let mut seed0: Vec<(String, EcgVlm)> = vec![("student-sft".into(), student.valid())];
     let mut evl_head = None;
@@ -521,6 +523,7 @@ pub fn run(
                 &dir.predictions(&format!("{}-seed{seed}", m.name())),
                 &lines,
             )?;
+            run_lines.push((m.name(), seed, lines));
             let ms = logs.iter().map(|l| l.ms).sum::<f64>() / logs.len().max(1) as f64;
             say(&format!(
                 "{} seed {seed}: synthetic macro AUC {}, parity F1 {:.3}, {:.0} ms/step",
@@ -545,6 +548,7 @@ pub fn run(
         }
     }
     stages.insert("distillation".into(), t.elapsed().as_secs_f64());
+    let comparisons = compare_runs(&run_lines, &evl_infer::text::superclass_space());
     // 8. Figure data: the transport plan for one test example, feature spectra.
     let t = Instant::now();
     let plan = match (&evl_head, test.first()) {
@@ -586,10 +590,147 @@ pub fn run(
         length_differs: (differ, lt.len()),
         wall_seconds: t_all.elapsed().as_secs_f64(),
         notes,
+        comparisons,
     };
     evl_run::write_json(&dir.results(), &results)?;
     evl_run::atomic_write(&dir.report_md(), report(&results).as_bytes())?;
     Ok(results)
+}
+
+/// Fewest test records for a comparison to rank methods: with fewer, the bootstrap interval
+/// of a macro AUC difference is wider than the 1-7 points the paper reports.
+pub const MIN_RANKING_RECORDS: usize = 100;
+/// Fewest seeds for a comparison to rank methods (one seed cannot show the spread).
+pub const MIN_RANKING_SEEDS: usize = 3;
+
+/// The report's verdict on EVL-ECG against CE-only and vanilla KD, from the paired
+/// comparisons: the mean difference over seeds with its spread and each seed's interval.
+/// It names a method better only when every seed's interval lies above zero, with at
+/// least [`MIN_RANKING_RECORDS`] test records and [`MIN_RANKING_SEEDS`] seeds; otherwise
+/// it says why the numbers cannot rank the methods.
+pub fn verdict(comparisons: &[Comparison], n_test: usize, seeds: usize) -> String {
+    let mut s = String::new();
+    let can_rank = n_test >= MIN_RANKING_RECORDS && seeds >= MIN_RANKING_SEEDS;
+    if !can_rank {
+        s.push_str(&format!(
+            "These numbers cannot rank the methods: {n_test} test records and {seeds} seed(s) \
+             (a ranking needs at least {MIN_RANKING_RECORDS} records and \
+             {MIN_RANKING_SEEDS} seeds). They show that the pipeline runs, not which method \
+             wins.\n\n"
+        ));
+    }
+    for reference in ["ce", "kl"] {
+        let rows: Vec<&Comparison> = comparisons
+            .iter()
+            .filter(|c| c.method == "evl" && c.reference == reference)
+            .collect();
+        let name = if reference == "ce" {
+            "CE-only"
+        } else {
+            "vanilla KD"
+        };
+        let deltas: Vec<f64> = rows.iter().filter_map(|c| c.delta_macro_auc).collect();
+        if deltas.is_empty() {
+            s.push_str(&format!("- EVL-ECG vs {name}: no paired runs.\n"));
+            continue;
+        }
+        let (m, sd) = mean_sd(&deltas);
+        let cis: Vec<String> = rows
+            .iter()
+            .map(|c| match c.ci95 {
+                Some((lo, hi)) => format!("seed {}: {lo:+.3} .. {hi:+.3}", c.seed),
+                None => format!("seed {}: n/a", c.seed),
+            })
+            .collect();
+        let above = rows.iter().all(|c| c.ci95.is_some_and(|(lo, _)| lo > 0.0));
+        let below = rows.iter().all(|c| c.ci95.is_some_and(|(_, hi)| hi < 0.0));
+        let word = match (can_rank, above, below) {
+            (true, true, _) => "EVL-ECG is better than",
+            (true, _, true) => "EVL-ECG is worse than",
+            (true, _, _) => "no difference shown between EVL-ECG and",
+            (false, _, _) => "not ranked: EVL-ECG vs",
+        };
+        let spread = if deltas.len() > 1 {
+            format!("sd {sd:.3} over {} seeds", deltas.len())
+        } else {
+            "one seed, no spread".into()
+        };
+        s.push_str(&format!(
+            "- {word} {name}: macro AUC difference {m:+.3} ({spread}; 95% paired bootstrap \
+             intervals over records, {})\n",
+            cis.join("; ")
+        ));
+    }
+    s.push_str(
+        "\nA difference counts only when every seed's interval excludes zero; nothing was \
+         chosen on the test records.\n",
+    );
+    s
+}
+
+/// Resamples of the paired bootstrap of every comparison.
+const COMPARISON_RESAMPLES: usize = 1000;
+
+/// Every method against CE-only and vanilla KD, and every EVL-ECG ablation against full
+/// EVL-ECG, within each seed, on the same test records (see [`Comparison`]).
+pub fn compare_runs(runs: &[(String, u64, Vec<PredLine>)], space: &[String]) -> Vec<Comparison> {
+    let k = space.len();
+    let flat = |lines: &[PredLine]| -> (Vec<bool>, Vec<f64>) {
+        let mut t = Vec::with_capacity(lines.len() * k);
+        let mut p = Vec::with_capacity(lines.len() * k);
+        for l in lines {
+            for (j, c) in space.iter().enumerate() {
+                t.push(l.gold.contains(c));
+                p.push(l.probs[j]);
+            }
+        }
+        (t, p)
+    };
+    let mut out = Vec::new();
+    for (method, seed, lines) in runs {
+        let references: Vec<&str> = if method.starts_with("evl-") {
+            vec!["evl"]
+        } else {
+            vec!["ce", "kl"]
+        };
+        for reference in references {
+            if method == reference {
+                continue;
+            }
+            let Some((_, _, ref_lines)) = runs.iter().find(|(m, s, _)| m == reference && s == seed)
+            else {
+                continue;
+            };
+            let same_records = ref_lines.len() == lines.len()
+                && ref_lines
+                    .iter()
+                    .zip(lines)
+                    .all(|(a, b)| a.question_id == b.question_id);
+            if !same_records {
+                continue;
+            }
+            let (y, a) = flat(ref_lines);
+            let (_, b) = flat(lines);
+            let ci = evl_eval::continuous::paired_macro_auc_delta(
+                &y,
+                &a,
+                &b,
+                k,
+                COMPARISON_RESAMPLES,
+                *seed,
+            );
+            out.push(Comparison {
+                method: method.clone(),
+                reference: reference.into(),
+                seed: *seed,
+                n: lines.len(),
+                delta_macro_auc: ci.estimate,
+                ci95: (ci.lo.is_finite() && ci.hi.is_finite()).then_some((ci.lo, ci.hi)),
+                resamples: COMPARISON_RESAMPLES,
+            });
+        }
+    }
+    out
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -673,6 +814,37 @@ pub fn report(r: &Results) -> String {
     let mut main_names: Vec<String> = vec!["teacher".into(), "student-sft".into()];
     main_names.extend(r.config.methods.iter().map(Method::name));
     table(&mut s, "Methods compared", &main_names);
+    let blind: Vec<String> = r
+        .references
+        .iter()
+        .chain(&r.runs)
+        .filter(|x| x.synthetic.ignores_input())
+        .map(|x| format!("{} (seed {})", x.method, x.seed))
+        .collect();
+    if !blind.is_empty() {
+        s.push_str(&format!(
+            "**Warning:** these models give every test record the same probabilities (they do \
+             not read the ECG), so their AUC measures ties: {}.\n\n",
+            blind.join(", ")
+        ));
+    }
+    if !r.comparisons.is_empty() {
+        s.push_str("## Paired comparisons\n\nEach method against a reference trained with the same seed, scored on the same test records: difference of synthetic macro ROC AUC, 95% paired bootstrap interval (records resampled, both models scored on each draw).\n\n| method | reference | seed | records | difference | 95% CI |\n|---|---|---:|---:|---:|---|\n");
+        for c in &r.comparisons {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                c.method,
+                c.reference,
+                c.seed,
+                c.n,
+                c.delta_macro_auc
+                    .map_or("n/a".into(), |d| format!("{d:+.3}")),
+                c.ci95
+                    .map_or("n/a".into(), |(a, b)| format!("{a:+.3} .. {b:+.3}"))
+            ));
+        }
+        s.push('\n');
+    }
     let mut abl: Vec<String> = vec!["evl".into()];
     abl.extend(r.config.ablations.iter().map(|a| format!("evl-no-{a}")));
     table(&mut s, "Loss ablation (EVL-ECG without one term)", &abl);
@@ -692,27 +864,97 @@ pub fn report(r: &Results) -> String {
         s.push_str(&format!("| {} | {} | {:.0} |\n", x.method, cell(&ms), rss));
     }
     s.push_str("\n## Verdict\n\n");
-    let avg = |n: &str| {
-        let v: Vec<f64> = r
-            .runs
-            .iter()
-            .filter(|x| x.method == n)
-            .filter_map(|x| x.synthetic.macro_auc)
-            .collect();
-        (!v.is_empty()).then(|| mean_sd(&v).0)
-    };
-    match (avg("evl"), avg("kl"), avg("ce")) {
-        (Some(e), Some(k), Some(c)) => {
-            if e > k && e > c {
-                s.push_str(&format!("EVL-ECG has the best mean synthetic macro AUC ({e:.3} vs KD {k:.3}, CE {c:.3}). Check the sd column before reading much into small gaps.\n"));
-            } else {
-                s.push_str(&format!("EVL-ECG does NOT beat the baselines here (synthetic macro AUC: EVL {e:.3}, KD {k:.3}, CE {c:.3}). See the notes in the issue tracker for the investigation; nothing was tuned on the test split.\n"));
-            }
-        }
-        _ => s.push_str("Not enough runs for a comparison.\n"),
-    }
+    let n_test = r.runs.iter().map(|x| x.synthetic.n).min().unwrap_or(0);
+    s.push_str(&verdict(&r.comparisons, n_test, r.config.seeds.len()));
     for n in &r.notes {
         s.push_str(&format!("\nNote: {n}\n"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmp(reference: &str, seed: u64, d: f64, ci: (f64, f64)) -> Comparison {
+        Comparison {
+            method: "evl".into(),
+            reference: reference.into(),
+            seed,
+            n: 1000,
+            delta_macro_auc: Some(d),
+            ci95: Some(ci),
+            resamples: 1000,
+        }
+    }
+
+    /// The verdict names a winner only with enough records and seeds and every seed's
+    /// interval on one side of zero; otherwise it says why it cannot.
+    #[test]
+    fn verdict_ranks_only_what_the_intervals_show() {
+        let clear: Vec<Comparison> = (0..3)
+            .flat_map(|s| {
+                [
+                    cmp("ce", s, 0.03, (0.01, 0.05)),
+                    cmp("kl", s, 0.01, (-0.01, 0.03)),
+                ]
+            })
+            .collect();
+        let v = verdict(&clear, 1000, 3);
+        assert!(v.contains("EVL-ECG is better than CE-only"), "{v}");
+        assert!(
+            v.contains("no difference shown between EVL-ECG and vanilla KD"),
+            "{v}"
+        );
+        assert!(!v.contains("cannot rank"), "{v}");
+        // The quickstart's old situation: 47 records, one seed.
+        let v = verdict(&clear[..2], 47, 1);
+        assert!(
+            v.contains("cannot rank") && v.contains("47 test records"),
+            "{v}"
+        );
+        assert!(!v.contains("is better") && !v.contains("is worse"), "{v}");
+        // Enough records but one seed is still not a ranking.
+        assert!(verdict(&clear[..2], 1000, 1).contains("cannot rank"));
+        let worse: Vec<Comparison> = (0..3)
+            .map(|s| cmp("ce", s, -0.05, (-0.07, -0.02)))
+            .collect();
+        assert!(verdict(&worse, 1000, 3).contains("EVL-ECG is worse than CE-only"));
+    }
+
+    /// Comparisons pair runs of the same seed on the same records.
+    #[test]
+    fn comparisons_pair_same_seed_and_records() {
+        let space: Vec<String> = vec!["NORM".into(), "MI".into()];
+        let lines = |shift: f64| -> Vec<PredLine> {
+            (0..30)
+                .map(|i| PredLine {
+                    question_id: format!("r{i}"),
+                    prompt: String::new(),
+                    text: String::new(),
+                    probs: vec![
+                        (i % 7) as f64 / 7.0 + if i % 2 == 0 { shift } else { 0.0 },
+                        0.5,
+                    ],
+                    gold: vec![if i % 2 == 0 { "NORM" } else { "MI" }.into()],
+                })
+                .collect()
+        };
+        let runs = vec![
+            ("ce".to_string(), 0, lines(0.0)),
+            ("evl".to_string(), 0, lines(0.5)),
+            ("evl".to_string(), 1, lines(0.5)),
+            ("evl-no-ot".to_string(), 0, lines(0.0)),
+        ];
+        let c = compare_runs(&runs, &space);
+        // evl seed 0 vs ce; evl seed 1 has no ce of its seed; the ablation vs evl.
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(
+            (c[0].method.as_str(), c[0].reference.as_str()),
+            ("evl", "ce")
+        );
+        assert!(c[0].delta_macro_auc.unwrap() > 0.0);
+        assert_eq!(c[1].reference, "evl");
+        assert!((c[1].delta_macro_auc.unwrap() + c[0].delta_macro_auc.unwrap()).abs() < 1e-12);
+    }
 }

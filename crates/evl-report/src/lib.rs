@@ -237,12 +237,22 @@ fn f3(v: Option<f64>) -> String {
 fn eval_tables(m: &DatasetEval) -> String {
     let s = &m.scores;
     let mut md = format!(
-        "{} records ({} split) of `{}`, model `{}`.\n\n| metric | value |\n|---|---|\n",
+        "{} records ({} split) of `{}`, model `{}`.\n\n",
         m.n,
         m.split,
         m.data.display(),
         m.model.display()
     );
+    if s.ignores_input() {
+        let _ = write!(
+            md,
+            "**Warning: this model's probabilities do not depend on the record** (largest \
+             per-class standard deviation across records {:.1e}): it answers every ECG alike, \
+             and the scores below measure ties, not reading.\n\n",
+            s.prob_spread.unwrap_or(0.0)
+        );
+    }
+    md.push_str("| metric | value |\n|---|---|\n");
     for (v, label) in [
         (s.macro_auc, "macro ROC AUC"),
         (s.macro_ap, "macro PR AUC"),

@@ -150,6 +150,21 @@ pub struct EvalScores {
     /// 95% percentile bootstrap interval of the macro ROC AUC (1000 resamples of records,
     /// seed 0).
     pub macro_auc_ci95: Option<(f64, f64)>,
+    /// The largest per-class standard deviation of the probabilities across records (None
+    /// with fewer than two records). Below
+    /// [`INPUT_INDEPENDENT_SD`](evl_eval::continuous::INPUT_INDEPENDENT_SD) the model gives
+    /// every record the same answer: see [`EvalScores::ignores_input`].
+    #[serde(default)]
+    pub prob_spread: Option<f64>,
+}
+
+impl EvalScores {
+    /// True when the probabilities do not depend on the record (a model that did not learn
+    /// to read the ECG); its AUC measures nothing but ties.
+    pub fn ignores_input(&self) -> bool {
+        self.prob_spread
+            .is_some_and(|s| s < evl_eval::continuous::INPUT_INDEPENDENT_SD)
+    }
 }
 
 impl RunFile for EvalScores {
@@ -310,6 +325,31 @@ pub struct Results<C = serde_json::Value> {
     pub wall_seconds: f64,
     /// Notes.
     pub notes: Vec<String>,
+    /// Paired comparisons of methods on the same synthetic test records, per seed.
+    #[serde(default)]
+    pub comparisons: Vec<Comparison>,
+}
+
+/// One method against a reference, both trained with the same seed and scored on the same
+/// records: the difference of macro ROC AUC with its paired bootstrap interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Comparison {
+    /// The method.
+    pub method: String,
+    /// The reference it is compared with.
+    pub reference: String,
+    /// Seed of both runs.
+    pub seed: u64,
+    /// Test records both were scored on.
+    pub n: usize,
+    /// Macro ROC AUC of the method minus that of the reference.
+    pub delta_macro_auc: Option<f64>,
+    /// 95% paired percentile bootstrap interval of the difference (records resampled, both
+    /// models scored on each draw).
+    pub ci95: Option<(f64, f64)>,
+    /// Resamples drawn.
+    pub resamples: usize,
 }
 
 impl<C: Serialize + serde::de::DeserializeOwned> RunFile for Results<C> {
