@@ -128,6 +128,37 @@ impl Method {
         Method::Evl { ablate: Vec::new() }
     }
 
+    /// The leave-one-out ablation: EVL-ECG without each term in turn (`evl-no-ot`,
+    /// `evl-no-mhca`, `evl-no-rel`).
+    pub fn leave_one_out() -> Vec<Method> {
+        Ablation::ALL
+            .iter()
+            .map(|&a| Method::Evl { ablate: vec![a] })
+            .collect()
+    }
+
+    /// The paper's cumulative ablation (its Table 6), the terms added one by one on top of
+    /// the SFT student's CE: `+L_ot` (`evl-no-mhca-rel`), `+L_ot +L_mhca` (`evl-no-rel`), all
+    /// three (`evl`), each with its row label. Its first row, CE alone, is [`Method::Ce`].
+    pub fn cumulative() -> Vec<(&'static str, Method)> {
+        vec![
+            ("CE (SFT)", Method::Ce),
+            (
+                "+ OT",
+                Method::Evl {
+                    ablate: vec![Ablation::Mhca, Ablation::Rel],
+                },
+            ),
+            (
+                "+ OT + MHCA",
+                Method::Evl {
+                    ablate: vec![Ablation::Rel],
+                },
+            ),
+            ("+ OT + MHCA + REL", Method::evl()),
+        ]
+    }
+
     /// Short name for tables and files (`evl`, `evl-no-ot`, `evl-no-mhca-rel`, `kl`, ...).
     pub fn name(&self) -> String {
         match self {
@@ -292,8 +323,6 @@ pub struct BaselineHeads {
     pub hidden_proj: Linear,
     /// DSKD's cross-model attention and projections.
     pub dskd: Dskd,
-    /// EM-KD's teacher -> student projection of LM states (vision and text), `D_t -> D_s`.
-    pub emkd_proj: Linear,
 }
 
 impl BaselineHeads {
@@ -304,7 +333,6 @@ impl BaselineHeads {
         BaselineHeads {
             hidden_proj: lin(d_student, d_teacher),
             dskd: DskdConfig::new(d_student, d_teacher).init(device),
-            emkd_proj: lin(d_teacher, d_student),
         }
     }
 }
@@ -562,9 +590,9 @@ pub fn distill_loss(
                     )
                     .unsqueeze::<3>();
                     crate::baselines::emkd_loss(
-                        heads.emkd_proj.forward(t_vis),
+                        t_vis,
                         s_vis,
-                        heads.emkd_proj.forward(teacher_hidden(&batch, r)),
+                        teacher_hidden(&batch, r),
                         student_hidden(&batch, r),
                         t_logits,
                         s_logits,

@@ -344,6 +344,24 @@ impl EcgVlm {
         text: Tensor<2, Int>,
         text_pad: Tensor<2, Bool>,
     ) -> Tensor<3> {
+        self.decode_at(visual, text, text_pad, None).0
+    }
+
+    /// Number of decoder layers.
+    pub fn n_layers(&self) -> usize {
+        self.decoder.layers.len()
+    }
+
+    /// [`EcgVlm::decode`], also returning the hidden states entry `layer` of the sequence
+    /// (transformers' `hidden_states` numbering: 0 = the decoder's input, `k` = after decoder
+    /// layer `k`, `n_layers` or `None` = after the final norm, the same as the first output).
+    fn decode_at(
+        &self,
+        visual: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+        layer: Option<usize>,
+    ) -> (Tensor<3>, Option<Tensor<3>>) {
         let [b, v, _] = visual.dims();
         let [_, t] = text.dims();
         let device = visual.device();
@@ -363,12 +381,30 @@ impl EcgVlm {
         );
         let pad = Tensor::cat(vec![vis_pad, text_pad], 1);
         let causal = generate_autoregressive_mask(b, v + t, &device);
-        let h = self.decoder.forward(
-            TransformerEncoderInput::new(x)
-                .mask_pad(pad)
-                .mask_attn(causal),
-        );
-        self.norm.forward(h)
+        let mut at = None;
+        let h = match layer {
+            // The library's own loop when no inner state is asked for.
+            None => self.decoder.forward(
+                TransformerEncoderInput::new(x)
+                    .mask_pad(pad)
+                    .mask_attn(causal),
+            ),
+            Some(k) => {
+                let mut h = x;
+                for (i, l) in self.decoder.layers.iter().enumerate() {
+                    if i == k {
+                        at = Some(h.clone());
+                    }
+                    h = l.forward(h, Some(pad.clone()), Some(causal.clone()));
+                }
+                h
+            }
+        };
+        let h = self.norm.forward(h);
+        if layer.is_some() && at.is_none() {
+            at = Some(h.clone());
+        }
+        (h, at)
     }
 
     /// The output head's weights, row-major `[d_model, vocab]`, on the host.
@@ -492,15 +528,37 @@ impl EcgVlm {
         text: Tensor<2, Int>,
         text_pad: Tensor<2, Bool>,
     ) -> DistillView {
+        self.view_layer(pixels, text, text_pad, None)
+    }
+
+    /// [`EcgVlm::view`] with `hidden` taken from hidden-states entry `layer` (transformers'
+    /// numbering: 0 = the decoder's input, `k` = after decoder layer `k`; `None` = after the
+    /// final norm, the default). Logits and `visual_hidden` stay the final ones.
+    ///
+    /// # Panics
+    /// If `layer` is beyond [`EcgVlm::n_layers`] (callers check it against the model).
+    pub fn view_layer(
+        &self,
+        pixels: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+        layer: Option<usize>,
+    ) -> DistillView {
+        assert!(
+            layer.is_none_or(|k| k <= self.n_layers()),
+            "hidden layer beyond the decoder"
+        );
         let visual = self.encode(pixels);
         let [b, v, _] = visual.dims();
         let [_, t] = text.dims();
-        let h = self.decode(visual.clone(), text, text_pad.clone());
+        let (h, at) = self.decode_at(visual.clone(), text, text_pad.clone(), layer);
         let d = h.dims()[2];
         // Position v - 1 + i predicts text token i.
         let pred_pos = h.clone().slice([0..b, v - 1..v + t - 1, 0..d]);
         let logits = self.lm_head.forward(pred_pos);
-        let hidden = h.clone().slice([0..b, v..v + t, 0..d]);
+        let hidden = at
+            .unwrap_or_else(|| h.clone())
+            .slice([0..b, v..v + t, 0..d]);
         DistillView {
             visual,
             hidden,
@@ -559,6 +617,47 @@ mod tests {
         )
         .with_stem_channels(stem);
         (cfg.init(&device), device)
+    }
+
+    /// The hidden-state layer distillation reads: `None` and `n_layers` are the final
+    /// states, 0 is the decoder's input, an inner layer differs from both; logits never move.
+    #[test]
+    fn view_at_a_layer() {
+        let device = Device::flex();
+        let m = EcgVlmConfig::new(
+            InputKind::Signal {
+                leads: 12,
+                samples: 200,
+                patch: 20,
+            },
+            16,
+            1,
+            2,
+            24,
+            3,
+            2,
+            30,
+            16,
+        )
+        .init(&device);
+        let x = Tensor::<3>::random([2, 12, 200], Distribution::Normal(0.0, 1.0), &device);
+        let text = Tensor::<2, Int>::from_data(
+            burn::tensor::TensorData::new(vec![1i64, 5, 6, 7, 1, 8, 9, 0], [2, 4]),
+            &device,
+        );
+        let pad = text.clone().equal_elem(0);
+        let v = |l| m.view_layer(x.clone(), text.clone(), pad.clone(), l);
+        let flat = |t: Tensor<3>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+        let fin = v(None);
+        let base = flat(m.view(x.clone(), text.clone(), pad.clone()).hidden);
+        assert_eq!(flat(fin.hidden.clone()), base);
+        assert_eq!(flat(v(Some(3)).hidden), base);
+        let (h0, h1) = (v(Some(0)), v(Some(1)));
+        assert_ne!(flat(h0.hidden.clone()), base);
+        assert_ne!(flat(h1.hidden.clone()), base);
+        assert_ne!(flat(h0.hidden), flat(h1.hidden.clone()));
+        assert_eq!(flat(h1.logits), flat(fin.logits));
+        assert_eq!(m.n_layers(), 3);
     }
 
     #[test]

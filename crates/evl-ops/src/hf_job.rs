@@ -10,9 +10,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use evl_hf::HfConfig;
 use evl_infer::hf::{HfBundle, HfExample, conversation_examples};
-use evl_train::hf::{
-    HfDistillConfig, HfTeacher, encode_examples, hf_distill, hf_sft, hf_teacher_cache,
-};
+use evl_train::hf::{HfTeacher, encode_examples, hf_distill, hf_sft, hf_teacher_cache};
 use evl_train::train::{DistillConfig, Method, StepLog};
 
 use crate::job::{JobConfig, JobOutcome, Role, TrainData, check_resume, io};
@@ -44,18 +42,7 @@ fn examples(data: TrainData<'_>) -> Result<Vec<HfExample>> {
 /// A `hidden_states` index (Python's negative indexing; -1 = after the final norm) as the
 /// model's layer argument, checked against its depth.
 pub fn layer_of(k: i64, cfg: &HfConfig, flag: &'static str) -> Result<Option<usize>> {
-    let entries = cfg.text().num_layers as i64 + 1;
-    let i = if k < 0 { entries + k } else { k };
-    if !(0..entries).contains(&i) {
-        return Err(Error::Config {
-            field: flag,
-            what: format!(
-                "{k}: the model has hidden_states 0..={} (or -1..=-{entries})",
-                entries - 1
-            ),
-        });
-    }
-    Ok((i != entries - 1).then_some(i as usize))
+    crate::job::hidden_index(k, cfg.text().num_layers, flag)
 }
 
 fn load(role: &'static str, dir: &Path, device: &Device) -> Result<HfBundle> {
@@ -168,22 +155,20 @@ pub fn hf_distill_job(
         None => HfTeacher::Online {
             model: &t.model,
             enc: &t_enc,
-            layer: t_layer,
             device: infer_device,
         },
     };
-    let dcfg = HfDistillConfig {
-        base: DistillConfig {
-            method,
-            optim: d.optim.clone(),
-            alpha: d.alpha,
-            temperature: d.temperature,
-            heads: d.heads,
-            lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
-            sinkhorn: d.sinkhorn,
-            kernel: d.kernel,
-            teacher_hidden_rms: d.teacher_hidden_rms,
-        },
+    let dcfg = DistillConfig {
+        method,
+        optim: d.optim.clone(),
+        alpha: d.alpha,
+        temperature: d.temperature,
+        heads: d.heads,
+        lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
+        sinkhorn: d.sinkhorn,
+        kernel: d.kernel,
+        teacher_hidden_rms: d.teacher_hidden_rms,
+        teacher_layer: t_layer,
         student_layer: s_layer,
     };
     let (dm, logs) = hf_distill(

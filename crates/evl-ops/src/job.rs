@@ -22,7 +22,7 @@ use evl_infer::eval::{EvalScores, evaluate};
 use evl_infer::input::{InputSpec, Sample, samples_from_records};
 use evl_infer::text::TextTokenizer;
 use evl_train::train::{
-    Ablation, DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher, distill, sft,
+    Ablation, DistillConfig, Method, OptimConfig, StepLog, Teacher, cache_teacher_at, distill, sft,
 };
 
 /// Which model a `train` job builds.
@@ -83,12 +83,13 @@ pub struct DistillSection {
     /// Divide teacher hidden states by their RMS before `L_mhca` / TinyBERT (not in the paper;
     /// see `DistillConfig::teacher_hidden_rms`).
     pub teacher_hidden_rms: bool,
-    /// Real checkpoints only: the teacher's hidden states distillation reads, as an index
-    /// into transformers' `hidden_states` (0 = embeddings, k = after decoder layer k, -1 =
-    /// after the final norm, -2 = the last layer before it).
+    /// The teacher's hidden states `L_mhca` / `L_rel` (and the hidden-state baselines) read,
+    /// as an index into transformers' `hidden_states` (0 = the decoder's input, k = after
+    /// decoder layer k, -1 = after the final norm, the paper's and the default, -2 = the last
+    /// layer before it). Built-in models and real checkpoints alike.
     #[serde(default = "last_layer")]
     pub teacher_layer: i64,
-    /// Real checkpoints only: the student's, as `teacher_layer`.
+    /// The student's, as `teacher_layer`.
     #[serde(default = "last_layer")]
     pub student_layer: i64,
     /// Optimisation.
@@ -97,6 +98,27 @@ pub struct DistillSection {
 
 fn last_layer() -> i64 {
     -1
+}
+
+/// A hidden-states index of a decoder of `n_layers` layers (`n_layers + 1` entries, Python's
+/// negative indices allowed) as a layer for the models' views: `None` for the last entry
+/// (after the final norm), else the entry.
+///
+/// # Errors
+/// [`Error::Config`] naming `flag` when `k` is outside the entries.
+pub fn hidden_index(k: i64, n_layers: usize, flag: &'static str) -> Result<Option<usize>> {
+    let entries = n_layers as i64 + 1;
+    let i = if k < 0 { entries + k } else { k };
+    if !(0..entries).contains(&i) {
+        return Err(Error::Config {
+            field: flag,
+            what: format!(
+                "{k}: the model has hidden_states 0..={} (or -1..=-{entries})",
+                entries - 1
+            ),
+        });
+    }
+    Ok((i != entries - 1).then_some(i as usize))
 }
 
 /// The whole job configuration (`--config FILE.toml`).
@@ -589,7 +611,10 @@ pub fn distill_job(
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
-    let cache = (!d.online).then(|| cache_teacher(&t.model, &samples, &t.tok, infer_device));
+    let t_layer = hidden_index(d.teacher_layer, t.model.n_layers(), "distill.teacher_layer")?;
+    let s_layer = hidden_index(d.student_layer, s_model.n_layers(), "distill.student_layer")?;
+    let cache =
+        (!d.online).then(|| cache_teacher_at(&t.model, &samples, &t.tok, t_layer, infer_device));
     let source = match &cache {
         Some(c) => Teacher::Cached(c),
         None => Teacher::Online {
@@ -607,6 +632,8 @@ pub fn distill_job(
         sinkhorn: d.sinkhorn,
         kernel: d.kernel,
         teacher_hidden_rms: d.teacher_hidden_rms,
+        teacher_layer: t_layer,
+        student_layer: s_layer,
     };
     let (dm, logs) = distill(
         s_model,

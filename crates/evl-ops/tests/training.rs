@@ -296,6 +296,50 @@ fn every_method_trains() {
             "{name}: the student did not change"
         );
     }
+    // The hidden-state layer is a setting: an inner teacher layer changes what L_mhca reads;
+    // a cache of another layer than the run asks for is refused by name.
+    let inner = DistillConfig {
+        teacher_layer: Some(1),
+        student_layer: Some(1),
+        ..DistillConfig::paper(Method::evl(), optim.clone())
+    };
+    let e = distill(
+        student.clone(),
+        &data,
+        &s_tok,
+        &t_tok,
+        Teacher::Cached(&cache),
+        &inner,
+        None,
+        &train_dev,
+        |_| {},
+    )
+    .map(|_| ())
+    .expect_err("cache of the final layer")
+    .to_string();
+    assert!(e.contains("teacher_layer"), "{e}");
+    let cache1 = evl_train::train::cache_teacher_at(&teacher, &data, &t_tok, Some(1), &device);
+    assert_ne!(cache1.outs[0][0].hidden, cache.outs[0][0].hidden);
+    let run = |cfg: &DistillConfig, c| {
+        distill(
+            student.clone(),
+            &data,
+            &s_tok,
+            &t_tok,
+            Teacher::Cached(c),
+            cfg,
+            None,
+            &train_dev,
+            |_| {},
+        )
+        .unwrap()
+        .1[0]
+            .terms
+            .clone()
+    };
+    let mhca = |t: Vec<(String, f64)>| t.into_iter().find(|(k, _)| k == "mhca").unwrap().1;
+    let final_cfg = DistillConfig::paper(Method::evl(), optim.clone());
+    assert_ne!(mhca(run(&inner, &cache1)), mhca(run(&final_cfg, &cache)));
     assert!(Method::parse("uld", &[evl_train::train::Ablation::Ot]).is_err());
     assert!("bogus".parse::<evl_train::train::Ablation>().is_err());
 }

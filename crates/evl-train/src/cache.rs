@@ -43,6 +43,9 @@ pub struct TeacherCache {
     /// Root mean square of every cached text hidden-state value (the scale MSE targets are
     /// divided by when `DistillConfig::teacher_hidden_rms` is on).
     pub hidden_rms: f64,
+    /// The hidden-states entry `hidden` holds (`None` = after the final norm; see
+    /// [`EcgVlm::view_layer`]).
+    pub layer: Option<usize>,
 }
 
 /// Where distillation gets the frozen teacher's outputs.
@@ -64,6 +67,7 @@ fn teacher_outs(
     teacher: &EcgVlm,
     s: &Sample,
     tok: &TextTokenizer,
+    layer: Option<usize>,
     device: &Device,
 ) -> (Vec<TeacherOut>, Vec<f32>) {
     let vocab = teacher.facts().vocab;
@@ -80,7 +84,7 @@ fn teacher_outs(
     let n = rows.len();
     let (text, pad, _, rows) = text_tensors(rows, device);
     let px = pixels(&vec![s; n], &input, device);
-    let v = teacher.view(px, text, pad);
+    let v = teacher.view_layer(px, text, pad, layer);
     let [_, vt, dv] = v.visual.dims();
     let [_, t, d] = v.hidden.dims();
     let vis_hidden: Vec<f32> = v
@@ -119,6 +123,7 @@ pub(crate) fn teacher_cache(
     samples: &[Sample],
     which: Option<&[usize]>,
     tok: &TextTokenizer,
+    layer: Option<usize>,
     device: &Device,
 ) -> TeacherCache {
     let facts = teacher.facts();
@@ -127,7 +132,7 @@ pub(crate) fn teacher_cache(
         .enumerate()
         .map(|(i, s)| match which {
             Some(w) if !w.contains(&i) => (Vec::new(), Vec::new()),
-            _ => teacher_outs(teacher, s, tok, device),
+            _ => teacher_outs(teacher, s, tok, layer, device),
         })
         .unzip();
     let (mut sq, mut n) = (0.0f64, 0usize);
@@ -146,6 +151,7 @@ pub(crate) fn teacher_cache(
             1.0
         },
         outs,
+        layer,
         v: facts.visual_tokens,
         d_vis: facts.d_vision,
         d: facts.d_model,
@@ -155,12 +161,26 @@ pub(crate) fn teacher_cache(
     }
 }
 
-/// Run the teacher over every (sample, turn) on the inference device.
+/// Run the teacher over every (sample, turn) on the inference device, keeping its final
+/// hidden states.
 pub fn cache_teacher(
     teacher: &EcgVlm,
     samples: &[Sample],
     tok: &TextTokenizer,
     device: &Device,
 ) -> TeacherCache {
-    teacher_cache(teacher, samples, None, tok, device)
+    teacher_cache(teacher, samples, None, tok, None, device)
+}
+
+/// [`cache_teacher`] keeping the hidden states of entry `layer` (see
+/// [`EcgVlm::view_layer`]; `None` = final); a distillation run reading it must ask for the
+/// same `DistillConfig::teacher_layer`.
+pub fn cache_teacher_at(
+    teacher: &EcgVlm,
+    samples: &[Sample],
+    tok: &TextTokenizer,
+    layer: Option<usize>,
+    device: &Device,
+) -> TeacherCache {
+    teacher_cache(teacher, samples, None, tok, layer, device)
 }

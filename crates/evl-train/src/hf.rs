@@ -273,6 +273,7 @@ pub fn hf_teacher_cache(
     let d_vis = d;
     Ok(TeacherCache {
         outs,
+        layer,
         v: v_max.max(1),
         d_vis,
         d,
@@ -297,20 +298,9 @@ pub enum HfTeacher<'a> {
         model: &'a HfModel,
         /// Its examples.
         enc: &'a HfEncoded,
-        /// Its hidden-state layer.
-        layer: Option<usize>,
         /// Its device.
         device: &'a Device,
     },
-}
-
-/// Settings of a real-model distillation run: the built-in ones plus the layers read.
-#[derive(Debug, Clone)]
-pub struct HfDistillConfig {
-    /// Method, losses and optimiser.
-    pub base: DistillConfig,
-    /// The student's hidden-state layer for `hidden` (None = the final norm's output).
-    pub student_layer: Option<usize>,
 }
 
 /// Distil `student` (trainable) from the teacher. `s_enc` are the examples encoded for the
@@ -327,12 +317,23 @@ pub fn hf_distill(
     s_vocab: &[String],
     t_vocab: &[String],
     teacher: HfTeacher<'_>,
-    cfg: &HfDistillConfig,
+    cfg: &DistillConfig,
     run_dir: Option<&Path>,
     device: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(DistillModel<HfModel>, Vec<StepLog>)> {
-    let c = &cfg.base;
+    let c = cfg;
+    if let HfTeacher::Cached(t) = &teacher
+        && t.layer != c.teacher_layer
+    {
+        return Err(Error::Config {
+            field: "teacher_layer",
+            what: format!(
+                "the teacher cache holds hidden states {:?}, the run asks for {:?} (None = final)",
+                t.layer, c.teacher_layer
+            ),
+        });
+    }
     let s_d = student.text().head().dims()[0];
     let (t_d, t_dv) = match &teacher {
         HfTeacher::Cached(t) => (t.d, t.d_vis),
@@ -388,14 +389,9 @@ pub fn hf_distill(
             let online;
             let cache = match &teacher {
                 HfTeacher::Cached(c) => *c,
-                HfTeacher::Online {
-                    model,
-                    enc,
-                    layer,
-                    device,
-                } => {
+                HfTeacher::Online { model, enc, device } => {
                     let which: Vec<usize> = idx.iter().map(|&(i, _)| i).collect();
-                    online = hf_teacher_cache(model, enc, Some(&which), *layer, device)?;
+                    online = hf_teacher_cache(model, enc, Some(&which), c.teacher_layer, device)?;
                     &online
                 }
             };

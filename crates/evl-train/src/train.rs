@@ -35,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::batch::make_batch;
 use crate::cache::teacher_cache;
-pub use crate::cache::{Teacher, TeacherCache, TeacherOut, cache_teacher};
+pub use crate::cache::{Teacher, TeacherCache, TeacherOut, cache_teacher, cache_teacher_at};
 use crate::checkpoint;
 use crate::{Error, Result};
 use evl_infer::input::{Sample, encode_turn};
@@ -316,12 +316,21 @@ pub struct DistillConfig {
     /// issue notes for the validation comparison). Scale-free terms (`L_rel`, `L_ot`, the
     /// logit-based baselines) are unaffected. `false` is the paper-literal setting.
     pub teacher_hidden_rms: bool,
+    /// The teacher hidden states `L_mhca`, `L_rel` and the hidden-state baselines read, as an
+    /// entry of the teacher's hidden states ([`EcgVlm::view_layer`]: 0 = the decoder's
+    /// input, `k` = after layer `k`); `None` = after the final norm (the paper's setting,
+    /// which does not name one: it says "hidden states").
+    pub teacher_layer: Option<usize>,
+    /// The student's, as `teacher_layer`.
+    pub student_layer: Option<usize>,
 }
 
 impl DistillConfig {
-    /// The paper's settings for `method` and `optim`: a = 0.3, T = 2, h = 8, lm = 1.0,
-    /// lr = 0.03, lot = 0.1, eps = 0.1. The loss defaults are read from `evl-kd`'s configs,
-    /// where they are written; T and the RMS switch are this crate's and written here.
+    /// The paper's settings for `method` and `optim` and nothing else: a = 0.3, T = 2, h = 8,
+    /// lm = 1.0, lr = 0.03, lot = 0.1, eps = 0.1, raw teacher hidden states (no RMS
+    /// division), the final hidden states of both models. The loss defaults are read from
+    /// `evl-kd`'s configs, where they are written; T is this crate's and written here. Every
+    /// deviation is a field a caller sets on top (see [`DistillConfig::deviations`]).
     pub fn paper(method: Method, optim: OptimConfig) -> DistillConfig {
         let evl = EvlLossConfig::new(MhcaAlignConfig::new(1, 1), OtAlignConfig::new(1, 1));
         DistillConfig {
@@ -333,9 +342,87 @@ impl DistillConfig {
             lambdas: (evl.lambda_mhca, evl.lambda_rel, evl.lambda_ot),
             sinkhorn: SinkhornSettings::default(),
             kernel: evl.kernel,
-            teacher_hidden_rms: true,
+            teacher_hidden_rms: false,
+            teacher_layer: None,
+            student_layer: None,
         }
     }
+
+    /// How these settings differ from [`DistillConfig::paper`] for the same method and
+    /// optimisation, one line each (empty when they are the paper's), for reports.
+    pub fn deviations(&self) -> Vec<String> {
+        let p = DistillConfig::paper(self.method.clone(), self.optim.clone());
+        let mut out = Vec::new();
+        let mut diff = |name: &str, ours: String, paper: String| {
+            if ours != paper {
+                out.push(format!("{name} = {ours} (paper: {paper})"));
+            }
+        };
+        diff("alpha", self.alpha.to_string(), p.alpha.to_string());
+        diff(
+            "temperature",
+            self.temperature.to_string(),
+            p.temperature.to_string(),
+        );
+        diff("heads", self.heads.to_string(), p.heads.to_string());
+        diff(
+            "lambdas (mhca, rel, ot)",
+            format!("{:?}", self.lambdas),
+            format!("{:?}", p.lambdas),
+        );
+        diff(
+            "sinkhorn",
+            format!("{:?}", self.sinkhorn),
+            format!("{:?}", p.sinkhorn),
+        );
+        diff(
+            "teacher_hidden_rms",
+            self.teacher_hidden_rms.to_string(),
+            p.teacher_hidden_rms.to_string(),
+        );
+        let layer = |l: Option<usize>| l.map_or("final".to_string(), |k| k.to_string());
+        diff(
+            "teacher_layer",
+            layer(self.teacher_layer),
+            layer(p.teacher_layer),
+        );
+        diff(
+            "student_layer",
+            layer(self.student_layer),
+            layer(p.student_layer),
+        );
+        out
+    }
+}
+
+/// The hidden-state layers a run asks for exist, and a cached teacher holds the one asked.
+fn check_layers(teacher: &Teacher<'_>, student: &EcgVlm, cfg: &DistillConfig) -> Result<()> {
+    let beyond = |field: &'static str, k: usize, n: usize| Error::Config {
+        field,
+        what: format!("layer {k}: the model has hidden states 0..={n}"),
+    };
+    if let Some(k) = cfg.student_layer.filter(|&k| k > student.n_layers()) {
+        return Err(beyond("student_layer", k, student.n_layers()));
+    }
+    match teacher {
+        Teacher::Online { model, .. } => {
+            if let Some(k) = cfg.teacher_layer.filter(|&k| k > model.n_layers()) {
+                return Err(beyond("teacher_layer", k, model.n_layers()));
+            }
+        }
+        Teacher::Cached(c) if c.layer != cfg.teacher_layer => {
+            return Err(Error::Config {
+                field: "teacher_layer",
+                what: format!(
+                    "the teacher cache holds hidden states {:?}, the run asks for {:?} \
+                     (None = final): cache it with cache_teacher_at at that layer",
+                    c.layer, cfg.teacher_layer
+                ),
+            });
+        }
+        Teacher::Cached(_) => {}
+    }
+    Ok(())
 }
 
 /// Distil into `student` (its SFT weights) from the cached teacher. Returns the student with
@@ -389,6 +476,7 @@ pub fn distill(
     if let Teacher::Online { model: t, .. } = &teacher {
         evl_infer::input::check_inputs(samples, &t.input())?;
     }
+    check_layers(&teacher, &model.student, cfg)?;
     let mix = MixConfig {
         alpha: cfg.alpha,
         temperature: cfg.temperature,
@@ -413,13 +501,22 @@ pub fn distill(
                 Teacher::Cached(c) => *c,
                 Teacher::Online { model, device } => {
                     let which: Vec<usize> = idx.iter().map(|&(i, _)| i).collect();
-                    online = teacher_cache(model, samples, Some(&which), t_tok, device);
+                    online = teacher_cache(
+                        model,
+                        samples,
+                        Some(&which),
+                        t_tok,
+                        cfg.teacher_layer,
+                        device,
+                    );
                     &online
                 }
             };
             let b = make_batch(&ss, &turns, s_tok, &input, device);
             check_len(&b, model.student.max_text(), &ss, &turns)?;
-            let v = model.student.view(b.pixels, b.text.clone(), b.pad);
+            let v = model
+                .student
+                .view_layer(b.pixels, b.text.clone(), b.pad, cfg.student_layer);
             let ce = masked_token_ce(v.logits.clone(), b.text.clone(), b.answer.clone());
             let needs = cfg.method.needs();
             let answers = if needs.aligned_answers {
@@ -634,6 +731,28 @@ pub fn for_inference(model: &EcgVlm) -> EcgVlm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The paper preset is the paper: raw teacher states, final layers, no deviation listed;
+    /// every change on top is listed by name.
+    #[test]
+    fn paper_preset_is_literal_and_deviations_are_named() {
+        let p = DistillConfig::paper(Method::evl(), OptimConfig::default());
+        assert!(!p.teacher_hidden_rms);
+        assert_eq!((p.teacher_layer, p.student_layer), (None, None));
+        assert!(p.deviations().is_empty(), "{:?}", p.deviations());
+        let ours = DistillConfig {
+            teacher_hidden_rms: true,
+            student_layer: Some(1),
+            ..p
+        };
+        let d = ours.deviations();
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].starts_with("teacher_hidden_rms = true"), "{d:?}");
+        assert!(
+            d[1].starts_with("student_layer = 1 (paper: final)"),
+            "{d:?}"
+        );
+    }
 
     #[test]
     fn schedule_warms_up_then_decays() {

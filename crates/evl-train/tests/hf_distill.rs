@@ -15,9 +15,7 @@ use evl_kd::Method;
 use evl_models::device::Device;
 use evl_models::hf::{HfBatch, HfModel};
 use evl_models::vlm::Distillable;
-use evl_train::hf::{
-    HfDistillConfig, HfTeacher, encode_examples, hf_distill, hf_sft, hf_teacher_cache,
-};
+use evl_train::hf::{HfTeacher, encode_examples, hf_distill, hf_sft, hf_teacher_cache};
 use evl_train::train::{DistillConfig, OptimConfig};
 
 /// burn's seeded generator is one per device, shared by the tests of this binary: runs that
@@ -143,10 +141,7 @@ fn llava_next_teacher_distils_into_qwen3_vl_with_every_method() {
     let before = first_values(&student.model, probe);
     for name in Method::NAMES {
         let method = Method::parse(name, &[]).unwrap();
-        let cfg = HfDistillConfig {
-            base: DistillConfig::paper(method, optim(2)),
-            student_layer: None,
-        };
+        let cfg = DistillConfig::paper(method, optim(2));
         let (dm, logs) = hf_distill(
             student.model.clone(),
             &s_enc,
@@ -213,9 +208,10 @@ fn online_teacher_equals_the_cache_and_layers_are_selectable() {
         "layer 1 read the final states"
     );
     let (s_vocab, t_vocab) = (student.vocab_strings(), teacher.vocab_strings());
-    let cfg = HfDistillConfig {
-        base: DistillConfig::paper(Method::evl(), optim(1)),
+    let cfg = DistillConfig {
+        teacher_layer: Some(1),
         student_layer: Some(1),
+        ..DistillConfig::paper(Method::evl(), optim(1))
     };
     let run = |t: HfTeacher<'_>| {
         hf_distill(
@@ -236,7 +232,6 @@ fn online_teacher_equals_the_cache_and_layers_are_selectable() {
     let b = run(HfTeacher::Online {
         model: &teacher.model,
         enc: &t_enc,
-        layer: Some(1),
         device: &infer,
     });
     // The online cache's hidden-state RMS is over the batch's examples, the offline one's

@@ -228,10 +228,11 @@ fn dskd_gradient() {
 
 #[test]
 fn emkd_gradient_and_matching() {
+    // Teacher width 4, student width 3: each affinity stays in its own model's space.
     let inputs = [
-        (values(5 * 3, 17), [1, 5, 3]),
+        (values(5 * 4, 17), [1, 5, 4]),
         (values(3 * 3, 18), [1, 3, 3]),
-        (values(4 * 3, 19), [1, 4, 3]),
+        (values(4 * 4, 19), [1, 4, 4]),
         (values(2 * 3, 20), [1, 2, 3]),
         (values(5 * 6, 21), [1, 5, 6]),
         (values(3 * 6, 22), [1, 3, 6]),
@@ -253,12 +254,13 @@ fn emkd_gradient_and_matching() {
         },
         1e-5,
     );
-    // Matching: student token equal to teacher token 3 must be matched to it.
+    // Matching reads the vision logits: a student token whose logits equal teacher token 3's
+    // is matched to it.
     let dev = Device::flex();
-    let mut tv = values(5 * 3, 23);
-    tv[9..12].copy_from_slice(&[10.0, 10.0, 10.0]);
-    let t = tensor_from_f64(&tv, [1, 5, 3], &dev, Precision::F64);
-    let s = tensor_from_f64(&[10.0, 10.0, 10.0], [1, 1, 3], &dev, Precision::F64);
+    let mut tv = values(5 * 6, 23);
+    tv[18..24].copy_from_slice(&[10.0, -2.0, 3.0, 10.0, 0.5, 1.0]);
+    let t = tensor_from_f64(&tv, [1, 5, 6], &dev, Precision::F64);
+    let s = tensor_from_f64(&tv[18..24], [1, 1, 6], &dev, Precision::F64);
     assert_eq!(evl_kd::baselines::match_vision_tokens(t, s), vec![vec![3]]);
 }
 

@@ -180,33 +180,35 @@ fn dskd_by_hand() {
 
 #[test]
 fn emkd_by_hand() {
-    // Teacher vision tokens t0 = (1, 0), t1 = (0, 1); student s0 = (0, 2), s1 = (3, 0).
-    // L1 costs: s0-t0 3, s0-t1 1, s1-t0 2, s1-t1 4, so Hungarian pairs s0-t1, s1-t0 (total 3
-    // against 7 for the identity).
-    // VAD: student text (1, 1)/sqrt 2 against s0, s1 normalised ((0, 1), (1, 0)): affinities
-    // (1/sqrt 2, 1/sqrt 2); teacher text (0, 1) against the matched t1, t0: (1, 0).
-    // Differences 1/sqrt 2 - 1 and 1/sqrt 2, both below 1: smooth-L1 = mean of d^2 / 2.
-    // VSD: s0's matched teacher distribution is softmax(0, 0) = (1/2, 1/2) and its own
-    // softmax(0, ln 3) = (1/4, 3/4): the reverse KL(p_s || p_t) = (1/4) ln(1/2) + (3/4) ln(3/2)
-    // = (3/4) ln 3 - ln 2 (the forward KL would be ln 2 - (ln 3) / 2). s1's matched teacher
-    // softmax(ln 3, 0) equals its own: KL 0. Mean over the two student tokens.
+    // Teacher (width 3) vision tokens t0 = (1, 0, 0), t1 = (0, 1, 0); student (width 2)
+    // s0 = (0, 2), s1 = (3, 0). Vision logits: teacher t0 (0, 0), t1 (ln 3, 0); student
+    // s0 (0, ln 3), s1 (ln 3, 0).
+    // Matching on the logits' L1 distance: s0-t0 ln 3, s0-t1 2 ln 3, s1-t0 ln 3, s1-t1 0, so
+    // Hungarian keeps s0-t0, s1-t1 (total ln 3 against 3 ln 3). Matching the hidden states
+    // instead would swap them (L1 s0-t1 + s1-t0 = 3 + 3 < 3 + 5 in any common width).
+    // VLAD, each model in its own space: student text (1, 1)/sqrt 2 against s0, s1 normalised
+    // ((0, 1), (1, 0)): affinities (r, r), r = 1/sqrt 2; teacher text (0, 1, 0) against the
+    // matched t0, t1: (0, 1). Differences r and r - 1, both below 1: smooth-L1 = mean d^2 / 2.
+    // VSD: s0 softmax(0, ln 3) = (1/4, 3/4) against t0's (1/2, 1/2): reverse KL(p_s || p_t) =
+    // (1/4) ln(1/2) + (3/4) ln(3/2) = (3/4) ln 3 - ln 2 (the forward KL would be
+    // ln 2 - (ln 3) / 2); s1 and t1 have the same distribution: 0. Mean over the two tokens.
     let dev = Device::flex();
     let f = |v: &[f64], shape: [usize; 3]| tensor_from_f64(v, shape, &dev, Precision::F64);
     let ln3 = 3f64.ln();
     let out = emkd_loss(
-        f(&[1.0, 0.0, 0.0, 1.0], [1, 2, 2]),
+        f(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1, 2, 3]),
         f(&[0.0, 2.0, 3.0, 0.0], [1, 2, 2]),
-        f(&[0.0, 1.0], [1, 1, 2]),
+        f(&[0.0, 1.0, 0.0], [1, 1, 3]),
         f(&[1.0, 1.0], [1, 1, 2]),
-        f(&[ln3, 0.0, 0.0, 0.0], [1, 2, 2]),
+        f(&[0.0, 0.0, ln3, 0.0], [1, 2, 2]),
         f(&[0.0, ln3, ln3, 0.0], [1, 2, 2]),
         1.0,
         2.0,
     );
-    assert_eq!(out.matching, vec![vec![1, 0]]);
+    assert_eq!(out.matching, vec![vec![0, 1]]);
     let r = 0.5f64.sqrt();
-    let vad = ((r - 1.0).powi(2) / 2.0 + r * r / 2.0) / 2.0;
-    close(to_vec_f64(out.vad)[0], vad, "VAD");
+    let vad = (r * r / 2.0 + (r - 1.0).powi(2) / 2.0) / 2.0;
+    close(to_vec_f64(out.vad)[0], vad, "VLAD");
     let vsd = (0.75 * ln3 - 2f64.ln()) / 2.0;
     close(to_vec_f64(out.vsd)[0], vsd, "VSD");
     close(to_vec_f64(out.loss)[0], vad + 2.0 * vsd, "weighted total");
