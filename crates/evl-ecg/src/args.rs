@@ -270,6 +270,12 @@ pub struct TrainArgs {
     /// Tokenizer vocabulary size.
     #[arg(long)]
     pub vocab: Option<usize>,
+    /// Steps of vision pre-training before SFT (built-in models; default 300, 0 skips it):
+    /// the encoder first learns the labels through a linear probe on its visual tokens, as
+    /// real VLMs' vision towers are pre-trained; `OUT/pretrain.json` holds the probe's
+    /// validation macro AUC.
+    #[arg(long)]
+    pub pretrain_steps: Option<usize>,
     /// Start from a Hugging Face checkpoint folder instead of a new model: Qwen3-VL or
     /// LLaVA-NeXT as downloaded (config.json, safetensors, tokenizer, processor files), or
     /// PULSE-7B in the original LLaVA layout. Trains on --data (an ECGInstruct-style

@@ -544,11 +544,30 @@ impl EcgVlm {
         text_pad: Tensor<2, Bool>,
         layer: Option<usize>,
     ) -> DistillView {
+        self.view_with(pixels, text, text_pad, layer, false)
+    }
+
+    /// [`EcgVlm::view_layer`], with the visual tokens detached when `frozen_vision`: no
+    /// gradient reaches the visual encoder (LLaVA's recipe of a frozen vision tower while the
+    /// projector and the language model learn).
+    pub fn view_with(
+        &self,
+        pixels: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+        layer: Option<usize>,
+        frozen_vision: bool,
+    ) -> DistillView {
         assert!(
             layer.is_none_or(|k| k <= self.n_layers()),
             "hidden layer beyond the decoder"
         );
         let visual = self.encode(pixels);
+        let visual = if frozen_vision {
+            visual.detach()
+        } else {
+            visual
+        };
         let [b, v, _] = visual.dims();
         let [_, t] = text.dims();
         let (h, at) = self.decode_at(visual.clone(), text, text_pad.clone(), layer);

@@ -78,6 +78,35 @@ fn main() {
         .map(|s| s.to_string())
         .collect();
     let t = std::time::Instant::now();
+    let pre: usize = env("PRETRAIN", 0);
+    if pre > 0 {
+        let o = OptimConfig {
+            steps: pre,
+            lr: env("PRE_LR", 1e-3),
+            batch_size: batch,
+            warmup: (pre / 10).max(1),
+            ..OptimConfig::default()
+        };
+        let (m, probe, logs) =
+            evl_train::pretrain::pretrain_encoder(model, &train, &space, &o, None, &tdev, |_| {})
+                .unwrap();
+        let (mi, pi) = evl_train::pretrain::inference(&m, &probe);
+        let probs = evl_train::pretrain::probe_probabilities(&mi, &pi, &val, &dev);
+        let yt: Vec<i64> = val
+            .iter()
+            .flat_map(|s| space.iter().map(|c| i64::from(s.labels.contains(c))))
+            .collect();
+        let ys: Vec<f64> = probs.concat();
+        let yp: Vec<i64> = ys.iter().map(|&p| i64::from(p >= 0.5)).collect();
+        let mm = evl_eval::multilabel_metrics(&yt, &ys, &yp, space.len()).unwrap();
+        let recent: f64 = logs.iter().rev().take(20).map(|l| l.total).sum::<f64>() / 20.0;
+        println!(
+            "pretrain {pre} steps: bce {recent:.3}, probe val macro AUC {:?} ({:.0} s)",
+            mm.macro_auc,
+            t.elapsed().as_secs_f64()
+        );
+        model = m;
+    }
     let mut done = 0;
     while done < steps {
         let o = OptimConfig {
@@ -87,6 +116,7 @@ fn main() {
             warmup: steps / 10,
             stop_after: None,
             turns_per_record: env("TPR", 1),
+            freeze_vision: env("FREEZE", 0) == 1,
             ..OptimConfig::default()
         };
         let run = dir.path().join("run");

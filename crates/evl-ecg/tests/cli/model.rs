@@ -155,13 +155,16 @@ fn train_and_distill_commands_resume_and_validate_config() {
         .arg(&data));
     assert!(ok, "{err}");
     let small = ["--steps", "4", "--batch-size", "4"];
+    // Training runs also pre-train the encoder, briefly.
+    let pre = ["--pretrain-steps", "2"];
     let t = tmp.path().join("t");
     let (ok, _, err) = run(bin()
         .args(["train", "teacher", "--stop-after", "2", "--data"])
         .arg(&data)
         .arg("--out")
         .arg(&t)
-        .args(small));
+        .args(small)
+        .args(pre));
     assert!(ok, "{err}");
     assert_eq!(
         std::fs::read_to_string(t.join("metrics.jsonl"))
@@ -176,7 +179,8 @@ fn train_and_distill_commands_resume_and_validate_config() {
         .arg(&data)
         .arg("--out")
         .arg(&t)
-        .args(small));
+        .args(small)
+        .args(pre));
     assert!(
         !ok && err.contains("--resume") && err.contains("step 2"),
         "{err}"
@@ -186,8 +190,20 @@ fn train_and_distill_commands_resume_and_validate_config() {
         .arg(&data)
         .arg("--out")
         .arg(&t)
-        .args(small));
+        .args(small)
+        .args(pre));
     assert!(ok, "{err}");
+    // Vision pre-training ran first (2 steps) and reported its probe on the validation split.
+    let probe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("pretrain.json")).unwrap()).unwrap();
+    assert!(probe["val_records"].as_u64().unwrap() > 0, "{probe}");
+    assert_eq!(
+        std::fs::read_to_string(t.join("pretrain_metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
     // Resumed at step 3: only steps 3 and 4 ran now, the log holds all four.
     assert_eq!(
         stdout
@@ -210,7 +226,8 @@ fn train_and_distill_commands_resume_and_validate_config() {
         .arg(&data)
         .arg("--out")
         .arg(&s)
-        .args(small));
+        .args(small)
+        .args(pre));
     assert!(ok, "{err}");
     for (method, extra) in [("evl", None), ("kl", Some("--online"))] {
         let out = tmp.path().join(method);
