@@ -70,6 +70,16 @@ pub fn default_pretrain() -> OptimConfig {
     }
 }
 
+/// SFT after vision pre-training: the encoder frozen, every question about a drawn record in
+/// one batch (see the quickstart's presets for the measurements).
+fn sft_defaults(o: OptimConfig) -> OptimConfig {
+    OptimConfig {
+        turns_per_record: 6,
+        freeze_vision: true,
+        ..o
+    }
+}
+
 /// Distillation settings (paper defaults).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,14 +179,14 @@ impl Default for JobConfig {
                 input: "signal".into(),
                 vocab: 320,
                 arch: None,
-                optim: o(500, 3e-3),
+                optim: sft_defaults(o(500, 3e-3)),
                 pretrain: default_pretrain(),
             },
             student: ModelSection {
                 input: "signal".into(),
                 vocab: 56,
                 arch: None,
-                optim: o(200, 3e-3),
+                optim: sft_defaults(o(200, 3e-3)),
                 pretrain: default_pretrain(),
             },
             // The paper's settings, written once in evl-kd and DistillConfig::paper.
@@ -529,11 +539,16 @@ pub fn train(
     } else {
         model
     };
+    // A randomly initialised encoder is never frozen: without pre-training it must learn.
+    let sft_cfg = OptimConfig {
+        freeze_vision: sec.optim.freeze_vision && pre > 0,
+        ..sec.optim.clone()
+    };
     let (model, logs) = sft(
         model,
         &samples,
         &tok,
-        &sec.optim,
+        &sft_cfg,
         Some(&dirs.checkpoint()),
         train_device,
         |l| {

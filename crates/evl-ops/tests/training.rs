@@ -426,3 +426,49 @@ fn pretraining_teaches_the_encoder_only() {
         "probe macro AUC {auc:.3} on its training records"
     );
 }
+
+/// SFT with `freeze_vision` leaves the encoder exactly as it was and trains the rest; a
+/// later stage on the returned model trains the encoder again.
+#[test]
+fn frozen_vision_sft_trains_the_language_model_only() {
+    let _rng = rng_lock();
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(8);
+    let texts = evl_infer::input::corpus(&data);
+    let tok = TextTokenizer::train(&texts, 90).unwrap();
+    let qc = QuickstartConfig::preset(Preset::Quick);
+    let mut sc = qc.student_model();
+    sc.vocab = tok.vocab_size();
+    train_dev.seed(4);
+    let model = sc.init(&train_dev);
+    let part = |m: &evl_models::vlm::EcgVlm, prefix: &str| -> Vec<(String, Vec<u8>)> {
+        weights(m)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect()
+    };
+    let (enc0, head0) = (part(&model, "patch_embed"), part(&model, "lm_head"));
+    let cfg = OptimConfig {
+        steps: 3,
+        batch_size: 4,
+        warmup: 1,
+        freeze_vision: true,
+        ..OptimConfig::default()
+    };
+    let (m, _) = evl_train::train::sft(model, &data, &tok, &cfg, None, &train_dev, |_| {}).unwrap();
+    assert_eq!(part(&m, "patch_embed"), enc0, "the frozen encoder moved");
+    assert_ne!(
+        part(&m, "lm_head"),
+        head0,
+        "the language model did not learn"
+    );
+    // A later unfrozen stage moves the encoder.
+    let cfg = OptimConfig {
+        freeze_vision: false,
+        steps: 1,
+        ..cfg
+    };
+    let (m2, _) = evl_train::train::sft(m, &data, &tok, &cfg, None, &train_dev, |_| {}).unwrap();
+    assert_ne!(part(&m2, "patch_embed"), enc0);
+}

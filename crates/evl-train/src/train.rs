@@ -226,7 +226,7 @@ pub fn sft(
 ) -> Result<(EcgVlm, Vec<StepLog>)> {
     evl_infer::input::check_inputs(samples, &model.input())?;
     let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
-    model = resumed;
+    model = resumed.with_vision_trainable(!cfg.freeze_vision);
     let input = model.input();
     for step in start..cfg.steps {
         let t0 = Instant::now();
@@ -239,7 +239,7 @@ pub fn sft(
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let b = make_batch(&ss, &turns, tok, &input, device);
             check_len(&b, model.max_text(), &ss, &turns)?;
-            let v = model.view_with(b.pixels, b.text.clone(), b.pad, None, cfg.freeze_vision);
+            let v = model.view(b.pixels, b.text.clone(), b.pad);
             let loss =
                 masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
             total += scalar(loss.clone());
@@ -258,13 +258,14 @@ pub fn sft(
         on_step(&log);
         logs.push(log);
         if after_step(run_dir, cfg, step, &model, &optim, &logs)? {
-            return Ok((model, logs));
+            return Ok((model.with_vision_trainable(true), logs));
         }
     }
     if let Some(dir) = run_dir {
         checkpoint::save(dir, &model, &optim, cfg.steps, &logs)?;
     }
-    Ok((model, logs))
+    // The encoder learns again in whatever stage comes next (distillation).
+    Ok((model.with_vision_trainable(true), logs))
 }
 
 /// A text longer than the model's position table is a configuration error, named.
