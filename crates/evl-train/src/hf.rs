@@ -29,7 +29,7 @@ use evl_models::vlm::DistillView;
 use crate::cache::{TeacherCache, TeacherOut};
 use crate::train::{
     DistillConfig, DistillModel, OptimConfig, StepLog, after_step, batch_indices_by_turns, lr_at,
-    scalar, start_or_resume, teacher_batch,
+    scalar, start_or_resume, step_loop, teacher_batch,
 };
 use crate::{Error, Result, checkpoint};
 
@@ -167,49 +167,27 @@ fn hf_step(
 /// # Errors
 /// A batch the model cannot take (named), checkpoint I/O.
 pub fn hf_sft(
-    mut model: HfModel,
+    model: HfModel,
     enc: &HfEncoded,
     cfg: &OptimConfig,
     run_dir: Option<&Path>,
     device: &Device,
-    mut on_step: impl FnMut(&StepLog),
+    on_step: impl FnMut(&StepLog),
 ) -> Result<(HfModel, Vec<StepLog>)> {
     let counts = enc.turn_counts();
-    let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
-    model = resumed;
-    for step in start..cfg.steps {
-        let t0 = Instant::now();
-        let lr = lr_at(cfg, step);
-        let mut accum = GradientsAccumulator::new();
-        let mut total = 0.0;
-        for a in 0..cfg.accumulate {
-            let idx = batch_indices_by_turns(&counts, cfg, step * cfg.accumulate + a);
-            let s = hf_step(&model, enc, &idx, None, device)?;
-            let loss = masked_token_ce(s.view.logits, s.targets, s.answer)
-                .mul_scalar(1.0 / cfg.accumulate as f64);
-            total += scalar(loss.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accum.accumulate(&model, grads);
-        }
-        model = optim.step(lr, model, accum.grads());
-        let log = StepLog {
-            step: step + 1,
-            lr,
-            total,
-            ce: total,
-            terms: Vec::new(),
-            ms: t0.elapsed().as_secs_f64() * 1e3,
-        };
-        on_step(&log);
-        logs.push(log);
-        if after_step(run_dir, cfg, step, &model, &optim, &logs)? {
-            return Ok((model, logs));
-        }
-    }
-    if let Some(dir) = run_dir {
-        checkpoint::save(dir, &model, &optim, cfg.steps, &logs)?;
-    }
-    Ok((model, logs))
+    step_loop(
+        model,
+        cfg,
+        run_dir,
+        device,
+        on_step,
+        |m| m,
+        |model, micro| {
+            let idx = batch_indices_by_turns(&counts, cfg, micro);
+            let s = hf_step(model, enc, &idx, None, device)?;
+            Ok(masked_token_ce(s.view.logits, s.targets, s.answer))
+        },
+    )
 }
 
 /// The frozen teacher's outputs for the examples in `which` (all when `None`): visual

@@ -7,20 +7,16 @@
 //! through the sparse signal of answer tokens alone.
 
 use std::path::Path;
-use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use evl_infer::input::{Sample, pixels};
 use evl_kd::task::bce_with_logits;
 use evl_models::vlm::EcgVlm;
 
 use crate::Result;
-use crate::train::{
-    OptimConfig, StepLog, after_step, batch_indices, lr_at, scalar, start_or_resume,
-};
+use crate::train::{OptimConfig, StepLog, batch_indices, step_loop};
 
 /// The encoder being pre-trained and its linear probe (what a pre-training checkpoint holds).
 #[derive(Module, Debug)]
@@ -63,51 +59,29 @@ pub fn pretrain_encoder(
     cfg: &OptimConfig,
     run_dir: Option<&Path>,
     device: &Device,
-    mut on_step: impl FnMut(&StepLog),
+    on_step: impl FnMut(&StepLog),
 ) -> Result<(EcgVlm, Linear, Vec<StepLog>)> {
     evl_infer::input::check_inputs(samples, &model.input())?;
     let d_vis = model.facts().d_vision;
     device.seed(cfg.seed ^ 0x9E0B);
     let probe = LinearConfig::new(d_vis, space.len()).init(device);
-    let mut m = EncoderProbe { model, probe };
-    let (resumed, mut optim, start, mut logs) = start_or_resume(m, cfg, run_dir, device)?;
-    m = resumed;
-    let input = m.model.input();
-    for step in start..cfg.steps {
-        let t0 = Instant::now();
-        let lr = lr_at(cfg, step);
-        let mut accum = GradientsAccumulator::new();
-        let mut total = 0.0;
-        for a in 0..cfg.accumulate {
-            let idx = batch_indices(samples, cfg, step * cfg.accumulate + a);
+    let input = model.input();
+    let (m, logs) = step_loop(
+        EncoderProbe { model, probe },
+        cfg,
+        run_dir,
+        device,
+        on_step,
+        |m| m,
+        |m, micro| {
+            let idx = batch_indices(samples, cfg, micro);
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
-            let loss = bce_with_logits(
+            Ok(bce_with_logits(
                 m.logits(pixels(&ss, &input, device)),
                 targets(&ss, space, device),
-            )
-            .mul_scalar(1.0 / cfg.accumulate as f64);
-            total += scalar(loss.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &m);
-            accum.accumulate(&m, grads);
-        }
-        m = optim.step(lr, m, accum.grads());
-        let log = StepLog {
-            step: step + 1,
-            lr,
-            total,
-            ce: total,
-            terms: Vec::new(),
-            ms: t0.elapsed().as_secs_f64() * 1e3,
-        };
-        on_step(&log);
-        logs.push(log);
-        if after_step(run_dir, cfg, step, &m, &optim, &logs)? {
-            return Ok((m.model, m.probe, logs));
-        }
-    }
-    if let Some(dir) = run_dir {
-        crate::checkpoint::save(dir, &m, &optim, cfg.steps, &logs)?;
-    }
+            ))
+        },
+    )?;
     Ok((m.model, m.probe, logs))
 }
 

@@ -216,34 +216,62 @@ pub(crate) fn after_step<M: Module>(
 /// Supervised fine-tuning on all turns. Resumes from `run_dir` if it holds a checkpoint.
 /// Returns the trained model and the per-step log.
 pub fn sft(
-    mut model: EcgVlm,
+    model: EcgVlm,
     samples: &[Sample],
     tok: &TextTokenizer,
     cfg: &OptimConfig,
     run_dir: Option<&Path>,
     device: &Device,
-    mut on_step: impl FnMut(&StepLog),
+    on_step: impl FnMut(&StepLog),
 ) -> Result<(EcgVlm, Vec<StepLog>)> {
     evl_infer::input::check_inputs(samples, &model.input())?;
-    let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
-    model = resumed.with_vision_trainable(!cfg.freeze_vision);
     let input = model.input();
+    let (model, logs) = step_loop(
+        model,
+        cfg,
+        run_dir,
+        device,
+        on_step,
+        |m| m.with_vision_trainable(!cfg.freeze_vision),
+        |model, micro| {
+            let idx = batch_indices(samples, cfg, micro);
+            let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
+            let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
+            let b = make_batch(&ss, &turns, tok, &input, device);
+            check_len(&b, model.max_text(), &ss, &turns)?;
+            let v = model.view(b.pixels, b.text.clone(), b.pad);
+            Ok(masked_token_ce(v.logits, b.text, b.answer))
+        },
+    )?;
+    // The encoder learns again in whatever stage comes next (distillation).
+    Ok((model.with_vision_trainable(true), logs))
+}
+
+/// The optimisation loop of a stage with one loss (SFT of either family, vision
+/// pre-training): resume from `run_dir`, `prepare` the model, then per step accumulate
+/// `loss(model, micro_batch_index)` over `cfg.accumulate` micro-batches, take an AdamW step,
+/// log (`total` = `ce` = the loss), checkpoint as configured, and save at the end.
+pub(crate) fn step_loop<M: Module>(
+    model: M,
+    cfg: &OptimConfig,
+    run_dir: Option<&Path>,
+    device: &Device,
+    mut on_step: impl FnMut(&StepLog),
+    prepare: impl FnOnce(M) -> M,
+    mut loss: impl FnMut(&M, usize) -> Result<Tensor<1>>,
+) -> Result<(M, Vec<StepLog>)> {
+    let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
+    let mut model = prepare(resumed);
     for step in start..cfg.steps {
         let t0 = Instant::now();
         let lr = lr_at(cfg, step);
         let mut accum = GradientsAccumulator::new();
         let mut total = 0.0;
         for a in 0..cfg.accumulate {
-            let idx = batch_indices(samples, cfg, step * cfg.accumulate + a);
-            let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
-            let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
-            let b = make_batch(&ss, &turns, tok, &input, device);
-            check_len(&b, model.max_text(), &ss, &turns)?;
-            let v = model.view(b.pixels, b.text.clone(), b.pad);
-            let loss =
-                masked_token_ce(v.logits, b.text, b.answer).mul_scalar(1.0 / cfg.accumulate as f64);
-            total += scalar(loss.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let l =
+                loss(&model, step * cfg.accumulate + a)?.mul_scalar(1.0 / cfg.accumulate as f64);
+            total += scalar(l.clone());
+            let grads = GradientsParams::from_grads(l.backward(), &model);
             accum.accumulate(&model, grads);
         }
         model = optim.step(lr, model, accum.grads());
@@ -258,14 +286,13 @@ pub fn sft(
         on_step(&log);
         logs.push(log);
         if after_step(run_dir, cfg, step, &model, &optim, &logs)? {
-            return Ok((model.with_vision_trainable(true), logs));
+            return Ok((model, logs));
         }
     }
     if let Some(dir) = run_dir {
         checkpoint::save(dir, &model, &optim, cfg.steps, &logs)?;
     }
-    // The encoder learns again in whatever stage comes next (distillation).
-    Ok((model.with_vision_trainable(true), logs))
+    Ok((model, logs))
 }
 
 /// A text longer than the model's position table is a configuration error, named.
