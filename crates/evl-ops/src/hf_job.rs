@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use evl_hf::HfConfig;
 use evl_infer::hf::{HfBundle, HfExample, conversation_examples};
 use evl_train::hf::{HfTeacher, encode_examples, hf_distill, hf_sft, hf_teacher_cache};
-use evl_train::train::{DistillConfig, Method, StepLog};
+use evl_train::train::{Method, StepLog};
 
 use crate::job::{JobConfig, JobOutcome, Role, TrainData, check_resume, io};
 use crate::{Error, Result};
@@ -158,19 +158,7 @@ pub fn hf_distill_job(
             device: infer_device,
         },
     };
-    let dcfg = DistillConfig {
-        method,
-        optim: d.optim.clone(),
-        alpha: d.alpha,
-        temperature: d.temperature,
-        heads: d.heads,
-        lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
-        sinkhorn: d.sinkhorn,
-        kernel: d.kernel,
-        teacher_hidden_rms: d.teacher_hidden_rms,
-        teacher_layer: t_layer,
-        student_layer: s_layer,
-    };
+    let dcfg = d.run_config(method, t_layer, s_layer);
     let (dm, logs) = hf_distill(
         s.model.clone(),
         &s_enc,

@@ -129,6 +129,31 @@ fn last_layer() -> i64 {
     -1
 }
 
+impl DistillSection {
+    /// The run's settings: this section with `method` (its ablations applied) and the hidden
+    /// layers resolved against the two models ([`hidden_index`]).
+    pub fn run_config(
+        &self,
+        method: Method,
+        teacher_layer: Option<usize>,
+        student_layer: Option<usize>,
+    ) -> DistillConfig {
+        DistillConfig {
+            method,
+            optim: self.optim.clone(),
+            alpha: self.alpha,
+            temperature: self.temperature,
+            heads: self.heads,
+            lambdas: (self.lambda_mhca, self.lambda_rel, self.lambda_ot),
+            sinkhorn: self.sinkhorn,
+            kernel: self.kernel,
+            teacher_hidden_rms: self.teacher_hidden_rms,
+            teacher_layer,
+            student_layer,
+        }
+    }
+}
+
 /// A hidden-states index of a decoder of `n_layers` layers (`n_layers + 1` entries, Python's
 /// negative indices allowed) as a layer for the models' views: `None` for the last entry
 /// (after the final norm), else the entry.
@@ -732,19 +757,7 @@ pub fn distill_job(
             device: infer_device,
         },
     };
-    let dcfg = DistillConfig {
-        method,
-        optim: d.optim.clone(),
-        alpha: d.alpha,
-        temperature: d.temperature,
-        heads: d.heads,
-        lambdas: (d.lambda_mhca, d.lambda_rel, d.lambda_ot),
-        sinkhorn: d.sinkhorn,
-        kernel: d.kernel,
-        teacher_hidden_rms: d.teacher_hidden_rms,
-        teacher_layer: t_layer,
-        student_layer: s_layer,
-    };
+    let dcfg = d.run_config(method, t_layer, s_layer);
     let (dm, logs) = distill(
         s_model,
         &samples,

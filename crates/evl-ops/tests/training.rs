@@ -64,6 +64,14 @@ fn weights(m: &impl Module) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// The parameters whose names start with `prefix` (one part of the model).
+fn part(m: &evl_models::vlm::EcgVlm, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    weights(m)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect()
+}
+
 #[test]
 fn distillation_resumes_to_the_same_weights() {
     let _rng = rng_lock();
@@ -390,12 +398,6 @@ fn pretraining_teaches_the_encoder_only() {
     sc.vocab = 60;
     train_dev.seed(3);
     let model = sc.init(&train_dev);
-    let part = |m: &evl_models::vlm::EcgVlm, prefix: &str| -> Vec<(String, Vec<u8>)> {
-        weights(m)
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .collect()
-    };
     let (head0, enc0) = (part(&model, "lm_head"), part(&model, "patch_embed"));
     assert!(!head0.is_empty() && !enc0.is_empty());
     let cfg = OptimConfig {
@@ -442,12 +444,6 @@ fn frozen_vision_sft_trains_the_language_model_only() {
     sc.vocab = tok.vocab_size();
     train_dev.seed(4);
     let model = sc.init(&train_dev);
-    let part = |m: &evl_models::vlm::EcgVlm, prefix: &str| -> Vec<(String, Vec<u8>)> {
-        weights(m)
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .collect()
-    };
     let (enc0, head0) = (part(&model, "patch_embed"), part(&model, "lm_head"));
     let cfg = OptimConfig {
         steps: 3,
