@@ -14,24 +14,20 @@
 //!   default the final norm's output).
 
 use std::path::Path;
-use std::time::Instant;
 
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use evl_infer::hf::{EncodedTurn, HfBundle, PreparedImage};
-use evl_kd::baselines::kd::SharedVocab;
-use evl_kd::method::{AlignedAnswers, BaselineHeads, KdBatch, MixConfig, distill_loss};
+use evl_kd::method::{AlignedAnswers, KdBatch};
 use evl_kd::task::masked_token_ce;
-use evl_kd::{EvlLossConfig, MhcaAlignConfig, OtAlignConfig};
 use evl_models::hf::HfModel;
 use evl_models::vlm::DistillView;
 
 use crate::cache::{TeacherCache, TeacherOut};
 use crate::train::{
-    DistillConfig, DistillModel, OptimConfig, StepLog, after_step, batch_indices_by_turns, lr_at,
-    scalar, start_or_resume, step_loop, teacher_batch,
+    DistillConfig, DistillModel, DistillRun, OptimConfig, Part, StepLog, batch_indices_by_turns,
+    step_loop, teacher_batch,
 };
-use crate::{Error, Result, checkpoint};
+use crate::{Error, Result};
 
 pub use evl_infer::hf::HfExample;
 
@@ -185,7 +181,11 @@ pub fn hf_sft(
         |model, micro| {
             let idx = batch_indices_by_turns(&counts, cfg, micro);
             let s = hf_step(model, enc, &idx, None, device)?;
-            Ok(masked_token_ce(s.view.logits, s.targets, s.answer))
+            Ok(Part::single(masked_token_ce(
+                s.view.logits,
+                s.targets,
+                s.answer,
+            )))
         },
     )
 }
@@ -298,7 +298,7 @@ pub fn hf_distill(
     cfg: &DistillConfig,
     run_dir: Option<&Path>,
     device: &Device,
-    mut on_step: impl FnMut(&StepLog),
+    on_step: impl FnMut(&StepLog),
 ) -> Result<(DistillModel<HfModel>, Vec<StepLog>)> {
     let c = cfg;
     if let HfTeacher::Cached(t) = &teacher
@@ -320,50 +320,23 @@ pub fn hf_distill(
             (d, d)
         }
     };
-    let loss_cfg = EvlLossConfig::new(
-        MhcaAlignConfig::new(s_d, t_d).with_n_heads(c.heads),
-        OtAlignConfig::new(t_dv, s_d).with_sinkhorn(&c.sinkhorn),
-    )
-    .with_kernel(c.kernel)
-    .with_alpha(c.alpha)
-    .with_lambda_mhca(c.lambdas.0)
-    .with_lambda_rel(c.lambdas.1)
-    .with_lambda_ot(c.lambdas.2)
-    .with_ablate(c.method.ablated().to_vec());
-    device.seed(c.optim.seed ^ 0x5EED);
-    let head = loss_cfg.init(device);
-    let mut model = DistillModel {
-        head,
-        baselines: BaselineHeads::init(s_d, t_d, device),
+    let (model, run) = DistillRun::new(
         student,
-    };
-    let shared = SharedVocab::new(s_vocab, t_vocab);
-    if c.method.needs_shared_vocab() && shared.is_empty() {
-        return Err(Error::Config {
-            field: "method",
-            what: format!(
-                "{} needs tokens shared by the two vocabularies; there are none",
-                c.method.name()
-            ),
-        });
-    }
-    let mix = MixConfig {
-        alpha: c.alpha,
-        temperature: c.temperature,
-        teacher_hidden_rms: c.teacher_hidden_rms,
-    };
+        [s_d, s_d, t_d, t_dv],
+        (s_vocab, t_vocab),
+        c,
+        device,
+    )?;
     let counts = s_enc.turn_counts();
-    let o = &c.optim;
-    let (resumed, mut optim, start, mut logs) = start_or_resume(model, o, run_dir, device)?;
-    model = resumed;
-    for step in start..o.steps {
-        let t0 = Instant::now();
-        let lr = lr_at(o, step);
-        let mut accum = GradientsAccumulator::new();
-        let (mut tot, mut ce_sum) = (0.0, 0.0);
-        let mut term_sums: Vec<(String, f64)> = Vec::new();
-        for a in 0..o.accumulate {
-            let idx = batch_indices_by_turns(&counts, o, step * o.accumulate + a);
+    step_loop(
+        model,
+        &c.optim,
+        run_dir,
+        device,
+        on_step,
+        |m| m,
+        |model, micro| {
+            let idx = batch_indices_by_turns(&counts, &c.optim, micro);
             let online;
             let cache = match &teacher {
                 HfTeacher::Cached(c) => *c,
@@ -373,7 +346,7 @@ pub fn hf_distill(
                     &online
                 }
             };
-            let s = hf_step(&model.student, s_enc, &idx, cfg.student_layer, device)?;
+            let s = hf_step(&model.student, s_enc, &idx, c.student_layer, device)?;
             // The CE reads the final norm's logits whatever layer `hidden` comes from.
             let ce = masked_token_ce(s.view.logits.clone(), s.targets.clone(), s.answer.clone());
             let needs = c.method.needs();
@@ -391,47 +364,9 @@ pub fn hf_distill(
                 teacher: teacher_batch(&idx, cache, needs, device),
                 answers,
             };
-            let out = distill_loss(
-                &c.method,
-                batch,
-                &mix,
-                (&model.head, &loss_cfg),
-                &model.baselines,
-                &shared,
-            );
-            let scale = 1.0 / o.accumulate as f64;
-            for (k, t) in out.terms {
-                let v = scalar(t) * scale;
-                match term_sums.iter_mut().find(|(n, _)| n == k) {
-                    Some(e) => e.1 += v,
-                    None => term_sums.push((k.to_string(), v)),
-                }
-            }
-            let loss = out.total.mul_scalar(scale);
-            tot += scalar(loss.clone());
-            ce_sum += scalar(ce) * scale;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accum.accumulate(&model, grads);
-        }
-        model = optim.step(lr, model, accum.grads());
-        let log = StepLog {
-            step: step + 1,
-            lr,
-            total: tot,
-            ce: ce_sum,
-            terms: term_sums,
-            ms: t0.elapsed().as_secs_f64() * 1e3,
-        };
-        on_step(&log);
-        logs.push(log);
-        if after_step(run_dir, o, step, &model, &optim, &logs)? {
-            return Ok((model, logs));
-        }
-    }
-    if let Some(dir) = run_dir {
-        checkpoint::save(dir, &model, &optim, o.steps, &logs)?;
-    }
-    Ok((model, logs))
+            Ok(run.part(model, batch, ce))
+        },
+    )
 }
 
 /// The teacher answer token aligned with each student answer token: the one whose byte span

@@ -16,7 +16,7 @@ use evl_kd::task::bce_with_logits;
 use evl_models::vlm::EcgVlm;
 
 use crate::Result;
-use crate::train::{OptimConfig, StepLog, batch_indices, step_loop};
+use crate::train::{OptimConfig, Part, StepLog, batch_indices, step_loop};
 
 /// The encoder being pre-trained and its linear probe (what a pre-training checkpoint holds).
 #[derive(Module, Debug)]
@@ -76,10 +76,10 @@ pub fn pretrain_encoder(
         |m, micro| {
             let idx = batch_indices(samples, cfg, micro);
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
-            Ok(bce_with_logits(
+            Ok(Part::single(bce_with_logits(
                 m.logits(pixels(&ss, &input, device)),
                 targets(&ss, space, device),
-            ))
+            )))
         },
     )?;
     Ok((m.model, m.probe, logs))

@@ -240,17 +240,40 @@ pub fn sft(
             let b = make_batch(&ss, &turns, tok, &input, device);
             check_len(&b, model.max_text(), &ss, &turns)?;
             let v = model.view(b.pixels, b.text.clone(), b.pad);
-            Ok(masked_token_ce(v.logits, b.text, b.answer))
+            Ok(Part::single(masked_token_ce(v.logits, b.text, b.answer)))
         },
     )?;
     // The encoder learns again in whatever stage comes next (distillation).
     Ok((model.with_vision_trainable(true), logs))
 }
 
-/// The optimisation loop of a stage with one loss (SFT of either family, vision
-/// pre-training): resume from `run_dir`, `prepare` the model, then per step accumulate
-/// `loss(model, micro_batch_index)` over `cfg.accumulate` micro-batches, take an AdamW step,
-/// log (`total` = `ce` = the loss), checkpoint as configured, and save at the end.
+/// One micro-batch's objective and what the step log shows of it.
+pub(crate) struct Part {
+    /// The loss to back-propagate (unscaled: the loop divides by the accumulation count).
+    pub loss: Tensor<1>,
+    /// The task cross-entropy's value, when the loss is more than it (`None`: the loss is
+    /// the cross-entropy, or the stage's only term).
+    pub ce: Option<f64>,
+    /// Named terms of the loss, unscaled, for the log.
+    pub terms: Vec<(String, f64)>,
+}
+
+impl Part {
+    /// A stage with one loss: logged as both `total` and `ce`.
+    pub fn single(loss: Tensor<1>) -> Part {
+        Part {
+            loss,
+            ce: None,
+            terms: Vec::new(),
+        }
+    }
+}
+
+/// The optimisation loop of every training stage (SFT of either family, vision
+/// pre-training, distillation): resume from `run_dir`, `prepare` the model, then per step
+/// accumulate `part(model, micro_batch_index)` over `cfg.accumulate` micro-batches, take an
+/// AdamW step, log (the loss, the CE and each term averaged over the micro-batches),
+/// checkpoint as configured, and save at the end.
 pub(crate) fn step_loop<M: Module>(
     model: M,
     cfg: &OptimConfig,
@@ -258,19 +281,29 @@ pub(crate) fn step_loop<M: Module>(
     device: &Device,
     mut on_step: impl FnMut(&StepLog),
     prepare: impl FnOnce(M) -> M,
-    mut loss: impl FnMut(&M, usize) -> Result<Tensor<1>>,
+    mut part: impl FnMut(&M, usize) -> Result<Part>,
 ) -> Result<(M, Vec<StepLog>)> {
     let (resumed, mut optim, start, mut logs) = start_or_resume(model, cfg, run_dir, device)?;
     let mut model = prepare(resumed);
+    let scale = 1.0 / cfg.accumulate as f64;
     for step in start..cfg.steps {
         let t0 = Instant::now();
         let lr = lr_at(cfg, step);
         let mut accum = GradientsAccumulator::new();
-        let mut total = 0.0;
+        let (mut total, mut ce) = (0.0, 0.0);
+        let mut terms: Vec<(String, f64)> = Vec::new();
         for a in 0..cfg.accumulate {
-            let l =
-                loss(&model, step * cfg.accumulate + a)?.mul_scalar(1.0 / cfg.accumulate as f64);
-            total += scalar(l.clone());
+            let p = part(&model, step * cfg.accumulate + a)?;
+            let l = p.loss.mul_scalar(scale);
+            let value = scalar(l.clone());
+            total += value;
+            ce += p.ce.map_or(value, |c| c * scale);
+            for (k, v) in p.terms {
+                match terms.iter_mut().find(|(n, _)| *n == k) {
+                    Some(e) => e.1 += v * scale,
+                    None => terms.push((k, v * scale)),
+                }
+            }
             let grads = GradientsParams::from_grads(l.backward(), &model);
             accum.accumulate(&model, grads);
         }
@@ -279,8 +312,8 @@ pub(crate) fn step_loop<M: Module>(
             step: step + 1,
             lr,
             total,
-            ce: total,
-            terms: Vec::new(),
+            ce,
+            terms,
             ms: t0.elapsed().as_secs_f64() * 1e3,
         };
         on_step(&log);
@@ -471,63 +504,35 @@ pub fn distill(
     cfg: &DistillConfig,
     run_dir: Option<&Path>,
     device: &Device,
-    mut on_step: impl FnMut(&StepLog),
+    on_step: impl FnMut(&StepLog),
 ) -> Result<(DistillModel, Vec<StepLog>)> {
     let sf = student.facts();
     let (t_d, t_d_vis) = match &teacher {
         Teacher::Cached(c) => (c.d, c.d_vis),
         Teacher::Online { model, .. } => (model.facts().d_model, model.facts().d_vision),
     };
-    let loss_cfg = EvlLossConfig::new(
-        MhcaAlignConfig::new(sf.d_model, t_d).with_n_heads(cfg.heads),
-        OtAlignConfig::new(t_d_vis, sf.d_vision).with_sinkhorn(&cfg.sinkhorn),
-    )
-    .with_kernel(cfg.kernel)
-    .with_alpha(cfg.alpha)
-    .with_lambda_mhca(cfg.lambdas.0)
-    .with_lambda_rel(cfg.lambdas.1)
-    .with_lambda_ot(cfg.lambdas.2)
-    .with_ablate(cfg.method.ablated().to_vec());
-    // The head's random initialisation is part of the run: seed it.
-    device.seed(cfg.optim.seed ^ 0x5EED);
-    let head = loss_cfg.init(device);
-    let mut model = DistillModel {
-        head,
-        baselines: BaselineHeads::init(sf.d_model, t_d, device),
-        student,
-    };
-    let shared = SharedVocab::new(&s_tok.vocab(), &t_tok.vocab());
-    if cfg.method.needs_shared_vocab() && shared.is_empty() {
-        return Err(Error::Config {
-            field: "method",
-            what: format!(
-                "{} needs tokens shared by the two vocabularies; there are none",
-                cfg.method.name()
-            ),
-        });
-    }
-    evl_infer::input::check_inputs(samples, &model.student.input())?;
+    evl_infer::input::check_inputs(samples, &student.input())?;
     if let Teacher::Online { model: t, .. } = &teacher {
         evl_infer::input::check_inputs(samples, &t.input())?;
     }
-    check_layers(&teacher, &model.student, cfg)?;
-    let mix = MixConfig {
-        alpha: cfg.alpha,
-        temperature: cfg.temperature,
-        teacher_hidden_rms: cfg.teacher_hidden_rms,
-    };
-    let o = &cfg.optim;
-    let (resumed, mut optim, start, mut logs) = start_or_resume(model, o, run_dir, device)?;
-    model = resumed;
-    let input = model.student.input();
-    for step in start..o.steps {
-        let t0 = Instant::now();
-        let lr = lr_at(o, step);
-        let mut accum = GradientsAccumulator::new();
-        let (mut tot, mut ce_sum) = (0.0, 0.0);
-        let mut term_sums: Vec<(String, f64)> = Vec::new();
-        for a in 0..o.accumulate {
-            let idx = batch_indices(samples, o, step * o.accumulate + a);
+    check_layers(&teacher, &student, cfg)?;
+    let input = student.input();
+    let (model, run) = DistillRun::new(
+        student,
+        [sf.d_model, sf.d_vision, t_d, t_d_vis],
+        (&s_tok.vocab(), &t_tok.vocab()),
+        cfg,
+        device,
+    )?;
+    step_loop(
+        model,
+        &cfg.optim,
+        run_dir,
+        device,
+        on_step,
+        |m| m,
+        |model, micro| {
+            let idx = batch_indices(samples, &cfg.optim, micro);
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let online;
@@ -567,51 +572,105 @@ pub fn distill(
                 teacher: teacher_batch(&idx, cache, needs, device),
                 answers,
             };
-            let out = distill_loss(
-                &cfg.method,
-                batch,
-                &mix,
-                (&model.head, &loss_cfg),
-                &model.baselines,
-                &shared,
-            );
-            let terms: Vec<(String, f64)> = out
+            Ok(run.part(model, batch, ce))
+        },
+    )
+}
+
+/// What every distillation run (built-in or real checkpoints) builds before its first step
+/// and reads at each: the loss configuration, the tokens the two vocabularies share, the
+/// mixing of CE and the method's term.
+pub(crate) struct DistillRun<'a> {
+    cfg: &'a DistillConfig,
+    loss_cfg: EvlLossConfig,
+    shared: SharedVocab,
+    mix: MixConfig,
+}
+
+impl<'a> DistillRun<'a> {
+    /// The trainable model around `student` (EVL-ECG's head and the baselines' parts,
+    /// seeded from the run's seed) and the run's settings. `dims` are the student's LM and
+    /// visual widths, then the teacher's; `vocabs` the student's and the teacher's tokens in
+    /// id order.
+    ///
+    /// # Errors
+    /// A method that needs shared tokens when the vocabularies share none.
+    pub fn new<S: Module>(
+        student: S,
+        dims: [usize; 4],
+        vocabs: (&[String], &[String]),
+        cfg: &'a DistillConfig,
+        device: &Device,
+    ) -> Result<(DistillModel<S>, DistillRun<'a>)> {
+        let [s_d, s_dv, t_d, t_dv] = dims;
+        let loss_cfg = EvlLossConfig::new(
+            MhcaAlignConfig::new(s_d, t_d).with_n_heads(cfg.heads),
+            OtAlignConfig::new(t_dv, s_dv).with_sinkhorn(&cfg.sinkhorn),
+        )
+        .with_kernel(cfg.kernel)
+        .with_alpha(cfg.alpha)
+        .with_lambda_mhca(cfg.lambdas.0)
+        .with_lambda_rel(cfg.lambdas.1)
+        .with_lambda_ot(cfg.lambdas.2)
+        .with_ablate(cfg.method.ablated().to_vec());
+        // The head's random initialisation is part of the run: seed it.
+        device.seed(cfg.optim.seed ^ 0x5EED);
+        let model = DistillModel {
+            head: loss_cfg.init(device),
+            baselines: BaselineHeads::init(s_d, t_d, device),
+            student,
+        };
+        let shared = SharedVocab::new(vocabs.0, vocabs.1);
+        if cfg.method.needs_shared_vocab() && shared.is_empty() {
+            return Err(Error::Config {
+                field: "method",
+                what: format!(
+                    "{} needs tokens shared by the two vocabularies; there are none",
+                    cfg.method.name()
+                ),
+            });
+        }
+        let mix = MixConfig {
+            alpha: cfg.alpha,
+            temperature: cfg.temperature,
+            teacher_hidden_rms: cfg.teacher_hidden_rms,
+        };
+        Ok((
+            model,
+            DistillRun {
+                cfg,
+                loss_cfg,
+                shared,
+                mix,
+            },
+        ))
+    }
+
+    /// The method's objective on one micro-batch, with its CE and terms for the log.
+    pub fn part<S: Module>(
+        &self,
+        model: &DistillModel<S>,
+        batch: KdBatch<'_>,
+        ce: Tensor<1>,
+    ) -> Part {
+        let out = distill_loss(
+            &self.cfg.method,
+            batch,
+            &self.mix,
+            (&model.head, &self.loss_cfg),
+            &model.baselines,
+            &self.shared,
+        );
+        Part {
+            loss: out.total,
+            ce: Some(scalar(ce)),
+            terms: out
                 .terms
                 .into_iter()
                 .map(|(k, t)| (k.to_string(), scalar(t)))
-                .collect();
-            let loss = out.total;
-            let loss = loss.mul_scalar(1.0 / o.accumulate as f64);
-            tot += scalar(loss.clone());
-            ce_sum += scalar(ce) / o.accumulate as f64;
-            for (k, v) in terms {
-                match term_sums.iter_mut().find(|(n, _)| *n == k) {
-                    Some(e) => e.1 += v / o.accumulate as f64,
-                    None => term_sums.push((k, v / o.accumulate as f64)),
-                }
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accum.accumulate(&model, grads);
-        }
-        model = optim.step(lr, model, accum.grads());
-        let log = StepLog {
-            step: step + 1,
-            lr,
-            total: tot,
-            ce: ce_sum,
-            terms: term_sums,
-            ms: t0.elapsed().as_secs_f64() * 1e3,
-        };
-        on_step(&log);
-        logs.push(log);
-        if after_step(run_dir, o, step, &model, &optim, &logs)? {
-            return Ok((model, logs));
+                .collect(),
         }
     }
-    if let Some(dir) = run_dir {
-        checkpoint::save(dir, &model, &optim, o.steps, &logs)?;
-    }
-    Ok((model, logs))
 }
 
 /// The cached teacher outputs of a micro-batch that the method reads: hidden states
