@@ -264,6 +264,12 @@ pub struct JobArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub job: JobArgs,
+    /// Settings to start from (--config, --set and the flags apply on top). `zoo`: the
+    /// shipped teacher's recipe, an image teacher with a convolutional stem, 1,500 steps of
+    /// vision pre-training and 2,000 of SFT, checkpointed every 100 (hours on 2 cores;
+    /// continue with --resume). See zoo/README.md.
+    #[arg(long, value_enum, default_value = "default")]
+    pub preset: TrainPreset,
     /// Encoder input: image (rendered paper) or signal (raw 12 leads).
     #[arg(long)]
     pub input: Option<String>,
@@ -286,6 +292,15 @@ pub struct TrainArgs {
     ///   --data ecginstruct.json --image-root images --out runs/student
     #[arg(long, verbatim_doc_comment)]
     pub init: Option<PathBuf>,
+}
+
+/// Starting settings of `train teacher|student`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TrainPreset {
+    /// The built-in defaults (`--print-config` shows them).
+    Default,
+    /// The shipped teacher's recipe (`JobConfig::zoo`).
+    Zoo,
 }
 
 /// The loss-kernel and Sinkhorn flags of `distill` and `quickstart`.

@@ -1,6 +1,6 @@
 //! The framework-free inference engine computes what the burn model computes: per-label
 //! probabilities to float tolerance and identical greedy answers, for signal models with and
-//! without a conv stem and for image models.
+//! without a conv stem and for image models with and without one.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use burn::tensor::Device;
@@ -59,7 +59,8 @@ fn native_engine_matches_the_burn_model() {
     let archs = [
         EcgVlmConfig::new(signal.clone(), 32, 1, 2, 48, 2, 2, tok.vocab_size(), 192),
         EcgVlmConfig::new(signal, 24, 2, 2, 40, 1, 4, tok.vocab_size(), 192).with_stem_channels(6),
-        EcgVlmConfig::new(image, 32, 1, 2, 48, 2, 2, tok.vocab_size(), 192),
+        EcgVlmConfig::new(image.clone(), 32, 1, 2, 48, 2, 2, tok.vocab_size(), 192),
+        EcgVlmConfig::new(image, 24, 1, 2, 40, 1, 2, tok.vocab_size(), 192).with_stem_channels(12),
     ];
     for (a, cfg) in archs.iter().enumerate() {
         device.seed(20 + a as u64);

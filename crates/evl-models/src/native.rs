@@ -226,6 +226,81 @@ impl Conv {
     }
 }
 
+/// A 2-D convolution `[out, in, k, k]` with square stride and padding (the image stem's).
+struct Conv2 {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2 {
+    /// `x[cin, h, w]` -> (`y[cout, h', w']`, h', w').
+    fn forward(&self, x: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let oh = (h + 2 * self.pad - self.k) / self.stride + 1;
+        let ow = (w + 2 * self.pad - self.k) / self.stride + 1;
+        let mut y = vec![0.0f32; self.cout * oh * ow];
+        for o in 0..self.cout {
+            let yo = &mut y[o * oh * ow..(o + 1) * oh * ow];
+            yo.iter_mut().for_each(|v| *v = self.b[o]);
+            for c in 0..self.cin {
+                let xc = &x[c * h * w..(c + 1) * h * w];
+                for ky in 0..self.k {
+                    for kx in 0..self.k {
+                        let wt = self.w[((o * self.cin + c) * self.k + ky) * self.k + kx];
+                        for oy in 0..oh {
+                            let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let xr = &xc[iy as usize * w..(iy as usize + 1) * w];
+                            let yr = &mut yo[oy * ow..(oy + 1) * ow];
+                            for (ox, yv) in yr.iter_mut().enumerate() {
+                                let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    *yv += wt * xr[ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, oh, ow)
+    }
+}
+
+/// Group norm over `x[c, n]` (biased variance, eps 1e-5, per-channel affine): burn's
+/// `GroupNorm` as the image stem uses it.
+struct GroupNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    groups: usize,
+}
+
+impl GroupNorm {
+    /// Normalise `x[c, n]` in place, then GELU.
+    fn forward_gelu(&self, x: &mut [f32], n: usize) {
+        let c = self.gamma.len();
+        let per = c / self.groups;
+        for g in 0..self.groups {
+            let xs = &mut x[g * per * n..(g + 1) * per * n];
+            let m = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / xs.len() as f64;
+            let var = xs.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / xs.len() as f64;
+            let inv = 1.0 / (var + 1e-5).sqrt();
+            for (k, row) in xs.chunks_mut(n).enumerate() {
+                let (ga, be) = (self.gamma[g * per + k], self.beta[g * per + k]);
+                for v in row {
+                    *v = gelu(((f64::from(*v) - m) * inv) as f32 * ga + be);
+                }
+            }
+        }
+    }
+}
+
 /// Named tensors of a safetensors file, taken one by one.
 struct Store {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
@@ -273,6 +348,19 @@ impl Store {
         })
     }
 
+    fn conv2(&mut self, name: &str, stride: usize, pad: usize) -> Result<Conv2, NativeError> {
+        let (shape, w) = self.take(&format!("{name}.weight"))?;
+        Ok(Conv2 {
+            w,
+            b: self.take(&format!("{name}.bias"))?.1,
+            cout: shape[0],
+            cin: shape[1],
+            k: shape[2],
+            stride,
+            pad,
+        })
+    }
+
     fn layers(&mut self, prefix: &str, n: usize) -> Result<Vec<Layer>, NativeError> {
         (0..n)
             .map(|i| {
@@ -296,6 +384,8 @@ impl Store {
 pub struct NativeVlm {
     cfg: EcgVlmConfig,
     stem: Option<(Conv, Conv)>,
+    image_stem: Vec<Conv2>,
+    stem_norms: Vec<GroupNorm>,
     patch_embed: Lin,
     vis_pos: Vec<f32>,
     vision: Vec<Layer>,
@@ -388,8 +478,29 @@ impl NativeVlm {
         } else {
             None
         };
+        // The image stem's layout, as `crate::vlm::ImageStem` builds it.
+        let image_stem = match cfg.input {
+            InputKind::Image { patch, .. } if cfg.stem_channels > 0 => vec![
+                s.conv2("image_stem.convs.0", 2, 1)?,
+                s.conv2("image_stem.convs.1", 2, 1)?,
+                s.conv2("image_stem.convs.2", 2, 1)?,
+                s.conv2("image_stem.convs.3", patch / 8, 0)?,
+            ],
+            _ => Vec::new(),
+        };
+        let stem_norms = (0..image_stem.len().saturating_sub(1))
+            .map(|i| {
+                Ok(GroupNorm {
+                    gamma: s.take(&format!("image_stem.norms.{i}.gamma"))?.1,
+                    beta: s.take(&format!("image_stem.norms.{i}.beta"))?.1,
+                    groups: crate::vlm::STEM_GROUPS,
+                })
+            })
+            .collect::<Result<Vec<_>, NativeError>>()?;
         Ok(NativeVlm {
             stem,
+            image_stem,
+            stem_norms,
             patch_embed: s.lin("patch_embed", true)?,
             vis_pos: s.take("vis_pos")?.1,
             vision: s.layers("vision", cfg.vision_layers)?,
@@ -438,6 +549,28 @@ impl NativeVlm {
                 patch,
             } => {
                 let (gh, gw) = (self.cfg.input.n_tokens() / (width / patch), width / patch);
+                if !self.image_stem.is_empty() {
+                    // The page cropped to whole patches, through the stem: channel-major
+                    // `[c, gh, gw]`, read out token-major.
+                    let (ch, cw) = (gh * patch, gw * patch);
+                    let mut a: Vec<f32> = (0..ch)
+                        .flat_map(|y| x[y * width..y * width + cw].iter().copied())
+                        .collect();
+                    let (mut h, mut w) = (ch, cw);
+                    let last = self.image_stem.len() - 1;
+                    for (c, gn) in self.image_stem.iter().zip(&self.stem_norms) {
+                        (a, h, w) = c.forward(&a, h, w);
+                        gn.forward_gelu(&mut a, h * w);
+                    }
+                    (a, h, w) = self.image_stem[last].forward(&a, h, w);
+                    let c = self.image_stem[last].cout;
+                    let n = h * w;
+                    let p = (0..n)
+                        .flat_map(|t| (0..c).map(move |k| (k, t)))
+                        .map(|(k, t)| a[k * n + t])
+                        .collect();
+                    return self.embed_visual(p, n);
+                }
                 let mut p = Vec::with_capacity(gh * gw * patch * patch);
                 for gy in 0..gh {
                     for gx in 0..gw {
@@ -450,6 +583,11 @@ impl NativeVlm {
                 (p, gh * gw)
             }
         };
+        self.embed_visual(patches, n)
+    }
+
+    /// Patch embedding, positions, the vision layers and norm over `n` token inputs.
+    fn embed_visual(&self, patches: Vec<f32>, n: usize) -> (Vec<f32>, usize) {
         let mut h = self.patch_embed.forward(&patches, n);
         for (a, b) in h.iter_mut().zip(&self.vis_pos) {
             *a += b;

@@ -8,7 +8,7 @@ use evl_ops::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
 use evl_train::train::{OptimConfig, StepLog};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{DistillArgs, JobArgs, TrainArgs};
+use crate::args::{DistillArgs, JobArgs, TrainArgs, TrainPreset};
 
 /// `--data` and `--out` (clap requires both unless --print-config).
 fn paths(a: &JobArgs) -> Result<(TrainData<'_>, &Path)> {
@@ -25,10 +25,16 @@ fn paths(a: &JobArgs) -> Result<(TrainData<'_>, &Path)> {
     Ok((data, out))
 }
 
-fn config(a: &JobArgs) -> Result<JobConfig> {
+fn config(a: &JobArgs, preset: TrainPreset) -> Result<JobConfig> {
+    let base = match preset {
+        TrainPreset::Default => JobConfig::default(),
+        TrainPreset::Zoo => JobConfig::zoo(),
+    };
     let cfg = match &a.config {
-        Some(p) => JobConfig::from_toml(p).with_context(|| format!("reading {}", p.display()))?,
-        None => JobConfig::default(),
+        Some(p) => base
+            .overlay_toml(p)
+            .with_context(|| format!("reading {}", p.display()))?,
+        None => base,
     };
     cfg.with_overrides(&a.set).map_err(|e| anyhow::anyhow!(e))
 }
@@ -117,7 +123,7 @@ fn finish(o: &JobOutcome, json: bool) {
 
 /// `train teacher|student`.
 pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
-    let mut cfg = config(&a.job)?;
+    let mut cfg = config(&a.job, a.preset)?;
     {
         let sec = match role {
             Role::Teacher => &mut cfg.teacher,
@@ -174,7 +180,7 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
 
 /// `distill`.
 pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
-    let mut cfg = config(&a.job)?;
+    let mut cfg = config(&a.job, TrainPreset::Default)?;
     if let Some(m) = &a.method {
         cfg.distill.method = m.clone();
     }

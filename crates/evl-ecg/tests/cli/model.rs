@@ -346,3 +346,47 @@ fn conversations_with_an_image_root_train_and_distill() {
         "{err}"
     );
 }
+
+/// `--preset zoo` starts from the shipped teacher's recipe (an image teacher with the
+/// convolutional stem, long pre-training, checkpoints every 100 steps), and a `--config`
+/// file lays its keys over the preset rather than over the defaults.
+#[test]
+fn zoo_preset_is_the_base_that_config_and_flags_change() {
+    let (ok, stdout, err) =
+        run(bin().args(["train", "teacher", "--preset", "zoo", "--print-config"]));
+    assert!(ok, "{err}");
+    let teacher = stdout.split("[student]").next().unwrap();
+    for key in [
+        "input = \"image\"",
+        "stem_channels = 128",
+        "steps = 1500",
+        "checkpoint_every = 100",
+    ] {
+        assert!(teacher.contains(key), "missing `{key}` in\n{teacher}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[teacher.pretrain]\nsteps = 7\n").unwrap();
+    let (ok, stdout, err) = run(bin()
+        .args([
+            "train",
+            "teacher",
+            "--preset",
+            "zoo",
+            "--print-config",
+            "--config",
+        ])
+        .arg(&cfg));
+    assert!(ok, "{err}");
+    let teacher = stdout.split("[student]").next().unwrap();
+    assert!(
+        teacher.contains("stem_channels = 128") && teacher.contains("steps = 7"),
+        "{teacher}"
+    );
+    // Without the preset the same file changes the defaults: no stem.
+    let (ok, stdout, err) = run(bin()
+        .args(["train", "teacher", "--print-config", "--config"])
+        .arg(&cfg));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("stem_channels = 0"), "{stdout}");
+}
