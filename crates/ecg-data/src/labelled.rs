@@ -199,24 +199,6 @@ pub fn load_labelled(spec: &Path, opts: LoadOptions) -> Result<Vec<Labelled>> {
                     path: hea.clone(),
                     what: "has no `# Labels:` or `#Dx:` comment to take gold labels from".into(),
                 })?;
-                if labels.superclasses.is_empty()
-                    && !labels.other.is_empty()
-                    && labels
-                        .other
-                        .iter()
-                        .all(|t| t.chars().all(|c| c.is_ascii_digit()))
-                {
-                    return Err(Error::Spec {
-                        path: hea.clone(),
-                        what: format!(
-                            "`#Dx:` holds SNOMED-CT codes ({}), as PhysioNet/CinC headers do; \
-                             these commands read PTB-XL superclass names (NORM, MI, STTC, CD, \
-                             HYP): write them in a `# Labels:` comment, or list the records \
-                             with their labels in an index file (`evl-ecg data import`)",
-                            labels.other.join(", ")
-                        ),
-                    });
-                }
                 out.push((rec, labels.superclasses, labels.other));
             }
         }

@@ -249,11 +249,24 @@ pub struct HeaderLabels {
     pub other: Vec<String>,
 }
 
-/// Parse `#Dx:` or `# Labels:` of a PTB-XL header (Challenge-2024 preparation). `None` when
-/// neither comment is present.
+/// Parse `# Labels:` or `#Dx:` of a header: PTB-XL superclass names (Challenge-2024
+/// preparation), or PhysioNet/CinC SNOMED-CT codes, read as superclasses through
+/// [`super::snomed::ptbxl_superclasses`] with the codes kept in `other`. `None` when neither
+/// comment is present.
 pub fn header_labels(comments: &[String]) -> Option<HeaderLabels> {
     let value = crate::record::comment_value(comments, "Labels")
         .or_else(|| crate::record::comment_value(comments, "Dx"))?;
+    if let Ok(codes) = super::snomed::parse_dx(value)
+        && !codes.is_empty()
+    {
+        return Some(HeaderLabels {
+            superclasses: super::snomed::ptbxl_superclasses(&codes)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            other: codes.iter().map(u64::to_string).collect(),
+        });
+    }
     let mut out = HeaderLabels::default();
     for t in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let sup = match t {
