@@ -419,9 +419,17 @@ pub struct QuickstartArgs {
     /// Device: cpu, cuda:N or vulkan:N (GPU kinds need the `cuda` / `vulkan` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: evl_models::DeviceSpec,
-    /// Teacher encoder input: image (rendered ECG paper, as the paper) or signal.
-    #[arg(long, value_parser = ["image", "signal"])]
+    /// Teacher encoder input: image (rendered ECG paper, as the paper) or signal. Trains the
+    /// teacher in the run (no --teacher-checkpoint).
+    #[arg(long, value_parser = ["image", "signal"], conflicts_with = "teacher_checkpoint")]
     pub teacher_input: Option<String>,
+    /// Load this trained teacher (a model directory, e.g. the shipped `zoo/teacher/model`)
+    /// instead of training one in the run.
+    #[arg(long)]
+    pub teacher_checkpoint: Option<PathBuf>,
+    /// Train the teacher in the run even where the preset loads a shipped one.
+    #[arg(long, conflicts_with = "teacher_checkpoint")]
+    pub train_teacher: bool,
     /// Student encoder input: image, or signal (image-teacher -> signal-student is the
     /// paper's open question and the edge option).
     #[arg(long, value_parser = ["image", "signal"])]

@@ -59,6 +59,11 @@ pub struct QuickstartConfig {
     pub teacher_vocab: usize,
     /// Student vocabulary size.
     pub student_vocab: usize,
+    /// A trained teacher to load instead of training one here: a model directory as
+    /// `train teacher` writes it (its own tokenizer and input settings). `None` trains the
+    /// teacher in the run (pre-training and SFT below).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_checkpoint: Option<std::path::PathBuf>,
     /// Teacher SFT.
     pub teacher_sft: OptimConfig,
     /// Student SFT.
@@ -129,6 +134,7 @@ impl QuickstartConfig {
                 input: InputSpec::default(),
                 teacher_vocab: 160,
                 student_vocab: 56,
+                teacher_checkpoint: None,
                 teacher_sft: o(4, 2e-3, 4),
                 student_sft: o(4, 2e-3, 4),
                 teacher_pretrain: o(3, 2e-3, 4),
@@ -158,6 +164,7 @@ impl QuickstartConfig {
                 // "MI? yes"). Measured with the teacher after 400 SFT steps: validation
                 // macro AUC 0.88 this way, 0.78 with the encoder trainable, 0.59 drawing
                 // questions independently.
+                teacher_checkpoint: None,
                 teacher_sft: OptimConfig {
                     turns_per_record: 6,
                     freeze_vision: true,
@@ -192,6 +199,7 @@ impl QuickstartConfig {
                 input: InputSpec::default(),
                 teacher_vocab: 400,
                 student_vocab: 90,
+                teacher_checkpoint: None,
                 teacher_sft: OptimConfig {
                     turns_per_record: 6,
                     freeze_vision: true,
@@ -315,6 +323,26 @@ pub fn run(
     mut say: impl FnMut(&str),
 ) -> Result<Results> {
     let t_all = Instant::now();
+    // A teacher checkpoint loads before anything is written: a wrong path leaves no
+    // half-made output.
+    let shipped = match &cfg.teacher_checkpoint {
+        Some(dir) => {
+            let b = evl_infer::bundle::ModelBundle::load(dir, infer_device)?;
+            if b.spec != cfg.input {
+                return Err(Error::Config {
+                    field: "teacher_checkpoint",
+                    what: format!(
+                        "{} reads inputs {:?}, this run renders {:?}",
+                        dir.display(),
+                        b.spec,
+                        cfg.input
+                    ),
+                });
+            }
+            Some(b)
+        }
+        None => None,
+    };
     let dir = evl_run::RunDir::new(out);
     let mut stages = BTreeMap::new();
     let mut notes = Vec::new();
@@ -386,7 +414,10 @@ pub fn run(
     // 2. Tokenizers.
     let t = Instant::now();
     let texts = evl_infer::input::corpus(&train);
-    let t_tok = TextTokenizer::train(&texts, cfg.teacher_vocab)?;
+    let t_tok = match &shipped {
+        Some(b) => b.tok.clone(),
+        None => TextTokenizer::train(&texts, cfg.teacher_vocab)?,
+    };
     let s_tok = TextTokenizer::train(&texts, cfg.student_vocab)?;
     std::fs::create_dir_all(out.join("tokenizers")).map_err(|source| Error::Io {
         path: out.join("tokenizers"),
@@ -402,40 +433,54 @@ pub fn run(
         v.iter().sum::<usize>() as f64 / v.len().max(1) as f64
     };
     stages.insert("tokenizers".into(), t.elapsed().as_secs_f64());
-    // 3. Teacher SFT.
+    // 3. Teacher: the shipped checkpoint, or pre-training and SFT here.
     let t = Instant::now();
-    let mut teacher_cfg = cfg.teacher_model();
-    teacher_cfg.vocab = t_tok.vocab_size();
-    train_device.seed(cfg.data_seed);
-    let teacher = teacher_cfg.init(train_device);
-    let teacher = pretrain_stage(
-        "teacher",
-        teacher,
-        &cfg.teacher_pretrain,
-        &train,
-        &val,
-        out,
-        train_device,
-        infer_device,
-        &mut notes,
-        &mut say,
-    )?;
-    let (teacher, _) = sft(
-        teacher,
-        &train,
-        &t_tok,
-        &cfg.teacher_sft,
-        Some(&out.join("teacher")),
-        train_device,
-        |l| {
-            if l.step % 20 == 0 {
-                say(&format!(
-                    "teacher SFT step {} loss {:.3} ({:.0} ms/step)",
-                    l.step, l.total, l.ms
-                ));
-            }
-        },
-    )?;
+    let teacher_inf = match shipped {
+        Some(b) => {
+            notes.push(format!(
+                "teacher: loaded from {} (not trained in this run)",
+                cfg.teacher_checkpoint
+                    .as_ref()
+                    .map_or(String::new(), |d| d.display().to_string())
+            ));
+            b.model
+        }
+        None => {
+            let mut teacher_cfg = cfg.teacher_model();
+            teacher_cfg.vocab = t_tok.vocab_size();
+            train_device.seed(cfg.data_seed);
+            let teacher = teacher_cfg.init(train_device);
+            let teacher = pretrain_stage(
+                "teacher",
+                teacher,
+                &cfg.teacher_pretrain,
+                &train,
+                &val,
+                out,
+                train_device,
+                infer_device,
+                &mut notes,
+                &mut say,
+            )?;
+            let (teacher, _) = sft(
+                teacher,
+                &train,
+                &t_tok,
+                &cfg.teacher_sft,
+                Some(&out.join("teacher")),
+                train_device,
+                |l| {
+                    if l.step % 20 == 0 {
+                        say(&format!(
+                            "teacher SFT step {} loss {:.3} ({:.0} ms/step)",
+                            l.step, l.total, l.ms
+                        ));
+                    }
+                },
+            )?;
+            teacher.valid()
+        }
+    };
     stages.insert("teacher_sft".into(), t.elapsed().as_secs_f64());
     // 4. Student SFT.
     let t = Instant::now();
@@ -491,7 +536,7 @@ pub fn run(
         mean(&lt),
         mean(&ls)
     ));
-    let tf = facts_json(teacher.facts(), mean_len(&t_tok), mean(&lt));
+    let tf = facts_json(teacher_inf.facts(), mean_len(&t_tok), mean(&lt));
     let sf = facts_json(student.facts(), mean_len(&s_tok), mean(&ls));
     say(&format!(
         "teacher {} params, {} visual tokens, width {}/{}, vocab {}; student {} params ({:.1}x fewer), {} visual tokens, width {}/{}, vocab {}",
@@ -509,7 +554,6 @@ pub fn run(
     ));
     // 5. Teacher cache (offline KD) on the inference device.
     let t = Instant::now();
-    let teacher_inf = teacher.valid();
     let cache = cache_teacher(&teacher_inf, &train, &t_tok, infer_device);
     stages.insert("teacher_cache".into(), t.elapsed().as_secs_f64());
     // 6. References.

@@ -15,6 +15,13 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
     let mut cfg = QuickstartConfig::preset(preset);
     if let Some(t) = &a.teacher_input {
         cfg.teacher_input = t.clone();
+        cfg.teacher_checkpoint = None;
+    }
+    if a.train_teacher {
+        cfg.teacher_checkpoint = None;
+    }
+    if let Some(d) = &a.teacher_checkpoint {
+        cfg.teacher_checkpoint = Some(d.clone());
     }
     if let Some(t) = &a.student_input {
         cfg.student_input = t.clone();

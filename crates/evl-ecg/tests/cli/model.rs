@@ -392,3 +392,31 @@ fn zoo_preset_is_the_base_that_config_and_flags_change() {
     assert!(ok, "{err}");
     assert!(stdout.contains("stem_channels = 0"), "{stdout}");
 }
+
+/// `quickstart --teacher-checkpoint DIR` distils from a trained model directory instead of
+/// training a teacher (here a tiny quickstart's student stands in as the checkpoint): the run
+/// says so in its notes and never writes a teacher training run; a directory that is not a
+/// model is named.
+#[test]
+fn quickstart_loads_a_teacher_checkpoint_instead_of_training_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    tiny_model(&q);
+    let out = tmp.path().join("q2");
+    let (ok, _, err) = run(bin()
+        .args(["quickstart", "--preset", "tiny", "--teacher-checkpoint"])
+        .arg(q.join("model"))
+        .arg("--out")
+        .arg(&out));
+    assert!(ok, "{err}");
+    let results = std::fs::read_to_string(out.join("results.json")).unwrap();
+    assert!(results.contains("teacher: loaded from"), "{results}");
+    assert!(!out.join("teacher").exists() && !out.join("teacher-pretrain").exists());
+    let (ok, _, err) = run(bin()
+        .args(["quickstart", "--preset", "tiny", "--teacher-checkpoint"])
+        .arg(q.join("data"))
+        .arg("--out")
+        .arg(tmp.path().join("q3")));
+    assert!(!ok && err.contains("config.json"), "{err}");
+    assert!(!tmp.path().join("q3").exists());
+}
