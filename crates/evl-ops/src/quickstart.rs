@@ -446,39 +446,21 @@ pub fn run(
             b.model
         }
         None => {
-            let mut teacher_cfg = cfg.teacher_model();
-            teacher_cfg.vocab = t_tok.vocab_size();
-            train_device.seed(cfg.data_seed);
-            let teacher = teacher_cfg.init(train_device);
-            let teacher = pretrain_stage(
-                "teacher",
-                teacher,
-                &cfg.teacher_pretrain,
-                &train,
-                &val,
-                out,
-                train_device,
-                infer_device,
-                &mut notes,
-                &mut say,
-            )?;
-            let (teacher, _) = sft(
-                teacher,
-                &train,
-                &t_tok,
-                &cfg.teacher_sft,
-                Some(&out.join("teacher")),
-                train_device,
-                |l| {
-                    if l.step % 20 == 0 {
-                        say(&format!(
-                            "teacher SFT step {} loss {:.3} ({:.0} ms/step)",
-                            l.step, l.total, l.ms
-                        ));
-                    }
-                },
-            )?;
-            teacher.valid()
+            let mut arch = cfg.teacher_model();
+            arch.vocab = t_tok.vocab_size();
+            let stage = Stage {
+                who: "teacher",
+                seed: cfg.data_seed,
+                pretrain: &cfg.teacher_pretrain,
+                sft: &cfg.teacher_sft,
+                sft_dir: "teacher",
+                log_every: 20,
+            };
+            let data = (&train[..], &val[..], &t_tok);
+            let devices = (train_device, infer_device);
+            stage
+                .run(arch, data, out, devices, &mut notes, &mut say)?
+                .valid()
         }
     };
     stages.insert("teacher_sft".into(), t.elapsed().as_secs_f64());
@@ -486,35 +468,21 @@ pub fn run(
     let t = Instant::now();
     let mut student_cfg = cfg.student_model();
     student_cfg.vocab = s_tok.vocab_size();
-    train_device.seed(cfg.data_seed + 1);
-    let student = student_cfg.init(train_device);
-    let student = pretrain_stage(
-        "student",
-        student,
-        &cfg.student_pretrain,
-        &train,
-        &val,
+    let stage = Stage {
+        who: "student",
+        seed: cfg.data_seed + 1,
+        pretrain: &cfg.student_pretrain,
+        sft: &cfg.student_sft,
+        sft_dir: "student-sft",
+        log_every: 40,
+    };
+    let student = stage.run(
+        student_cfg.clone(),
+        (&train[..], &val[..], &s_tok),
         out,
-        train_device,
-        infer_device,
+        (train_device, infer_device),
         &mut notes,
         &mut say,
-    )?;
-    let (student, _) = sft(
-        student,
-        &train,
-        &s_tok,
-        &cfg.student_sft,
-        Some(&out.join("student-sft")),
-        train_device,
-        |l| {
-            if l.step % 40 == 0 {
-                say(&format!(
-                    "student SFT step {} loss {:.3} ({:.0} ms/step)",
-                    l.step, l.total, l.ms
-                ));
-            }
-        },
     )?;
     stages.insert("student_sft".into(), t.elapsed().as_secs_f64());
     let text_lens = |tok: &TextTokenizer| -> Vec<usize> {
@@ -827,6 +795,65 @@ pub fn verdict(comparisons: &[Comparison], n_test: usize, seeds: usize) -> Strin
          chosen on the test records.\n",
     );
     s
+}
+
+/// Training one model of the run from scratch: seeded initialisation, vision pre-training,
+/// SFT (checkpointed in `OUT/sft_dir`), progress every `log_every` steps.
+struct Stage<'a> {
+    who: &'static str,
+    seed: u64,
+    pretrain: &'a OptimConfig,
+    sft: &'a OptimConfig,
+    sft_dir: &'static str,
+    log_every: usize,
+}
+
+impl Stage<'_> {
+    /// The trained model. `data` is the training and validation samples and the model's
+    /// tokenizer, `devices` the training and inference devices.
+    fn run(
+        &self,
+        arch: EcgVlmConfig,
+        data: (&[Sample], &[Sample], &TextTokenizer),
+        out: &Path,
+        devices: (&Device, &Device),
+        notes: &mut Vec<String>,
+        say: &mut impl FnMut(&str),
+    ) -> Result<EcgVlm> {
+        let (train, val, tok) = data;
+        let (train_device, infer_device) = devices;
+        train_device.seed(self.seed);
+        let model = arch.init(train_device);
+        let model = pretrain_stage(
+            self.who,
+            model,
+            self.pretrain,
+            train,
+            val,
+            out,
+            train_device,
+            infer_device,
+            notes,
+            say,
+        )?;
+        let (model, _) = sft(
+            model,
+            train,
+            tok,
+            self.sft,
+            Some(&out.join(self.sft_dir)),
+            train_device,
+            |l| {
+                if l.step % self.log_every == 0 {
+                    say(&format!(
+                        "{} SFT step {} loss {:.3} ({:.0} ms/step)",
+                        self.who, l.step, l.total, l.ms
+                    ));
+                }
+            },
+        )?;
+        Ok(model)
+    }
 }
 
 /// Vision pre-training of one model (nothing when `cfg.steps` is 0), with the probe's
