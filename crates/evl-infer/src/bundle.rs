@@ -125,6 +125,12 @@ impl ModelBundle {
             path: dir.join("config.json"),
             what: e.to_string(),
         })?;
+        if let Some(what) = cfg.problem() {
+            return Err(Error::Checkpoint {
+                path: dir.join("config.json"),
+                what,
+            });
+        }
         let spec_path = dir.join("input.json");
         let text = std::fs::read_to_string(&spec_path).map_err(|source| Error::Io {
             path: spec_path.clone(),

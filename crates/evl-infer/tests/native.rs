@@ -78,3 +78,39 @@ fn native_engine_matches_the_burn_model() {
         }
     }
 }
+
+/// A model directory whose config.json asks for an image stem it cannot build (patch not a
+/// multiple of 8) is refused by name, not a panic.
+#[test]
+fn an_unbuildable_config_is_named() {
+    let device = Device::flex();
+    let spec = InputSpec::default();
+    let data = samples(2, &spec);
+    let tok = TextTokenizer::train(&evl_infer::input::corpus(&data), 90).unwrap();
+    let space: Vec<String> = vec!["NORM".into()];
+    let image = InputKind::Image {
+        height: spec.height / 2,
+        width: spec.width / 2,
+        patch: 40,
+    };
+    let cfg =
+        EcgVlmConfig::new(image, 24, 1, 2, 40, 1, 2, tok.vocab_size(), 192).with_stem_channels(12);
+    let dir = tempfile::tempdir().unwrap();
+    save_bundle(dir.path(), &cfg.init(&device), &cfg, &tok, &spec, &space).unwrap();
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"patch\": 40", "\"patch\": 12")).unwrap();
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("\"patch\": 12")
+    );
+    let err = ModelBundle::load(dir.path(), &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("multiple of 8"),
+        "{err}"
+    );
+}

@@ -263,7 +263,24 @@ pub trait Distillable {
 }
 
 impl EcgVlmConfig {
-    /// Build the model with random weights.
+    /// What would stop [`EcgVlmConfig::init`] from building this model, in words (`None`
+    /// when it builds): an image stem needs a patch that is a multiple of 8 pixels.
+    pub fn problem(&self) -> Option<String> {
+        match self.input {
+            InputKind::Image { patch, .. }
+                if self.stem_channels > 0 && (patch < 8 || !patch.is_multiple_of(8)) =>
+            {
+                Some(format!(
+                    "stem_channels: an image stem needs a patch that is a multiple of 8 \
+                     pixels, the patch is {patch} (set stem_channels = 0 or another patch)"
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Build the model with random weights (panics on a configuration with a
+    /// [`EcgVlmConfig::problem`]; check it first where the configuration comes from a user).
     pub fn init(&self, device: &Device) -> EcgVlm {
         let n_vis = self.input.n_tokens();
         let enc = |d: usize, layers: usize, heads: usize| {

@@ -404,22 +404,15 @@ impl JobConfig {
     }
 }
 
-/// An image encoder's convolutional stem works in steps of 8 pixels: its patch must be a
-/// multiple of 8.
+/// A model configuration `init` can build (see `EcgVlmConfig::problem`).
 fn check_stem(arch: EcgVlmConfig, role: Role) -> Result<EcgVlmConfig> {
-    if let InputKind::Image { patch, .. } = arch.input
-        && arch.stem_channels > 0
-        && (patch < 8 || !patch.is_multiple_of(8))
-    {
-        return Err(Error::Config {
+    match arch.problem() {
+        Some(what) => Err(Error::Config {
             field: "stem_channels",
-            what: format!(
-                "the {role:?}'s image stem needs a patch that is a multiple of 8 pixels, the \
-                 patch is {patch} (set stem_channels = 0 or another patch)"
-            ),
-        });
+            what: format!("the {role:?}: {what}"),
+        }),
+        None => Ok(arch),
     }
-    Ok(arch)
 }
 
 /// Overlay `user` onto `base`, recursing into tables (so unknown keys survive to be refused
