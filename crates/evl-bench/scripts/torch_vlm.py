@@ -1,8 +1,14 @@
-"""The same ECG VLM in PyTorch, for `evl-ecg bench infer`: loads an evl-ecg model bundle
-(config.json + model.safetensors, burn's parameter names and layouts), runs what `interpret`
-runs per record (the verification question for every label, batched, read at the first
-answer token; greedy generation of the diagnosis answer), and reports per-record latency,
-peak memory, and the outputs so the caller can check both sides computed the same thing.
+"""The same ECG VLM in PyTorch, for `evl-ecg bench infer` and `evl-ecg bench train`: loads an
+evl-ecg model bundle (config.json + model.safetensors, burn's parameter names and layouts).
+
+- infer (default): runs what `interpret` runs per record (the verification question for every
+  label, batched, read at the first answer token; greedy generation of the diagnosis answer),
+  and reports per-record latency, peak memory, and the outputs so the caller can check both
+  sides computed the same thing.
+- `--train`: optimiser steps of SFT on one fixed batch (answer-token cross-entropy, AdamW with
+  burn's settings: betas 0.9/0.999, eps 1e-5, decoupled weight decay, each parameter's
+  gradient clipped to its own L2 norm as burn clips), reporting ms per step, peak memory and
+  the loss of every step, which the caller compares with its own.
 
 Written for this benchmark from burn 0.22's definitions: pre-norm transformer layers whose
 attention path uses `norm_2` and feed-forward path `norm_1`, exact GELU, attention masks
@@ -72,6 +78,16 @@ class Vlm:
             x = x + h
         return x
 
+    def image_stem(self, x):
+        """burn's ImageStem: three stride-2 convolutions with group norm (8 groups) and GELU,
+        then one convolution with kernel and stride patch / 8."""
+        F = torch.nn.functional
+        for i, pad in ((0, 1), (1, 1), (2, 1)):
+            x = F.conv2d(x, self.w[f"image_stem.convs.{i}.weight"], self.w[f"image_stem.convs.{i}.bias"], stride=2, padding=pad)
+            x = F.gelu(F.group_norm(x, 8, self.w[f"image_stem.norms.{i}.gamma"], self.w[f"image_stem.norms.{i}.beta"], 1e-5))
+        last = self.inp["patch"] // 8
+        return F.conv2d(x, self.w["image_stem.convs.3.weight"], self.w["image_stem.convs.3.bias"], stride=last)
+
     def encode(self, px):
         c = self.cfg
         b = px.shape[0]
@@ -89,8 +105,12 @@ class Vlm:
         else:
             h, wd, p = self.inp["height"], self.inp["width"], self.inp["patch"]
             gh, gw = h // p, wd // p
-            x = px.reshape(b, h, wd)[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p)
-            x = x.transpose(2, 3).reshape(b, gh * gw, p * p)
+            page = px.reshape(b, h, wd)[:, : gh * p, : gw * p]
+            if c.get("stem_channels", 0) > 0:
+                y = self.image_stem(page.reshape(b, 1, gh * p, gw * p))
+                x = y.reshape(b, y.shape[1], gh * gw).transpose(1, 2)
+            else:
+                x = page.reshape(b, gh, p, gw, p).transpose(2, 3).reshape(b, gh * gw, p * p)
         x = self.lin(x, "patch_embed") + self.w["vis_pos"].unsqueeze(0)
         x = self.encoder(x, "vision", c["vision_layers"], c["vision_heads"])
         return self.ln(x, "vis_norm")
@@ -109,13 +129,74 @@ class Vlm:
         return h @ self.w["lm_head.weight"]
 
 
+VISION = ("stem.", "image_stem.", "patch_embed.", "vis_pos", "vision.", "vis_norm.")
+
+
+def train(job):
+    """Optimiser steps on one fixed batch; returns ms per timed step and every step's loss."""
+    cfg = json.load(open(job["model"] + "/config.json"))
+    w = load_safetensors(job["model"] + "/model.safetensors")
+    frozen = job["freeze_vision"]
+    params = []
+    for k, v in w.items():
+        if not (frozen and k.startswith(VISION)):
+            v.requires_grad_(True)
+            params.append(v)
+    m = Vlm(cfg, w)
+    px = torch.frombuffer(bytearray(open(job["pixels"], "rb").read()), dtype=torch.float32).reshape(job["pixels_shape"])
+    ids = torch.tensor(job["ids"], dtype=torch.long)
+    answer = torch.tensor(job["answer"], dtype=torch.bool)
+    opt = torch.optim.AdamW(params, lr=job["lr"], betas=(0.9, 0.999), eps=1e-5, weight_decay=job["weight_decay"])
+    clip = job["clip_norm"]
+    losses, times = [], []
+    for step in range(job["warmup"] + job["steps"]):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if frozen:
+            with torch.no_grad():
+                visual = m.encode(px)
+        else:
+            visual = m.encode(px)
+        b, v, _ = visual.shape
+        t = ids.shape[1]
+        h = m.decode(visual, ids)
+        # Position v - 1 + i predicts text token i.
+        logits = m.head(h[:, v - 1 : v + t - 1])
+        nll = -torch.log_softmax(logits, -1).gather(2, ids.unsqueeze(2)).squeeze(2)
+        loss = (nll * answer).sum() / answer.sum()
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    n = p.grad.norm()
+                    p.grad.mul_(torch.clamp(clip / (n + 1.1754944e-38), max=1.0))
+        opt.step()
+        losses.append(float(loss))
+        if step >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "median_ms": 1e3 * times[len(times) // 2],
+        "params": sum(p.numel() for p in w.values()),
+        "trainable": sum(p.numel() for p in params),
+        "losses": losses,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--job", required=True, help="JSON written by evl-ecg bench infer")
+    ap.add_argument("--job", required=True, help="JSON written by evl-ecg bench infer or bench train")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train", action="store_true", help="optimiser steps instead of inference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     job = json.load(open(args.job))
+    if args.train:
+        out = train(job)
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        out["torch"] = torch.__version__
+        json.dump(out, sys.stdout)
+        return
     cfg = json.load(open(job["model"] + "/config.json"))
     w = load_safetensors(job["model"] + "/model.safetensors")
     m = Vlm(cfg, w)

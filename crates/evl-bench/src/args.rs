@@ -36,6 +36,36 @@ pub struct InferArgs {
     pub device: evl_models::DeviceSpec,
 }
 
+/// Arguments of `bench train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Teacher bundle to train (default: a fresh model of the `zoo` preset's teacher
+    /// architecture, the shipped teacher's: image stem, width 192).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Student bundle to train (default: a fresh model of the presets' student architecture).
+    #[arg(long)]
+    pub student: Option<PathBuf>,
+    /// Synthetic records the batch is drawn from.
+    #[arg(long, default_value_t = 32)]
+    pub records: usize,
+    /// Timed optimiser steps (median reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Threads on both sides (0 = all cores, as training runs).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Do not run the PyTorch reference.
+    #[arg(long)]
+    pub no_torch: bool,
+    /// Python interpreter.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+}
+
 /// Arguments of `bench io`.
 #[derive(Debug, Args)]
 pub struct IoArgs {

@@ -4,7 +4,8 @@
 //!   the Sinkhorn plan against POT;
 //! - [`data`]: records read per second against wfdb-python, images rendered per second
 //!   against matplotlib;
-//! - [`infer`]: student inference latency and memory against the same model in PyTorch.
+//! - [`infer`]: student inference latency and memory against the same model in PyTorch;
+//! - [`train`]: an SFT optimiser step of the built-in teacher and student against PyTorch.
 //!
 //! The reference scripts are compiled in ([`scripts`]). This crate is a measuring harness that
 //! reports to a person: like the binary, it prints its tables and uses `anyhow` for errors,
@@ -16,5 +17,6 @@ pub mod hf;
 pub mod infer;
 pub mod losses;
 pub mod scripts;
+pub mod train;
 
-pub use args::{InferArgs, IoArgs, LossesArgs, RenderArgs, ShapePreset};
+pub use args::{InferArgs, IoArgs, LossesArgs, RenderArgs, ShapePreset, TrainArgs};

@@ -696,6 +696,11 @@ pub enum BenchVerb {
     /// memory: ours vs the same model and weights in PyTorch (`crates/evl-bench/scripts/torch_vlm.py`), with a
     /// check that both computed the same probabilities and answers.
     Infer(evl_bench::InferArgs),
+    /// Training-step time and peak memory of the built-in teacher and student: one SFT
+    /// optimiser step (forward, answer CE, backward, AdamW with per-tensor clipping) on a
+    /// fixed batch, ours vs the same model, weights, batch and optimiser in PyTorch
+    /// (`crates/evl-bench/scripts/torch_vlm.py --train`), with every step's loss compared.
+    Train(evl_bench::TrainArgs),
     /// The paper's real architectures (Qwen3-VL, LLaVA-NeXT) in burn vs transformers on the
     /// same CPU, threads, weights and inputs: forward, a training step (forward, answer CE,
     /// backward, AdamW), greedy tokens/s, peak memory, and the logits' largest difference.

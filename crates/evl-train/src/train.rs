@@ -33,7 +33,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::batch::make_batch;
+use crate::batch::{Batch, make_batch};
 use crate::cache::teacher_cache;
 pub use crate::cache::{Teacher, TeacherCache, TeacherOut, cache_teacher, cache_teacher_at};
 use crate::checkpoint;
@@ -162,6 +162,22 @@ pub(crate) fn scalar(t: Tensor<1>) -> f64 {
         .map_or(f64::NAN, |v| v as f64)
 }
 
+/// The optimiser of every stage: burn's AdamW (betas 0.9 / 0.999, epsilon 1e-5, decoupled
+/// weight decay `cfg.weight_decay`) with each parameter tensor's gradient clipped to L2 norm
+/// `cfg.clip_norm` (burn clips per tensor, not over the whole model).
+pub fn adamw(cfg: &OptimConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
+        .init()
+}
+
+/// The SFT objective of one batch: next-token cross-entropy averaged over the answer tokens.
+pub fn sft_loss(model: &EcgVlm, b: Batch) -> Tensor<1> {
+    let v = model.view(b.pixels, b.text.clone(), b.pad);
+    masked_token_ce(v.logits, b.text, b.answer)
+}
+
 /// AdamW as configured, and, when `run_dir` holds a checkpoint, the model, optimiser state,
 /// completed steps and logs restored from it (the burnpack copy, which keeps the parameter
 /// identities the optimiser state is keyed by).
@@ -171,10 +187,7 @@ pub(crate) fn start_or_resume<M: Module>(
     run_dir: Option<&Path>,
     device: &Device,
 ) -> Result<(M, ModuleOptimizer, usize, Vec<StepLog>)> {
-    let optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
-        .init();
+    let optim = adamw(cfg);
     match run_dir {
         Some(dir) => match checkpoint::load_state(dir)? {
             Some(state) => Ok((
@@ -239,8 +252,7 @@ pub fn sft(
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let b = make_batch(&ss, &turns, tok, &input, device);
             check_len(&b, model.max_text(), &ss, &turns)?;
-            let v = model.view(b.pixels, b.text.clone(), b.pad);
-            Ok(Part::single(masked_token_ce(v.logits, b.text, b.answer)))
+            Ok(Part::single(sft_loss(model, b)))
         },
     )?;
     // The encoder learns again in whatever stage comes next (distillation).

@@ -1,0 +1,326 @@
+//! `evl-ecg bench train`: one SFT optimiser step of the built-in teacher and student, ours
+//! (burn `flex`) against the same model, weights, batch and optimiser in PyTorch.
+//!
+//! A step is what `evl_train::train::sft` runs per batch: the forward pass, the answer-token
+//! cross-entropy ([`evl_train::train::sft_loss`]), the backward pass and AdamW with per-tensor
+//! gradient clipping ([`evl_train::train::adamw`]). Both sides run the same fixed batch (the
+//! preset's SFT batch: 16 rows, every question about a drawn record together), at a constant
+//! learning rate; batch preparation is outside the timing on both. The loss of every step is
+//! compared: equal losses at the first step show the same model and batch, close ones later
+//! show the same optimiser.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::config::Config;
+use burn::optim::GradientsParams;
+use burn::tensor::Device;
+use evl_infer::input::{Sample, samples_from_records};
+use evl_infer::text::TextTokenizer;
+use evl_models::vlm::{EcgVlm, EcgVlmConfig};
+use evl_ops::job::{JobConfig, Role};
+use evl_train::train::{OptimConfig, adamw, batch_indices, sft_loss};
+
+use crate::args::TrainArgs;
+use crate::data::run_python;
+
+/// One measured model.
+struct Case {
+    name: String,
+    /// A bundle directory PyTorch reads.
+    dir: PathBuf,
+    model: EcgVlm,
+    optim: OptimConfig,
+    samples: Vec<Sample>,
+    tok: TextTokenizer,
+}
+
+/// What one side measured.
+#[derive(Debug, Clone)]
+struct Side {
+    median_ms: f64,
+    losses: Vec<f64>,
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// Synthetic records rendered for `spec` (the benchmark's batch source).
+fn synthetic(n: usize, seed: u64, spec: &evl_infer::input::InputSpec) -> Result<Vec<Sample>> {
+    let tmp = tempfile::tempdir()?;
+    let synth = ecg_synth::SynthConfig::default();
+    ecg_synth::write_dataset(tmp.path(), &synth, seed, n)?;
+    let recs = ecg_data::labelled::load_labelled(tmp.path(), Default::default())?;
+    Ok(samples_from_records(recs, spec, seed)?)
+}
+
+/// A model to measure: the bundle at `dir`, or (no `dir`) a freshly initialised model of the
+/// `zoo` preset's architecture for `role`, with a tokenizer trained on the records, written
+/// as a bundle under `tmp` for PyTorch to read.
+fn case(
+    role: Role,
+    dir: Option<&Path>,
+    records: usize,
+    tmp: &Path,
+    device: &Device,
+) -> Result<Case> {
+    let job = JobConfig::zoo();
+    let sec = match role {
+        Role::Teacher => &job.teacher,
+        Role::Student => &job.student,
+    };
+    let optim = sec.optim.clone();
+    let name = format!("{role:?}").to_lowercase();
+    match dir {
+        Some(d) => {
+            let cfg = EcgVlmConfig::load(d.join("config.json"))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", d.join("config.json").display()))?;
+            let spec: evl_infer::input::InputSpec = serde_json::from_str(
+                &std::fs::read_to_string(d.join("input.json"))
+                    .with_context(|| format!("reading {}", d.join("input.json").display()))?,
+            )
+            .with_context(|| format!("{}", d.join("input.json").display()))?;
+            let tok = TextTokenizer::load(&d.join("tokenizer.json"))?;
+            let model = evl_infer::bundle::load_weights(
+                cfg.init(device),
+                &d.join("model.safetensors"),
+            )?;
+            Ok(Case {
+                name: format!("{name} ({})", d.display()),
+                dir: d.to_path_buf(),
+                model,
+                optim,
+                samples: synthetic(records, 11, &spec)?,
+                tok,
+            })
+        }
+        None => {
+            let samples = synthetic(records, 11, &job.input)?;
+            let tok = TextTokenizer::train(&evl_infer::input::corpus(&samples), sec.vocab)?;
+            let mut arch = job.arch(role)?;
+            arch.vocab = tok.vocab_size();
+            device.seed(0);
+            let model = arch.init(device);
+            let out = tmp.join(&name);
+            evl_infer::bundle::save_bundle(
+                &out,
+                &model,
+                &arch,
+                &tok,
+                &job.input,
+                &evl_infer::text::superclass_space(),
+            )?;
+            Ok(Case {
+                name: format!("{name} (zoo preset, fresh)"),
+                dir: out,
+                model,
+                optim,
+                samples,
+                tok,
+            })
+        }
+    }
+}
+
+/// Our side: `warmup + steps` optimiser steps on one batch.
+fn ours(c: &Case, b: &evl_train::batch::Batch, lr: f64, warmup: usize, steps: usize) -> Side {
+    let mut model = c.model.clone().with_vision_trainable(!c.optim.freeze_vision);
+    let mut optim = adamw(&c.optim);
+    let mut losses = Vec::new();
+    let mut times = Vec::new();
+    for step in 0..warmup + steps {
+        let t = Instant::now();
+        let loss = sft_loss(&model, b.clone());
+        let value = loss
+            .clone()
+            .into_data()
+            .iter::<f32>()
+            .next()
+            .unwrap_or(f32::NAN);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+        if step >= warmup {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        losses.push(value as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Side {
+        median_ms: times[times.len() / 2],
+        losses,
+    }
+}
+
+/// `bench train`.
+pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
+    if a.steps == 0 || a.records == 0 {
+        bail!("--steps and --records must be at least 1");
+    }
+    let threads = if a.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.threads
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
+    let device = evl_models::DeviceSpec::Cpu
+        .device()
+        .map_err(|e| anyhow::anyhow!("cpu device: {e}"))?
+        .autodiff();
+    let tmp = tempfile::tempdir()?;
+    let scripts = crate::scripts::Scripts::write()?;
+    let mut rows = Vec::new();
+    for role in [Role::Student, Role::Teacher] {
+        let dir = match role {
+            Role::Teacher => a.teacher.as_deref(),
+            Role::Student => a.student.as_deref(),
+        };
+        let c = case(role, dir, a.records, tmp.path(), &device)?;
+        let idx = batch_indices(&c.samples, &c.optim, 0);
+        let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &c.samples[i]).collect();
+        let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
+        let input = c.model.input();
+        let b = evl_train::batch::make_batch(&ss, &turns, &c.tok, &input, &device);
+        let params = c.model.num_params();
+        let lr = c.optim.lr;
+        let rss_before = peak_rss_mib();
+        let us = ours(&c, &b, lr, a.warmup, a.steps);
+        let rss = peak_rss_mib();
+        let reference = if a.no_torch {
+            None
+        } else {
+            let shape = b.pixels.dims();
+            let data: Vec<f32> = b.pixels.clone().into_data().iter::<f32>().collect();
+            let px_path = tmp.path().join("pixels.f32");
+            let mut f = std::fs::File::create(&px_path)?;
+            for v in &data {
+                f.write_all(&v.to_le_bytes())?;
+            }
+            let width = b.rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+            let ids: Vec<Vec<i64>> = b
+                .rows
+                .iter()
+                .map(|(r, _)| {
+                    let mut r = r.clone();
+                    r.resize(width, 0);
+                    r
+                })
+                .collect();
+            let answer: Vec<Vec<bool>> = b
+                .rows
+                .iter()
+                .map(|(_, m)| {
+                    let mut m = m.clone();
+                    m.resize(width, false);
+                    m
+                })
+                .collect();
+            let job = serde_json::json!({
+                "model": std::fs::canonicalize(&c.dir)?,
+                "pixels": px_path, "pixels_shape": shape, "ids": ids, "answer": answer,
+                "freeze_vision": c.optim.freeze_vision, "lr": lr,
+                "weight_decay": c.optim.weight_decay, "clip_norm": c.optim.clip_norm,
+                "warmup": a.warmup, "steps": a.steps,
+            });
+            let job_path = tmp.path().join("train-job.json");
+            std::fs::write(&job_path, job.to_string())?;
+            let script = scripts.path(crate::scripts::TORCH_VLM);
+            match run_python(
+                &a.python,
+                &[
+                    script.to_str().unwrap_or_default(),
+                    "--job",
+                    job_path.to_str().unwrap_or_default(),
+                    "--threads",
+                    &threads.to_string(),
+                    "--train",
+                ],
+                None,
+            ) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    eprintln!(
+                        "note: PyTorch reference not run ({e}); pip install -r crates/evl-bench/scripts/requirements.txt"
+                    );
+                    None
+                }
+            }
+        };
+        rows.push((c.name, params, c.optim.freeze_vision, b.rows.len(), us, rss_before, rss, reference));
+    }
+    if json {
+        let data: Vec<_> = rows
+            .iter()
+            .map(|(name, params, frozen, batch, us, _, rss, r)| {
+                serde_json::json!({
+                    "case": name, "params": params, "frozen_encoder": frozen, "batch": batch,
+                    "threads": threads, "ours_ms": us.median_ms, "ours_losses": us.losses,
+                    "ours_peak_rss_mib": rss,
+                    "torch_ms": r.as_ref().map(|v| v["median_ms"].clone()),
+                    "torch_losses": r.as_ref().map(|v| v["losses"].clone()),
+                    "torch_peak_rss_mib": r.as_ref().map(|v| v["peak_rss_mib"].clone()),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"type": "bench", "data": {"case": "SFT training step", "rows": data}})
+        );
+        return Ok(());
+    }
+    println!(
+        "SFT optimiser step (forward, answer CE, backward, AdamW), one fixed batch, {threads} thread(s), median of {} steps after {} warm-up",
+        a.steps, a.warmup
+    );
+    for (name, params, frozen, batch, us, before, rss, r) in &rows {
+        println!(
+            "{name}: {params} parameters, batch {batch}, encoder {}",
+            if *frozen { "frozen (as the preset's SFT)" } else { "trained" }
+        );
+        println!(
+            "  evl-ecg burn flex  {:9.2} ms/step  (process peak RSS {:.0} MiB, {:.0} before the steps)",
+            us.median_ms,
+            rss.unwrap_or(f64::NAN),
+            before.unwrap_or(f64::NAN)
+        );
+        if let Some(v) = r {
+            let t = v["median_ms"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  PyTorch {:10} {t:9.2} ms/step  (process peak RSS {:.0} MiB)",
+                v["torch"].as_str().unwrap_or("?"),
+                v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+            );
+            println!("  speed-up vs PyTorch: {:.2}x", t / us.median_ms);
+            let theirs: Vec<f64> = v["losses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_f64())
+                .collect();
+            let first = (us.losses[0] - theirs.first().copied().unwrap_or(f64::NAN)).abs();
+            let worst = us
+                .losses
+                .iter()
+                .zip(&theirs)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f64::max);
+            println!(
+                "  same computation: step-1 loss {:.6} vs {:.6} (|d| {first:.1e}); largest |d| over {} steps {worst:.1e}; last {:.6} vs {:.6}",
+                us.losses[0],
+                theirs.first().copied().unwrap_or(f64::NAN),
+                theirs.len(),
+                us.losses.last().copied().unwrap_or(f64::NAN),
+                theirs.last().copied().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    Ok(())
+}
