@@ -134,6 +134,15 @@ fn ours(c: &Case, b: &evl_train::batch::Batch, lr: f64, warmup: usize, steps: us
     let mut optim = adamw(&c.optim);
     let mut losses = Vec::new();
     let mut times = Vec::new();
+    if std::env::var("EVL_PROBE").is_ok() {
+        let m = c.model.clone().with_vision_trainable(false);
+        for _ in 0..3 {
+            let t = Instant::now();
+            let v = m.encode(b.pixels.clone());
+            let _ = v.into_data();
+            eprintln!("encode {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
     for step in 0..warmup + steps {
         let t = Instant::now();
         let loss = sft_loss(&model, b.clone());
@@ -143,8 +152,18 @@ fn ours(c: &Case, b: &evl_train::batch::Batch, lr: f64, warmup: usize, steps: us
             .iter::<f32>()
             .next()
             .unwrap_or(f32::NAN);
+        let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let t2 = Instant::now();
         model = optim.step(lr, model, grads);
+        if std::env::var("EVL_PROBE").is_ok() {
+            eprintln!(
+                "fwd {:.1} bwd {:.1} opt {:.1}",
+                (t1 - t).as_secs_f64() * 1e3,
+                (t2 - t1).as_secs_f64() * 1e3,
+                t2.elapsed().as_secs_f64() * 1e3
+            );
+        }
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }

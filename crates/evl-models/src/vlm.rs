@@ -649,11 +649,25 @@ impl EcgVlm {
         text_pad: Tensor<2, Bool>,
         layer: Option<usize>,
     ) -> DistillView {
+        self.view_from_visual(self.encode(pixels), text, text_pad, layer)
+    }
+
+    /// [`EcgVlm::view_layer`] from visual tokens already computed by [`EcgVlm::encode`]
+    /// (a frozen encoder's tokens, computed once per record and reused on every step).
+    ///
+    /// # Panics
+    /// If `layer` is beyond [`EcgVlm::n_layers`] (callers check it against the model).
+    pub fn view_from_visual(
+        &self,
+        visual: Tensor<3>,
+        text: Tensor<2, Int>,
+        text_pad: Tensor<2, Bool>,
+        layer: Option<usize>,
+    ) -> DistillView {
         assert!(
             layer.is_none_or(|k| k <= self.n_layers()),
             "hidden layer beyond the decoder"
         );
-        let visual = self.encode(pixels);
         let [b, v, _] = visual.dims();
         let [_, t] = text.dims();
         let (h, at) = self.decode_at(visual.clone(), text, text_pad.clone(), layer);

@@ -468,3 +468,62 @@ fn frozen_vision_sft_trains_the_language_model_only() {
     let (m2, _) = evl_train::train::sft(m, &data, &tok, &cfg, None, &train_dev, |_| {}).unwrap();
     assert_ne!(part(&m2, "patch_embed"), enc0);
 }
+
+/// SFT on a frozen encoder computes its visual tokens once per record (the cache) instead of
+/// once per step: the same losses and the same trained weights as running the encoder on
+/// every step, for the signal student and the image teacher.
+#[test]
+fn caching_a_frozen_encoder_changes_no_loss() {
+    let _rng = rng_lock();
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(10);
+    let texts = evl_infer::input::corpus(&data);
+    let tok = TextTokenizer::train(&texts, 90).unwrap();
+    let mut qc = QuickstartConfig::preset(Preset::Tiny);
+    qc.teacher_input = "image".into();
+    for mut arch in [qc.student_model(), qc.teacher_model()] {
+        arch.vocab = tok.vocab_size();
+        let cfg = OptimConfig {
+            steps: 4,
+            batch_size: 4,
+            warmup: 1,
+            lr: 3e-3,
+            turns_per_record: 2,
+            freeze_vision: true,
+            ..OptimConfig::default()
+        };
+        let run = |cache: usize| {
+            train_dev.seed(9);
+            let model = arch.init(&train_dev);
+            evl_train::train::sft_with_cache(
+                model, &data, &tok, &cfg, None, &train_dev, |_| {}, cache,
+            )
+            .unwrap()
+        };
+        let (m0, l0) = run(0);
+        let (m1, l1) = run(usize::MAX);
+        for (a, b) in l0.iter().zip(&l1) {
+            assert!(
+                (a.total - b.total).abs() < 1e-5 * a.total.abs().max(1.0),
+                "{:?}: step {} loss {} without the cache, {} with it",
+                arch.input,
+                a.step,
+                a.total,
+                b.total
+            );
+        }
+        let (w0, w1) = (part(&m0, "lm_head"), part(&m1, "lm_head"));
+        let f = |b: &[u8]| -> Vec<f32> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let diff = f(&w0[0].1)
+            .iter()
+            .zip(f(&w1[0].1))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{:?}: lm_head differs by {diff}", arch.input);
+    }
+}

@@ -33,7 +33,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::batch::{Batch, make_batch};
+use crate::batch::{Batch, make_batch, make_text_batch};
 use crate::cache::teacher_cache;
 pub use crate::cache::{Teacher, TeacherCache, TeacherOut, cache_teacher, cache_teacher_at};
 use crate::checkpoint;
@@ -228,6 +228,11 @@ pub(crate) fn after_step<M: Module>(
 
 /// Supervised fine-tuning on all turns. Resumes from `run_dir` if it holds a checkpoint.
 /// Returns the trained model and the per-step log.
+///
+/// With `cfg.freeze_vision` the encoder's visual tokens are the same on every step, so they
+/// are computed once per training record ([`VisualCache`]) instead of once per step: the
+/// same losses (to float rounding; test `caching_a_frozen_encoder_changes_no_loss`), and for
+/// the image teacher most of a step's time saved (`evl-ecg bench train`, BENCHMARKS.md).
 pub fn sft(
     model: EcgVlm,
     samples: &[Sample],
@@ -237,8 +242,39 @@ pub fn sft(
     device: &Device,
     on_step: impl FnMut(&StepLog),
 ) -> Result<(EcgVlm, Vec<StepLog>)> {
+    sft_with_cache(
+        model,
+        samples,
+        tok,
+        cfg,
+        run_dir,
+        device,
+        on_step,
+        VISUAL_CACHE_BYTES,
+    )
+}
+
+/// The largest [`VisualCache`] SFT builds (1 GiB: 2,400 records of the image teacher's 48 x
+/// 192 tokens take 88 MB); a larger training set runs its frozen encoder on every step.
+pub const VISUAL_CACHE_BYTES: usize = 1 << 30;
+
+/// [`sft`] with the visual cache limited to `cache_bytes` (0: never cache, the encoder runs
+/// on every step).
+#[allow(clippy::too_many_arguments)] // sft's arguments plus the cache budget
+pub fn sft_with_cache(
+    model: EcgVlm,
+    samples: &[Sample],
+    tok: &TextTokenizer,
+    cfg: &OptimConfig,
+    run_dir: Option<&Path>,
+    device: &Device,
+    on_step: impl FnMut(&StepLog),
+    cache_bytes: usize,
+) -> Result<(EcgVlm, Vec<StepLog>)> {
     evl_infer::input::check_inputs(samples, &model.input())?;
     let input = model.input();
+    // Built on the first step, from the model as resumed and frozen.
+    let mut cache: Option<Option<VisualCache>> = None;
     let (model, logs) = step_loop(
         model,
         cfg,
@@ -250,13 +286,72 @@ pub fn sft(
             let idx = batch_indices(samples, cfg, micro);
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
-            let b = make_batch(&ss, &turns, tok, &input, device);
-            check_len(&b, model.max_text(), &ss, &turns)?;
-            Ok(Part::single(sft_loss(model, b)))
+            let cached = cache.get_or_insert_with(|| {
+                cfg.freeze_vision
+                    .then(|| VisualCache::build(model, samples, cfg.batch_size, cache_bytes, device))
+                    .flatten()
+            });
+            let loss = match cached {
+                Some(c) => {
+                    let t = make_text_batch(&ss, &turns, tok, device);
+                    check_len(&t.rows, model.max_text(), &ss, &turns)?;
+                    let rows: Vec<usize> = idx.iter().map(|&(i, _)| i).collect();
+                    let v = model.view_from_visual(c.batch(&rows, device), t.text.clone(), t.pad, None);
+                    masked_token_ce(v.logits, t.text, t.answer)
+                }
+                None => {
+                    let b = make_batch(&ss, &turns, tok, &input, device);
+                    check_len(&b.rows, model.max_text(), &ss, &turns)?;
+                    sft_loss(model, b)
+                }
+            };
+            Ok(Part::single(loss))
         },
     )?;
     // The encoder learns again in whatever stage comes next (distillation).
     Ok((model.with_vision_trainable(true), logs))
+}
+
+/// The visual tokens of a frozen encoder for every training record, on the host.
+pub struct VisualCache {
+    tokens: Vec<f32>,
+    v: usize,
+    d: usize,
+}
+
+impl VisualCache {
+    /// Encode every sample (in chunks of `chunk`), or `None` when the tokens would take more
+    /// than `max_bytes`.
+    pub fn build(
+        model: &EcgVlm,
+        samples: &[Sample],
+        chunk: usize,
+        max_bytes: usize,
+        device: &Device,
+    ) -> Option<VisualCache> {
+        let (v, d) = (model.n_visual(), model.facts().d_vision);
+        if samples.len() * v * d * std::mem::size_of::<f32>() > max_bytes {
+            return None;
+        }
+        let input = model.input();
+        let mut tokens = Vec::with_capacity(samples.len() * v * d);
+        for part in samples.chunks(chunk.max(1)) {
+            let refs: Vec<&Sample> = part.iter().collect();
+            let px = evl_infer::input::pixels(&refs, &input, device);
+            tokens.extend(model.encode(px).into_data().iter::<f32>());
+        }
+        Some(VisualCache { tokens, v, d })
+    }
+
+    /// The tokens of samples `rows`, `[rows, v, d]`.
+    pub fn batch(&self, rows: &[usize], device: &Device) -> Tensor<3> {
+        let n = self.v * self.d;
+        let mut out = Vec::with_capacity(rows.len() * n);
+        for &r in rows {
+            out.extend_from_slice(&self.tokens[r * n..(r + 1) * n]);
+        }
+        Tensor::from_data(TensorData::new(out, [rows.len(), self.v, self.d]), device)
+    }
 }
 
 /// One micro-batch's objective and what the step log shows of it.
@@ -341,8 +436,8 @@ pub(crate) fn step_loop<M: Module>(
 }
 
 /// A text longer than the model's position table is a configuration error, named.
-fn check_len(b: &crate::batch::Batch, max: usize, ss: &[&Sample], turns: &[usize]) -> Result<()> {
-    for (i, (ids, _)) in b.rows.iter().enumerate() {
+fn check_len(rows: &[(Vec<i64>, Vec<bool>)], max: usize, ss: &[&Sample], turns: &[usize]) -> Result<()> {
+    for (i, (ids, _)) in rows.iter().enumerate() {
         if ids.len() > max {
             return Err(Error::Config {
                 field: "max_text",
@@ -564,7 +659,7 @@ pub fn distill(
                 }
             };
             let b = make_batch(&ss, &turns, s_tok, &input, device);
-            check_len(&b, model.student.max_text(), &ss, &turns)?;
+            check_len(&b.rows, model.student.max_text(), &ss, &turns)?;
             let v = model
                 .student
                 .view_layer(b.pixels, b.text.clone(), b.pad, cfg.student_layer);
