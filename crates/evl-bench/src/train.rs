@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::module::Module;
 use burn::config::Config;
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use evl_infer::input::{Sample, samples_from_records};
 use evl_infer::text::TextTokenizer;
+use evl_kd::task::masked_token_ce;
 use evl_models::vlm::{EcgVlm, EcgVlmConfig};
 use evl_ops::job::{JobConfig, Role};
 use evl_train::train::{OptimConfig, adamw, batch_indices, sft_loss};
@@ -87,10 +88,8 @@ fn case(
             )
             .with_context(|| format!("{}", d.join("input.json").display()))?;
             let tok = TextTokenizer::load(&d.join("tokenizer.json"))?;
-            let model = evl_infer::bundle::load_weights(
-                cfg.init(device),
-                &d.join("model.safetensors"),
-            )?;
+            let model =
+                evl_infer::bundle::load_weights(cfg.init(device), &d.join("model.safetensors"))?;
             Ok(Case {
                 name: format!("{name} ({})", d.display()),
                 dir: d.to_path_buf(),
@@ -128,42 +127,41 @@ fn case(
     }
 }
 
-/// Our side: `warmup + steps` optimiser steps on one batch.
-fn ours(c: &Case, b: &evl_train::batch::Batch, lr: f64, warmup: usize, steps: usize) -> Side {
-    let mut model = c.model.clone().with_vision_trainable(!c.optim.freeze_vision);
+/// Our side: `warmup + steps` optimiser steps on one batch; with `cached`, the frozen
+/// encoder's visual tokens are computed once before the steps (as `sft` does).
+fn ours(
+    c: &Case,
+    b: &evl_train::batch::Batch,
+    lr: f64,
+    warmup: usize,
+    steps: usize,
+    cached: bool,
+) -> Side {
+    let mut model = c
+        .model
+        .clone()
+        .with_vision_trainable(!c.optim.freeze_vision);
     let mut optim = adamw(&c.optim);
+    let visual = cached.then(|| model.encode(b.pixels.clone()));
     let mut losses = Vec::new();
     let mut times = Vec::new();
-    if std::env::var("EVL_PROBE").is_ok() {
-        let m = c.model.clone().with_vision_trainable(false);
-        for _ in 0..3 {
-            let t = Instant::now();
-            let v = m.encode(b.pixels.clone());
-            let _ = v.into_data();
-            eprintln!("encode {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
     for step in 0..warmup + steps {
         let t = Instant::now();
-        let loss = sft_loss(&model, b.clone());
+        let loss = match &visual {
+            Some(v) => {
+                let view = model.view_from_visual(v.clone(), b.text.clone(), b.pad.clone(), None);
+                masked_token_ce(view.logits, b.text.clone(), b.answer.clone())
+            }
+            None => sft_loss(&model, b.clone()),
+        };
         let value = loss
             .clone()
             .into_data()
             .iter::<f32>()
             .next()
             .unwrap_or(f32::NAN);
-        let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let t2 = Instant::now();
         model = optim.step(lr, model, grads);
-        if std::env::var("EVL_PROBE").is_ok() {
-            eprintln!(
-                "fwd {:.1} bwd {:.1} opt {:.1}",
-                (t1 - t).as_secs_f64() * 1e3,
-                (t2 - t1).as_secs_f64() * 1e3,
-                t2.elapsed().as_secs_f64() * 1e3
-            );
-        }
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -198,6 +196,10 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
     let scripts = crate::scripts::Scripts::write()?;
     let mut rows = Vec::new();
     for role in [Role::Student, Role::Teacher] {
+        let name = format!("{role:?}").to_lowercase();
+        if a.only.as_ref().is_some_and(|o| *o != name) {
+            continue;
+        }
         let dir = match role {
             Role::Teacher => a.teacher.as_deref(),
             Role::Student => a.student.as_deref(),
@@ -210,70 +212,91 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
         let b = evl_train::batch::make_batch(&ss, &turns, &c.tok, &input, &device);
         let params = c.model.num_params();
         let lr = c.optim.lr;
-        let rss_before = peak_rss_mib();
-        let us = ours(&c, &b, lr, a.warmup, a.steps);
-        let rss = peak_rss_mib();
-        let reference = if a.no_torch {
-            None
+        let variants: &[bool] = if c.optim.freeze_vision {
+            &[false, true]
         } else {
-            let shape = b.pixels.dims();
-            let data: Vec<f32> = b.pixels.clone().into_data().iter::<f32>().collect();
-            let px_path = tmp.path().join("pixels.f32");
-            let mut f = std::fs::File::create(&px_path)?;
-            for v in &data {
-                f.write_all(&v.to_le_bytes())?;
-            }
-            let width = b.rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-            let ids: Vec<Vec<i64>> = b
-                .rows
-                .iter()
-                .map(|(r, _)| {
-                    let mut r = r.clone();
-                    r.resize(width, 0);
-                    r
-                })
-                .collect();
-            let answer: Vec<Vec<bool>> = b
-                .rows
-                .iter()
-                .map(|(_, m)| {
-                    let mut m = m.clone();
-                    m.resize(width, false);
-                    m
-                })
-                .collect();
-            let job = serde_json::json!({
-                "model": std::fs::canonicalize(&c.dir)?,
-                "pixels": px_path, "pixels_shape": shape, "ids": ids, "answer": answer,
-                "freeze_vision": c.optim.freeze_vision, "lr": lr,
-                "weight_decay": c.optim.weight_decay, "clip_norm": c.optim.clip_norm,
-                "warmup": a.warmup, "steps": a.steps,
-            });
-            let job_path = tmp.path().join("train-job.json");
-            std::fs::write(&job_path, job.to_string())?;
-            let script = scripts.path(crate::scripts::TORCH_VLM);
-            match run_python(
-                &a.python,
-                &[
-                    script.to_str().unwrap_or_default(),
-                    "--job",
-                    job_path.to_str().unwrap_or_default(),
-                    "--threads",
-                    &threads.to_string(),
-                    "--train",
-                ],
-                None,
-            ) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    eprintln!(
-                        "note: PyTorch reference not run ({e}); pip install -r crates/evl-bench/scripts/requirements.txt"
-                    );
-                    None
-                }
-            }
+            &[false]
         };
-        rows.push((c.name, params, c.optim.freeze_vision, b.rows.len(), us, rss_before, rss, reference));
+        for &cached in variants {
+            let rss_before = peak_rss_mib();
+            let us = ours(&c, &b, lr, a.warmup, a.steps, cached);
+            let rss = peak_rss_mib();
+            let reference = if a.no_torch {
+                None
+            } else {
+                let shape = b.pixels.dims();
+                let data: Vec<f32> = b.pixels.clone().into_data().iter::<f32>().collect();
+                let px_path = tmp.path().join("pixels.f32");
+                let mut f = std::fs::File::create(&px_path)?;
+                for v in &data {
+                    f.write_all(&v.to_le_bytes())?;
+                }
+                let width = b.rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+                let ids: Vec<Vec<i64>> = b
+                    .rows
+                    .iter()
+                    .map(|(r, _)| {
+                        let mut r = r.clone();
+                        r.resize(width, 0);
+                        r
+                    })
+                    .collect();
+                let answer: Vec<Vec<bool>> = b
+                    .rows
+                    .iter()
+                    .map(|(_, m)| {
+                        let mut m = m.clone();
+                        m.resize(width, false);
+                        m
+                    })
+                    .collect();
+                let job = serde_json::json!({
+                    "model": std::fs::canonicalize(&c.dir)?,
+                    "pixels": px_path, "pixels_shape": shape, "ids": ids, "answer": answer,
+                    "freeze_vision": c.optim.freeze_vision, "lr": lr,
+                    "weight_decay": c.optim.weight_decay, "clip_norm": c.optim.clip_norm,
+                    "warmup": a.warmup, "steps": a.steps, "cache_visual": cached,
+                });
+                let job_path = tmp.path().join("train-job.json");
+                std::fs::write(&job_path, job.to_string())?;
+                let script = scripts.path(crate::scripts::TORCH_VLM);
+                match run_python(
+                    &a.python,
+                    &[
+                        script.to_str().unwrap_or_default(),
+                        "--job",
+                        job_path.to_str().unwrap_or_default(),
+                        "--threads",
+                        &threads.to_string(),
+                        "--train",
+                    ],
+                    None,
+                ) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        eprintln!(
+                            "note: PyTorch reference not run ({e}); pip install -r crates/evl-bench/scripts/requirements.txt"
+                        );
+                        None
+                    }
+                }
+            };
+            let name = if cached {
+                format!("{}, visual tokens computed once (as sft does)", c.name)
+            } else {
+                c.name.clone()
+            };
+            rows.push((
+                name,
+                params,
+                c.optim.freeze_vision,
+                b.rows.len(),
+                us,
+                rss_before,
+                rss,
+                reference,
+            ));
+        }
     }
     if json {
         let data: Vec<_> = rows
@@ -302,7 +325,11 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
     for (name, params, frozen, batch, us, before, rss, r) in &rows {
         println!(
             "{name}: {params} parameters, batch {batch}, encoder {}",
-            if *frozen { "frozen (as the preset's SFT)" } else { "trained" }
+            if *frozen {
+                "frozen (as the preset's SFT)"
+            } else {
+                "trained"
+            }
         );
         println!(
             "  evl-ecg burn flex  {:9.2} ms/step  (process peak RSS {:.0} MiB, {:.0} before the steps)",

@@ -497,7 +497,14 @@ fn caching_a_frozen_encoder_changes_no_loss() {
             train_dev.seed(9);
             let model = arch.init(&train_dev);
             evl_train::train::sft_with_cache(
-                model, &data, &tok, &cfg, None, &train_dev, |_| {}, cache,
+                model,
+                &data,
+                &tok,
+                &cfg,
+                None,
+                &train_dev,
+                |_| {},
+                cache,
             )
             .unwrap()
         };

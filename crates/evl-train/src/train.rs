@@ -288,7 +288,9 @@ pub fn sft_with_cache(
             let turns: Vec<usize> = idx.iter().map(|&(_, k)| k).collect();
             let cached = cache.get_or_insert_with(|| {
                 cfg.freeze_vision
-                    .then(|| VisualCache::build(model, samples, cfg.batch_size, cache_bytes, device))
+                    .then(|| {
+                        VisualCache::build(model, samples, cfg.batch_size, cache_bytes, device)
+                    })
                     .flatten()
             });
             let loss = match cached {
@@ -296,7 +298,8 @@ pub fn sft_with_cache(
                     let t = make_text_batch(&ss, &turns, tok, device);
                     check_len(&t.rows, model.max_text(), &ss, &turns)?;
                     let rows: Vec<usize> = idx.iter().map(|&(i, _)| i).collect();
-                    let v = model.view_from_visual(c.batch(&rows, device), t.text.clone(), t.pad, None);
+                    let v =
+                        model.view_from_visual(c.batch(&rows, device), t.text.clone(), t.pad, None);
                     masked_token_ce(v.logits, t.text, t.answer)
                 }
                 None => {
@@ -436,7 +439,12 @@ pub(crate) fn step_loop<M: Module>(
 }
 
 /// A text longer than the model's position table is a configuration error, named.
-fn check_len(rows: &[(Vec<i64>, Vec<bool>)], max: usize, ss: &[&Sample], turns: &[usize]) -> Result<()> {
+fn check_len(
+    rows: &[(Vec<i64>, Vec<bool>)],
+    max: usize,
+    ss: &[&Sample],
+    turns: &[usize],
+) -> Result<()> {
     for (i, (ids, _)) in rows.iter().enumerate() {
         if ids.len() > max {
             return Err(Error::Config {

@@ -420,3 +420,32 @@ fn quickstart_loads_a_teacher_checkpoint_instead_of_training_one() {
     assert!(!ok && err.contains("config.json"), "{err}");
     assert!(!tmp.path().join("q3").exists());
 }
+
+/// `bench train` runs a step of both built-in models, with and without the frozen encoder's
+/// token cache, and the two forms train the same model: equal first-step losses.
+#[test]
+fn bench_train_steps_both_models_in_both_forms() {
+    let (ok, stdout, err) = run(bin().args([
+        "--json",
+        "bench",
+        "train",
+        "--no-torch",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--records",
+        "8",
+    ]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let rows = v["data"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for pair in rows.chunks(2) {
+        let first = |r: &serde_json::Value| r["ours_losses"][0].as_f64().unwrap();
+        let (a, b) = (first(&pair[0]), first(&pair[1]));
+        assert!(a.is_finite() && a > 0.0, "{pair:?}");
+        assert!((a - b).abs() < 1e-5, "cached {b} vs per-step {a}");
+        assert!(pair[0]["ours_ms"].as_f64().unwrap() > 0.0);
+    }
+}
