@@ -150,6 +150,7 @@ fn patient_of(header_text: &str) -> Option<String> {
 pub fn load_labelled(spec: &Path, opts: LoadOptions) -> Result<Vec<Labelled>> {
     let read = ecg_io::ReadOptions {
         verify_checksum: opts.verify_checksum,
+        ..Default::default()
     };
     let kind = spec_kind(spec)?;
     let cap = opts.limit.unwrap_or(usize::MAX);

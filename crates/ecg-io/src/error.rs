@@ -40,7 +40,7 @@ pub enum Error {
     },
     /// A WFDB storage format this crate does not decode.
     #[error(
-        "{}: signal {signal} is in format {format}; supported: 16, 212, 80, 24, 32, 61, 310, 311",
+        "{}: signal {signal} is in format {format}; supported: 8, 16, 24, 32, 61, 80, 160, 212, 310, 311 (FLAC 508/516/524 not yet)",
         .path.display()
     )]
     UnsupportedFormat {

@@ -2,8 +2,10 @@
 //! encoding back. The formats are small bit-packing rules (signal(5) in the WFDB manual); no
 //! maintained Rust crate decodes all of them, so they live here with known-answer tests.
 
-/// Formats this module decodes and encodes.
-pub const SUPPORTED: [u32; 8] = [16, 212, 80, 24, 32, 61, 310, 311];
+/// Formats this module decodes and encodes. Format 8 stores first differences: [`decode`]
+/// returns the differences, and the record reader adds them up from the header's initial
+/// value (as WFDB and wfdb-python do).
+pub const SUPPORTED: [u32; 10] = [16, 212, 80, 24, 32, 61, 310, 311, 8, 160];
 
 /// Whether `format` is decoded by [`decode`].
 pub fn is_supported(format: u32) -> bool {
@@ -11,22 +13,23 @@ pub fn is_supported(format: u32) -> bool {
 }
 
 /// The value a format uses to mark a missing sample (WFDB's "invalid sample"); physical
-/// values of these samples are NaN.
-pub fn invalid_value(format: u32) -> i32 {
+/// values of these samples are NaN. Format 8 (differences) has none.
+pub fn invalid_value(format: u32) -> Option<i32> {
     match format {
-        80 => -128,
-        212 => -2048,
-        310 | 311 => -512,
-        24 => -(1 << 23),
-        32 => i32::MIN,
-        _ => -32768,
+        8 => None,
+        80 => Some(-128),
+        212 => Some(-2048),
+        310 | 311 => Some(-512),
+        24 => Some(-(1 << 23)),
+        32 => Some(i32::MIN),
+        _ => Some(-32768),
     }
 }
 
-/// Inclusive range of values a format stores.
+/// Inclusive range of values a format stores (for format 8, of each difference).
 pub fn value_range(format: u32) -> (i64, i64) {
     match format {
-        80 => (-128, 127),
+        8 | 80 => (-128, 127),
         212 => (-2048, 2047),
         310 | 311 => (-512, 511),
         24 => (-(1 << 23), (1 << 23) - 1),
@@ -38,8 +41,8 @@ pub fn value_range(format: u32) -> (i64, i64) {
 /// Bytes needed to store `n` samples (the packed formats round up to whole bytes).
 pub fn bytes_for(format: u32, n: u64) -> u64 {
     match format {
-        80 => n,
-        16 | 61 => 2 * n,
+        8 | 80 => n,
+        16 | 61 | 160 => 2 * n,
         24 => 3 * n,
         32 => 4 * n,
         212 => (3 * n).div_ceil(2),
@@ -52,8 +55,8 @@ pub fn bytes_for(format: u32, n: u64) -> u64 {
 /// Whole samples that `bytes` bytes hold.
 pub fn samples_in(format: u32, bytes: u64) -> u64 {
     match format {
-        80 => bytes,
-        16 | 61 => bytes / 2,
+        8 | 80 => bytes,
+        16 | 61 | 160 => bytes / 2,
         24 => bytes / 3,
         32 => bytes / 4,
         212 => (2 * bytes) / 3,
@@ -92,6 +95,12 @@ pub fn decode(format: u32, bytes: &[u8], n: usize, out: &mut Vec<i32>) {
                 .map(|c| i16::from_be_bytes([c[0], c[1]]) as i32),
         ),
         80 => out.extend(bytes[..n].iter().map(|&b| b as i32 - 128)),
+        8 => out.extend(bytes[..n].iter().map(|&b| b as i8 as i32)),
+        160 => out.extend(
+            bytes[..2 * n]
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as i32 - 32768),
+        ),
         24 => out.extend(
             bytes[..3 * n]
                 .chunks_exact(3)
@@ -162,6 +171,16 @@ pub fn encode(format: u32, samples: &[i32]) -> Vec<u8> {
         80 => {
             for (b, &v) in out.iter_mut().zip(samples) {
                 *b = (v + 128) as u8;
+            }
+        }
+        8 => {
+            for (b, &v) in out.iter_mut().zip(samples) {
+                *b = v as i8 as u8;
+            }
+        }
+        160 => {
+            for (c, &v) in out.chunks_exact_mut(2).zip(samples) {
+                c.copy_from_slice(&((v + 32768) as u16).to_le_bytes());
             }
         }
         24 => {

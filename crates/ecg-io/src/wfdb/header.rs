@@ -37,6 +37,9 @@ pub struct SignalSpec {
     pub samples_per_frame: u32,
     /// Byte offset of the first sample in the file (`16+24` -> 24).
     pub byte_offset: u64,
+    /// Skew in frames (`212:3` -> 3): sample `i` of this signal is stored in frame `i + skew`
+    /// of the file.
+    pub skew: u32,
     /// ADC units per physical unit (200 when the header gives 0 or nothing).
     pub gain: f64,
     /// ADC value of physical zero (defaults to `adc_zero`).
@@ -86,12 +89,16 @@ impl Header {
         let mut lines = Vec::new();
         for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
             let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-            let text = std::str::from_utf8(raw).map_err(|_| Error::NotUtf8 {
-                path: path.to_path_buf(),
-                line: i + 1,
-            })?;
+            // UTF-8, or else Latin-1 (every byte is one character), as older PhysioNet
+            // headers are written (`µV` as the single byte 0xB5).
+            let text = match std::str::from_utf8(raw) {
+                Ok(t) => t.to_string(),
+                Err(_) => raw.iter().map(|&b| b as char).collect(),
+            };
+            let _ = i;
             lines.push(text);
         }
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
         Header::parse_lines(&lines, path)
     }
 
@@ -208,6 +215,9 @@ impl Header {
             if sig.samples_per_frame != 1 {
                 fmtfield.push_str(&format!("x{}", sig.samples_per_frame));
             }
+            if sig.skew != 0 {
+                fmtfield.push_str(&format!(":{}", sig.skew));
+            }
             if sig.byte_offset != 0 {
                 fmtfield.push_str(&format!("+{}", sig.byte_offset));
             }
@@ -259,9 +269,13 @@ fn parse_signal_line(path: &Path, line: usize, index: usize, text: &str) -> Resu
         Some((a, b)) => (a, Some(b)),
         None => (fmt_text, None),
     };
-    let (fmt_main, _skew) = match fmt_main.split_once(':') {
-        Some((a, b)) => (a, Some(b)),
-        None => (fmt_main, None),
+    let (fmt_main, skew) = match fmt_main.split_once(':') {
+        Some((a, b)) => (
+            a,
+            b.parse::<u32>()
+                .map_err(|_| field_err(path, line, "skew", "a non-negative integer", fmt_text))?,
+        ),
+        None => (fmt_main, 0),
     };
     let (code_text, spf_text) = match fmt_main.split_once('x') {
         Some((a, b)) => (a, Some(b)),
@@ -333,7 +347,7 @@ fn parse_signal_line(path: &Path, line: usize, index: usize, text: &str) -> Resu
                     g,
                 )
             })?;
-            if !gv.is_finite() || gv < 0.0 {
+            if !gv.is_finite() {
                 return Err(field_err(
                     path,
                     line,
@@ -393,6 +407,7 @@ fn parse_signal_line(path: &Path, line: usize, index: usize, text: &str) -> Resu
         format,
         samples_per_frame,
         byte_offset,
+        skew,
         gain,
         baseline: baseline_opt.unwrap_or(adc_zero),
         units,
@@ -457,7 +472,12 @@ mod tests {
             ),
             "{e}"
         );
-        let e = parse("r 1 500 10\nr.dat 16 -3 16 0\n").unwrap_err();
+        // A negative gain is kept (an inverted channel, as wfdb-python reads it).
+        assert_eq!(
+            parse("r 1 500 10\nr.dat 16 -3 16 0\n").unwrap().signals[0].gain,
+            -3.0
+        );
+        let e = parse("r 1 500 10\nr.dat 16 inf 16 0\n").unwrap_err();
         assert!(matches!(e, Error::Header { field: "gain", .. }), "{e}");
         let e = parse("r 2 500 10\nr.dat 16 200 16 0\n").unwrap_err();
         assert!(
@@ -483,9 +503,14 @@ mod tests {
         );
         let e = parse("r/3 1 500\n").unwrap_err();
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-        let e = Header::parse_bytes(b"r 1 500 10\n#\xff\xfe\nr.dat 16\n", Path::new("t.hea"))
-            .unwrap_err();
-        assert!(matches!(e, Error::NotUtf8 { line: 2, .. }), "{e}");
+        // Not UTF-8: read as Latin-1, byte for character.
+        let h = Header::parse_bytes(
+            b"r 1 500 10\n#\xb5V\nr.dat 16 200/\xb5V\n",
+            Path::new("t.hea"),
+        )
+        .unwrap();
+        assert_eq!(h.comments, ["\u{b5}V"]);
+        assert_eq!(h.signals[0].units, "\u{b5}V");
     }
 
     #[test]

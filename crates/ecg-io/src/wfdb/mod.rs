@@ -14,17 +14,34 @@ pub use header::{Header, SignalSpec};
 use crate::error::{Error, Result};
 use crate::record::{Channel, Record};
 
+/// How a signal with several samples per frame (`16x2` in the header) is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frames {
+    /// One value per frame: the mean of the frame's samples, truncated to an integer ADC
+    /// value as wfdb-python's default (`smooth_frames=True`) does; the record's rate is the
+    /// frame rate.
+    #[default]
+    Smooth,
+    /// Every sample: each signal repeated up to the least common multiple of the samples per
+    /// frame, so that all share one rate (the frame rate times that multiple). The distinct
+    /// samples are wfdb-python's `smooth_frames=False` values.
+    Expand,
+}
+
 /// How strictly to read.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadOptions {
     /// Compare each signal's 16-bit sum with the header checksum (default on).
     pub verify_checksum: bool,
+    /// Signals with several samples per frame: averaged (default) or expanded.
+    pub frames: Frames,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
         ReadOptions {
             verify_checksum: true,
+            frames: Frames::Smooth,
         }
     }
 }
@@ -56,6 +73,12 @@ pub fn read_record(record: &Path, opts: ReadOptions) -> Result<Record> {
 }
 
 /// Read the signal files a parsed header points to.
+///
+/// Per signal file: the frames are decoded (a frame holds `samples_per_frame` samples of each
+/// of its signals, in order), format 8's differences are added up from the initial values,
+/// each signal's skew is applied (sample `i` is frame `i + skew`; past the end of the
+/// record, invalid, as wfdb-python pads), the checksum is compared over the stored samples,
+/// and frames are averaged or expanded as [`ReadOptions::frames`] says.
 pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<Record> {
     let dir = Header::dir(hpath);
     for (i, s) in header.signals.iter().enumerate() {
@@ -64,12 +87,6 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
                 path: hpath.to_path_buf(),
                 signal: i,
                 format: s.format,
-            });
-        }
-        if s.samples_per_frame != 1 {
-            return Err(Error::Unsupported {
-                path: hpath.to_path_buf(),
-                what: format!("signal {i}: {} samples per frame", s.samples_per_frame),
             });
         }
     }
@@ -86,8 +103,9 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
         };
         groups.entry(g).or_default().push(i);
     }
-    let mut adc: Vec<Vec<i32>> = vec![Vec::new(); header.signals.len()];
-    let mut n_samples = header.n_samples;
+    // Each signal's samples, every sample of every frame (skew applied).
+    let mut expanded: Vec<Vec<i32>> = vec![Vec::new(); header.signals.len()];
+    let mut n_frames = header.n_samples;
     for (g, members) in &groups {
         let spec = &header.signals[*g];
         for &m in members {
@@ -115,20 +133,29 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
             m.check_against(&fpath, members.len(), header.n_samples, offset)?;
             data_len = data_len.min(m.data_bytes());
         }
-        let nsig = members.len() as u64;
-        let frames = match n_samples {
-            Some(n) => n as u64,
-            None => format::samples_in(spec.format, data_len) / nsig,
-        };
+        let spf: Vec<u64> = members
+            .iter()
+            .map(|&m| header.signals[m].samples_per_frame as u64)
+            .collect();
+        let per_frame: u64 = spf.iter().sum();
+        let stored = format::samples_in(spec.format, data_len) / per_frame;
+        let frames = n_frames.map_or(stored, |n| n as u64);
         // A header can claim any sample count: overflow means "more than any file holds".
         let need = frames
-            .checked_mul(nsig)
+            .checked_mul(per_frame)
             .filter(|&s| s.checked_mul(4).is_some())
             .map_or(u64::MAX, |s| format::bytes_for(spec.format, s));
-        // Accept padding shorter than one frame (packed formats round up); anything else
-        // means the header and the file disagree. An offset past the end holds nothing.
-        let frame_bytes = format::bytes_for(spec.format, nsig).max(1);
-        if offset > bytes.len() as u64 || data_len < need || data_len - need >= frame_bytes {
+        // Accept padding shorter than one frame (packed formats round up), and the extra
+        // frames a skewed signal reads past the record's end; anything else means the header
+        // and the file disagree. An offset past the end holds nothing.
+        let max_skew = members
+            .iter()
+            .map(|&m| header.signals[m].skew as u64)
+            .max()
+            .unwrap_or(0);
+        let frame_bytes = format::bytes_for(spec.format, per_frame).max(1);
+        let slack = frame_bytes.saturating_mul(max_skew + 1);
+        if offset > bytes.len() as u64 || data_len < need || data_len - need >= slack {
             return Err(Error::SampleCount {
                 path: fpath,
                 record: header.record.clone(),
@@ -140,45 +167,58 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
                 found_bytes: data_len,
             });
         }
-        n_samples = Some(frames as usize);
+        n_frames = Some(frames as usize);
+        // Decode the record's frames and, for skewed signals, up to `max_skew` more.
+        let decoded = (frames + max_skew).min(stored.max(frames));
         let start = offset as usize;
-        let k = members.len();
-        let mut chans: Vec<Vec<i32>> = Vec::with_capacity(k);
-        if spec.format == 16 {
-            // Fast path for the most common format: one strided pass per channel straight
+        let mut chans: Vec<Vec<i32>> = spf
+            .iter()
+            .map(|&k| Vec::with_capacity((decoded * k) as usize))
+            .collect();
+        if spec.format == 16 && per_frame == members.len() as u64 {
+            // Fast path for the most common layout: one strided pass per signal straight
             // from the bytes (no intermediate stream).
+            let k = members.len();
             let frame_len = 2 * k;
-            let data = &bytes[start..start + frames as usize * frame_len];
-            for j in 0..k {
-                let c: Vec<i32> = data
-                    .chunks_exact(frame_len)
-                    .map(|f| i16::from_le_bytes([f[2 * j], f[2 * j + 1]]) as i32)
-                    .collect();
-                chans.push(c);
+            let data = &bytes[start..start + decoded as usize * frame_len];
+            for (j, c) in chans.iter_mut().enumerate() {
+                c.extend(
+                    data.chunks_exact(frame_len)
+                        .map(|f| i16::from_le_bytes([f[2 * j], f[2 * j + 1]]) as i32),
+                );
             }
         } else {
-            chans.extend((0..k).map(|_| Vec::with_capacity(frames as usize)));
             let mut stream = Vec::new();
             format::decode(
                 spec.format,
                 &bytes[start..],
-                (frames * nsig) as usize,
+                (decoded * per_frame) as usize,
                 &mut stream,
             );
-            for frame in stream.chunks_exact(k) {
-                for (c, &v) in chans.iter_mut().zip(frame) {
-                    c.push(v);
+            for frame in stream.chunks_exact(per_frame as usize) {
+                let mut at = 0;
+                for (c, &k) in chans.iter_mut().zip(&spf) {
+                    c.extend_from_slice(&frame[at..at + k as usize]);
+                    at += k as usize;
                 }
             }
         }
-        for (&m, c) in members.iter().zip(chans) {
-            adc[m] = c;
+        if spec.format == 8 {
+            // First differences from the header's initial value (0 when absent).
+            for (c, &m) in chans.iter_mut().zip(members) {
+                let mut v = header.signals[m].initial_value.unwrap_or(0) as i32;
+                for x in c.iter_mut() {
+                    v = v.wrapping_add(*x);
+                    *x = v;
+                }
+            }
         }
         if opts.verify_checksum {
-            for &m in members {
+            for (c, &m) in chans.iter().zip(members) {
                 let s = &header.signals[m];
                 if let Some(expected) = s.checksum {
-                    let sum: i64 = adc[m].iter().map(|&v| v as i64).sum();
+                    let n = (frames * s.samples_per_frame as u64) as usize;
+                    let sum: i64 = c[..n.min(c.len())].iter().map(|&v| v as i64).sum();
                     let found = wrap16(sum);
                     if found != wrap16(expected as i64) {
                         return Err(Error::Checksum {
@@ -193,22 +233,57 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
                 }
             }
         }
+        for (mut c, &m) in chans.into_iter().zip(members) {
+            let s = &header.signals[m];
+            let k = s.samples_per_frame as usize;
+            let skip = (s.skew as usize * k).min(c.len());
+            c.drain(..skip);
+            let want = frames as usize * k;
+            c.truncate(want);
+            let pad = format::invalid_value(s.format).unwrap_or(0);
+            c.resize(want, pad);
+            expanded[m] = c;
+        }
     }
-    let n_samples = n_samples.unwrap_or(0);
-    let channels = header
+    let n_frames = n_frames.unwrap_or(0);
+    let lcm = header
         .signals
         .iter()
-        .zip(adc)
-        .map(|(s, a)| Channel {
+        .map(|s| s.samples_per_frame as usize)
+        .fold(1, lcm);
+    let mut channels = Vec::with_capacity(header.signals.len());
+    for (s, e) in header.signals.iter().zip(expanded) {
+        let k = s.samples_per_frame as usize;
+        let invalid = format::invalid_value(s.format);
+        let mut ch = Channel {
             lead: s.lead.clone(),
             description: s.description.clone(),
             gain: s.gain,
             baseline: s.baseline,
             units: s.units.clone(),
-            adc: a,
-            invalid: Some(format::invalid_value(s.format)),
-        })
-        .collect();
+            adc: e,
+            invalid,
+        };
+        if k > 1 {
+            match opts.frames {
+                Frames::Smooth => smooth(&mut ch, k),
+                Frames::Expand => {}
+            }
+        }
+        if opts.frames == Frames::Expand && lcm / k > 1 {
+            let r = lcm / k;
+            ch.adc = ch
+                .adc
+                .iter()
+                .flat_map(|&v| std::iter::repeat_n(v, r))
+                .collect();
+        }
+        channels.push(ch);
+    }
+    let (fs, n_samples) = match opts.frames {
+        Frames::Smooth => (header.fs, n_frames),
+        Frames::Expand => (header.fs * lcm as f64, n_frames * lcm),
+    };
     // Early CinC headers write the record name as `E00015.mat`; use the file stem.
     let name = header
         .record
@@ -217,12 +292,35 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
         .to_string();
     Ok(Record {
         name,
-        fs: header.fs,
+        fs,
         n_samples,
         channels,
         comments: header.comments.clone(),
         base_time: header.base_time.clone(),
     })
+}
+
+/// One value per frame from a channel's `k` samples per frame, as wfdb-python 4.3.1's
+/// `smooth_frames` computes it: the integer mean of the frame's digital samples, truncated
+/// toward zero (its sum in 64 bits divided by `k` and stored in an integer array); the frame
+/// is invalid only when that mean equals the format's invalid value.
+fn smooth(ch: &mut Channel, k: usize) {
+    ch.adc = ch
+        .adc
+        .chunks_exact(k)
+        .map(|f| {
+            // The mean of i32 samples fits an i32.
+            (f.iter().map(|&v| v as i64).sum::<i64>() / k as i64) as i32
+        })
+        .collect();
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    a / gcd(a, b) * b
 }
 
 /// WFDB's checksum: the sum of the samples as a signed 16-bit value.
@@ -234,7 +332,7 @@ pub fn wrap16(sum: i64) -> i32 {
 /// file in `format`, with checksums and initial values. Temporary files are renamed into
 /// place so a reader never sees half a record.
 pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
-    if !format::is_supported(format) {
+    if !format::is_supported(format) || format == 8 {
         return Err(Error::Write {
             record: record.name.clone(),
             signal: 0,
@@ -280,6 +378,7 @@ pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
                 format,
                 samples_per_frame: 1,
                 byte_offset: 0,
+                skew: 0,
                 gain: c.gain,
                 baseline: c.baseline,
                 units: c.units.clone(),

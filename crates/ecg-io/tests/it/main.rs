@@ -5,6 +5,7 @@
 mod malformed;
 mod real_data;
 mod round_trip;
+mod wfdb_corpus;
 
 use std::path::PathBuf;
 

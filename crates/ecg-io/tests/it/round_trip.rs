@@ -32,7 +32,8 @@ fn record(n: usize, lo: i32, hi: i32) -> Record {
 #[test]
 fn write_read_every_format() {
     let dir = tempfile::tempdir().unwrap();
-    for &f in &SUPPORTED {
+    // Format 8 (first differences) is read, not written.
+    for &f in SUPPORTED.iter().filter(|&&f| f != 8) {
         let (lo, hi) = ecg_io::wfdb::format::value_range(f);
         let lo = lo.max(-40000) as i32 + 1; // keep the invalid marker out
         let hi = hi.min(40000) as i32;
@@ -42,7 +43,7 @@ fn write_read_every_format() {
             write_record(&sub, &rec, f).unwrap();
             let back = read_record(&sub.join("synthetic"), ReadOptions::default()).unwrap();
             for c in &mut rec.channels {
-                c.invalid = Some(ecg_io::wfdb::format::invalid_value(f));
+                c.invalid = ecg_io::wfdb::format::invalid_value(f);
             }
             assert_eq!(back, rec, "format {f}, n {n}");
         }

@@ -11,6 +11,7 @@ use crate::args::{ConvertArgs, ConvertTo, DifficultyArg, InspectArgs, RenderArgs
 fn opts(no_verify: bool) -> ReadOptions {
     ReadOptions {
         verify_checksum: !no_verify,
+        ..Default::default()
     }
 }
 
