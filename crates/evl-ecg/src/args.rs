@@ -506,8 +506,10 @@ pub enum DataVerb {
     /// RECORD is a WFDB or CinC record path with or without extension, e.g.
     /// ../shared/data/physionet_misc/100 or ../shared/data/cinc2021_subset/cpsc2018/A0001.hea.
     Inspect(InspectArgs),
-    /// Write a record's physical signal (mV) as CSV: a header row of lead names, one column per
-    /// lead, one row per sample, values with full f64 precision (compare with wfdb-python).
+    /// Write a record's physical signal as CSV: a header row of the signal names as the header
+    /// writes them, one column per signal in that signal's own units (mV, uV, mmHg, ... as
+    /// `data inspect` lists them), one row per sample, values with full f64 precision
+    /// (compare with wfdb-python).
     Convert(ConvertArgs),
     /// Generate labelled SYNTHETIC 12-lead ECGs (WFDB format 16 + labels.csv).
     ///
@@ -563,7 +565,7 @@ pub struct InspectArgs {
 /// Output formats of `data convert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConvertTo {
-    /// Comma-separated values, physical units (mV).
+    /// Comma-separated values, each signal in its own physical units.
     Csv,
     /// WFDB format 16 (re-encode; `--out` names the output directory).
     Wfdb,
@@ -583,6 +585,12 @@ pub struct ConvertArgs {
     /// Load even if the per-lead checksum does not match the header.
     #[arg(long)]
     pub no_verify: bool,
+    /// Signals with several samples per frame (`16x4` in the header): write every sample,
+    /// each signal repeated up to the least common multiple of the samples per frame so all
+    /// columns share one rate. Default: one value per frame, the integer mean of its samples
+    /// (wfdb-python's default, `smooth_frames=True`).
+    #[arg(long)]
+    pub expand_frames: bool,
     /// Raw ADC values instead of physical units.
     #[arg(long)]
     pub adc: bool,

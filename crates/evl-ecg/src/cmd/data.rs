@@ -56,10 +56,10 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
                         "units": r.channels.iter().map(|c| c.units.clone()).collect::<Vec<_>>(),
                         "comments": r.comments, "heart_rate_bpm": qrs,
                     }});
-                    println!("{line}");
+                    out!("{line}");
                 } else {
-                    println!("{}  ({})", r.name, path.display());
-                    println!(
+                    out!("{}  ({})", r.name, path.display());
+                    out!(
                         "  {} Hz, {} samples ({:.2} s), {} leads",
                         r.fs,
                         r.n_samples,
@@ -67,24 +67,26 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
                         r.channels.len()
                     );
                     for c in &r.channels {
-                        println!(
+                        out!(
                             "  {:5} gain {} adu/{} baseline {}{}",
-                            c.lead.name(),
+                            c.description,
                             c.gain,
                             c.units,
                             c.baseline,
+                            // The name as the header writes it (what `convert` writes too);
+                            // the normalised lead beside it when it differs.
                             if c.description != c.lead.name() {
-                                format!(" (header: {})", c.description)
+                                format!(" (lead {})", c.lead.name())
                             } else {
                                 String::new()
                             }
                         );
                     }
                     if let Some(hr) = qrs {
-                        println!("  heart rate (QRS detector): {hr:.0} bpm");
+                        out!("  heart rate (QRS detector): {hr:.0} bpm");
                     }
                     for c in &r.comments {
-                        println!("  # {c}");
+                        out!("  # {c}");
                     }
                 }
             }
@@ -102,7 +104,16 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
 
 /// `data convert`.
 pub fn convert(a: &ConvertArgs) -> Result<()> {
-    let r = load(&a.record, a.no_verify)?;
+    let r = if a.expand_frames {
+        let o = ReadOptions {
+            frames: ecg_io::wfdb::Frames::Expand,
+            ..opts(a.no_verify)
+        };
+        read_record(&a.record, o)
+            .with_context(|| format!("reading record {}", a.record.display()))?
+    } else {
+        load(&a.record, a.no_verify)?
+    };
     match a.to {
         ConvertTo::Csv => {
             let mut out: Box<dyn Write> = if a.out.as_os_str() == "-" {
@@ -186,7 +197,7 @@ pub fn synth(a: &SynthArgs, json: bool) -> Result<()> {
         }
     }
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"type": "summary", "data": {"out": a.out, "n": a.n, "seed": a.seed,
                 "superclass_counts": counts, "seconds": t.elapsed().as_secs_f64()}})
@@ -264,7 +275,7 @@ pub fn import_ptbxl(a: &crate::args::ImportPtbxlArgs, json: bool) -> Result<()> 
         }
     }
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"type": "summary", "data": {"out": a.out, "entries": ds.entries.len(), "unreadable": bad, "superclass_counts": counts}})
         );

@@ -48,22 +48,24 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
     }
     .with_context(|| format!("evaluating {} on {}", a.model.display(), a.data.display()))?;
     if json {
-        println!("{}", serde_json::json!({"type": "summary", "data": r}));
+        out!("{}", serde_json::json!({"type": "summary", "data": r}));
         return Ok(());
     }
     let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.3}"));
     let s = &r.scores;
-    println!(
+    out!(
         "{} records ({} split), label space {:?}",
-        r.n, r.split, r.space
+        r.n,
+        r.split,
+        r.space
     );
     if r.outside_space > 0 {
-        println!(
+        out!(
             "  note: {} record(s) carry no label of this space (scored as all-negative)",
             r.outside_space
         );
     }
-    println!(
+    out!(
         "  macro ROC AUC {} (95% CI {}), macro PR AUC {}, Fmax {:.3}, ECE {:.3}",
         f(s.macro_auc),
         s.macro_auc_ci95
@@ -72,21 +74,21 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
         s.fmax,
         s.ece
     );
-    println!(
+    out!(
         "  macro F1 at 0.5 {:.3}, at validation thresholds {} ({} val records); subset accuracy {:.3}",
         s.macro_f1_at_05,
         f(r.macro_f1_at_val_thresholds),
         r.n_val,
         s.subset_accuracy
     );
-    println!(
+    out!(
         "  ECG-Bench parity of the generated answers: F1 {:.3}, \"AUC\" of 0/1 answers {}, Hamming {:.3}",
         s.parity_f1,
         f(s.parity_auc_binary),
         s.parity_hamming
     );
     for c in &r.per_class {
-        println!(
+        out!(
             "  {:6} positives {:4}  AUC {}  AP {}",
             c.label,
             c.positives,
@@ -95,9 +97,9 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
         );
     }
     for p in &r.perturbations {
-        println!("{}:", p.spec);
+        out!("{}:", p.spec);
         for d in &p.deltas {
-            println!(
+            out!(
                 "  {:15} {} -> {}  change {}{}",
                 d.metric,
                 f(d.clean),
@@ -109,9 +111,9 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
             );
         }
     }
-    println!("  {:.1} ms per record (model only)", r.ms_per_record);
+    out!("  {:.1} ms per record (model only)", r.ms_per_record);
     if let Some(o) = &a.out {
-        println!(
+        out!(
             "wrote {}/metrics.json, predictions.jsonl, gold.json",
             o.display()
         );

@@ -1,5 +1,24 @@
 //! One module per noun; one function per verb.
 
+/// `println!` that returns the write error instead of panicking: a closed stdout
+/// (`evl-ecg data inspect R | head -1`) ends the command with a broken-pipe error, which
+/// `main` turns into a quiet exit 0 as other Unix tools do.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// A progress line printed from inside a running job (a callback that cannot return an
+/// error): a closed stdout is ignored there and the job finishes and writes its files.
+macro_rules! progress {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 pub(crate) mod data;
 mod eval;
 mod plan;
@@ -51,12 +70,12 @@ fn report(a: &crate::args::ReportArgs, json: bool) -> anyhow::Result<()> {
     let w = evl_report::write_report(&a.run, a.out.as_deref())
         .with_context(|| format!("writing the report of {}", a.run.display()))?;
     if json {
-        println!("{}", serde_json::json!({"type": "summary", "data": w}));
+        out!("{}", serde_json::json!({"type": "summary", "data": w}));
     } else {
         for s in &w.skipped {
             eprintln!("note: not drawn: {s}");
         }
-        println!("wrote {} ({} figures)", w.html.display(), w.figures.len());
+        out!("wrote {} ({} figures)", w.html.display(), w.figures.len());
     }
     Ok(())
 }

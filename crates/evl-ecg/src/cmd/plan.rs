@@ -47,7 +47,7 @@ pub fn run(a: &PlanArgs, json: bool) -> Result<()> {
     let p = plan_step(&a.teacher, &a.student, &shape).map_err(|e| anyhow::anyhow!(e))?;
     let seconds = p.flops / (a.peak_tflops * 1e12 * a.mfu);
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"type": "summary", "data": {
                 "plan": p, "shape": shape, "seconds_per_step": seconds,
@@ -61,7 +61,7 @@ pub fn run(a: &PlanArgs, json: bool) -> Result<()> {
         ("student", &p.student, &a.student),
     ] {
         let c = &m.params;
-        println!(
+        out!(
             "{role} {}: {} parameters (vision {}, projector {}, decoder {}, embeddings {}, head {})",
             dir.display(),
             billions(c.total),
@@ -71,12 +71,14 @@ pub fn run(a: &PlanArgs, json: bool) -> Result<()> {
             billions(c.embeddings),
             billions(c.head)
         );
-        println!(
+        out!(
             "  a {w}x{h} image: {} visual tokens in the LM ({} in the vision tower); sequence {}",
-            m.visual_tokens, m.tower_tokens, m.seq
+            m.visual_tokens,
+            m.tower_tokens,
+            m.seq
         );
     }
-    println!(
+    out!(
         "one step, batch {} ({}), {} attention:",
         a.batch,
         if a.online {
@@ -86,31 +88,31 @@ pub fn run(a: &PlanArgs, json: bool) -> Result<()> {
         },
         if a.eager { "eager" } else { "fused" }
     );
-    println!(
+    out!(
         "  student + head training state (bf16 weights and grads, fp32 master and AdamW moments, {} head parameters): {:.1} GiB",
         billions(p.head_params),
         gib(p.training_state)
     );
-    println!(
+    out!(
         "  teacher weights (bf16): {:.1} GiB",
         gib(p.teacher_weights)
     );
-    println!("  student activations: {:.1} GiB", gib(p.activations));
-    println!("  logits: {:.1} GiB", gib(p.logits));
-    println!("  total: {:.1} GiB", gib(p.total));
+    out!("  student activations: {:.1} GiB", gib(p.activations));
+    out!("  logits: {:.1} GiB", gib(p.logits));
+    out!("  total: {:.1} GiB", gib(p.total));
     if !a.online {
-        println!(
+        out!(
             "  teacher cache: {:.1} MiB per example (f32), kept off the GPU",
             p.cache_per_example as f64 / (1u64 << 20) as f64
         );
     }
-    println!(
+    out!(
         "  {:.1} TFLOP per step: about {seconds:.2} s at {} TFLOP/s x {:.0}% utilisation",
         p.flops / 1e12,
         a.peak_tflops,
         a.mfu * 100.0
     );
-    println!(
+    out!(
         "  (an estimate; the paper reports 56.4 GB and 8.54 s per step on one H100 for its 7B -> 2B run)"
     );
     Ok(())

@@ -57,7 +57,7 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
     let t = std::time::Instant::now();
     let r = run_quickstart(&a.out, &cfg, shared.as_deref(), &train_device, &device, |msg| {
         if json {
-            println!("{}", serde_json::json!({"type": "progress", "data": {"message": msg, "seconds": t.elapsed().as_secs_f64()}}));
+            progress!("{}", serde_json::json!({"type": "progress", "data": {"message": msg, "seconds": t.elapsed().as_secs_f64()}}));
         } else {
             eprintln!("[{:6.1}s] {msg}", t.elapsed().as_secs_f64());
         }
@@ -66,7 +66,7 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
     let w = evl_report::write_report(&a.out, None)
         .with_context(|| format!("writing the report of {}", a.out.display()))?;
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"type": "summary", "data": {"out": a.out, "wall_seconds": r.wall_seconds, "html": w.html}})
         );
@@ -103,12 +103,12 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
             .interpret_on(&rec, &device)
             .with_context(|| format!("interpreting {}", path.display()))?;
         if json {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({"type": "interpretation", "data": r})
             );
         } else {
-            println!(
+            out!(
                 "{}: {}",
                 r.record,
                 if r.answer.is_empty() {
@@ -118,23 +118,27 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
                 }
             );
             for (l, p) in &r.probabilities {
-                println!("  {l:5} {p:.3}");
+                out!("  {l:5} {p:.3}");
             }
-            println!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
+            out!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
         }
     }
     Ok(())
 }
 
-fn print_interpretation(r: &evl_infer::bundle::Interpretation, json: bool, load_ms: f64) {
+fn print_interpretation(
+    r: &evl_infer::bundle::Interpretation,
+    json: bool,
+    load_ms: f64,
+) -> anyhow::Result<()> {
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"type": "interpretation", "data": r})
         );
-        return;
+        return Ok(());
     }
-    println!(
+    out!(
         "{}: {}",
         r.record,
         if r.answer.is_empty() {
@@ -144,9 +148,10 @@ fn print_interpretation(r: &evl_infer::bundle::Interpretation, json: bool, load_
         }
     );
     for (l, p) in &r.probabilities {
-        println!("  {l:5} {p:.3}");
+        out!("  {l:5} {p:.3}");
     }
-    println!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
+    out!("  ({:.0} ms after a {:.0} ms model load)", r.ms, load_ms);
+    Ok(())
 }
 
 /// `interpret` with a Hugging Face checkpoint: records are rendered as ECG paper, images are
@@ -184,7 +189,7 @@ fn interpret_hf(a: &InterpretArgs, json: bool, device: &evl_models::device::Devi
         let r = bundle
             .interpret(&name, &image, &question, &labels, device)
             .with_context(|| format!("interpreting {}", path.display()))?;
-        print_interpretation(&r, json, load_ms);
+        print_interpretation(&r, json, load_ms)?;
         if let Some(file) = &a.save_inputs {
             let tensors = bundle.reference_inputs(&image, &question, device)?;
             evl_hf::weights::save(file, &tensors, evl_hf::weights::WeightDtype::F32)

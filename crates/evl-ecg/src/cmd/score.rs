@@ -28,28 +28,28 @@ pub fn ecgbench(a: &ScoreEcgbenchArgs, json: bool) -> Result<()> {
         .with_context(|| format!("reading predictions {}", a.pred.display()))?;
     let s = score(task, &preds, &gold, a.strict, &a.pred).context("scoring")?;
     if json {
-        println!("{}", serde_json::json!({"type": "score", "data": s}));
-        println!(
+        out!("{}", serde_json::json!({"type": "score", "data": s}));
+        out!(
             "{}",
             serde_json::json!({"type": "summary", "data": {"task": s.task, "n": s.n}})
         );
         return Ok(());
     }
-    println!(
+    out!(
         "ECG-Bench parity score, task {:?}, {} items{}",
         s.task,
         s.n,
         if s.strict { " (strict)" } else { "" }
     );
     if let Some(f1) = s.f1 {
-        println!(
+        out!(
             "  F1 {}   AUC(0/1 answers) {}   Hamming loss {}   (x100, one decimal, as the paper prints)",
             pct(Some(f1)),
             pct(s.auc_binary),
             pct(s.hamming_loss)
         );
         for c in &s.classes {
-            println!(
+            out!(
                 "    {:8} support {:4}  F1 {:.3}  AUC(0/1) {}",
                 c.class,
                 c.support,
@@ -57,19 +57,20 @@ pub fn ecgbench(a: &ScoreEcgbenchArgs, json: bool) -> Result<()> {
                 c.auc_binary.map_or("nan".into(), |v| format!("{v:.3}"))
             );
         }
-        println!("  note: {}", s.auc_kind);
+        out!("  note: {}", s.auc_kind);
     }
     if let Some(acc) = s.accuracy {
-        println!("  accuracy {} ({acc})", pct(Some(acc)));
+        out!("  accuracy {} ({acc})", pct(Some(acc)));
     }
     if s.unparsable > 0 {
-        println!(
+        out!(
             "  {} unparsable answers, {} replaced by seeded random letters (use --strict to count them wrong)",
-            s.unparsable, s.random_fallbacks
+            s.unparsable,
+            s.random_fallbacks
         );
     }
     for n in &s.notes {
-        println!("  note: {n}");
+        out!("  note: {n}");
     }
     Ok(())
 }

@@ -78,7 +78,7 @@ fn progress(steps: usize, json: bool) -> (ProgressBar, impl FnMut(&StepLog)) {
     let b2 = bar.clone();
     let cb = move |l: &StepLog| {
         if json {
-            println!("{}", serde_json::json!({"type": "step", "data": l}));
+            progress!("{}", serde_json::json!({"type": "step", "data": l}));
             return;
         }
         let mut msg = format!("loss {:.3} ce {:.3}", l.total, l.ce);
@@ -92,33 +92,34 @@ fn progress(steps: usize, json: bool) -> (ProgressBar, impl FnMut(&StepLog)) {
     (bar, cb)
 }
 
-fn finish(o: &JobOutcome, json: bool) {
+fn finish(o: &JobOutcome, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::json!({"type": "summary", "data": o}));
-        return;
+        out!("{}", serde_json::json!({"type": "summary", "data": o}));
+        return Ok(());
     }
     if o.stopped {
-        println!(
+        out!(
             "stopped after step {} with a checkpoint in {}/checkpoint; run the same command with --resume to continue",
             o.steps,
             o.out.display()
         );
-        return;
+        return Ok(());
     }
-    println!(
+    out!(
         "{} steps, {} parameters; model in {}/model",
         o.steps,
         o.params,
         o.out.display()
     );
     if let Some(v) = &o.val {
-        println!(
+        out!(
             "validation: macro ROC AUC {}, parity F1 {:.3} ({} records)",
             v.macro_auc.map_or("n/a".into(), |x| format!("{x:.3}")),
             v.parity_f1,
             v.n
         );
     }
+    Ok(())
 }
 
 /// `train teacher|student`.
@@ -174,7 +175,7 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
     }
     .with_context(|| format!("training the {role:?} into {}", out.display()))?;
     bar.finish_and_clear();
-    finish(&o, json);
+    finish(&o, json)?;
     Ok(())
 }
 
@@ -250,6 +251,6 @@ pub fn run_distill(a: &DistillArgs, json: bool) -> Result<()> {
     )
     .with_context(|| format!("distilling into {}", out.display()))?;
     bar.finish_and_clear();
-    finish(&o, json);
+    finish(&o, json)?;
     Ok(())
 }

@@ -150,3 +150,28 @@ fn import_ptbxl_subset() {
     let ex = ds.load(0, &ecg_data::Preprocess::default()).unwrap();
     assert_eq!(ex.signal.len(), 12_000);
 }
+
+/// A reader that stops early (`| head`) ends the command quietly: no panic, exit 0.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let Some(d) = data() else { return };
+    let rec = d.join("wfdb_python_sample/100");
+    for args in [
+        vec!["data", "convert", "--out", "-"],
+        vec!["data", "inspect"],
+        vec!["--json", "data", "inspect"],
+    ] {
+        let mut child = bin()
+            .args(&args)
+            .arg(&rec)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+    }
+}
