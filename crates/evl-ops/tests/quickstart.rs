@@ -8,7 +8,9 @@ use evl_ops::quickstart::{Preset, QuickstartConfig};
 fn tiny_quickstart_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let device = Device::flex();
-    let cfg = QuickstartConfig::preset(Preset::Tiny);
+    let mut cfg = QuickstartConfig::preset(Preset::Tiny);
+    // A two-point search of lm on the validation records.
+    cfg.search_lambda_mhca = vec![0.1, 1.0];
     let r = evl_ops::quickstart::run(
         dir.path(),
         &cfg,
@@ -31,7 +33,19 @@ fn tiny_quickstart_end_to_end() {
         r.runs.len(),
         cfg.seeds.len() * (cfg.methods.len() + cfg.ablations.len())
     );
+    // The search: every point tried and recorded, the best validation AUC chosen (the first
+    // of equals), and the EVL-ECG runs use it (a weight other than the paper's is listed as
+    // a deviation).
+    assert_eq!(r.search.len(), 2);
+    let score = |t: &evl_run::SearchTrial| t.val_macro_auc.unwrap_or(f64::NEG_INFINITY);
+    let chosen: Vec<_> = r.search.iter().filter(|t| t.chosen).collect();
+    assert_eq!(chosen.len(), 1);
+    assert!(r.search.iter().all(|t| score(t) <= score(chosen[0])));
+    assert!(r.search.iter().all(|t| t.n_val > 0 && t.lambda_ot == 0.1));
+    let deviates = r.notes.iter().any(|n| n.contains("lambdas (mhca, rel, ot) = (0.1,"));
+    assert_eq!(deviates, chosen[0].lambda_mhca == 0.1, "{:?}", r.notes);
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(report.contains("chosen on validation"));
     assert!(
         report.contains("Methods compared")
             && report.contains("Loss ablation")

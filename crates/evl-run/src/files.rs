@@ -328,6 +328,30 @@ pub struct Results<C = serde_json::Value> {
     /// Paired comparisons of methods on the same synthetic test records, per seed.
     #[serde(default)]
     pub comparisons: Vec<Comparison>,
+    /// The validation search of EVL-ECG's loss weights, every point tried (empty: none ran).
+    #[serde(default)]
+    pub search: Vec<SearchTrial>,
+}
+
+/// One point of the grid search of EVL-ECG's loss weights: a distillation run with these
+/// weights scored on the validation records (never the test records).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchTrial {
+    /// `lm`.
+    pub lambda_mhca: f64,
+    /// `lr`.
+    pub lambda_rel: f64,
+    /// `lot`.
+    pub lambda_ot: f64,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Validation records scored.
+    pub n_val: usize,
+    /// Macro ROC AUC on them.
+    pub val_macro_auc: Option<f64>,
+    /// The point every EVL-ECG run of the comparison then used.
+    pub chosen: bool,
 }
 
 /// One method against a reference, both trained with the same seed and scored on the same
