@@ -618,7 +618,8 @@ pub fn run(
             best.lambda_mhca,
             best.lambda_rel,
             best.lambda_ot,
-            best.val_macro_auc.map_or("n/a".into(), |a| format!("{a:.3}"))
+            best.val_macro_auc
+                .map_or("n/a".into(), |a| format!("{a:.3}"))
         ));
     }
     stages.insert("search".into(), t.elapsed().as_secs_f64());

@@ -42,7 +42,10 @@ fn tiny_quickstart_end_to_end() {
     assert_eq!(chosen.len(), 1);
     assert!(r.search.iter().all(|t| score(t) <= score(chosen[0])));
     assert!(r.search.iter().all(|t| t.n_val > 0 && t.lambda_ot == 0.1));
-    let deviates = r.notes.iter().any(|n| n.contains("lambdas (mhca, rel, ot) = (0.1,"));
+    let deviates = r
+        .notes
+        .iter()
+        .any(|n| n.contains("lambdas (mhca, rel, ot) = (0.1,"));
     assert_eq!(deviates, chosen[0].lambda_mhca == 0.1, "{:?}", r.notes);
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(report.contains("chosen on validation"));

@@ -64,10 +64,17 @@ pub fn read_annotations(path: &Path) -> Result<Vec<Annotation>> {
 }
 
 /// Parse MIT-format annotation bytes; `path` names the file in errors.
+///
+/// As WFDB and wfdb-python read them: a SKIP's signed interval adds to the next annotation's
+/// time (it may step back, as long as no annotation lands before sample 0); NUM and CHN
+/// carry over to later annotations, SUB and AUX do not; codes 42-58 (no standard mnemonic)
+/// are annotations like any other. Not returned, as wfdb-python's `rdann` drops them: code 0
+/// (`NOTANN`, also a zero word inside the file) and NOTE annotations at sample 0, which hold
+/// the file's definitions (`## time resolution: ...`, custom labels).
 pub fn parse_annotations(bytes: &[u8], path: &Path) -> Result<Vec<Annotation>> {
     let mut out: Vec<Annotation> = Vec::new();
     let mut pos = 0usize;
-    let mut time: u64 = 0;
+    let mut time: i64 = 0;
     let (mut num, mut chan) = (0i8, 0u8);
     let err = |index: usize, byte: usize, what: &str| Error::Annotation {
         path: path.to_path_buf(),
@@ -88,7 +95,8 @@ pub fn parse_annotations(bytes: &[u8], path: &Path) -> Result<Vec<Annotation>> {
         pos += 2;
         let (a, i) = (w >> 10, w & 0x3FF);
         match a {
-            0 if i == 0 => break,
+            // The terminating zero word (the file's last).
+            0 if i == 0 && pos == bytes.len() => break,
             SKIP => {
                 if pos + 4 > bytes.len() {
                     return Err(err(out.len(), pos, "SKIP without its 32-bit interval"));
@@ -98,9 +106,7 @@ pub fn parse_annotations(bytes: &[u8], path: &Path) -> Result<Vec<Annotation>> {
                 let lo = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]) as u32;
                 let skip = ((hi << 16) | lo) as i32;
                 pos += 4;
-                time = time
-                    .checked_add_signed(skip as i64)
-                    .ok_or_else(|| err(out.len(), pos, "SKIP moves before sample 0"))?;
+                time += skip as i64;
             }
             NUM => match out.last_mut() {
                 Some(last) => {
@@ -139,18 +145,18 @@ pub fn parse_annotations(bytes: &[u8], path: &Path) -> Result<Vec<Annotation>> {
                     None => return Err(err(0, pos, "AUX before any annotation")),
                 }
             }
-            42..=58 => {
-                return Err(err(
-                    out.len(),
-                    pos - 2,
-                    &format!("annotation code {a} is not defined"),
-                ));
-            }
             _ => {
-                time += i as u64;
+                time += i as i64;
+                let sample = u64::try_from(time).map_err(|_| {
+                    err(
+                        out.len(),
+                        pos - 2,
+                        &format!("annotation at sample {time}, before 0"),
+                    )
+                })?;
                 // num and chan carry over from the previous annotation unless set again.
                 out.push(Annotation {
-                    sample: time,
+                    sample,
                     code: a as u8,
                     subtype: 0,
                     chan,
@@ -160,8 +166,12 @@ pub fn parse_annotations(bytes: &[u8], path: &Path) -> Result<Vec<Annotation>> {
             }
         }
     }
+    out.retain(|a| a.code != 0 && !(a.code == NOTE && a.sample == 0));
     Ok(out)
 }
+
+/// The NOTE code (`"`): at sample 0 it carries the file's definitions.
+const NOTE: u8 = 22;
 
 #[cfg(test)]
 mod tests {

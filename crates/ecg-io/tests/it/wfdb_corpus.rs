@@ -231,3 +231,104 @@ fn gcd(a: usize, b: usize) -> usize {
 fn lcm(a: usize, b: usize) -> usize {
     a / gcd(a, b) * b
 }
+
+/// Every annotation file of the corpus reads as wfdb-python's `rdann` reads it: sample
+/// indices, symbols, subtypes, channels, numbers and aux notes (wfdb-python keeps the NUL
+/// that pads an odd-length aux note; we drop it).
+#[test]
+fn every_annotation_file_reads_as_wfdb_python_reads_it() {
+    let Some(data) = data_dir() else { return };
+    let root = data.join("wfdb_python_sample");
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("reference/wfdb_python_sample.json")).unwrap();
+    let anns = reference["annotations"].as_object().unwrap();
+    let mut failures = Vec::new();
+    for (rel, exp) in anns {
+        let got = match ecg_io::wfdb::annotation::read_annotations(&root.join(rel)) {
+            Ok(a) => a,
+            Err(e) => {
+                failures.push(format!("{rel}: {e}"));
+                continue;
+            }
+        };
+        let n = exp["count"].as_u64().unwrap() as usize;
+        if got.len() != n {
+            failures.push(format!("{rel}: {} annotations, wfdb-python {n}", got.len()));
+            continue;
+        }
+        // The reference keeps all values, or the first and last 1,000.
+        let pick = |field: &str| -> Vec<(usize, serde_json::Value)> {
+            let f = &exp[field];
+            match f.get("all") {
+                Some(all) => all
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .collect(),
+                None => {
+                    let head = f["head"].as_array().unwrap().iter().cloned().enumerate();
+                    let tail = f["tail"].as_array().unwrap();
+                    let off = n - tail.len();
+                    head.chain(tail.iter().cloned().enumerate().map(|(i, v)| (off + i, v)))
+                        .collect()
+                }
+            }
+        };
+        let mut bad = 0;
+        for (field, ours) in [
+            (
+                "sample",
+                Box::new(|a: &ecg_io::wfdb::annotation::Annotation| serde_json::json!(a.sample))
+                    as Box<dyn Fn(&_) -> serde_json::Value>,
+            ),
+            (
+                "symbol",
+                Box::new(|a: &ecg_io::wfdb::annotation::Annotation| serde_json::json!(a.symbol())),
+            ),
+            (
+                "subtype",
+                Box::new(|a: &ecg_io::wfdb::annotation::Annotation| serde_json::json!(a.subtype)),
+            ),
+            (
+                "chan",
+                Box::new(|a: &ecg_io::wfdb::annotation::Annotation| serde_json::json!(a.chan)),
+            ),
+            (
+                "num",
+                Box::new(|a: &ecg_io::wfdb::annotation::Annotation| serde_json::json!(a.num)),
+            ),
+            (
+                "aux_note",
+                Box::new(|a: &ecg_io::wfdb::annotation::Annotation| serde_json::json!(a.aux)),
+            ),
+        ] {
+            for (i, want) in pick(field) {
+                let want = match want.as_str() {
+                    Some(s) if field == "aux_note" => serde_json::json!(s.trim_end_matches('\0')),
+                    // A code without a mnemonic: wfdb-python's NaN, our empty symbol.
+                    None if field == "symbol" && want.is_null() => serde_json::json!(""),
+                    _ => want,
+                };
+                let have = ours(&got[i]);
+                if have != want {
+                    if bad < 3 {
+                        failures.push(format!("{rel} #{i} {field}: {have}, wfdb-python {want}"));
+                    }
+                    bad += 1;
+                }
+            }
+        }
+        if bad > 3 {
+            failures.push(format!("{rel}: {bad} differing values in all"));
+        }
+    }
+    assert!(anns.len() >= 9, "{} annotation files", anns.len());
+    assert!(
+        failures.is_empty(),
+        "{} problems:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -24,7 +24,7 @@ import numpy as np
 import wfdb
 
 ROOT = "../shared/data/wfdb_python_sample"
-ANN_EXT = ["atr", "qrs", "ecg", "wabp", "wqrs", "gqrsh", "gqrsl", "sqrs", "anI", "xyz"]
+ANN_EXT = ["atr", "qrs", "ecg", "wabp", "wqrs", "gqrsh", "gqrsl", "sqrs", "anI"]
 
 
 def stats(x):
