@@ -34,6 +34,42 @@ pub(crate) fn load(path: &Path, no_verify: bool) -> Result<Record> {
     read_record(path, opts(no_verify)).with_context(|| format!("reading record {}", path.display()))
 }
 
+/// WFDB annotator names looked for beside a record (`100.atr`, `100.qrs`, ...).
+const ANNOTATORS: [&str; 16] = [
+    "atr", "qrs", "ecg", "ari", "pu", "pu0", "pu1", "wabp", "wqrs", "gqrsh", "gqrsl", "sqrs",
+    "anI", "apn", "st", "event",
+];
+
+/// The annotation files beside a record: (file name, count, symbol counts, most frequent
+/// first). An unreadable annotation file is an error naming it.
+type AnnSummary = (String, usize, Vec<(String, usize)>);
+
+fn annotations_of(path: &Path) -> Result<Vec<AnnSummary>> {
+    let hea = ecg_io::wfdb::header_path(path);
+    let mut out = Vec::new();
+    for ext in ANNOTATORS {
+        let f = hea.with_extension(ext);
+        if !f.is_file() {
+            continue;
+        }
+        let anns = ecg_io::wfdb::annotation::read_annotations(&f)
+            .with_context(|| format!("reading annotations {}", f.display()))?;
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        for a in &anns {
+            let s = match a.symbol() {
+                "" => format!("code {}", a.code),
+                s => s.to_string(),
+            };
+            *counts.entry(s).or_default() += 1;
+        }
+        let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let name = f.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        out.push((name, anns.len(), counts));
+    }
+    Ok(out)
+}
+
 /// `data inspect`: one block (or JSON line) per record; bad records are reported and the
 /// exit status says so, the others are still printed.
 pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
@@ -41,6 +77,14 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
     for path in &a.records {
         match load(path, a.no_verify) {
             Ok(r) => {
+                let anns = match annotations_of(path) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("error: {e:#}");
+                        Vec::new()
+                    }
+                };
                 let qrs = {
                     let sig = r.to_mv_f32();
                     let lead = r.channel_index(&ecg_io::Lead::II).unwrap_or(0);
@@ -51,10 +95,15 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
                     let line = serde_json::json!({"type": "record", "data": {
                         "path": path, "name": r.name, "fs": r.fs, "n_samples": r.n_samples,
                         "duration_s": r.duration_s(),
+                        "signals": r.channels.iter().map(|c| c.description.clone()).collect::<Vec<_>>(),
                         "leads": r.channels.iter().map(|c| c.lead.name().to_string()).collect::<Vec<_>>(),
                         "gain": r.channels.iter().map(|c| c.gain).collect::<Vec<_>>(),
                         "units": r.channels.iter().map(|c| c.units.clone()).collect::<Vec<_>>(),
                         "comments": r.comments, "heart_rate_bpm": qrs,
+                        "annotations": anns.iter().map(|(f, n, c)| serde_json::json!({
+                            "file": f, "count": n,
+                            "symbols": c.iter().map(|(s, k)| serde_json::json!([s, k])).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
                     }});
                     out!("{line}");
                 } else {
@@ -84,6 +133,12 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
                     }
                     if let Some(hr) = qrs {
                         out!("  heart rate (QRS detector): {hr:.0} bpm");
+                    }
+                    for (f, n, c) in &anns {
+                        let top: Vec<String> =
+                            c.iter().take(6).map(|(s, k)| format!("{s} {k}")).collect();
+                        let more = if c.len() > 6 { ", ..." } else { "" };
+                        out!("  annotations {f}: {n} ({}{more})", top.join(", "));
                     }
                     for c in &r.comments {
                         out!("  # {c}");

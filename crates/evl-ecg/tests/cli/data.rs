@@ -175,3 +175,26 @@ fn a_closed_stdout_is_not_a_panic() {
         assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
     }
 }
+
+/// `data inspect` summarises the annotation files beside a record (counts as wfdb-python's
+/// `rdann` reads them: 2,274 in 100.atr, 2,273 beats in 100.qrs) and names each signal as
+/// its header does.
+#[test]
+fn inspect_summarises_annotations() {
+    let Some(d) = data() else { return };
+    let rec = d.join("wfdb_python_sample/100");
+    let (ok, stdout, err) = run(bin().args(["--json", "data", "inspect"]).arg(&rec));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let anns = v["data"]["annotations"].as_array().unwrap();
+    let count = |f: &str| {
+        anns.iter()
+            .find(|a| a["file"] == f)
+            .map(|a| a["count"].as_u64().unwrap())
+    };
+    assert_eq!(count("100.atr"), Some(2274));
+    assert_eq!(count("100.qrs"), Some(2273));
+    assert_eq!(v["data"]["signals"], serde_json::json!(["MLII", "V5"]));
+    let (ok, text, _) = run(bin().args(["data", "inspect"]).arg(&rec));
+    assert!(ok && text.contains("annotations 100.atr: 2274 (N 2239, A 33"), "{text}");
+}
