@@ -16,5 +16,5 @@ pub mod wfdb;
 
 pub use error::{Error, Result};
 pub use lead::Lead;
-pub use record::{Channel, Record};
+pub use record::{Channel, Record, Span};
 pub use wfdb::{ReadOptions, read_record, write_record};

@@ -19,34 +19,69 @@ pub struct Channel {
     pub adc: Vec<i32>,
     /// ADC value marking a missing sample (physical NaN), if the source format has one.
     pub invalid: Option<i32>,
+    /// Stretches read with other ADC parameters than the fields above, in sample order
+    /// (the segments of a multi-segment record, each with its own gain, baseline and
+    /// format); empty for a record read in one piece.
+    pub spans: Vec<Span>,
+}
+
+/// From sample `start` on (until the next span), the channel's samples are scaled by these
+/// parameters instead of the channel's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    /// First sample of the stretch.
+    pub start: usize,
+    /// ADC units per physical unit.
+    pub gain: f64,
+    /// ADC value of physical zero.
+    pub baseline: i64,
+    /// ADC value marking a missing sample.
+    pub invalid: Option<i32>,
 }
 
 impl Channel {
     /// Physical value of sample `k` in the channel's own units, `(adc - baseline) / gain`
-    /// computed in f64 exactly as wfdb-python does; NaN for the invalid marker.
+    /// computed in f64 exactly as wfdb-python does (with the parameters of the span holding
+    /// `k`); NaN for the invalid marker.
     #[inline]
     pub fn physical_at(&self, k: usize) -> f64 {
+        let (gain, baseline, invalid) = match self.spans.iter().rev().find(|s| s.start <= k) {
+            Some(s) => (s.gain, s.baseline, s.invalid),
+            None => (self.gain, self.baseline, self.invalid),
+        };
         let a = self.adc[k];
-        if Some(a) == self.invalid {
+        if Some(a) == invalid {
             f64::NAN
         } else {
-            (a as f64 - self.baseline as f64) / self.gain
+            (a as f64 - baseline as f64) / gain
         }
     }
 
     /// All physical values in the channel's units.
     pub fn physical(&self) -> Vec<f64> {
-        let (b, g) = (self.baseline as f64, self.gain);
-        // Branch-free body so the loop vectorises; the invalid marker becomes NaN by select.
-        let inv = self.invalid.unwrap_or(i32::MIN);
-        let has_inv = self.invalid.is_some();
-        self.adc
-            .iter()
-            .map(|&a| {
+        let mut out = Vec::with_capacity(self.adc.len());
+        let mut from = 0;
+        let mut params = (self.gain, self.baseline, self.invalid);
+        for span in self.spans.iter().chain(std::iter::once(&Span {
+            start: self.adc.len(),
+            gain: 1.0,
+            baseline: 0,
+            invalid: None,
+        })) {
+            let to = span.start.min(self.adc.len());
+            let (g, b) = (params.0, params.1 as f64);
+            // Branch-free body so the loop vectorises; the invalid marker becomes NaN by
+            // select.
+            let inv = params.2.unwrap_or(i32::MIN);
+            let has_inv = params.2.is_some();
+            out.extend(self.adc[from.min(to)..to].iter().map(|&a| {
                 let v = (a as f64 - b) / g;
                 if has_inv && a == inv { f64::NAN } else { v }
-            })
-            .collect()
+            }));
+            from = to;
+            params = (span.gain, span.baseline, span.invalid);
+        }
+        out
     }
 
     /// Factor turning the channel's units into millivolts (`None` for non-voltage units).

@@ -72,6 +72,7 @@ pub fn read_sph(path: &Path) -> Result<Record> {
             units: "mV".into(),
             adc,
             invalid: None,
+            spans: Vec::new(),
         });
     }
     let name = path

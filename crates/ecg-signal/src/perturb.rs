@@ -402,6 +402,7 @@ mod tests {
                 units: "mV".into(),
                 adc: Vec::new(),
                 invalid: None,
+                spans: Vec::new(),
             }],
             comments: Vec::new(),
             base_time: None,

@@ -557,6 +557,7 @@ fn to_record(name: &str, fs: u32, leads: &[Vec<f64>], truth: &Truth) -> Record {
                 .map(|v| (v * 1000.0).round().clamp(-32767.0, 32767.0) as i32)
                 .collect(),
             invalid: Some(-32768),
+            spans: Vec::new(),
         })
         .collect();
     Record {

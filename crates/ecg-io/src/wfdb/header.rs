@@ -24,6 +24,18 @@ pub struct Header {
     pub signals: Vec<SignalSpec>,
     /// Comment lines without the leading `#` and one optional space, in order.
     pub comments: Vec<String>,
+    /// A multi-segment record's segments (`name/n` on the record line), in order; empty for
+    /// a single-segment record (then `signals` describes the signals).
+    pub segments: Vec<Segment>,
+}
+
+/// One segment line of a multi-segment header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    /// Record name of the segment (`~` for a null segment: no data, every sample missing).
+    pub name: String,
+    /// Samples (frames) in the segment; 0 for the layout segment.
+    pub n_samples: usize,
 }
 
 /// One signal line.
@@ -125,12 +137,15 @@ impl Header {
             .ok_or_else(|| field_err(path, 1, "record line", "`name nsig [fs [nsamp ...]]`", ""))?;
         let mut it = rtext.split_whitespace();
         let name_field = it.next().unwrap_or("");
-        if name_field.contains('/') {
-            return Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                what: format!("multi-segment record `{name_field}`"),
-            });
-        }
+        let (name_field, n_seg) = match name_field.split_once('/') {
+            Some((n, k)) => (
+                n,
+                Some(k.parse::<usize>().map_err(|_| {
+                    field_err(path, rl, "number of segments", "`name/segments`", name_field)
+                })?),
+            ),
+            None => (name_field, None),
+        };
         let n_sig_text = it.next().unwrap_or("");
         let n_sig: usize = n_sig_text
             .parse()
@@ -163,6 +178,39 @@ impl Header {
         };
         let rest: Vec<&str> = it.collect();
         let base_time = (!rest.is_empty()).then(|| rest.join(" "));
+        if let Some(k) = n_seg {
+            if signal_lines.len() != k {
+                return Err(field_err(
+                    path,
+                    signal_lines.get(k).map_or(lines.len(), |l| l.0),
+                    "segment lines",
+                    &format!("{k} segment lines (the record line says {k} segments)"),
+                    &format!("{} lines", signal_lines.len()),
+                ));
+            }
+            let mut segments = Vec::with_capacity(k);
+            for (line, text) in &signal_lines {
+                let mut f = text.split_whitespace();
+                let name = f.next().unwrap_or("").to_string();
+                let n = f.next().unwrap_or("");
+                let n_samples = n.parse::<usize>().map_err(|_| {
+                    field_err(path, *line, "segment length", "a non-negative integer", n)
+                })?;
+                if name.contains('/') || name.contains('\\') || name == ".." {
+                    return Err(field_err(path, *line, "segment name", "a record name", &name));
+                }
+                segments.push(Segment { name, n_samples });
+            }
+            return Ok(Header {
+                record: name_field.to_string(),
+                fs,
+                n_samples,
+                base_time,
+                signals: Vec::new(),
+                comments,
+                segments,
+            });
+        }
         if signal_lines.len() != n_sig {
             let (line, found) = signal_lines
                 .get(n_sig)
@@ -187,6 +235,7 @@ impl Header {
             base_time,
             signals,
             comments,
+            segments: Vec::new(),
         })
     }
 
@@ -502,7 +551,10 @@ mod tests {
             "{e}"
         );
         let e = parse("r/3 1 500\n").unwrap_err();
-        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        assert!(matches!(e, Error::Header { field: "segment lines", .. }), "{e}");
+        let h = parse("r/2 1 500 30\nr_1 10\n~ 20\n").unwrap();
+        assert_eq!(h.segments.len(), 2);
+        assert_eq!((h.segments[1].name.as_str(), h.segments[1].n_samples), ("~", 20));
         // Not UTF-8: read as Latin-1, byte for character.
         let h = Header::parse_bytes(
             b"r 1 500 10\n#\xb5V\nr.dat 16 200/\xb5V\n",

@@ -9,7 +9,7 @@ pub mod mat;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use header::{Header, SignalSpec};
+pub use header::{Header, Segment, SignalSpec};
 
 use crate::error::{Error, Result};
 use crate::record::{Channel, Record};
@@ -69,7 +69,156 @@ pub fn read_record(record: &Path, opts: ReadOptions) -> Result<Record> {
     }
     let hpath = header_path(record);
     let header = Header::read(&hpath)?;
-    read_signals(&hpath, &header, opts)
+    if header.segments.is_empty() {
+        read_signals(&hpath, &header, opts)
+    } else {
+        read_segments(&hpath, &header, opts)
+    }
+}
+
+/// A multi-segment record as one record, as wfdb-python's `rdrecord` returns it (`m2s`):
+/// the signals of the layout segment (variable layout: first segment of length 0) or of
+/// the first segment (fixed layout), each segment's samples appended in order with that
+/// segment's own gain, baseline and format ([`crate::record::Span`]); a signal a segment
+/// lacks (matched by name in a variable layout, by position in a fixed one) and every
+/// sample of a null segment (`~`) are missing (NaN).
+pub fn read_segments(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<Record> {
+    let dir = Header::dir(hpath);
+    let seg_header = |name: &str| -> Result<(PathBuf, Header)> {
+        let p = dir.join(format!("{name}.hea"));
+        let h = Header::read(&p)?;
+        if !h.segments.is_empty() {
+            return Err(Error::Header {
+                path: p,
+                line: 1,
+                field: "record name",
+                expected: "a single-segment record (segments do not nest)".into(),
+                found: format!("{}/{}", h.record, h.segments.len()),
+            });
+        }
+        Ok((p, h))
+    };
+    let variable = header.segments.first().is_some_and(|s| s.n_samples == 0);
+    let layout = match header.segments.iter().find(|s| s.name != "~") {
+        Some(s) => seg_header(&s.name)?.1,
+        None => {
+            return Err(Error::Unsupported {
+                path: hpath.to_path_buf(),
+                what: "a multi-segment record of null segments only".into(),
+            });
+        }
+    };
+    let mut channels: Vec<Channel> = layout
+        .signals
+        .iter()
+        .map(|s| Channel {
+            lead: s.lead.clone(),
+            description: s.description.clone(),
+            gain: s.gain,
+            baseline: s.baseline,
+            units: s.units.clone(),
+            adc: Vec::new(),
+            invalid: format::invalid_value(s.format),
+            spans: Vec::new(),
+        })
+        .collect();
+    let mut rate: Option<f64> = None;
+    for (k, seg) in header.segments.iter().enumerate() {
+        if variable && k == 0 {
+            continue;
+        }
+        let start = channels.first().map_or(0, |c| c.adc.len());
+        let part = if seg.name == "~" {
+            None
+        } else {
+            let (p, h) = seg_header(&seg.name)?;
+            if h.fs != header.fs {
+                return Err(Error::Header {
+                    path: p,
+                    line: 1,
+                    field: "sampling frequency",
+                    expected: format!("{} Hz, the record's", header.fs),
+                    found: format!("{} Hz", h.fs),
+                });
+            }
+            Some((p.clone(), read_signals(&p, &h, opts)?))
+        };
+        // Samples per frame expanded: every segment must share one rate.
+        let seg_len = match &part {
+            Some((_, r)) => {
+                if rate.is_some_and(|f| f != r.fs) {
+                    return Err(Error::Unsupported {
+                        path: hpath.to_path_buf(),
+                        what: format!(
+                            "segment `{}` expands to {} Hz, an earlier one to {} Hz",
+                            seg.name,
+                            r.fs,
+                            rate.unwrap_or(0.0)
+                        ),
+                    });
+                }
+                rate = Some(r.fs);
+                r.n_samples
+            }
+            None => {
+                let per = rate.map_or(1.0, |f| f / header.fs).round() as usize;
+                seg.n_samples * per.max(1)
+            }
+        };
+        for (j, ch) in channels.iter_mut().enumerate() {
+            let src = part.as_ref().and_then(|(p, r)| {
+                let found = if variable {
+                    r.channels.iter().find(|c| c.description == ch.description)
+                } else {
+                    r.channels.get(j)
+                };
+                found.map(|c| (p, c))
+            });
+            match src {
+                Some((p, c)) => {
+                    if c.units != ch.units {
+                        return Err(Error::Unsupported {
+                            path: p.clone(),
+                            what: format!(
+                                "signal `{}` in {}, the record's layout says {}",
+                                c.description, c.units, ch.units
+                            ),
+                        });
+                    }
+                    let own = (ch.gain, ch.baseline, ch.invalid);
+                    let current = ch.spans.last().map_or(own, |s| (s.gain, s.baseline, s.invalid));
+                    if (c.gain, c.baseline, c.invalid) != current {
+                        ch.spans.push(crate::record::Span {
+                            start,
+                            gain: c.gain,
+                            baseline: c.baseline,
+                            invalid: c.invalid,
+                        });
+                    }
+                    ch.adc.extend_from_slice(&c.adc[..seg_len.min(c.adc.len())]);
+                }
+                None => {
+                    // Missing here: the marker of a span of its own.
+                    ch.spans.push(crate::record::Span {
+                        start,
+                        gain: 1.0,
+                        baseline: 0,
+                        invalid: Some(i32::MIN),
+                    });
+                    ch.adc.resize(start + seg_len, i32::MIN);
+                }
+            }
+        }
+    }
+    let n_samples = channels.first().map_or(0, |c| c.adc.len());
+    Ok(Record {
+        name: header.record.clone(),
+        fs: rate.unwrap_or(header.fs),
+        n_samples,
+        channels,
+        comments: header.comments.clone(),
+        base_time: header.base_time.clone(),
+    })
 }
 
 /// Read the signal files a parsed header points to.
@@ -263,6 +412,7 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
             units: s.units.clone(),
             adc: e,
             invalid,
+            spans: Vec::new(),
         };
         if k > 1 {
             match opts.frames {
@@ -339,6 +489,13 @@ pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
             what: format!("format {format} is not supported for writing"),
         });
     }
+    if let Some((i, _)) = record.channels.iter().enumerate().find(|(_, c)| !c.spans.is_empty()) {
+        return Err(Error::Write {
+            record: record.name.clone(),
+            signal: i,
+            what: "its segments have different gains or formats; write it as CSV".into(),
+        });
+    }
     let (lo, hi) = format::value_range(format);
     let n = record.n_samples;
     let k = record.channels.len();
@@ -399,6 +556,7 @@ pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
             })
             .collect(),
         comments: record.comments.clone(),
+        segments: Vec::new(),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     atomic_write(&dir.join(&dat_name), &format::encode(format, &stream))?;

@@ -15,6 +15,7 @@ fn record(n: usize, lo: i32, hi: i32) -> Record {
                 .map(|k| lo + ((k * 7919 + j * 104729) % ((hi - lo) as usize + 1)) as i32)
                 .collect(),
             invalid: None,
+            spans: Vec::new(),
         })
         .collect();
     Record {
