@@ -40,7 +40,7 @@ pub enum Error {
     },
     /// A WFDB storage format this crate does not decode.
     #[error(
-        "{}: signal {signal} is in format {format}; supported: 8, 16, 24, 32, 61, 80, 160, 212, 310, 311 (FLAC 508/516/524 not yet)",
+        "{}: signal {signal} is in format {format}; supported: 8, 16, 24, 32, 61, 80, 160, 212, 310, 311, 508, 516, 524",
         .path.display()
     )]
     UnsupportedFormat {
@@ -115,6 +115,15 @@ pub enum Error {
         expected: String,
         /// Value found.
         found: String,
+    },
+    /// A FLAC signal file (WFDB formats 508/516/524) that cannot be decoded or does not hold
+    /// what the header says.
+    #[error("{}: FLAC: {what}", .path.display())]
+    Flac {
+        /// The signal file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
     },
     /// A WFDB annotation file that ends mid-record or holds an impossible code.
     #[error("{}: annotation {index} at byte {byte}: {what}", .path.display())]

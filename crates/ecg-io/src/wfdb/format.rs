@@ -7,9 +7,18 @@
 /// value (as WFDB and wfdb-python do).
 pub const SUPPORTED: [u32; 10] = [16, 212, 80, 24, 32, 61, 310, 311, 8, 160];
 
-/// Whether `format` is decoded by [`decode`].
+/// WFDB's FLAC formats (508, 516, 524: at most 8, 16, 24 bits), read by
+/// [`super::flac`], never written.
+pub const FLAC: [u32; 3] = [508, 516, 524];
+
+/// Whether `format` is a FLAC format.
+pub fn is_flac(format: u32) -> bool {
+    FLAC.contains(&format)
+}
+
+/// Whether records in `format` are read ([`decode`], or [`super::flac`] for FLAC).
 pub fn is_supported(format: u32) -> bool {
-    SUPPORTED.contains(&format)
+    SUPPORTED.contains(&format) || is_flac(format)
 }
 
 /// The value a format uses to mark a missing sample (WFDB's "invalid sample"); physical
@@ -17,10 +26,10 @@ pub fn is_supported(format: u32) -> bool {
 pub fn invalid_value(format: u32) -> Option<i32> {
     match format {
         8 => None,
-        80 => Some(-128),
+        80 | 508 => Some(-128),
         212 => Some(-2048),
         310 | 311 => Some(-512),
-        24 => Some(-(1 << 23)),
+        24 | 524 => Some(-(1 << 23)),
         32 => Some(i32::MIN),
         _ => Some(-32768),
     }

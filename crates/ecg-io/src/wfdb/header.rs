@@ -141,7 +141,13 @@ impl Header {
             Some((n, k)) => (
                 n,
                 Some(k.parse::<usize>().map_err(|_| {
-                    field_err(path, rl, "number of segments", "`name/segments`", name_field)
+                    field_err(
+                        path,
+                        rl,
+                        "number of segments",
+                        "`name/segments`",
+                        name_field,
+                    )
                 })?),
             ),
             None => (name_field, None),
@@ -197,7 +203,13 @@ impl Header {
                     field_err(path, *line, "segment length", "a non-negative integer", n)
                 })?;
                 if name.contains('/') || name.contains('\\') || name == ".." {
-                    return Err(field_err(path, *line, "segment name", "a record name", &name));
+                    return Err(field_err(
+                        path,
+                        *line,
+                        "segment name",
+                        "a record name",
+                        &name,
+                    ));
                 }
                 segments.push(Segment { name, n_samples });
             }
@@ -551,10 +563,22 @@ mod tests {
             "{e}"
         );
         let e = parse("r/3 1 500\n").unwrap_err();
-        assert!(matches!(e, Error::Header { field: "segment lines", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Header {
+                    field: "segment lines",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let h = parse("r/2 1 500 30\nr_1 10\n~ 20\n").unwrap();
         assert_eq!(h.segments.len(), 2);
-        assert_eq!((h.segments[1].name.as_str(), h.segments[1].n_samples), ("~", 20));
+        assert_eq!(
+            (h.segments[1].name.as_str(), h.segments[1].n_samples),
+            ("~", 20)
+        );
         // Not UTF-8: read as Latin-1, byte for character.
         let h = Header::parse_bytes(
             b"r 1 500 10\n#\xb5V\nr.dat 16 200/\xb5V\n",

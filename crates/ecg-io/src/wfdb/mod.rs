@@ -2,6 +2,7 @@
 //! files), annotation files, and a writer.
 
 pub mod annotation;
+pub mod flac;
 pub mod format;
 pub mod header;
 pub mod mat;
@@ -186,7 +187,10 @@ pub fn read_segments(hpath: &Path, header: &Header, opts: ReadOptions) -> Result
                         });
                     }
                     let own = (ch.gain, ch.baseline, ch.invalid);
-                    let current = ch.spans.last().map_or(own, |s| (s.gain, s.baseline, s.invalid));
+                    let current = ch
+                        .spans
+                        .last()
+                        .map_or(own, |s| (s.gain, s.baseline, s.invalid));
                     if (c.gain, c.baseline, c.invalid) != current {
                         ch.spans.push(crate::record::Span {
                             start,
@@ -273,85 +277,28 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
             }
         }
         let fpath = dir.join(&spec.file);
-        let bytes = std::fs::read(&fpath).map_err(|e| Error::io(&fpath, e))?;
-        let offset = spec.byte_offset;
-        let is_mat = spec.file.to_ascii_lowercase().ends_with(".mat");
-        let mut data_len = (bytes.len() as u64).saturating_sub(offset);
-        if is_mat {
-            let m = mat::MatHeader::parse(&bytes, &fpath)?;
-            m.check_against(&fpath, members.len(), header.n_samples, offset)?;
-            data_len = data_len.min(m.data_bytes());
-        }
         let spf: Vec<u64> = members
             .iter()
             .map(|&m| header.signals[m].samples_per_frame as u64)
             .collect();
-        let per_frame: u64 = spf.iter().sum();
-        let stored = format::samples_in(spec.format, data_len) / per_frame;
-        let frames = n_frames.map_or(stored, |n| n as u64);
-        // A header can claim any sample count: overflow means "more than any file holds".
-        let need = frames
-            .checked_mul(per_frame)
-            .filter(|&s| s.checked_mul(4).is_some())
-            .map_or(u64::MAX, |s| format::bytes_for(spec.format, s));
-        // Accept padding shorter than one frame (packed formats round up), and the extra
-        // frames a skewed signal reads past the record's end; anything else means the header
-        // and the file disagree. An offset past the end holds nothing.
         let max_skew = members
             .iter()
             .map(|&m| header.signals[m].skew as u64)
             .max()
             .unwrap_or(0);
-        let frame_bytes = format::bytes_for(spec.format, per_frame).max(1);
-        let slack = frame_bytes.saturating_mul(max_skew + 1);
-        if offset > bytes.len() as u64 || data_len < need || data_len - need >= slack {
-            return Err(Error::SampleCount {
-                path: fpath,
-                record: header.record.clone(),
-                offset,
-                n_samples: frames as usize,
-                n_signals: members.len(),
-                format: spec.format,
-                expected_bytes: need,
-                found_bytes: data_len,
-            });
-        }
-        n_frames = Some(frames as usize);
-        // Decode the record's frames and, for skewed signals, up to `max_skew` more.
-        let decoded = (frames + max_skew).min(stored.max(frames));
-        let start = offset as usize;
-        let mut chans: Vec<Vec<i32>> = spf
-            .iter()
-            .map(|&k| Vec::with_capacity((decoded * k) as usize))
-            .collect();
-        if spec.format == 16 && per_frame == members.len() as u64 {
-            // Fast path for the most common layout: one strided pass per signal straight
-            // from the bytes (no intermediate stream).
-            let k = members.len();
-            let frame_len = 2 * k;
-            let data = &bytes[start..start + decoded as usize * frame_len];
-            for (j, c) in chans.iter_mut().enumerate() {
-                c.extend(
-                    data.chunks_exact(frame_len)
-                        .map(|f| i16::from_le_bytes([f[2 * j], f[2 * j + 1]]) as i32),
-                );
-            }
-        } else {
-            let mut stream = Vec::new();
-            format::decode(
+        let (mut chans, frames) = if format::is_flac(spec.format) {
+            flac::read_group(
+                &fpath,
                 spec.format,
-                &bytes[start..],
-                (decoded * per_frame) as usize,
-                &mut stream,
-            );
-            for frame in stream.chunks_exact(per_frame as usize) {
-                let mut at = 0;
-                for (c, &k) in chans.iter_mut().zip(&spf) {
-                    c.extend_from_slice(&frame[at..at + k as usize]);
-                    at += k as usize;
-                }
-            }
-        }
+                spec.byte_offset,
+                &spf,
+                n_frames,
+                max_skew,
+            )?
+        } else {
+            read_packed(&fpath, header, spec, &spf, n_frames, max_skew)?
+        };
+        n_frames = Some(frames as usize);
         if spec.format == 8 {
             // First differences from the header's initial value (0 when absent).
             for (c, &m) in chans.iter_mut().zip(members) {
@@ -450,6 +397,89 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
     })
 }
 
+/// The signals of one signal file in a byte-packed format (every format but FLAC): each
+/// signal's samples (every sample of every frame) for the record's frames plus up to
+/// `max_skew` more where the file holds them, and the record's frame count.
+fn read_packed(
+    fpath: &Path,
+    header: &Header,
+    spec: &SignalSpec,
+    spf: &[u64],
+    n_frames: Option<usize>,
+    max_skew: u64,
+) -> Result<(Vec<Vec<i32>>, u64)> {
+    let bytes = std::fs::read(fpath).map_err(|e| Error::io(fpath, e))?;
+    let offset = spec.byte_offset;
+    let is_mat = spec.file.to_ascii_lowercase().ends_with(".mat");
+    let mut data_len = (bytes.len() as u64).saturating_sub(offset);
+    if is_mat {
+        let m = mat::MatHeader::parse(&bytes, fpath)?;
+        m.check_against(fpath, spf.len(), header.n_samples, offset)?;
+        data_len = data_len.min(m.data_bytes());
+    }
+    let per_frame: u64 = spf.iter().sum();
+    let stored = format::samples_in(spec.format, data_len) / per_frame;
+    let frames = n_frames.map_or(stored, |n| n as u64);
+    // A header can claim any sample count: overflow means "more than any file holds".
+    let need = frames
+        .checked_mul(per_frame)
+        .filter(|&s| s.checked_mul(4).is_some())
+        .map_or(u64::MAX, |s| format::bytes_for(spec.format, s));
+    // Accept padding shorter than one frame (packed formats round up), and the extra
+    // frames a skewed signal reads past the record's end; anything else means the header
+    // and the file disagree. An offset past the end holds nothing.
+    let frame_bytes = format::bytes_for(spec.format, per_frame).max(1);
+    let slack = frame_bytes.saturating_mul(max_skew + 1);
+    if offset > bytes.len() as u64 || data_len < need || data_len - need >= slack {
+        return Err(Error::SampleCount {
+            path: fpath.to_path_buf(),
+            record: header.record.clone(),
+            offset,
+            n_samples: frames as usize,
+            n_signals: spf.len(),
+            format: spec.format,
+            expected_bytes: need,
+            found_bytes: data_len,
+        });
+    }
+    // Decode the record's frames and, for skewed signals, up to `max_skew` more.
+    let decoded = (frames + max_skew).min(stored.max(frames));
+    let start = offset as usize;
+    let mut chans: Vec<Vec<i32>> = spf
+        .iter()
+        .map(|&k| Vec::with_capacity((decoded * k) as usize))
+        .collect();
+    if spec.format == 16 && per_frame == spf.len() as u64 {
+        // Fast path for the most common layout: one strided pass per signal straight
+        // from the bytes (no intermediate stream).
+        let k = spf.len();
+        let frame_len = 2 * k;
+        let data = &bytes[start..start + decoded as usize * frame_len];
+        for (j, c) in chans.iter_mut().enumerate() {
+            c.extend(
+                data.chunks_exact(frame_len)
+                    .map(|f| i16::from_le_bytes([f[2 * j], f[2 * j + 1]]) as i32),
+            );
+        }
+    } else {
+        let mut stream = Vec::new();
+        format::decode(
+            spec.format,
+            &bytes[start..],
+            (decoded * per_frame) as usize,
+            &mut stream,
+        );
+        for frame in stream.chunks_exact(per_frame as usize) {
+            let mut at = 0;
+            for (c, &k) in chans.iter_mut().zip(spf) {
+                c.extend_from_slice(&frame[at..at + k as usize]);
+                at += k as usize;
+            }
+        }
+    }
+    Ok((chans, frames))
+}
+
 /// One value per frame from a channel's `k` samples per frame, as wfdb-python 4.3.1's
 /// `smooth_frames` computes it: the integer mean of the frame's digital samples, truncated
 /// toward zero (its sum in 64 bits divided by `k` and stored in an integer array); the frame
@@ -482,14 +512,19 @@ pub fn wrap16(sum: i64) -> i32 {
 /// file in `format`, with checksums and initial values. Temporary files are renamed into
 /// place so a reader never sees half a record.
 pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
-    if !format::is_supported(format) || format == 8 {
+    if !format::is_supported(format) || format == 8 || format::is_flac(format) {
         return Err(Error::Write {
             record: record.name.clone(),
             signal: 0,
             what: format!("format {format} is not supported for writing"),
         });
     }
-    if let Some((i, _)) = record.channels.iter().enumerate().find(|(_, c)| !c.spans.is_empty()) {
+    if let Some((i, _)) = record
+        .channels
+        .iter()
+        .enumerate()
+        .find(|(_, c)| !c.spans.is_empty())
+    {
         return Err(Error::Write {
             record: record.name.clone(),
             signal: i,

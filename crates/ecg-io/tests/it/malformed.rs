@@ -232,3 +232,65 @@ fn offset_past_end_and_huge_sample_count() {
     let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
     assert!(matches!(e, Error::SampleCount { .. }), "{e}");
 }
+
+/// A FLAC signal file that is not FLAC, or is cut short, is an error naming it.
+#[test]
+fn corrupt_flac_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "r.hea",
+        b"r 1 100 10\nr.dat 516 200 16 0 0 0 0 I\n",
+    );
+    write(d.path(), "r.dat", &[0u8; 64]);
+    let e = read_record(&d.path().join("r"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, Error::Flac { .. }) && e.to_string().contains("r.dat"),
+        "{e}"
+    );
+    // A real FLAC stream from the corpus, truncated mid-stream.
+    let Some(data) = crate::data_dir() else {
+        return;
+    };
+    let src = data.join("wfdb_python_sample");
+    let bytes = std::fs::read(src.join("flacformats.d1")).unwrap();
+    write(
+        d.path(),
+        "f.hea",
+        b"f 1 200 499\nf.dat 516 200/mV 16 0 -32766 -750 0 sig\n",
+    );
+    write(d.path(), "f.dat", &bytes[..bytes.len() / 2]);
+    let e = read_record(&d.path().join("f"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, Error::Flac { .. }) && e.to_string().contains("f.dat"),
+        "{e}"
+    );
+}
+
+/// A multi-segment record whose segment header is missing names that header; a segment
+/// name that climbs out of the directory is refused at the header.
+#[test]
+fn multi_segment_missing_segment_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "m.hea", b"m/2 1 100 20\nm_1 10\nm_2 10\n");
+    write(
+        d.path(),
+        "m_1.hea",
+        b"m_1 1 100 10\nm_1.dat 16 200 16 0 0 0 0 I\n",
+    );
+    write(d.path(), "m_1.dat", &[0u8; 20]);
+    let e = read_record(&d.path().join("m"), ReadOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("m_2.hea"), "{e}");
+    write(d.path(), "x.hea", b"x/1 1 100 10\n../m_1 10\n");
+    let e = read_record(&d.path().join("x"), ReadOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Header {
+                field: "segment name",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

@@ -20,11 +20,7 @@ use ecg_io::{ReadOptions, read_record};
 use crate::data_dir;
 
 /// Records wfdb-python 4.3.1 reads that we refuse for now, with the reason.
-const NOT_YET: &[(&str, &str)] = &[
-    ("flac_3_constant", "FLAC (format 508)"),
-    ("flacformats", "FLAC (formats 508, 516, 524)"),
-    ("mixedsignals", "FLAC (format 516)"),
-];
+const NOT_YET: &[(&str, &str)] = &[];
 
 fn close(a: f64, b: f64, scale: f64) -> bool {
     (a - b).abs() <= 1e-9 * (1.0 + b.abs() + scale)
@@ -161,7 +157,11 @@ fn every_record_reads_as_wfdb_python_reads_it() {
             // wfdb-python's header pattern takes units of word characters only: for a unit
             // written in Latin-1 (`\u{b0}`, test_generator_2) it reports its default, mV;
             // we keep the unit as written.
-            if c.units.is_ascii() && units.get(j).is_some_and(|u| u.as_ref().is_some_and(|u| *u != c.units)) {
+            if c.units.is_ascii()
+                && units
+                    .get(j)
+                    .is_some_and(|u| u.as_ref().is_some_and(|u| *u != c.units))
+            {
                 failures.push(format!(
                     "{rel} signal {j}: units {:?}, wfdb-python {:?}",
                     c.units,

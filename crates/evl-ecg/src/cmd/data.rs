@@ -64,7 +64,9 @@ fn annotations_of(path: &Path) -> Result<Vec<AnnSummary>> {
         }
         let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
         counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let name = f.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        let name = f
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
         out.push((name, anns.len(), counts));
     }
     Ok(out)

@@ -196,5 +196,8 @@ fn inspect_summarises_annotations() {
     assert_eq!(count("100.qrs"), Some(2273));
     assert_eq!(v["data"]["signals"], serde_json::json!(["MLII", "V5"]));
     let (ok, text, _) = run(bin().args(["data", "inspect"]).arg(&rec));
-    assert!(ok && text.contains("annotations 100.atr: 2274 (N 2239, A 33"), "{text}");
+    assert!(
+        ok && text.contains("annotations 100.atr: 2274 (N 2239, A 33"),
+        "{text}"
+    );
 }
