@@ -116,6 +116,16 @@ pub enum Error {
         /// Value found.
         found: String,
     },
+    /// An EDF/EDF+ file whose header or data disagree with the format or with each other.
+    #[error("{}: EDF field `{field}`: {what}", .path.display())]
+    Edf {
+        /// The file.
+        path: PathBuf,
+        /// The header field (or `header`, `EDF Annotations`).
+        field: &'static str,
+        /// What is wrong.
+        what: String,
+    },
     /// A FLAC signal file (WFDB formats 508/516/524) that cannot be decoded or does not hold
     /// what the header says.
     #[error("{}: FLAC: {what}", .path.display())]

@@ -1,12 +1,14 @@
-//! Readers and writers for the ECG data users bring: WFDB records (`.hea` + `.dat` in formats
-//! 16, 212, 80, 24, 32, 61, 310, 311; PhysioNet/CinC MATLAB v4 `.mat`), WFDB annotations
-//! (`.atr`), PTB-XL metadata, SNOMED-CT mapping tables and ECGInstruct conversations.
+//! Readers and writers for the ECG data users bring: WFDB records (`.hea` + `.dat` in every
+//! format wfdb-python reads, FLAC included, skew, samples per frame, multi-segment;
+//! PhysioNet/CinC MATLAB v4 `.mat`), EDF/EDF+ files, WFDB annotations (`.atr`, `.qrs`, ...),
+//! SPH HDF5, PTB-XL metadata, SNOMED-CT mapping tables and ECGInstruct conversations.
 //!
 //! Nothing here knows about models or tensors: a reader turns files into a [`Record`] (raw ADC
 //! samples plus gain and baseline) and labels, or into an [`Error`] naming file, line and
 //! field.
 
 pub mod conversation;
+pub mod edf;
 pub mod error;
 pub mod labels;
 pub mod lead;

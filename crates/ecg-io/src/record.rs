@@ -11,8 +11,9 @@ pub struct Channel {
     pub description: String,
     /// ADC units per physical unit.
     pub gain: f64,
-    /// ADC value of physical zero.
-    pub baseline: i64,
+    /// ADC value of physical zero (an integer in WFDB headers; EDF's scaling puts it between
+    /// integers).
+    pub baseline: f64,
     /// Physical units as written (`mV`, `uV`, ...).
     pub units: String,
     /// Raw ADC samples.
@@ -34,7 +35,7 @@ pub struct Span {
     /// ADC units per physical unit.
     pub gain: f64,
     /// ADC value of physical zero.
-    pub baseline: i64,
+    pub baseline: f64,
     /// ADC value marking a missing sample.
     pub invalid: Option<i32>,
 }
@@ -53,7 +54,7 @@ impl Channel {
         if Some(a) == invalid {
             f64::NAN
         } else {
-            (a as f64 - baseline as f64) / gain
+            (a as f64 - baseline) / gain
         }
     }
 
@@ -65,11 +66,11 @@ impl Channel {
         for span in self.spans.iter().chain(std::iter::once(&Span {
             start: self.adc.len(),
             gain: 1.0,
-            baseline: 0,
+            baseline: 0.0,
             invalid: None,
         })) {
             let to = span.start.min(self.adc.len());
-            let (g, b) = (params.0, params.1 as f64);
+            let (g, b) = (params.0, params.1);
             // Branch-free body so the loop vectorises; the invalid marker becomes NaN by
             // select.
             let inv = params.2.unwrap_or(i32::MIN);

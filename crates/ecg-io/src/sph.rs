@@ -68,7 +68,7 @@ pub fn read_sph(path: &Path) -> Result<Record> {
             lead: lead.clone(),
             description: lead.name().to_string(),
             gain: SPH_GAIN,
-            baseline: 0,
+            baseline: 0.0,
             units: "mV".into(),
             adc,
             invalid: None,

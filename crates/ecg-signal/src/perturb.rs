@@ -398,7 +398,7 @@ mod tests {
                 lead: Lead::II,
                 description: "II".into(),
                 gain: 1000.0,
-                baseline: 0,
+                baseline: 0.0,
                 units: "mV".into(),
                 adc: Vec::new(),
                 invalid: None,

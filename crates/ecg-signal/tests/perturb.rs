@@ -123,7 +123,7 @@ fn dropout_amplitude_and_shift_are_exact() {
         .apply(&mut r, 0);
     for (a, b) in rec.channels.iter().zip(&r.channels) {
         for (x, y) in a.adc.iter().zip(&b.adc) {
-            assert_eq!(2 * (*x as i64 - a.baseline) + a.baseline, *y as i64);
+            assert_eq!(2.0 * (*x as f64 - a.baseline) + a.baseline, *y as f64);
         }
     }
     let mut r = rec.clone();

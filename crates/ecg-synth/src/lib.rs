@@ -550,7 +550,7 @@ fn to_record(name: &str, fs: u32, leads: &[Vec<f64>], truth: &Truth) -> Record {
             lead: l.clone(),
             description: l.name().to_string(),
             gain: 1000.0,
-            baseline: 0,
+            baseline: 0.0,
             units: "mV".into(),
             adc: x
                 .iter()

@@ -63,10 +63,17 @@ pub fn header_path(record: &Path) -> PathBuf {
 
 /// Read a WFDB record (header plus signal files).
 ///
-/// A path ending in `.h5` is read as an SPH HDF5 record instead (see [`crate::sph`]).
+/// A path ending in `.h5` is read as an SPH HDF5 record instead (see [`crate::sph`]), one
+/// ending in `.edf` as EDF/EDF+ (see [`crate::edf`]).
 pub fn read_record(record: &Path, opts: ReadOptions) -> Result<Record> {
     if record.extension().is_some_and(|e| e == "h5") {
         return crate::sph::read_sph(record);
+    }
+    if record
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("edf"))
+    {
+        return crate::edf::read_edf(record, opts);
     }
     let hpath = header_path(record);
     let header = Header::read(&hpath)?;
@@ -116,7 +123,7 @@ pub fn read_segments(hpath: &Path, header: &Header, opts: ReadOptions) -> Result
             lead: s.lead.clone(),
             description: s.description.clone(),
             gain: s.gain,
-            baseline: s.baseline,
+            baseline: s.baseline as f64,
             units: s.units.clone(),
             adc: Vec::new(),
             invalid: format::invalid_value(s.format),
@@ -206,7 +213,7 @@ pub fn read_segments(hpath: &Path, header: &Header, opts: ReadOptions) -> Result
                     ch.spans.push(crate::record::Span {
                         start,
                         gain: 1.0,
-                        baseline: 0,
+                        baseline: 0.0,
                         invalid: Some(i32::MIN),
                     });
                     ch.adc.resize(start + seg_len, i32::MIN);
@@ -355,7 +362,7 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
             lead: s.lead.clone(),
             description: s.description.clone(),
             gain: s.gain,
-            baseline: s.baseline,
+            baseline: s.baseline as f64,
             units: s.units.clone(),
             adc: e,
             invalid,
@@ -531,6 +538,21 @@ pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
             what: "its segments have different gains or formats; write it as CSV".into(),
         });
     }
+    if let Some((i, c)) = record
+        .channels
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.baseline.fract() != 0.0 || c.baseline.abs() > 9.0e15)
+    {
+        return Err(Error::Write {
+            record: record.name.clone(),
+            signal: i,
+            what: format!(
+                "baseline {} is not an integer ADC value (an EDF scaling); write it as CSV",
+                c.baseline
+            ),
+        });
+    }
     let (lo, hi) = format::value_range(format);
     let n = record.n_samples;
     let k = record.channels.len();
@@ -572,7 +594,7 @@ pub fn write_record(dir: &Path, record: &Record, format: u32) -> Result<()> {
                 byte_offset: 0,
                 skew: 0,
                 gain: c.gain,
-                baseline: c.baseline,
+                baseline: c.baseline as i64,
                 units: c.units.clone(),
                 adc_resolution: match format {
                     80 => 8,

@@ -9,7 +9,7 @@ fn record(n: usize, lo: i32, hi: i32) -> Record {
             lead: l.clone(),
             description: l.name().to_string(),
             gain: 1000.0,
-            baseline: j as i64 - 3,
+            baseline: j as f64 - 3.0,
             units: "mV".into(),
             adc: (0..n)
                 .map(|k| lo + ((k * 7919 + j * 104729) % ((hi - lo) as usize + 1)) as i32)

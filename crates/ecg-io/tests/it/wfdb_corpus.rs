@@ -323,3 +323,63 @@ fn every_annotation_file_reads_as_wfdb_python_reads_it() {
         failures.join("\n")
     );
 }
+
+/// Every EDF file of the corpus reads as MNE-Python reads its signals (physical values in
+/// the file's own units) and as pyedflib (or MNE) reads its EDF+ annotations.
+#[test]
+fn every_edf_file_reads_as_mne_reads_it() {
+    let Some(data) = data_dir() else { return };
+    let root = data.join("wfdb_python_sample");
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("reference/wfdb_python_sample.json")).unwrap();
+    let edfs = reference["edf"].as_object().unwrap();
+    assert!(edfs.len() >= 2);
+    let mut failures = Vec::new();
+    for (rel, exp) in edfs {
+        let opts = ReadOptions {
+            frames: Frames::Expand,
+            ..ReadOptions::default()
+        };
+        let rec = match read_record(&root.join(rel), opts) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{rel}: {e}"));
+                continue;
+            }
+        };
+        let chans = exp["channels"].as_array().unwrap();
+        if rec.channels.len() != chans.len() {
+            failures.push(format!("{rel}: {} signals, MNE {}", rec.channels.len(), chans.len()));
+            continue;
+        }
+        if !chans.is_empty() && exp["sfreq"].as_f64() != Some(rec.fs) {
+            failures.push(format!("{rel}: {} Hz, MNE {}", rec.fs, exp["sfreq"]));
+        }
+        for (j, c) in rec.channels.iter().enumerate() {
+            if chans[j]["name"].as_str() != Some(c.description.as_str()) {
+                failures.push(format!("{rel} signal {j}: `{}`, MNE {}", c.description, chans[j]["name"]));
+            }
+            if let Err(e) = check_channel(&c.physical(), &chans[j], 1, &format!("{rel} signal {j}")) {
+                failures.push(e);
+            }
+        }
+        let ours: Vec<&String> = rec.comments.iter().filter(|c| c.starts_with("annotation: ")).collect();
+        let want = exp["annotations"].as_array().unwrap();
+        if ours.len() != want.len() {
+            failures.push(format!("{rel}: {} annotations, reference {}", ours.len(), want.len()));
+            continue;
+        }
+        for (o, w) in ours.iter().zip(want) {
+            let (on, du, tx) = (w[0].as_f64().unwrap(), w[1].as_f64().unwrap(), w[2].as_str().unwrap());
+            // pyedflib reports a missing duration as 0 (or -1).
+            let ok = o.starts_with(&format!("annotation: {on:+} s"))
+                && o.ends_with(&format!(": {tx}"))
+                && (du <= 0.0 || o.contains(&format!("[{du} s]")));
+            if !ok {
+                failures.push(format!("{rel}: `{o}`, reference {w}"));
+                break;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
+}

@@ -12,7 +12,8 @@ channel: length, NaN count, sum and sum of squares of the finite values, first a
 values (null where NaN). A record wfdb-python cannot read is stored with its error. For
 every annotation file next to a record (`rdann`): count, the sample indices and symbols
 (all of them up to 2,000, else the first and last 1,000), subtypes, channels, nums and
-aux notes the same way.
+aux notes the same way. For every EDF file (`*.edf`, which wfdb-python's rdrecord does not
+read): the values MNE-Python reads (see `edf`).
 """
 import glob
 import json
@@ -82,6 +83,41 @@ def annotation(path, ext):
     }
 
 
+def edf(path):
+    """An EDF/EDF+ file as MNE-Python reads it (pyedflib for the annotations where it opens the
+    file: it refuses test_generator_2.edf's Latin-1 unit): per signal the physical values in
+    the file's own units (MNE's SI values divided by 1e-6 for uV, 1e-3 for mV), and the
+    EDF+ annotations (onset s, duration s, text)."""
+    import mne
+
+    out = {}
+    r = mne.io.read_raw_edf(path, preload=True, verbose="error")
+    units = getattr(r, "_orig_units", {})
+    data = r.get_data() if len(r.ch_names) else np.zeros((0, 0))
+    chans = []
+    for j, name in enumerate(r.ch_names):
+        u = units.get(name, "")
+        scale = {"µV": 1e-6, "uV": 1e-6, "mV": 1e-3}.get(u, 1.0)
+        chans.append(dict(stats(data[j] / scale), name=name))
+    out["sfreq"] = float(r.info["sfreq"])
+    out["channels"] = chans
+    try:
+        import pyedflib
+
+        f = pyedflib.EdfReader(path)
+        on, du, tx = f.readAnnotations()
+        f.close()
+        out["annotations"] = [[float(a), float(b), str(c)] for a, b, c in zip(on, du, tx)]
+        out["annotations_from"] = "pyedflib " + pyedflib.__version__
+    except OSError:
+        a = r.annotations
+        out["annotations"] = [
+            [float(x), float(y), str(z)] for x, y, z in zip(a.onset, a.duration, a.description)
+        ]
+        out["annotations_from"] = "mne " + mne.__version__
+    return out
+
+
 def clean(v):
     """NaN and infinities (a header's sampling frequency can be missing) as null."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -109,8 +145,11 @@ def main():
                     anns[f"{rel}.{ext}"] = annotation(base, ext)
                 except Exception as e:  # noqa: BLE001
                     anns[f"{rel}.{ext}"] = {"error": f"{type(e).__name__}: {e}"}
+    edfs = {}
+    for f in sorted(glob.glob(f"{ROOT}/*.edf")):
+        edfs[os.path.relpath(f, ROOT)] = edf(f)
     json.dump(
-        clean({"wfdb_python": wfdb.__version__, "records": recs, "annotations": anns}),
+        clean({"wfdb_python": wfdb.__version__, "records": recs, "annotations": anns, "edf": edfs}),
         sys.stdout,
         indent=None,
         separators=(",", ":"),
