@@ -20,10 +20,10 @@
 
 use std::path::Path;
 
+use crate::Lead;
 use crate::error::{Error, Result};
 use crate::record::{Channel, Record};
 use crate::wfdb::{Frames, ReadOptions};
-use crate::Lead;
 
 /// The label of an EDF+ annotation signal.
 const ANNOTATIONS: &str = "EDF Annotations";
@@ -100,7 +100,10 @@ pub fn read_edf(path: &Path, opts: ReadOptions) -> Result<Record> {
         return Err(err(
             path,
             "header",
-            format!("the file ends at byte {} inside its {header_bytes}-byte header", bytes.len()),
+            format!(
+                "the file ends at byte {} inside its {header_bytes}-byte header",
+                bytes.len()
+            ),
         ));
     }
     // Per-signal fields, each an array of `ns` fixed-width entries.
@@ -120,15 +123,26 @@ pub fn read_edf(path: &Path, opts: ReadOptions) -> Result<Record> {
     let _prefilter = field(80);
     let samples = field(8);
     let parse = |v: &str, field: &'static str, i: usize| -> Result<f64> {
-        v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| {
-            err(path, field, format!("signal {i} (`{}`): `{v}` is not a number", labels[i]))
-        })
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| {
+                err(
+                    path,
+                    field,
+                    format!("signal {i} (`{}`): `{v}` is not a number", labels[i]),
+                )
+            })
     };
     let mut per_record = Vec::with_capacity(ns);
     for (i, s) in samples.iter().enumerate() {
         let n = parse(s, "samples per data record", i)?;
         if n < 1.0 || n.fract() != 0.0 {
-            return Err(err(path, "samples per data record", format!("signal {i}: {s}")));
+            return Err(err(
+                path,
+                "samples per data record",
+                format!("signal {i}: {s}"),
+            ));
         }
         per_record.push(n as usize);
     }
@@ -148,10 +162,14 @@ pub fn read_edf(path: &Path, opts: ReadOptions) -> Result<Record> {
         }
         n
     };
-    if !(duration > 0.0) && n_rec > 0 && ns > 0 {
+    if duration <= 0.0 && n_rec > 0 && ns > 0 {
         // EDF+ allows 0 for annotation-only files; a signal needs a duration.
         if labels.iter().any(|l| l != ANNOTATIONS) {
-            return Err(err(path, "duration of a data record", format!("{duration}")));
+            return Err(err(
+                path,
+                "duration of a data record",
+                format!("{duration}"),
+            ));
         }
     }
     let discontinuous = reserved.starts_with("EDF+D");
@@ -184,9 +202,8 @@ pub fn read_edf(path: &Path, opts: ReadOptions) -> Result<Record> {
             let raw: Vec<u8> = (0..per_record[i])
                 .flat_map(|k| sample(r, offsets[i], k).to_le_bytes())
                 .collect();
-            let tals = parse_tals(&raw).map_err(|what| {
-                err(path, "EDF Annotations", format!("data record {r}: {what}"))
-            })?;
+            let tals = parse_tals(&raw)
+                .map_err(|what| err(path, "EDF Annotations", format!("data record {r}: {what}")))?;
             for (k, t) in tals.iter().enumerate() {
                 if k == 0 && t.texts.is_empty() {
                     // The record's time-keeping TAL.
@@ -226,13 +243,22 @@ pub fn read_edf(path: &Path, opts: ReadOptions) -> Result<Record> {
         .fold(1, lcm);
     let mut channels = Vec::with_capacity(signals.len());
     for &i in &signals {
-        let (p0, p1) = (parse(&pmin[i], "physical minimum", i)?, parse(&pmax[i], "physical maximum", i)?);
-        let (d0, d1) = (parse(&dmin[i], "digital minimum", i)?, parse(&dmax[i], "digital maximum", i)?);
+        let (p0, p1) = (
+            parse(&pmin[i], "physical minimum", i)?,
+            parse(&pmax[i], "physical maximum", i)?,
+        );
+        let (d0, d1) = (
+            parse(&dmin[i], "digital minimum", i)?,
+            parse(&dmax[i], "digital maximum", i)?,
+        );
         if p1 == p0 || d1 == d0 {
             return Err(err(
                 path,
                 "physical/digital range",
-                format!("signal {i} (`{}`): an empty range ({p0}..{p1}, {d0}..{d1})", labels[i]),
+                format!(
+                    "signal {i} (`{}`): an empty range ({p0}..{p1}, {d0}..{d1})",
+                    labels[i]
+                ),
             ));
         }
         let gain = (d1 - d0) / (p1 - p0);
@@ -309,7 +335,10 @@ fn base_time(date: &str, time: &str) -> Option<String> {
     }
     let yy: u32 = d[2].parse().ok()?;
     let year = if yy >= 85 { 1900 + yy } else { 2000 + yy };
-    Some(format!("{}:{}:{} {}/{}/{year}", t[0], t[1], t[2], d[0], d[1]))
+    Some(format!(
+        "{}:{}:{} {}/{}/{year}",
+        t[0], t[1], t[2], d[0], d[1]
+    ))
 }
 
 /// One time-stamped annotation list.
@@ -384,6 +413,9 @@ mod tests {
             base_time("10.12.09", "12.44.02").as_deref(),
             Some("12:44:02 10/12/2009")
         );
-        assert_eq!(base_time("01.01.85", "00.00.00").as_deref(), Some("00:00:00 01/01/1985"));
+        assert_eq!(
+            base_time("01.01.85", "00.00.00").as_deref(),
+            Some("00:00:00 01/01/1985")
+        );
     }
 }

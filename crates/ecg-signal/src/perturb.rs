@@ -341,14 +341,26 @@ impl Perturbation {
                 }
                 _ => {}
             }
-            let (b, g) = (ch.baseline as f64, ch.gain);
+            let (b, g) = (ch.baseline, ch.gain);
+            // Every sample is written back with the channel's own parameters, so the
+            // stretches of a multi-segment record (other gains) no longer apply; a missing
+            // sample stays missing under the channel's own marker.
+            let spans = !ch.spans.is_empty();
             for (a, v) in ch.adc.iter_mut().zip(&x) {
                 if v.is_finite() {
                     *a = (v * g + b)
                         .round()
                         .clamp(i32::MIN as f64 + 1.0, i32::MAX as f64)
                         as i32;
+                } else if spans {
+                    *a = ch.invalid.unwrap_or(i32::MIN);
                 }
+            }
+            if spans {
+                if ch.invalid.is_none() {
+                    ch.invalid = Some(i32::MIN);
+                }
+                ch.spans.clear();
             }
         }
     }

@@ -42,7 +42,13 @@ fn stats(p: &[f64]) -> (usize, usize, f64, f64, Option<f64>, Option<f64>) {
 
 /// Compare one channel with the reference entry `e`, each reference value repeated `rep`
 /// times (a lower-rate channel expanded to the record's rate).
-fn check_channel(p: &[f64], e: &serde_json::Value, rep: usize, what: &str) -> Result<(), String> {
+fn check_channel(
+    p: &[f64],
+    e: &serde_json::Value,
+    rep: usize,
+    what: &str,
+    who: &str,
+) -> Result<(), String> {
     let (n, nan, sum, sumsq, first, last) = stats(p);
     let r = rep as f64;
     let want_n = e["len"].as_u64().unwrap() as usize * rep;
@@ -54,16 +60,16 @@ fn check_channel(p: &[f64], e: &serde_json::Value, rep: usize, what: &str) -> Re
     let opt = |v: &serde_json::Value| v.as_f64();
     let mut errs = Vec::new();
     if n != want_n {
-        errs.push(format!("length {n}, wfdb-python {want_n}"));
+        errs.push(format!("length {n}, {who} {want_n}"));
     }
     if nan != want_nan {
-        errs.push(format!("{nan} NaN, wfdb-python {want_nan}"));
+        errs.push(format!("{nan} NaN, {who} {want_nan}"));
     }
     if !close(sum, ws, sumsq.sqrt() * (n as f64).sqrt()) {
-        errs.push(format!("sum {sum}, wfdb-python {ws}"));
+        errs.push(format!("sum {sum}, {who} {ws}"));
     }
     if !close(sumsq, wq, 0.0) {
-        errs.push(format!("sum of squares {sumsq}, wfdb-python {wq}"));
+        errs.push(format!("sum of squares {sumsq}, {who} {wq}"));
     }
     for (name, got, want) in [
         ("first", first, opt(&e["first"])),
@@ -75,7 +81,7 @@ fn check_channel(p: &[f64], e: &serde_json::Value, rep: usize, what: &str) -> Re
             _ => false,
         };
         if !same {
-            errs.push(format!("{name} {got:?}, wfdb-python {want:?}"));
+            errs.push(format!("{name} {got:?}, {who} {want:?}"));
         }
     }
     if errs.is_empty() {
@@ -143,8 +149,13 @@ fn every_record_reads_as_wfdb_python_reads_it() {
         // wfdb-python gives no units for a record whose segments are all null.
         let units: Vec<Option<String>> = serde_json::from_value(exp["units"].clone()).unwrap();
         for (j, c) in rec.channels.iter().enumerate() {
-            if let Err(e) = check_channel(&c.physical(), &chans[j], 1, &format!("{rel} signal {j}"))
-            {
+            if let Err(e) = check_channel(
+                &c.physical(),
+                &chans[j],
+                1,
+                &format!("{rel} signal {j}"),
+                "wfdb-python",
+            ) {
                 failures.push(e);
             }
             if names.get(j) != Some(&c.description) {
@@ -192,6 +203,7 @@ fn every_record_reads_as_wfdb_python_reads_it() {
                             &exp_chans[j],
                             rep,
                             &format!("{rel} signal {j} expanded"),
+                            "wfdb-python",
                         ) {
                             failures.push(e);
                         }
@@ -349,7 +361,11 @@ fn every_edf_file_reads_as_mne_reads_it() {
         };
         let chans = exp["channels"].as_array().unwrap();
         if rec.channels.len() != chans.len() {
-            failures.push(format!("{rel}: {} signals, MNE {}", rec.channels.len(), chans.len()));
+            failures.push(format!(
+                "{rel}: {} signals, MNE {}",
+                rec.channels.len(),
+                chans.len()
+            ));
             continue;
         }
         if !chans.is_empty() && exp["sfreq"].as_f64() != Some(rec.fs) {
@@ -357,20 +373,41 @@ fn every_edf_file_reads_as_mne_reads_it() {
         }
         for (j, c) in rec.channels.iter().enumerate() {
             if chans[j]["name"].as_str() != Some(c.description.as_str()) {
-                failures.push(format!("{rel} signal {j}: `{}`, MNE {}", c.description, chans[j]["name"]));
+                failures.push(format!(
+                    "{rel} signal {j}: `{}`, MNE {}",
+                    c.description, chans[j]["name"]
+                ));
             }
-            if let Err(e) = check_channel(&c.physical(), &chans[j], 1, &format!("{rel} signal {j}")) {
+            if let Err(e) = check_channel(
+                &c.physical(),
+                &chans[j],
+                1,
+                &format!("{rel} signal {j}"),
+                "wfdb-python",
+            ) {
                 failures.push(e);
             }
         }
-        let ours: Vec<&String> = rec.comments.iter().filter(|c| c.starts_with("annotation: ")).collect();
+        let ours: Vec<&String> = rec
+            .comments
+            .iter()
+            .filter(|c| c.starts_with("annotation: "))
+            .collect();
         let want = exp["annotations"].as_array().unwrap();
         if ours.len() != want.len() {
-            failures.push(format!("{rel}: {} annotations, reference {}", ours.len(), want.len()));
+            failures.push(format!(
+                "{rel}: {} annotations, reference {}",
+                ours.len(),
+                want.len()
+            ));
             continue;
         }
         for (o, w) in ours.iter().zip(want) {
-            let (on, du, tx) = (w[0].as_f64().unwrap(), w[1].as_f64().unwrap(), w[2].as_str().unwrap());
+            let (on, du, tx) = (
+                w[0].as_f64().unwrap(),
+                w[1].as_f64().unwrap(),
+                w[2].as_str().unwrap(),
+            );
             // pyedflib reports a missing duration as 0 (or -1).
             let ok = o.starts_with(&format!("annotation: {on:+} s"))
                 && o.ends_with(&format!(": {tx}"))
@@ -381,5 +418,10 @@ fn every_edf_file_reads_as_mne_reads_it() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} problems:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
