@@ -254,6 +254,35 @@ mod tests {
     // 310/311; the 310/311 words below were read back by its `rdrecord` as [1, -2, 300].
     const SAMPLES: [i32; 6] = [1, -2, 2047, -2048, 300, -300];
 
+    /// WFDB's invalid-sample values and ranges (wfdb-python 4.3.1's `INVALID_SAMPLE_VALUE`
+    /// and the formats' bit widths).
+    #[test]
+    fn known_markers_and_ranges() {
+        let table: [(u32, Option<i32>, (i64, i64)); 13] = [
+            (8, None, (-128, 127)),
+            (16, Some(-32768), (-32768, 32767)),
+            (61, Some(-32768), (-32768, 32767)),
+            (160, Some(-32768), (-32768, 32767)),
+            (80, Some(-128), (-128, 127)),
+            (212, Some(-2048), (-2048, 2047)),
+            (310, Some(-512), (-512, 511)),
+            (311, Some(-512), (-512, 511)),
+            (24, Some(-8_388_608), (-8_388_608, 8_388_607)),
+            (32, Some(i32::MIN), (i32::MIN as i64, i32::MAX as i64)),
+            (508, Some(-128), (-128, 127)),
+            (516, Some(-32768), (-32768, 32767)),
+            (524, Some(-8_388_608), (-8_388_608, 8_388_607)),
+        ];
+        for (f, inv, range) in table {
+            assert_eq!(invalid_value(f), inv, "format {f}");
+            if !is_flac(f) {
+                assert_eq!(value_range(f), range, "format {f}");
+            }
+            assert!(is_supported(f), "format {f}");
+        }
+        assert!(!is_supported(0) && !is_supported(500) && !is_supported(17));
+    }
+
     #[test]
     fn known_answer_212() {
         let bytes = [0x01, 0xF0, 0xFE, 0xFF, 0x87, 0x00, 0x2C, 0xE1, 0xD4];

@@ -58,3 +58,33 @@ fn out_of_range_values_are_refused() {
     let e = write_record(dir.path(), &rec, 212).unwrap_err();
     assert!(matches!(e, ecg_io::Error::Write { .. }), "{e}");
 }
+
+/// Each format's invalid-sample marker reads as NaN and writes back as the marker: a record
+/// with missing samples survives a write and read in every writable format, and the value
+/// one above the marker is an ordinary sample.
+#[test]
+fn invalid_samples_read_as_nan_and_write_back() {
+    let dir = tempfile::tempdir().unwrap();
+    for &f in SUPPORTED.iter().filter(|&&f| f != 8) {
+        let inv = ecg_io::wfdb::format::invalid_value(f).expect("formats but 8 have a marker");
+        let mut rec = record(9, 0, 100);
+        for c in &mut rec.channels {
+            c.invalid = Some(inv);
+            c.adc[2] = inv;
+            c.adc[5] = inv + 1;
+        }
+        let sub = dir.path().join(format!("nan{f}"));
+        write_record(&sub, &rec, f).unwrap();
+        let back = read_record(&sub.join("synthetic"), ReadOptions::default()).unwrap();
+        assert_eq!(back, rec, "format {f}");
+        for c in &back.channels {
+            let p = c.physical();
+            assert!(
+                p[2].is_nan(),
+                "format {f}: the marker {inv} did not read as NaN"
+            );
+            assert!(p[5].is_finite(), "format {f}: {} read as NaN", inv + 1);
+            assert_eq!(p.iter().filter(|v| v.is_nan()).count(), 1, "format {f}");
+        }
+    }
+}
