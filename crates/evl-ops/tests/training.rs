@@ -534,3 +534,69 @@ fn caching_a_frozen_encoder_changes_no_loss() {
         assert!(diff < 1e-4, "{:?}: lm_head differs by {diff}", arch.input);
     }
 }
+
+/// Offline KD (the teacher cache, one encoder pass per record shared by its turns) and online
+/// KD (the teacher run on every batch) give the same losses, for an image teacher.
+#[test]
+fn cached_and_online_teacher_give_the_same_losses() {
+    let _rng = rng_lock();
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(8);
+    let texts = evl_infer::input::corpus(&data);
+    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
+    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
+    let mut qc = QuickstartConfig::preset(Preset::Tiny);
+    qc.teacher_input = "image".into();
+    let mut tc = qc.teacher_model();
+    tc.vocab = t_tok.vocab_size();
+    let mut sc = qc.student_model();
+    sc.vocab = s_tok.vocab_size();
+    device.seed(11);
+    let teacher = tc.init(&device);
+    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
+    train_dev.seed(12);
+    let student = sc.init(&train_dev);
+    // Materialise the lazily initialised weights: both runs start from the same student.
+    let _ = weights(&student);
+    let optim = OptimConfig {
+        steps: 3,
+        batch_size: 4,
+        warmup: 1,
+        seed: 3,
+        ..OptimConfig::default()
+    };
+    for method in [Method::Evl { ablate: vec![] }, Method::Kl] {
+        let cfg = DistillConfig::paper(method.clone(), optim.clone());
+        let run = |t: Teacher<'_>| {
+            distill(
+                student.clone(),
+                &data,
+                &s_tok,
+                &t_tok,
+                t,
+                &cfg,
+                None,
+                &train_dev,
+                |_| {},
+            )
+            .unwrap()
+            .1
+        };
+        let cached = run(Teacher::Cached(&cache));
+        let online = run(Teacher::Online {
+            model: &teacher,
+            device: &device,
+        });
+        for (a, b) in cached.iter().zip(&online) {
+            assert!(
+                (a.total - b.total).abs() < 1e-4 * a.total.abs().max(1.0),
+                "{}: step {} cached {} online {}",
+                method.name(),
+                a.step,
+                a.total,
+                b.total
+            );
+        }
+    }
+}

@@ -83,8 +83,11 @@ fn teacher_outs(
     let spans: Vec<Vec<(usize, usize)>> = s.turns.iter().map(|t| encode_turn(tok, t).2).collect();
     let n = rows.len();
     let (text, pad, _, rows) = text_tensors(rows, device);
-    let px = pixels(&vec![s; n], &input, device);
-    let v = teacher.view_layer(px, text, pad, layer);
+    // One encoder pass per record, shared by its turns (the encoder does not see the text).
+    let visual = teacher
+        .encode(pixels(&[s], &input, device))
+        .repeat_dim(0, n);
+    let v = teacher.view_from_visual(visual, text, pad, layer);
     let [_, vt, dv] = v.visual.dims();
     let [_, t, d] = v.hidden.dims();
     let vis_hidden: Vec<f32> = v
