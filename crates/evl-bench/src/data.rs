@@ -189,6 +189,83 @@ pub fn io(a: &BenchIoArgs, json: bool) -> Result<()> {
         "records/s",
         rname.as_deref().zip(reference.as_ref().map(|r| n / r.1)),
     );
+    // The layouts and formats wfdb-python's corpus adds, each against its reference in the
+    // same run: multi-segment and FLAC records (wfdb-python), EDF files (MNE-Python).
+    let header_of =
+        |p: &String| ecg_io::wfdb::Header::read(&Path::new(p).with_extension("hea")).ok();
+    let multi: Vec<String> = paths
+        .iter()
+        .filter(|p| header_of(p).is_some_and(|h| !h.segments.is_empty()))
+        .cloned()
+        .collect();
+    let flac: Vec<String> = paths
+        .iter()
+        .filter(|p| {
+            header_of(p).is_some_and(|h| {
+                h.signals
+                    .iter()
+                    .any(|s| ecg_io::wfdb::format::is_flac(s.format))
+            })
+        })
+        .cloned()
+        .collect();
+    let edf: Vec<String> = ecg_data::walk(&dir, "edf")
+        .into_iter()
+        .map(|p| p.to_string_lossy().to_string())
+        .filter(|p| read_all(p).is_ok())
+        .collect();
+    for (label, list, mode) in [
+        ("multi-segment records", &multi, "wfdb"),
+        ("FLAC records", &flac, "wfdb"),
+        ("EDF files", &edf, "edf"),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let mut best = f64::INFINITY;
+        for _ in 0..a.reps.max(1) {
+            let t = Instant::now();
+            for p in list.iter() {
+                read_all(p)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let mut reference = None;
+        if !a.no_python {
+            let scripts = crate::scripts::Scripts::write()?;
+            let script = scripts.path(crate::scripts::WFDB_READ);
+            let reps = a.reps.to_string();
+            let mut args = vec![script.to_str().unwrap_or_default(), reps.as_str()];
+            if mode == "edf" {
+                args.push("--edf");
+            }
+            match run_python(
+                &a.python,
+                &args,
+                Some(serde_json::to_string(list).expect("strings")),
+            ) {
+                Ok(v) if v["failed"].as_object().is_none_or(|f| f.is_empty()) => {
+                    reference = v["best_s"].as_f64().map(|s| {
+                        let who = if mode == "edf" { "MNE" } else { "wfdb-python" };
+                        (format!("{who} {}", v["version"].as_str().unwrap_or("")), s)
+                    });
+                }
+                Ok(v) => eprintln!(
+                    "note: the reference could not read some {label}: {}",
+                    v["failed"]
+                ),
+                Err(e) => eprintln!("note: reference for {label} not run ({e})"),
+            }
+        }
+        let n = list.len() as f64;
+        emit(
+            json,
+            &format!("read {label} ({}), 1 thread", list.len()),
+            n / best,
+            "records/s",
+            reference.as_ref().map(|r| (r.0.as_str(), n / r.1)),
+        );
+    }
     if json {
         println!(
             "{}",

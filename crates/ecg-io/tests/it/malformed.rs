@@ -294,3 +294,61 @@ fn multi_segment_missing_segment_is_named() {
         "{e}"
     );
 }
+
+/// An EDF header that lies about its length, or a record count the file does not hold, is
+/// an error naming the field.
+#[test]
+fn edf_header_that_lies_is_named() {
+    fn edf(header_bytes: usize, n_records: i64, data: usize) -> Vec<u8> {
+        let mut h = String::new();
+        let pad = |s: &str, w: usize| format!("{s:<w$}");
+        h += &pad("0", 8);
+        h += &pad("patient", 80);
+        h += &pad("recording", 80);
+        h += &pad("01.01.20", 8);
+        h += &pad("10.00.00", 8);
+        h += &pad(&header_bytes.to_string(), 8);
+        h += &pad("", 44);
+        h += &pad(&n_records.to_string(), 8);
+        h += &pad("1", 8);
+        h += &pad("1", 4);
+        for (v, w) in [
+            ("ECG", 16),
+            ("", 80),
+            ("uV", 8),
+            ("-3200", 8),
+            ("3200", 8),
+            ("-32768", 8),
+            ("32767", 8),
+            ("", 80),
+            ("10", 8),
+            ("", 32),
+        ] {
+            h += &pad(v, w);
+        }
+        let mut b = h.into_bytes();
+        b.extend(vec![0u8; data]);
+        b
+    }
+    let d = tempfile::tempdir().unwrap();
+    let ok = d.path().join("ok.edf");
+    std::fs::write(&ok, edf(512, 2, 40)).unwrap();
+    let r = read_record(&ok, ReadOptions::default()).unwrap();
+    assert_eq!((r.n_samples, r.fs, r.channels.len()), (20, 10.0, 1));
+    // (0 - (-32768)) / gain - 3200 = 0.0488... for a zero sample.
+    assert!((r.channels[0].physical()[0] - 3200.0 / 65535.0).abs() < 1e-9);
+    for (name, bytes, field) in [
+        ("len.edf", edf(700, 2, 40), "header bytes"),
+        ("count.edf", edf(512, 5, 40), "number of data records"),
+        ("short.edf", edf(512, 2, 0)[..300].to_vec(), "header"),
+    ] {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = read_record(&p, ReadOptions::default()).unwrap_err();
+        match &e {
+            Error::Edf { field: f, .. } => assert_eq!(*f, field, "{name}: {e}"),
+            other => panic!("{name}: {other}"),
+        }
+        assert!(e.to_string().contains(name), "{e}");
+    }
+}
