@@ -49,10 +49,23 @@ pub fn read_group(
         )));
     }
     let n = spf.len();
-    let mut chans: Vec<Vec<i32>> = vec![Vec::new(); n];
-    for (i, sample) in reader.samples().enumerate() {
-        let v = sample.map_err(|e| err(format!("corrupt stream at sample {} ({e})", i / n)))?;
-        chans[i % n].push(v);
+    let total = info.samples.unwrap_or(0) as usize;
+    let mut chans: Vec<Vec<i32>> = (0..n).map(|_| Vec::with_capacity(total)).collect();
+    // Whole FLAC blocks at a time (a per-sample iterator measured several times slower).
+    let mut blocks = reader.blocks();
+    let mut buffer = Vec::new();
+    loop {
+        let done = chans[0].len();
+        match blocks.read_next_or_eof(std::mem::take(&mut buffer)) {
+            Ok(Some(block)) => {
+                for (j, c) in chans.iter_mut().enumerate() {
+                    c.extend_from_slice(block.channel(j as u32));
+                }
+                buffer = block.into_buffer();
+            }
+            Ok(None) => break,
+            Err(e) => return Err(err(format!("corrupt stream after sample {done} ({e})"))),
+        }
     }
     if chans.iter().any(|c| c.len() != chans[0].len()) {
         return Err(err("channels of different lengths".into()));
