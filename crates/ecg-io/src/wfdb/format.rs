@@ -7,6 +7,10 @@
 /// value (as WFDB and wfdb-python do).
 pub const SUPPORTED: [u32; 10] = [16, 212, 80, 24, 32, 61, 310, 311, 8, 160];
 
+/// The null format: a signal with no stored samples (every sample missing, NaN), read
+/// without a file.
+pub const NULL: u32 = 0;
+
 /// WFDB's FLAC formats (508, 516, 524: at most 8, 16, 24 bits), read by
 /// [`super::flac`], never written.
 pub const FLAC: [u32; 3] = [508, 516, 524];
@@ -26,6 +30,7 @@ pub fn is_supported(format: u32) -> bool {
 pub fn invalid_value(format: u32) -> Option<i32> {
     match format {
         8 => None,
+        NULL => Some(i32::MIN),
         80 | 508 => Some(-128),
         212 => Some(-2048),
         310 | 311 => Some(-512),
@@ -280,7 +285,10 @@ mod tests {
             }
             assert!(is_supported(f), "format {f}");
         }
-        assert!(!is_supported(0) && !is_supported(500) && !is_supported(17));
+        assert!(!is_supported(500) && !is_supported(17));
+        // Format 0 is read (all missing) but has no sample encoding.
+        assert!(!is_supported(NULL));
+        assert_eq!(invalid_value(NULL), Some(i32::MIN));
     }
 
     #[test]

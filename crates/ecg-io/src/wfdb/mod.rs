@@ -242,7 +242,7 @@ pub fn read_segments(hpath: &Path, header: &Header, opts: ReadOptions) -> Result
 pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<Record> {
     let dir = Header::dir(hpath);
     for (i, s) in header.signals.iter().enumerate() {
-        if !format::is_supported(s.format) {
+        if s.format != format::NULL && !format::is_supported(s.format) {
             return Err(Error::UnsupportedFormat {
                 path: hpath.to_path_buf(),
                 signal: i,
@@ -254,6 +254,10 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     let mut first_of: Vec<(String, usize)> = Vec::new();
     for (i, s) in header.signals.iter().enumerate() {
+        // A null signal (format 0) has no file.
+        if s.format == format::NULL {
+            continue;
+        }
         let g = match first_of.iter().find(|(f, _)| f == &s.file) {
             Some((_, g)) => *g,
             None => {
@@ -349,6 +353,24 @@ pub fn read_signals(hpath: &Path, header: &Header, opts: ReadOptions) -> Result<
         }
     }
     let n_frames = n_frames.unwrap_or(0);
+    if n_frames == 0 && header.n_samples == Some(0) {
+        // wfdb-python refuses these too (a multi-segment record's layout header is one).
+        return Err(Error::Header {
+            path: hpath.to_path_buf(),
+            line: 1,
+            field: "number of samples",
+            expected: "at least one sample (a layout segment holds no signal data; read the \
+                       multi-segment record's own header)"
+                .into(),
+            found: "0".into(),
+        });
+    }
+    // Null signals: every sample missing (WFDB's invalid sample), as many as the record has.
+    for (m, s) in header.signals.iter().enumerate() {
+        if s.format == format::NULL {
+            expanded[m] = vec![i32::MIN; n_frames * s.samples_per_frame as usize];
+        }
+    }
     let lcm = header
         .signals
         .iter()

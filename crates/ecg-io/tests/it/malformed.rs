@@ -352,3 +352,25 @@ fn edf_header_that_lies_is_named() {
         assert!(e.to_string().contains(name), "{e}");
     }
 }
+
+/// A null signal (format 0, no file) reads as all missing beside the stored ones; wfdb-python
+/// 4.3.1 raises a KeyError on such a single-segment record.
+#[test]
+fn null_format_signal_is_all_missing() {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "r.hea",
+        b"r 2 100 5\nr.dat 16 200 16 0 1 15 0 I\n~ 0 200 16 0 0 0 0 II\n",
+    );
+    let dat: Vec<u8> = [1i16, 2, 3, 4, 5]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    write(d.path(), "r.dat", &dat);
+    let r = read_record(&d.path().join("r"), ReadOptions::default()).unwrap();
+    assert_eq!(r.n_samples, 5);
+    assert_eq!(r.channels[0].physical(), [0.005, 0.01, 0.015, 0.02, 0.025]);
+    assert!(r.channels[1].physical().iter().all(|v| v.is_nan()));
+    assert_eq!(r.channels[1].physical().len(), 5);
+}
