@@ -23,7 +23,7 @@ use std::path::Path;
 use crate::Lead;
 use crate::error::{Error, Result};
 use crate::record::{Channel, Record};
-use crate::wfdb::{Frames, ReadOptions};
+use crate::wfdb::{Frames, ReadOptions, gcd, lcm};
 
 /// The label of an EDF+ annotation signal.
 const ANNOTATIONS: &str = "EDF Annotations";
@@ -382,14 +382,6 @@ fn parse_tals(raw: &[u8]) -> std::result::Result<Vec<Tal>, String> {
         });
     }
     Ok(out)
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
-fn lcm(a: usize, b: usize) -> usize {
-    a / gcd(a, b) * b
 }
 
 #[cfg(test)]

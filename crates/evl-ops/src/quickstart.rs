@@ -646,23 +646,7 @@ pub fn run(
     let mut evl_head = None;
     for &seed in &cfg.seeds {
         for m in &methods {
-            let dcfg = DistillConfig {
-                sinkhorn: cfg.sinkhorn,
-                kernel: cfg.kernel,
-                // A deviation from the paper, stated in the report: the teacher's final
-                // hidden states have an RMS near 8, so the paper's lm = 1.0 on raw states
-                // puts L_mhca near 70 against a CE near 0.4.
-                teacher_hidden_rms: true,
-                // The validation search's choice (the paper's weights without a search).
-                lambdas,
-                ..DistillConfig::paper(
-                    m.clone(),
-                    OptimConfig {
-                        seed,
-                        ..cfg.distill.clone()
-                    },
-                )
-            };
+            let dcfg = run_config(cfg, m.clone(), seed, lambdas);
             if seed == cfg.seeds[0] && m == &methods[0] {
                 let dev = dcfg.deviations();
                 if !dev.is_empty() {
@@ -783,6 +767,32 @@ pub fn run(
     Ok(results)
 }
 
+/// The settings of one distillation run of the quickstart: the paper's for `method`, with
+/// the run's seed, the quickstart's Sinkhorn and kernel settings, the loss weights given, and
+/// one deviation stated in the report: the teacher's final hidden states have an RMS near 8,
+/// so the paper's lm = 1.0 on raw states puts `L_mhca` near 70 against a CE near 0.4
+/// (`teacher_hidden_rms`).
+fn run_config(
+    cfg: &QuickstartConfig,
+    method: Method,
+    seed: u64,
+    lambdas: (f64, f64, f64),
+) -> DistillConfig {
+    DistillConfig {
+        sinkhorn: cfg.sinkhorn,
+        kernel: cfg.kernel,
+        teacher_hidden_rms: true,
+        lambdas,
+        ..DistillConfig::paper(
+            method,
+            OptimConfig {
+                seed,
+                ..cfg.distill.clone()
+            },
+        )
+    }
+}
+
 /// The grid search of EVL-ECG's `lm` x `lot` (`lr` stays the paper's): one distillation run
 /// per point with the first seed, scored on the validation records; returns every trial and
 /// the weights of the best (the first of equals; the paper's weights when the grid is empty
@@ -803,19 +813,7 @@ fn search_lambdas(
     for lm in or(&cfg.search_lambda_mhca, paper.0) {
         for lot in or(&cfg.search_lambda_ot, paper.2) {
             let lambdas = (lm, paper.1, lot);
-            let dcfg = DistillConfig {
-                sinkhorn: cfg.sinkhorn,
-                kernel: cfg.kernel,
-                teacher_hidden_rms: true,
-                lambdas,
-                ..DistillConfig::paper(
-                    Method::evl(),
-                    OptimConfig {
-                        seed,
-                        ..cfg.distill.clone()
-                    },
-                )
-            };
+            let dcfg = run_config(cfg, Method::evl(), seed, lambdas);
             let (dm, _) = distill(
                 student.clone(),
                 train,

@@ -524,11 +524,13 @@ fn smooth(ch: &mut Channel, k: usize) {
         .collect();
 }
 
-fn gcd(a: usize, b: usize) -> usize {
+/// Greatest common divisor (samples per frame, EDF's rates).
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-fn lcm(a: usize, b: usize) -> usize {
+/// Least common multiple (the rate every signal is expanded to).
+pub(crate) fn lcm(a: usize, b: usize) -> usize {
     a / gcd(a, b) * b
 }
 
