@@ -374,3 +374,86 @@ fn null_format_signal_is_all_missing() {
     assert!(r.channels[1].physical().iter().all(|v| v.is_nan()));
     assert_eq!(r.channels[1].physical().len(), 5);
 }
+
+/// EDF+D: each data record starts at the onset of its time-keeping annotation; the gap
+/// between records is missing (NaN); the other annotations become comments.
+#[test]
+fn edf_plus_discontinuous_places_records_at_their_onsets() {
+    let pad = |s: &str, w: usize| format!("{s:<w$}");
+    let mut h = String::new();
+    for (v, w) in [
+        ("0", 8),
+        ("X X X X", 80),
+        ("Startdate X X X X", 80),
+        ("01.02.20", 8),
+        ("10.00.00", 8),
+        ("768", 8),
+        ("EDF+D", 44),
+        ("2", 8),
+        ("1", 8),
+        ("2", 4),
+    ] {
+        h += &pad(v, w);
+    }
+    let per_signal: [[&str; 2]; 10] = [
+        ["ECG", "EDF Annotations"],
+        ["", ""],
+        ["mV", ""],
+        ["-3.2", "-1"],
+        ["3.2", "1"],
+        ["-32768", "-32768"],
+        ["32767", "32767"],
+        ["", ""],
+        ["10", "30"],
+        ["", ""],
+    ];
+    let widths = [16, 80, 8, 8, 8, 8, 8, 80, 8, 32];
+    for (vals, w) in per_signal.iter().zip(widths) {
+        for v in vals {
+            h += &pad(v, w);
+        }
+    }
+    let mut b = h.into_bytes();
+    assert_eq!(b.len(), 768);
+    let tal = |text: &[u8]| {
+        let mut t = text.to_vec();
+        t.resize(60, 0);
+        t
+    };
+    for (r, tals) in [
+        (0i16, tal(b"+0\x14\x14\0+0.5\x150.2\x14beat\x14\0")),
+        (1, tal(b"+3\x14\x14\0")),
+    ] {
+        for k in 0..10i16 {
+            b.extend((r * 10 + k + 1).to_le_bytes());
+        }
+        b.extend(tals);
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("d.edf");
+    std::fs::write(&p, b).unwrap();
+    let r = read_record(&p, ReadOptions::default()).unwrap();
+    assert_eq!((r.fs, r.n_samples, r.channels.len()), (10.0, 40, 1));
+    let x = r.channels[0].physical();
+    let g = 65535.0 / 6.4;
+    assert!(
+        (x[0] - ((1.0 + 32768.0) / g - 3.2)).abs() < 1e-9,
+        "{}",
+        x[0]
+    );
+    assert!(x[10..30].iter().all(|v| v.is_nan()));
+    assert!(
+        (x[30] - ((11.0 + 32768.0) / g - 3.2)).abs() < 1e-9,
+        "{}",
+        x[30]
+    );
+    assert!(x[39].is_finite());
+    assert_eq!(r.base_time.as_deref(), Some("10:00:00 01/02/2020"));
+    assert!(
+        r.comments
+            .iter()
+            .any(|c| c == "annotation: +0.5 s [0.2 s]: beat"),
+        "{:?}",
+        r.comments
+    );
+}

@@ -25,7 +25,7 @@ pub(crate) fn load(path: &Path, no_verify: bool) -> Result<Record> {
     {
         anyhow::bail!(
             "{} is an image ({e}), not an ECG record: this command reads WFDB (.hea + signal \
-             files) and PhysioNet/CinC (.hea + .mat) records; images of ECG paper are what \
+             files), PhysioNet/CinC (.hea + .mat) and EDF/EDF+ (.edf) records; images of ECG paper are what \
              `evl-ecg render` writes and what image models read during training \
              (`train --image-root`)",
             path.display()
