@@ -341,6 +341,7 @@ fn edf_header_that_lies_is_named() {
         ("len.edf", edf(700, 2, 40), "header bytes"),
         ("count.edf", edf(512, 5, 40), "number of data records"),
         ("short.edf", edf(512, 2, 0)[..300].to_vec(), "header"),
+        ("tiny.edf", edf(512, 2, 0)[..100].to_vec(), "header"),
     ] {
         let p = d.path().join(name);
         std::fs::write(&p, bytes).unwrap();
