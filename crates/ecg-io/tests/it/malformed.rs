@@ -352,6 +352,31 @@ fn edf_header_that_lies_is_named() {
         }
         assert!(e.to_string().contains(name), "{e}");
     }
+    // The number of signals must be a whole number from 0 to 4096.
+    for ns in ["-1", "1.5", "5000", "x"] {
+        let mut b = edf(512, 2, 40);
+        b[252..256].copy_from_slice(format!("{ns:<4}").as_bytes());
+        let p = d.path().join("ns.edf");
+        std::fs::write(&p, b).unwrap();
+        let e = read_record(&p, ReadOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Edf {
+                    field: "number of signals",
+                    ..
+                }
+            ),
+            "ns {ns}: {e}"
+        );
+    }
+    // A header of exactly 256 bytes: no signals, no data records, an empty record.
+    let mut b = edf(256, 0, 0)[..256].to_vec();
+    b[252..256].copy_from_slice(b"0   ");
+    let p = d.path().join("empty.edf");
+    std::fs::write(&p, b).unwrap();
+    let r = read_record(&p, ReadOptions::default()).unwrap();
+    assert_eq!((r.channels.len(), r.n_samples), (0, 0));
 }
 
 /// A null signal (format 0, no file) reads as all missing beside the stored ones; wfdb-python
