@@ -17,6 +17,30 @@ fn peak_rss_mib() -> Option<f64> {
     Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
+/// Run `torch_vlm.py` on a job file (`--train`: optimiser steps, else inference) with
+/// `threads` threads; `Ok(Err(why))` when Python or PyTorch is not there.
+pub(crate) fn run_torch_vlm(
+    python: &str,
+    job: &std::path::Path,
+    threads: usize,
+    train: bool,
+) -> Result<std::result::Result<serde_json::Value, String>> {
+    let scripts = crate::scripts::Scripts::write()?;
+    let script = scripts.path(crate::scripts::TORCH_VLM);
+    let threads = threads.to_string();
+    let mut args = vec![
+        script.to_str().unwrap_or_default(),
+        "--job",
+        job.to_str().unwrap_or_default(),
+        "--threads",
+        &threads,
+    ];
+    if train {
+        args.push("--train");
+    }
+    Ok(run_python(python, &args, None))
+}
+
 /// `bench infer`.
 pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
     if a.reps == 0 || a.n == 0 {
@@ -124,19 +148,7 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         });
         let job_path = tmp.path().join("job.json");
         std::fs::write(&job_path, job.to_string())?;
-        let scripts = crate::scripts::Scripts::write()?;
-        let script = scripts.path(crate::scripts::TORCH_VLM);
-        match run_python(
-            &a.python,
-            &[
-                script.to_str().unwrap_or_default(),
-                "--job",
-                job_path.to_str().unwrap_or_default(),
-                "--threads",
-                &a.threads.to_string(),
-            ],
-            None,
-        ) {
+        match run_torch_vlm(&a.python, &job_path, a.threads, false)? {
             Ok(v) => {
                 // Same computation? Probabilities to float tolerance, answers exactly.
                 let mut max_diff = 0.0f64;

@@ -26,7 +26,6 @@ use evl_ops::job::{JobConfig, Role};
 use evl_train::train::{OptimConfig, adamw, batch_indices, sft_loss};
 
 use crate::args::TrainArgs;
-use crate::data::run_python;
 
 /// One measured model.
 struct Case {
@@ -193,7 +192,6 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cpu device: {e}"))?
         .autodiff();
     let tmp = tempfile::tempdir()?;
-    let scripts = crate::scripts::Scripts::write()?;
     let mut rows = Vec::new();
     for role in [Role::Student, Role::Teacher] {
         let name = format!("{role:?}").to_lowercase();
@@ -259,19 +257,7 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                 });
                 let job_path = tmp.path().join("train-job.json");
                 std::fs::write(&job_path, job.to_string())?;
-                let script = scripts.path(crate::scripts::TORCH_VLM);
-                match run_python(
-                    &a.python,
-                    &[
-                        script.to_str().unwrap_or_default(),
-                        "--job",
-                        job_path.to_str().unwrap_or_default(),
-                        "--threads",
-                        &threads.to_string(),
-                        "--train",
-                    ],
-                    None,
-                ) {
+                match crate::infer::run_torch_vlm(&a.python, &job_path, threads, true)? {
                     Ok(v) => Some(v),
                     Err(e) => {
                         eprintln!(
