@@ -202,7 +202,7 @@ impl Header {
                 let n_samples = n.parse::<usize>().map_err(|_| {
                     field_err(path, *line, "segment length", "a non-negative integer", n)
                 })?;
-                if name.contains('/') || name.contains('\\') || name == ".." {
+                if name != "~" && !is_plain_file_name(&name) {
                     return Err(field_err(
                         path,
                         *line,
@@ -313,9 +313,30 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
+/// A name that stays in the header's directory: not empty, no path separator (either OS's),
+/// not `.` or `..`, no drive prefix or NUL.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', ':', '\0'])
+}
+
 fn parse_signal_line(path: &Path, line: usize, index: usize, text: &str) -> Result<SignalSpec> {
     let mut it = text.split_whitespace();
     let file = it.next().unwrap_or("").to_string();
+    if !is_plain_file_name(&file) {
+        // A header names files beside itself. An absolute path, `..` or a directory would
+        // make the reader open a file the record's owner did not give (in a service, a file
+        // disclosure), so they are refused rather than followed.
+        return Err(field_err(
+            path,
+            line,
+            "signal file name",
+            "a file name in the header's own directory (no `/`, `\\`, `..` or absolute path)",
+            &file,
+        ));
+    }
     let fmt_text = it.next().ok_or_else(|| {
         field_err(
             path,

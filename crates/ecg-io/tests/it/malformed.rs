@@ -483,3 +483,41 @@ fn edf_plus_discontinuous_places_records_at_their_onsets() {
         r.comments
     );
 }
+
+/// A header whose signal file is an absolute path, climbs with `..` or names a directory is
+/// refused at the header, before any file is opened: a record reads only files beside its
+/// header (the reader is used by the service on uploads).
+#[test]
+fn signal_file_outside_the_header_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    // A real, readable signal file one level up and one level down: neither may be reached.
+    write(d.path(), "up.dat", &[0u8; 20]);
+    write(&sub, "down.dat", &[0u8; 20]);
+    for name in [
+        "../up.dat",
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "sub/down.dat",
+        "sub\\down.dat",
+        "..",
+        "C:passwd",
+    ] {
+        let text = format!("r 1 100 10\n{name} 16 200 16 0 0 0 0 I\n");
+        write(&sub, "r.hea", text.as_bytes());
+        let e = read_record(&sub.join("r"), ReadOptions::default()).unwrap_err();
+        match &e {
+            Error::Header { field, found, .. } => {
+                assert_eq!(*field, "signal file name", "{name}: {e}");
+                assert_eq!(found, name);
+            }
+            other => panic!("{name}: expected a header error, got {other}"),
+        }
+        assert!(e.to_string().contains("r.hea"), "{e}");
+    }
+    // The same record with the file beside its header reads.
+    write(&sub, "r.hea", b"r 1 100 10\ndown.dat 16 200 16 0 0 0 0 I\n");
+    let r = read_record(&sub.join("r"), ReadOptions::default()).unwrap();
+    assert_eq!(r.channels[0].adc.len(), 10);
+}
