@@ -116,6 +116,19 @@ pub enum Error {
         /// Value found.
         found: String,
     },
+    /// A CSV record (the `data convert --to csv` layout) with a cell, row or header that
+    /// does not parse.
+    #[error("{}:{line}: column `{column}`: {what}", .path.display())]
+    CsvRecord {
+        /// The CSV file (or the name it was uploaded under).
+        path: PathBuf,
+        /// 1-based line number (1 is the header row).
+        line: usize,
+        /// Column name as in the header row (or its 1-based number).
+        column: String,
+        /// Problem.
+        what: String,
+    },
     /// An EDF/EDF+ file whose header or data disagree with the format or with each other.
     #[error("{}: EDF field `{field}`: {what}", .path.display())]
     Edf {

@@ -8,6 +8,7 @@
 //! field.
 
 pub mod conversation;
+pub mod csv;
 pub mod edf;
 pub mod error;
 pub mod labels;
