@@ -166,7 +166,10 @@ mod tests {
 
         let e = parse_csv(p, "x", b"I,II\n0.1,abc\n", 500.0).unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("x.csv:2") && m.contains("`II`") && m.contains("abc"), "{m}");
+        assert!(
+            m.contains("x.csv:2") && m.contains("`II`") && m.contains("abc"),
+            "{m}"
+        );
         let e = parse_csv(p, "x", b"I,II\n0.1\n", 500.0).unwrap_err();
         assert!(e.to_string().contains("1 values in the row"), "{e}");
         let e = parse_csv(p, "x", b"I,II\n", 500.0).unwrap_err();

@@ -28,7 +28,7 @@ pub struct ModelBundle {
     /// The label space its per-label probabilities are over (`labels.json`).
     pub space: Vec<String>,
     /// The same weights for framework-free CPU inference (`interpret` uses it).
-    pub native: evl_models::native::NativeVlm,
+    pub engine: Engine,
 }
 
 /// What the model says about one record.
@@ -94,38 +94,44 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M> {
     Ok(model)
 }
 
-impl ModelBundle {
-    /// The native engine's answers for one prepared sample: `p(yes)` per label of the
-    /// bundle's space and the greedy diagnosis (the same questions `evaluate` asks).
-    pub fn answer(&self, sample: &Sample) -> evl_models::native::NativeAnswer {
-        let input = crate::input::model_input(sample, &self.model.input());
-        let prompts: Vec<Vec<i64>> = self
-            .space
-            .iter()
-            .map(|l| encode_prompt(&self.tok, &verify_prompt(l)))
-            .collect();
-        let first = |w: &str| self.tok.encode(w).0.first().copied().unwrap_or(EOS);
-        let generate_prompt = encode_prompt(&self.tok, DIAGNOSIS_PROMPT);
-        self.native.answer(
-            &input,
-            &evl_models::native::Questions {
-                verify_prompts: &prompts,
-                yes: first("yes"),
-                no: first("no"),
-                generate_prompt: &generate_prompt,
-                eos: EOS,
-                max_new: 16,
-            },
-        )
-    }
+/// The framework-free CPU engine of a model directory and everything needed to read one
+/// record with it: no burn model, so it is `Send + Sync` and one copy serves every thread of
+/// a service.
+#[derive(Debug)]
+pub struct Engine {
+    /// Native weights.
+    pub native: evl_models::native::NativeVlm,
+    /// Tokenizer.
+    pub tok: TextTokenizer,
+    /// Input preprocessing.
+    pub spec: InputSpec,
+    /// Label space of the per-label probabilities.
+    pub space: Vec<String>,
+    /// The architecture (`config.json`).
+    pub config: EcgVlmConfig,
+}
 
-    /// Load a model directory onto `device`.
-    pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle> {
-        let cfg = EcgVlmConfig::load(dir.join("config.json")).map_err(|e| Error::Checkpoint {
-            path: dir.join("config.json"),
-            what: e.to_string(),
-        })?;
-        if let Some(what) = cfg.problem() {
+/// What one record gives, with the inputs it was prepared from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reading {
+    /// The verification probability of each label of the space, in order.
+    pub probabilities: Vec<(String, f64)>,
+    /// The generated answer to the question (the diagnosis question when none is given).
+    pub answer: String,
+    /// The question answered by generation.
+    pub question: String,
+}
+
+impl Engine {
+    /// Load a model directory: `config.json`, `input.json`, `labels.json`, `tokenizer.json`
+    /// and `model.safetensors`; any missing or malformed file is an error naming it.
+    pub fn load(dir: &Path) -> Result<Engine> {
+        let config =
+            EcgVlmConfig::load(dir.join("config.json")).map_err(|e| Error::Checkpoint {
+                path: dir.join("config.json"),
+                what: e.to_string(),
+            })?;
+        if let Some(what) = config.problem() {
             return Err(Error::Checkpoint {
                 path: dir.join("config.json"),
                 what,
@@ -150,17 +156,146 @@ impl ModelBundle {
             what: format!("expected a JSON list of label names: {e}"),
         })?;
         let tok = TextTokenizer::load(&dir.join("tokenizer.json"))?;
-        let model = load_weights(cfg.init(device), &dir.join("model.safetensors"))?.valid();
         let native = evl_models::native::NativeVlm::load(dir).map_err(|e| Error::Checkpoint {
             path: e.path.clone(),
             what: e.what,
         })?;
-        Ok(ModelBundle {
-            model,
+        Ok(Engine {
+            native,
             tok,
             spec,
             space,
-            native,
+            config,
+        })
+    }
+
+    /// What the model reads.
+    pub fn input(&self) -> evl_models::vlm::InputKind {
+        self.config.input.clone()
+    }
+
+    /// The model input of a record: rendered as ECG paper for an image model, resampled
+    /// leads for a signal model (only what the model reads is prepared).
+    pub fn prepare(&self, record: &ecg_io::Record) -> Result<Sample> {
+        let (image, signal) = match self.input() {
+            evl_models::vlm::InputKind::Image { .. } => {
+                let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
+                    dpi: self.spec.dpi,
+                    grid: self.spec.grid,
+                    ..Default::default()
+                })
+                .map_err(|e| Error::Data(Box::new(e)))?;
+                let image = image_of(&renderer, record, &self.spec)
+                    .map_err(|e| Error::Data(Box::new(e)))?;
+                (image, Vec::new())
+            }
+            evl_models::vlm::InputKind::Signal { .. } => {
+                (Vec::new(), signal_of(record, &self.spec)?)
+            }
+        };
+        Ok(Sample {
+            id: record.name.clone(),
+            image,
+            signal,
+            labels: Vec::new(),
+            findings: Vec::new(),
+            turns: Vec::new(),
+        })
+    }
+
+    /// The model input of an encoded image of ECG paper (PNG, JPEG): only an image model
+    /// reads one; decoding is bounded ([`crate::input::image_bytes`]).
+    pub fn prepare_image(&self, name: &str, bytes: &[u8]) -> Result<Sample> {
+        if let evl_models::vlm::InputKind::Signal { .. } = self.input() {
+            return Err(Error::Config {
+                field: "image",
+                what: format!(
+                    "{name}: this model reads signals, not images of ECG paper; send the \
+                     record itself (WFDB, CinC .hea + .mat, EDF or CSV)"
+                ),
+            });
+        }
+        Ok(Sample {
+            id: name.to_string(),
+            image: crate::input::image_bytes(name, bytes, &self.spec)?,
+            signal: Vec::new(),
+            labels: Vec::new(),
+            findings: Vec::new(),
+            turns: Vec::new(),
+        })
+    }
+
+    /// The native engine's answers for one prepared sample: `p(yes)` per label of the
+    /// space and the greedy answer to `question` (the diagnosis question when `None`; the
+    /// same questions `evaluate` asks).
+    pub fn answer(
+        &self,
+        sample: &Sample,
+        question: Option<&str>,
+    ) -> evl_models::native::NativeAnswer {
+        let input = crate::input::model_input(sample, &self.input());
+        let prompts: Vec<Vec<i64>> = self
+            .space
+            .iter()
+            .map(|l| encode_prompt(&self.tok, &verify_prompt(l)))
+            .collect();
+        let first = |w: &str| self.tok.encode(w).0.first().copied().unwrap_or(EOS);
+        let generate_prompt = encode_prompt(&self.tok, question.unwrap_or(DIAGNOSIS_PROMPT));
+        self.native.answer(
+            &input,
+            &evl_models::native::Questions {
+                verify_prompts: &prompts,
+                yes: first("yes"),
+                no: first("no"),
+                generate_prompt: &generate_prompt,
+                eos: EOS,
+                max_new: 16,
+            },
+        )
+    }
+
+    /// Probabilities and decoded answer for one prepared sample.
+    pub fn read(&self, sample: &Sample, question: Option<&str>) -> Reading {
+        let a = self.answer(sample, question);
+        Reading {
+            probabilities: self.space.iter().cloned().zip(a.probs).collect(),
+            answer: self.tok.decode(&a.generated),
+            question: question.unwrap_or(DIAGNOSIS_PROMPT).to_string(),
+        }
+    }
+
+    /// Interpret one record (the diagnosis question).
+    pub fn interpret(&self, record: &ecg_io::Record) -> Result<Interpretation> {
+        let t = Instant::now();
+        let sample = self.prepare(record)?;
+        let r = self.read(&sample, None);
+        Ok(Interpretation {
+            record: record.name.clone(),
+            answer: r.answer,
+            probabilities: r.probabilities,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+impl ModelBundle {
+    /// The native engine's answers for one prepared sample: `p(yes)` per label of the
+    /// bundle's space and the greedy diagnosis (the same questions `evaluate` asks).
+    pub fn answer(&self, sample: &Sample) -> evl_models::native::NativeAnswer {
+        self.engine.answer(sample, None)
+    }
+
+    /// Load a model directory onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle> {
+        let engine = Engine::load(dir)?;
+        let model =
+            load_weights(engine.config.init(device), &dir.join("model.safetensors"))?.valid();
+        Ok(ModelBundle {
+            model,
+            tok: engine.tok.clone(),
+            spec: engine.spec.clone(),
+            space: engine.space.clone(),
+            engine,
         })
     }
 
@@ -191,41 +326,8 @@ impl ModelBundle {
         })
     }
 
-    /// Interpret one record.
+    /// Interpret one record (with the native engine).
     pub fn interpret(&self, record: &ecg_io::Record) -> Result<Interpretation> {
-        let space = &self.space;
-        let t = Instant::now();
-        // Only the input this model reads is prepared (rendering is skipped for signal models).
-        let image = match self.model.input() {
-            evl_models::vlm::InputKind::Image { .. } => {
-                let renderer = ecg_render::Renderer::new(ecg_render::RenderConfig {
-                    dpi: self.spec.dpi,
-                    grid: self.spec.grid,
-                    ..Default::default()
-                })
-                .map_err(|e| Error::Data(Box::new(e)))?;
-                image_of(&renderer, record, &self.spec).map_err(|e| Error::Data(Box::new(e)))?
-            }
-            evl_models::vlm::InputKind::Signal { .. } => Vec::new(),
-        };
-        let signal = match self.model.input() {
-            evl_models::vlm::InputKind::Signal { .. } => signal_of(record, &self.spec)?,
-            evl_models::vlm::InputKind::Image { .. } => Vec::new(),
-        };
-        let sample = Sample {
-            id: record.name.clone(),
-            image,
-            signal,
-            labels: Vec::new(),
-            findings: Vec::new(),
-            turns: Vec::new(),
-        };
-        let a = self.answer(&sample);
-        Ok(Interpretation {
-            record: record.name.clone(),
-            answer: self.tok.decode(&a.generated),
-            probabilities: space.iter().cloned().zip(a.probs).collect(),
-            ms: t.elapsed().as_secs_f64() * 1e3,
-        })
+        self.engine.interpret(record)
     }
 }

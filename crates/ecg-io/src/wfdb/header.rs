@@ -316,10 +316,7 @@ fn fmt_num(x: f64) -> String {
 /// A name that stays in the header's directory: not empty, no path separator (either OS's),
 /// not `.` or `..`, no drive prefix or NUL.
 fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', ':', '\0'])
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', ':', '\0'])
 }
 
 fn parse_signal_line(path: &Path, line: usize, index: usize, text: &str) -> Result<SignalSpec> {
