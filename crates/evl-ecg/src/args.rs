@@ -85,6 +85,16 @@ pub enum Noun {
     ///   evl-ecg plan --teacher docs/configs/pulse-7b --student docs/configs/qwen3-vl-2b-instruct
     #[command(verbatim_doc_comment)]
     Plan(PlanArgs),
+    /// Serve a model over HTTP: `POST /v1/interpret` (a WFDB record, a CinC .hea + .mat, an
+    /// EDF file, a CSV with `fs`, or an image of ECG paper, as multipart), a web page at `/`
+    /// to upload a record and see the rendered ECG with the findings, `/healthz`, `/readyz`
+    /// and Prometheus `/metrics`. Ctrl-C (or SIGTERM) stops accepting and finishes the
+    /// requests already accepted.
+    ///
+    /// Example: evl-ecg serve --model zoo/teacher/model --addr 127.0.0.1:8080
+    ///   curl -F file=@00001_hr.hea -F file=@00001_hr.dat http://127.0.0.1:8080/v1/interpret
+    #[command(verbatim_doc_comment)]
+    Serve(ServeArgs),
     /// Score model answers: ECG-Bench parity (PULSE's scorer, quirks included).
     #[command(subcommand)]
     Score(ScoreVerb),
@@ -121,6 +131,42 @@ pub struct InterpretArgs {
     /// (the burn model on that GPU; needs the `cuda` / `vulkan` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: evl_models::DeviceSpec,
+}
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model directory, as `train`, `distill` and `quickstart` write them.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to listen on (loopback by default; the service has no authentication or TLS,
+    /// so put it behind a proxy that has before exposing it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Inference worker threads (default: one per CPU core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Requests that may wait for a worker; one more is answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest request body, MiB.
+    #[arg(long, default_value_t = 32)]
+    pub max_body_mib: usize,
+    /// Longest record accepted, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub max_duration: f64,
+    /// Most leads (signals) in a record.
+    #[arg(long, default_value_t = 16)]
+    pub max_leads: usize,
+    /// Seconds to wait for an answer once the upload has arrived (queue + model); then 504.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Seconds to receive a request body; then 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Most open connections.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
 }
 
 /// Arguments of `plan`.

@@ -8,6 +8,8 @@ use std::time::Instant;
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Device;
+/// What a model reads (an image of ECG paper or the signals).
+pub use evl_models::vlm::InputKind;
 use evl_models::vlm::{EcgVlm, EcgVlmConfig};
 
 use crate::input::encode_prompt;

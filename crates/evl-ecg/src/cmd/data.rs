@@ -181,7 +181,7 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
                         .with_context(|| format!("creating {}", a.out.display()))?,
                 ))
             };
-            write_csv(&r, a.adc, &mut out)
+            ecg_io::csv::write_csv(&r, a.adc, &mut out)
                 .with_context(|| format!("writing {}", a.out.display()))?;
         }
         ConvertTo::Wfdb => {
@@ -190,34 +190,6 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn write_csv(r: &Record, adc: bool, out: &mut dyn Write) -> std::io::Result<()> {
-    let names: Vec<&str> = r.channels.iter().map(|c| c.description.as_str()).collect();
-    writeln!(out, "{}", names.join(","))?;
-    let mut line = String::new();
-    for k in 0..r.n_samples {
-        line.clear();
-        for (j, c) in r.channels.iter().enumerate() {
-            if j > 0 {
-                line.push(',');
-            }
-            if adc {
-                line.push_str(&c.adc[k].to_string());
-            } else {
-                let v = c.physical_at(k);
-                if v.is_nan() {
-                    line.push_str("nan");
-                } else {
-                    // `{}` on f64 prints the shortest text that reads back to the same value.
-                    line.push_str(&format!("{v}"));
-                }
-            }
-        }
-        line.push('\n');
-        out.write_all(line.as_bytes())?;
-    }
-    out.flush()
 }
 
 /// `data synth`.

@@ -24,6 +24,7 @@ mod eval;
 mod plan;
 pub(crate) mod quickstart;
 mod score;
+mod serve;
 mod train;
 
 use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb, TrainVerb};
@@ -60,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Distill(a) => train::run_distill(&a, cli.json),
         Noun::Report(a) => report(&a, cli.json),
         Noun::Plan(a) => plan::run(&a, cli.json),
+        Noun::Serve(a) => serve::run(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }
