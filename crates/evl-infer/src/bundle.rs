@@ -295,7 +295,7 @@ impl ModelBundle {
         Ok(ModelBundle {
             model,
             tok: engine.tok.clone(),
-            spec: engine.spec.clone(),
+            spec: engine.spec,
             space: engine.space.clone(),
             engine,
         })

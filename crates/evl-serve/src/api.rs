@@ -313,14 +313,13 @@ fn render_png(r: &ecg_io::Record) -> Result<Vec<u8>, ApiError> {
 
 fn request_id(headers: &HeaderMap, s: &AppState) -> String {
     // A client's own id is kept when it is short and plain (so it can be logged safely).
-    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        if !v.is_empty()
-            && v.len() <= 64
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return v.to_string();
-        }
+    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        && !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return v.to_string();
     }
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     format!("{:08x}-{n:08}", (s.nonce >> 16) as u32)

@@ -87,7 +87,10 @@ pub fn inspect(a: &InspectArgs, json: bool) -> Result<()> {
                         Vec::new()
                     }
                 };
-                let qrs = {
+                // No heart rate for a record without signals (an EDF+ of annotations only).
+                let qrs = if r.channels.is_empty() {
+                    None
+                } else {
                     let sig = r.to_mv_f32();
                     let lead = r.channel_index(&ecg_io::Lead::II).unwrap_or(0);
                     let beats = ecg_signal::detect_qrs(&[&sig[lead]], r.fs, &Default::default());

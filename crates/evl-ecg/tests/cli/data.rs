@@ -201,3 +201,16 @@ fn inspect_summarises_annotations() {
         "{text}"
     );
 }
+
+/// An EDF+ file holding only annotations (no ordinary signal) is inspected, not a panic.
+#[test]
+fn inspect_an_annotations_only_edf() {
+    let Some(d) = data() else { return };
+    let rec = d.join("wfdb_python_sample/test_edfann.edf");
+    let (ok, stdout, err) = run(bin().args(["--json", "data", "inspect"]).arg(&rec));
+    assert!(ok, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(v["data"]["signals"], serde_json::json!([]));
+    assert!(v["data"]["heart_rate_bpm"].is_null());
+}
