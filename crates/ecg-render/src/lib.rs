@@ -42,6 +42,14 @@ pub enum Error {
         #[source]
         source: image::ImageError,
     },
+    /// An encoded image that does not decode, or is past the decoder's limits.
+    #[error("{name}: {what}")]
+    Decode {
+        /// The image's name (its file name).
+        name: String,
+        /// Problem.
+        what: String,
+    },
 }
 
 /// Result alias.
@@ -527,4 +535,39 @@ pub fn to_chw_f32(img: &RgbImage) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Largest image side decoded by [`decode_image`], pixels (a 12-lead page at 600 dpi is
+/// about 7,000).
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Largest allocation [`decode_image`] lets the decoder make, bytes: a small compressed file
+/// that claims a huge image is refused before memory is taken (a decompression bomb).
+pub const MAX_IMAGE_ALLOC: u64 = 512 << 20;
+
+/// Decode an encoded image of ECG paper (PNG or JPEG, recognised from the bytes) into RGB,
+/// with bounded dimensions and allocation; `name` names it in errors. This is the one path
+/// by which images from outside (files, uploads) enter the toolkit.
+pub fn decode_image(name: &str, bytes: &[u8]) -> Result<RgbImage> {
+    let bad = |what: String| Error::Decode {
+        name: name.to_string(),
+        what,
+    };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(bad(
+            "not an image in a format this build decodes (PNG or JPEG)".into(),
+        ));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| bad(e.to_string()))?.to_rgb8();
+    if img.width() == 0 || img.height() == 0 {
+        return Err(bad("an empty image".into()));
+    }
+    Ok(img)
 }

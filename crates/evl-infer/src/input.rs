@@ -276,36 +276,13 @@ pub fn image_file(path: &std::path::Path, spec: &InputSpec) -> Result<Vec<f32>> 
     image_bytes(&path.display().to_string(), &bytes, spec)
 }
 
-/// Largest image side decoded, in pixels (a 12-lead page at 600 dpi is about 7,000).
-pub const MAX_IMAGE_SIDE: u32 = 16_384;
-/// Largest decoder allocation, bytes: a small compressed file that claims a huge image is
-/// refused before memory is taken (a decompression bomb).
-pub const MAX_IMAGE_ALLOC: u64 = 512 << 20;
-
-/// [`image_file`] for an encoded image in memory (`name` names it in errors); the format is
-/// recognised from the bytes, and the decoder's dimensions and allocation are bounded.
+/// [`image_file`] for an encoded image in memory (`name` names it in errors), decoded by
+/// [`ecg_render::decode_image`] (format from the bytes, bounded size and allocation).
 pub fn image_bytes(name: &str, bytes: &[u8], spec: &InputSpec) -> Result<Vec<f32>> {
-    let bad = |what: String| Error::Config {
+    let img = ecg_render::decode_image(name, bytes).map_err(|e| Error::Config {
         field: "image",
-        what: format!("{name}: {what}"),
-    };
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| bad(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(bad(
-            "not an image in a format this build decodes (PNG or JPEG)".into(),
-        ));
-    }
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| bad(e.to_string()))?.to_rgb8();
-    if img.width() == 0 || img.height() == 0 {
-        return Err(bad("an empty image".into()));
-    }
+        what: e.to_string(),
+    })?;
     Ok(page_to_model(&img, spec))
 }
 

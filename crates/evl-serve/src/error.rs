@@ -1,8 +1,6 @@
 //! The one error a request can end in: an HTTP status, a stable machine-readable kind and a
 //! message for a person, sent as `{"error": {"kind", "message", "request_id"}}`.
 
-use axum::http::StatusCode;
-
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind}: {message}")]
@@ -86,7 +84,9 @@ impl ApiError {
     }
 
     /// The status as an axum type.
-    pub fn status_code(&self) -> StatusCode {
-        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    #[cfg(feature = "server")]
+    pub fn status_code(&self) -> axum::http::StatusCode {
+        axum::http::StatusCode::from_u16(self.status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
     }
 }

@@ -10,29 +10,32 @@
 //! the native CPU engine and answers with the request id. Slow uploads therefore never hold a
 //! worker, and nothing a client sends outlives its request on disk.
 
+#[cfg(feature = "server")]
 pub mod api;
 pub mod error;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod page;
+#[cfg(feature = "server")]
 pub mod pool;
 pub mod upload;
 
-use std::future::Future;
-use std::sync::Arc;
-
+#[cfg(feature = "server")]
 pub use api::{App, ModelInfo, ServeConfig};
 pub use error::ApiError;
 pub use upload::Limits;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-
 /// Serve `app` on `listener` until `shutdown` completes; then stop accepting, let accepted
 /// requests finish (up to the configured grace period) and return.
+#[cfg(feature = "server")]
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: App,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use std::sync::Arc;
     let cfg = app.config().clone();
     let router = app.router();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
