@@ -12,6 +12,8 @@
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
+pub mod client;
 pub mod error;
 #[cfg(feature = "server")]
 pub mod metrics;

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use evl_serve::client::{self, BOUNDARY, Part, Response as Resp};
 use evl_serve::{App, Limits, ServeConfig};
 use serde_json::Value;
 
@@ -75,14 +76,13 @@ impl Drop for Server {
     }
 }
 
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+/// Assertions on the client's responses.
+trait RespExt {
+    fn json(&self) -> Value;
+    fn expect_error(&self, status: u16, needle: &str);
 }
 
-impl Resp {
+impl RespExt for Resp {
     fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -91,13 +91,6 @@ impl Resp {
                 String::from_utf8_lossy(&self.body)
             )
         })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     /// An error answer: its status is `status` and its message contains `needle`.
@@ -110,30 +103,10 @@ impl Resp {
     }
 }
 
+const WAIT: Duration = Duration::from_secs(120);
+
 fn parse_response(raw: &[u8]) -> Resp {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..split]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Resp {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    }
+    client::parse_response(raw).unwrap()
 }
 
 fn request(
@@ -143,66 +116,15 @@ fn request(
     extra: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) and close before the whole body is sent.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    parse_response(&raw)
-}
-
-const BOUNDARY: &str = "evlTestBoundary7MA4YWxkTrZu0gW";
-
-enum Part<'a> {
-    File(&'a str, &'a [u8]),
-    Field(&'a str, &'a str),
+    client::request(addr, method, path, extra, body, WAIT).unwrap()
 }
 
 fn multipart(parts: &[Part<'_>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        match p {
-            Part::File(name, data) => {
-                out.extend_from_slice(
-                    format!(
-                        "Content-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-                         Content-Type: application/octet-stream\r\n\r\n"
-                    )
-                    .as_bytes(),
-                );
-                out.extend_from_slice(data);
-            }
-            Part::Field(name, value) => {
-                out.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}")
-                        .as_bytes(),
-                );
-            }
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    out
+    client::multipart(parts)
 }
 
 fn interpret(addr: SocketAddr, parts: &[Part<'_>], id: Option<&str>) -> Resp {
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    let mut headers = vec![("Content-Type", ct.as_str())];
-    if let Some(id) = id {
-        headers.push(("X-Request-Id", id));
-    }
-    request(addr, "POST", "/v1/interpret", &headers, &multipart(parts))
+    client::interpret(addr, parts, id, WAIT).unwrap()
 }
 
 /// A SYNTHETIC 12-lead record as CSV (500 Hz, 10 s).
