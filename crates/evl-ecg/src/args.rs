@@ -761,4 +761,8 @@ pub enum BenchVerb {
     /// --size mid builds a random Qwen3-VL of mid size (text 512 wide, 8 layers; vision 256
     /// wide, 6 blocks). The PyTorch side needs bench/requirements-hf.txt (pass its --python).
     Hf(evl_bench::hf::HfArgs),
+    /// The service under load on loopback: throughput and p50/p99 latency below and above
+    /// saturation (only 503s allowed there), resident memory over a soak, against the same
+    /// engine called directly on the same number of threads.
+    Serve(evl_bench::serve::ServeArgs),
 }

@@ -44,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Bench(BenchVerb::Infer(a)) => evl_bench::infer::run(&a, cli.json),
         Noun::Bench(BenchVerb::Train(a)) => evl_bench::train::run(&a, cli.json),
         Noun::Bench(BenchVerb::Hf(a)) => evl_bench::hf::run(&a, cli.json),
+        Noun::Bench(BenchVerb::Serve(a)) => evl_bench::serve::run(&a, cli.json),
         Noun::Data(DataVerb::Inspect(a)) => data::inspect(&a, cli.json),
         Noun::Data(DataVerb::Convert(a)) => data::convert(&a),
         Noun::Data(DataVerb::Synth(a)) => data::synth(&a, cli.json),

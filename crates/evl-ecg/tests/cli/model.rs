@@ -449,3 +449,33 @@ fn bench_train_steps_both_models_in_both_forms() {
         assert!(pair[0]["ours_ms"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// `bench serve` (the short version of the load test): below saturation every request is
+/// answered, above it only 503s are added, and the direct-engine reference is measured.
+#[test]
+fn bench_serve_short_load_run() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (ok, stdout, err) = run(bin().current_dir(&root).args([
+        "--json",
+        "bench",
+        "serve",
+        "--workers",
+        "1",
+        "--queue",
+        "2",
+        "--duration",
+        "1.5",
+        "--soak",
+        "0",
+        "--over",
+        "2",
+    ]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let d = &v["data"];
+    assert_eq!(d["below_all_ok"], true, "{d}");
+    assert_eq!(d["above_only_503"], true, "{d}");
+    assert!(d["below"]["ok"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["above"]["busy"].as_u64().unwrap() > 0, "no 503 above saturation: {d}");
+    assert!(d["direct_per_s"].as_f64().unwrap() > 0.0);
+}
