@@ -27,6 +27,10 @@ pub struct InferArgs {
     /// Do not run the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
+    /// Also time an int8 copy of the model (`evl-ecg model quantize` writes one) on the same
+    /// records, and compare its answers with the f32 engine's.
+    #[arg(long, value_name = "DIR")]
+    pub int8: Option<PathBuf>,
     /// Python interpreter.
     #[arg(long, default_value = "python3")]
     pub python: String,

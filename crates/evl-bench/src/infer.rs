@@ -122,6 +122,39 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         }
         native_same += (bundle.tok.decode(&n.generated) == o.text) as usize;
     }
+    // The int8 engine, timed the same way, compared with the f32 engine.
+    let int8 = match &a.int8 {
+        Some(dir) => {
+            let e = evl_infer::bundle::Engine::load(dir)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            let mut t8 = Vec::new();
+            let mut answers = Vec::new();
+            for rep in 0..=a.reps {
+                for s in &samples {
+                    let t = Instant::now();
+                    let ans = e.answer(s, None);
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    if rep == 0 {
+                        answers.push(ans);
+                    } else {
+                        t8.push(ms);
+                    }
+                }
+            }
+            t8.sort_by(f64::total_cmp);
+            let mut diff = 0.0f64;
+            let mut same = 0;
+            for (q, n) in answers.iter().zip(&native) {
+                for (p, r) in q.probs.iter().zip(&n.probs) {
+                    diff = diff.max((p - r).abs());
+                }
+                same += usize::from(q.generated == n.generated);
+            }
+            let bytes = (bundle.engine.native.weight_bytes(), e.native.weight_bytes());
+            Some((t8[t8.len() / 2], diff, same, bytes))
+        }
+        None => None,
+    };
     let our_rss = peak_rss_mib();
     let params = bundle.model.facts().params;
     let mut reference = None;
@@ -190,6 +223,11 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
                 "torch_peak_rss_mib": reference.as_ref().map(|r| r.0["peak_rss_mib"].clone()),
                 "max_prob_diff": reference.as_ref().map(|r| r.1),
                 "same_answers": reference.as_ref().map(|r| r.2),
+                "int8_ms": int8.as_ref().map(|r| r.0),
+                "int8_vs_f32_max_prob_diff": int8.as_ref().map(|r| r.1),
+                "int8_vs_f32_same_answers": int8.as_ref().map(|r| r.2),
+                "weight_bytes_f32": int8.as_ref().map(|r| r.3.0),
+                "weight_bytes_int8": int8.as_ref().map(|r| r.3.1),
             }})
         );
         return Ok(());
@@ -212,6 +250,18 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         "  native vs burn: max |dp| = {native_diff:.2e}, answers identical on {native_same}/{}",
         samples.len()
     );
+    if let Some((ms, diff, same, (b32, b8))) = &int8 {
+        println!(
+            "  evl-ecg native int8  {ms:8.3} ms/record  ({:.2}x the f32 engine; weights in memory {:.0} KiB vs {:.0} KiB)",
+            our_ms / ms,
+            *b8 as f64 / 1024.0,
+            *b32 as f64 / 1024.0
+        );
+        println!(
+            "  int8 vs f32: max |dp| = {diff:.2e}, answers identical on {same}/{}",
+            samples.len()
+        );
+    }
     if let Some((v, diff, same)) = &reference {
         let t = v["median_ms"].as_f64().unwrap_or(f64::NAN);
         println!(
@@ -220,9 +270,11 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
             v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
         );
         println!(
-            "  speed-up vs PyTorch: native {:.2}x, burn {:.2}x",
+            "  speed-up vs PyTorch: native {:.2}x, burn {:.2}x{}",
             t / our_ms,
-            t / burn_ms
+            t / burn_ms,
+            int8.as_ref()
+                .map_or(String::new(), |r| format!(", native int8 {:.2}x", t / r.0))
         );
         println!(
             "  same computation: max |p_ours - p_torch| = {diff:.2e}; generated answers identical on {same}/{}",

@@ -85,6 +85,9 @@ pub enum Noun {
     ///   evl-ecg plan --teacher docs/configs/pulse-7b --student docs/configs/qwen3-vl-2b-instruct
     #[command(verbatim_doc_comment)]
     Plan(PlanArgs),
+    /// Operate on a model bundle: `model quantize` writes an int8 copy for the CPU engine.
+    #[command(subcommand)]
+    Model(ModelVerb),
     /// Serve a model over HTTP: `POST /v1/interpret` (a WFDB record, a CinC .hea + .mat, an
     /// EDF file, a CSV with `fs`, or an image of ECG paper, as multipart), a web page at `/`
     /// to upload a record and see the rendered ECG with the findings, `/healthz`, `/readyz`
@@ -131,6 +134,33 @@ pub struct InterpretArgs {
     /// (the burn model on that GPU; needs the `cuda` / `vulkan` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: evl_models::DeviceSpec,
+}
+
+/// Verbs of `model`.
+#[derive(Debug, Subcommand)]
+pub enum ModelVerb {
+    /// Write an int8 copy of a bundle: every linear layer's weights as int8 with one scale per
+    /// output channel, activations quantised per row at run time (norms, embeddings, stems and
+    /// biases stay f32). It runs on the native CPU engine (interpret, serve, eval) and is
+    /// compared with the f32 bundle on SYNTHETIC records before the command returns.
+    ///
+    /// Example: evl-ecg model quantize --model quickstart-out/model --out quickstart-out/model-int8
+    #[command(verbatim_doc_comment)]
+    Quantize(QuantizeArgs),
+}
+
+/// Arguments of `model quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The f32 bundle.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where to write the int8 bundle (a new directory).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// SYNTHETIC records (mixed difficulty) the two bundles are compared on.
+    #[arg(long, default_value_t = 200)]
+    pub check: usize,
 }
 
 /// Arguments of `serve`.

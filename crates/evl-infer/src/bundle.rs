@@ -84,6 +84,53 @@ pub fn save_bundle(
     })
 }
 
+/// Write an int8 copy of the bundle in `src` to `out` (`model.safetensors` with int8 linear
+/// weights, `quantization.json`, the other files as they are); `out` must not exist yet.
+pub fn quantize_bundle(src: &Path, out: &Path) -> Result<evl_models::native::Quantization> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    if Engine::load(src)?.native.quantization().is_some() {
+        return Err(Error::Checkpoint {
+            path: src.join("quantization.json"),
+            what: "already an int8 bundle".into(),
+        });
+    }
+    if out.exists() {
+        return Err(Error::Config {
+            field: "out",
+            what: format!("{} exists; choose a new directory", out.display()),
+        });
+    }
+    let weights = src.join("model.safetensors");
+    let bytes = std::fs::read(&weights).map_err(io(&weights))?;
+    let (qbytes, layers) =
+        evl_models::native::quantize_weights(&bytes, &weights).map_err(|e| Error::Checkpoint {
+            path: e.path.clone(),
+            what: e.what,
+        })?;
+    use sha2::Digest;
+    let q = evl_models::native::Quantization {
+        scheme: evl_models::native::INT8_SCHEME.into(),
+        layers,
+        source_sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
+    };
+    // Written into a sibling directory and renamed at the end: a half-written bundle never
+    // sits at `out`.
+    let tmp = out.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    for f in ["config.json", "input.json", "labels.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), tmp.join(f)).map_err(io(&src.join(f)))?;
+    }
+    std::fs::write(tmp.join("model.safetensors"), qbytes).map_err(io(&tmp))?;
+    let text = serde_json::to_string_pretty(&q).expect("plain data");
+    std::fs::write(tmp.join("quantization.json"), text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(q)
+}
+
 /// Load parameters from a safetensors file into `model`; a missing, unexpected or mis-shaped
 /// tensor is an error naming the file.
 pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M> {
@@ -287,9 +334,18 @@ impl ModelBundle {
         self.engine.answer(sample, None)
     }
 
-    /// Load a model directory onto `device`.
+    /// Load a model directory onto `device`. An int8 bundle is refused: its weights run on
+    /// the native engine only ([`Engine`]).
     pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle> {
         let engine = Engine::load(dir)?;
+        if engine.native.quantization().is_some() {
+            return Err(Error::Checkpoint {
+                path: dir.join("quantization.json"),
+                what: "an int8 bundle runs on the native CPU engine only (interpret, serve, \
+                       eval); train, distil or use a GPU with the f32 bundle it was made from"
+                    .into(),
+            });
+        }
         let model =
             load_weights(engine.config.init(device), &dir.join("model.safetensors"))?.valid();
         Ok(ModelBundle {

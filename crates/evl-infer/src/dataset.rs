@@ -208,6 +208,32 @@ impl Scorable for ModelBundle {
     }
 }
 
+/// The native engine (f32 or int8 weights): the same questions as [`ModelBundle`]'s burn
+/// path, records prepared and answered in parallel on the CPU.
+impl Scorable for crate::bundle::Engine {
+    fn space(&self) -> &[String] {
+        &self.space
+    }
+
+    fn predict(&self, records: Vec<Labelled>, _device: &Device) -> Result<Vec<PredLine>> {
+        use rayon::prelude::*;
+        let samples = samples_from_records(records, &self.spec, 2)?;
+        Ok(samples
+            .par_iter()
+            .map(|s| {
+                let r = self.read(s, None);
+                PredLine {
+                    question_id: s.id.clone(),
+                    prompt: r.question,
+                    text: r.answer,
+                    probs: r.probabilities.into_iter().map(|(_, p)| p).collect(),
+                    gold: s.labels.clone(),
+                }
+            })
+            .collect())
+    }
+}
+
 impl Scorable for crate::hf::HfBundle {
     fn space(&self) -> &[String] {
         &self.space

@@ -29,29 +29,156 @@ pub struct NativeError {
     pub what: String,
 }
 
+/// A linear layer's weights: f32 as trained, or int8 with one scale per output channel.
+enum Weights {
+    /// `[din, dout]`, burn's layout.
+    F32(Vec<f32>),
+    /// `q[din, dout]` with `w[i, o] ~= q[i, o] * scale[o]` (one scale per output channel).
+    Int8 { q: Vec<i8>, scale: Vec<f32> },
+}
+
 struct Lin {
-    w: Vec<f32>,
+    w: Weights,
     b: Option<Vec<f32>>,
     din: usize,
     dout: usize,
 }
 
+/// Symmetric int8 codes of `x` with one scale, `x ~= code * scale` (scale 0 for all-zero x).
+fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        out.iter_mut().for_each(|c| *c = 0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    for (c, v) in out.iter_mut().zip(x) {
+        // Round half away from zero (as `f32::round`) by truncation, without a libm call.
+        let t = (v * inv).clamp(-127.0, 127.0);
+        *c = (t + 0.5f32.copysign(t)) as i8;
+    }
+    amax / 127.0
+}
+
+/// `y[r, o] = (sum_i xq[r, i] q[i, o]) * sx[r] * scale[o]` for every row and output channel:
+/// the int8 product, accumulated in i32 across the output channels (one broadcast input
+/// code times a row of weight codes per step: no horizontal sums, which dominate dot
+/// products of these short rows), run through pulp's dispatch so the loops are compiled for
+/// the widest SIMD level of the CPU (the default x86-64 target has only SSE2). Integer sums
+/// are exact, so any order gives the same result.
+struct Int8Product<'a> {
+    xq: &'a [i8],
+    sx: &'a [f32],
+    /// `[din, dout]`.
+    q: &'a [i8],
+    scale: &'a [f32],
+    din: usize,
+    y: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Int8Product<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self {
+            xq,
+            sx,
+            q,
+            scale,
+            din,
+            y,
+        } = self;
+        let dout = scale.len();
+        // Four rows at a time share each weight row (four times the work per load); the
+        // leftover rows go one by one.
+        const R: usize = 4;
+        let mut acc = vec![0i32; R * dout];
+        let rows = sx.len();
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(R);
+            acc.iter_mut().for_each(|a| *a = 0);
+            if nr == R {
+                let (a0, rest) = acc.split_at_mut(dout);
+                let (a1, rest) = rest.split_at_mut(dout);
+                let (a2, a3) = rest.split_at_mut(dout);
+                for (i, qr) in q.chunks_exact(dout).enumerate() {
+                    let x = |r: usize| i16::from(xq[(r0 + r) * din + i]);
+                    let (x0, x1, x2, x3) = (x(0), x(1), x(2), x(3));
+                    for o in 0..dout {
+                        let w = i16::from(qr[o]);
+                        a0[o] += i32::from(x0 * w);
+                        a1[o] += i32::from(x1 * w);
+                        a2[o] += i32::from(x2 * w);
+                        a3[o] += i32::from(x3 * w);
+                    }
+                }
+            } else {
+                for r in 0..nr {
+                    let a = &mut acc[r * dout..(r + 1) * dout];
+                    let xr = &xq[(r0 + r) * din..(r0 + r + 1) * din];
+                    for (&xi, qr) in xr.iter().zip(q.chunks_exact(dout)) {
+                        // |code| <= 127, so a product fits in i16 (16-bit multiplies are the
+                        // cheap ones); the sum is kept in i32.
+                        let xi = i16::from(xi);
+                        for (a, &w) in a.iter_mut().zip(qr) {
+                            *a += i32::from(xi * i16::from(w));
+                        }
+                    }
+                }
+            }
+            for r in 0..nr {
+                let yr = &mut y[(r0 + r) * dout..(r0 + r + 1) * dout];
+                let s_row = sx[r0 + r];
+                for ((o, &a), &s_out) in yr.iter_mut().zip(&acc[r * dout..]).zip(scale) {
+                    *o = a as f32 * (s_row * s_out);
+                }
+            }
+            r0 += nr;
+        }
+    }
+}
+
 impl Lin {
-    /// `y[n, dout] = x[n, din] W + b`, through ndarray's `dot` (matrixmultiply's sgemm with
-    /// runtime-detected AVX2/FMA kernels, pure Rust, a safe API).
+    /// `y[n, dout] = x[n, din] W + b`. f32: ndarray's `dot` (matrixmultiply's sgemm with
+    /// runtime-detected AVX2/FMA kernels, pure Rust, a safe API). int8: each input row is
+    /// quantised to int8 with its own scale (dynamic quantisation), multiplied with the
+    /// int8 weight rows in i32, and rescaled by the row's and the output channel's scales.
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let xa = ndarray::ArrayView2::from_shape((n, self.din), x).expect("n * din inputs");
-        let wa =
-            ndarray::ArrayView2::from_shape((self.din, self.dout), &self.w).expect("din * dout");
-        let mut y = xa.dot(&wa);
+        let mut y = match &self.w {
+            Weights::F32(w) => {
+                let xa = ndarray::ArrayView2::from_shape((n, self.din), x).expect("n * din inputs");
+                let wa = ndarray::ArrayView2::from_shape((self.din, self.dout), w.as_slice())
+                    .expect("din * dout");
+                xa.dot(&wa).into_raw_vec_and_offset().0
+            }
+            Weights::Int8 { q, scale } => {
+                let mut y = vec![0.0f32; n * self.dout];
+                let mut xq = vec![0i8; n * self.din];
+                let sx: Vec<f32> = x
+                    .chunks_exact(self.din)
+                    .zip(xq.chunks_exact_mut(self.din))
+                    .map(|(xr, qr)| quantize_row(xr, qr))
+                    .collect();
+                pulp::Arch::new().dispatch(Int8Product {
+                    xq: &xq,
+                    sx: &sx,
+                    q,
+                    scale,
+                    din: self.din,
+                    y: &mut y,
+                });
+                y
+            }
+        };
         if let Some(b) = &self.b {
-            for mut row in y.rows_mut() {
+            for row in y.chunks_exact_mut(self.dout) {
                 for (o, &bv) in row.iter_mut().zip(b) {
                     *o += bv;
                 }
             }
         }
-        y.into_raw_vec_and_offset().0
+        y
     }
 }
 
@@ -304,6 +431,7 @@ impl GroupNorm {
 /// Named tensors of a safetensors file, taken one by one.
 struct Store {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    int8: HashMap<String, (Vec<usize>, Vec<i8>)>,
     path: std::path::PathBuf,
 }
 
@@ -315,19 +443,43 @@ impl Store {
         })
     }
 
+    /// A linear layer: `{name}.weight` (f32 `[in, out]`), or in an int8 bundle
+    /// `{name}.weight_q` (i8 `[out, in]`) with `{name}.weight_scale` (f32 `[out]`).
     fn lin(&mut self, name: &str, bias: bool) -> Result<Lin, NativeError> {
-        let (shape, w) = self.take(&format!("{name}.weight"))?;
+        let (w, din, dout) = match self.int8.remove(&format!("{name}.weight_q")) {
+            Some((shape, q)) => {
+                let scale = self.take(&format!("{name}.weight_scale"))?.1;
+                if shape.len() != 2 || scale.len() != shape[0] {
+                    return Err(NativeError {
+                        path: self.path.clone(),
+                        what: format!(
+                            "`{name}.weight_scale` has {} scales for {:?} int8 weights",
+                            scale.len(),
+                            shape
+                        ),
+                    });
+                }
+                // Stored a row per output channel; multiplied as `[in, out]`.
+                let (dout, din) = (shape[0], shape[1]);
+                let mut t = vec![0i8; q.len()];
+                for o in 0..dout {
+                    for i in 0..din {
+                        t[i * dout + o] = q[o * din + i];
+                    }
+                }
+                (Weights::Int8 { q: t, scale }, din, dout)
+            }
+            None => {
+                let (shape, w) = self.take(&format!("{name}.weight"))?;
+                (Weights::F32(w), shape[0], shape[1])
+            }
+        };
         let b = if bias {
             Some(self.take(&format!("{name}.bias"))?.1)
         } else {
             None
         };
-        Ok(Lin {
-            w,
-            b,
-            din: shape[0],
-            dout: shape[1],
-        })
+        Ok(Lin { w, b, din, dout })
     }
 
     fn norm(&mut self, name: &str) -> Result<Norm, NativeError> {
@@ -383,6 +535,7 @@ impl Store {
 /// A model ready for native inference.
 pub struct NativeVlm {
     cfg: EcgVlmConfig,
+    quant: Option<Quantization>,
     stem: Option<(Conv, Conv)>,
     image_stem: Vec<Conv2>,
     stem_norms: Vec<GroupNorm>,
@@ -403,6 +556,44 @@ impl std::fmt::Debug for NativeVlm {
         f.debug_struct("NativeVlm")
             .field("config", &self.cfg)
             .finish_non_exhaustive()
+    }
+}
+
+/// What `quantization.json` says about an int8 bundle (`evl-ecg model quantize` writes it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Quantization {
+    /// `int8`: every linear layer's weights as int8 with one scale per output channel
+    /// (symmetric), activations quantised per row at run time; everything else f32.
+    pub scheme: String,
+    /// The linear layers stored as int8.
+    pub layers: Vec<String>,
+    /// sha256 of the f32 `model.safetensors` it was made from.
+    pub source_sha256: String,
+}
+
+/// The scheme this engine runs.
+pub const INT8_SCHEME: &str = "int8";
+
+impl Quantization {
+    /// `dir/quantization.json`, if the bundle has one; an unknown scheme is an error.
+    pub fn read(dir: &Path) -> Result<Option<Quantization>, NativeError> {
+        let path = dir.join("quantization.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let err = |what: String| NativeError {
+            path: path.clone(),
+            what,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+        let q: Quantization = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if q.scheme != INT8_SCHEME {
+            return Err(err(format!(
+                "quantization scheme `{}` is not one this engine runs (`{INT8_SCHEME}`)",
+                q.scheme
+            )));
+        }
+        Ok(Some(q))
     }
 }
 
@@ -440,6 +631,49 @@ struct Prefix {
 }
 
 impl NativeVlm {
+    /// Bytes the weights take in memory (int8 codes count one byte each).
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &Lin| {
+            let w = match &l.w {
+                Weights::F32(w) => 4 * w.len(),
+                Weights::Int8 { q, scale } => q.len() + 4 * scale.len(),
+            };
+            w + 4 * l.b.as_ref().map_or(0, Vec::len)
+        };
+        let norm = |n: &Norm| 4 * (n.g.len() + n.b.len());
+        let layer = |l: &Layer| {
+            [&l.q, &l.k, &l.v, &l.o, &l.inner, &l.outer]
+                .into_iter()
+                .map(lin)
+                .sum::<usize>()
+                + norm(&l.norm_attn)
+                + norm(&l.norm_ffn)
+        };
+        let conv = |c: &Conv| 4 * (c.w.len() + c.b.len());
+        let conv2 = |c: &Conv2| 4 * (c.w.len() + c.b.len());
+        self.stem.as_ref().map_or(0, |(a, b)| conv(a) + conv(b))
+            + self.image_stem.iter().map(conv2).sum::<usize>()
+            + self
+                .stem_norms
+                .iter()
+                .map(|g| 4 * (g.gamma.len() + g.beta.len()))
+                .sum::<usize>()
+            + lin(&self.patch_embed)
+            + 4 * self.vis_pos.len()
+            + self.vision.iter().map(layer).sum::<usize>()
+            + norm(&self.vis_norm)
+            + lin(&self.projector)
+            + 4 * (self.tok_emb.len() + self.pos.len())
+            + self.decoder.iter().map(layer).sum::<usize>()
+            + norm(&self.norm)
+            + lin(&self.lm_head)
+    }
+
+    /// The bundle's quantisation (`None`: f32 weights).
+    pub fn quantization(&self) -> Option<&Quantization> {
+        self.quant.as_ref()
+    }
+
     /// Load `config.json` + `model.safetensors` from a model directory.
     pub fn load(dir: &Path) -> Result<NativeVlm, NativeError> {
         let err = |path: &Path, what: String| NativeError {
@@ -454,23 +688,47 @@ impl NativeVlm {
         let bytes = std::fs::read(&st_path).map_err(|e| err(&st_path, e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| err(&st_path, e.to_string()))?;
+        let quant = Quantization::read(dir)?;
         let mut tensors = HashMap::new();
+        let mut int8 = HashMap::new();
         for (name, view) in st.tensors() {
-            if view.dtype() != safetensors::Dtype::F32 {
-                return Err(err(
-                    &st_path,
-                    format!("`{name}` is {:?}, expected F32", view.dtype()),
-                ));
+            match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    let data = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    tensors.insert(name, (view.shape().to_vec(), data));
+                }
+                safetensors::Dtype::I8 if quant.is_some() => {
+                    let data = view.data().iter().map(|&b| b as i8).collect();
+                    int8.insert(name, (view.shape().to_vec(), data));
+                }
+                other => {
+                    return Err(err(
+                        &st_path,
+                        format!(
+                            "`{name}` is {other:?}, expected F32{}",
+                            if quant.is_some() {
+                                " or I8"
+                            } else {
+                                " (I8 only in a bundle whose quantization.json says int8)"
+                            }
+                        ),
+                    ));
+                }
             }
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            tensors.insert(name, (view.shape().to_vec(), data));
+        }
+        if quant.is_some() && int8.is_empty() {
+            return Err(err(
+                &st_path,
+                "quantization.json says int8 but the weights hold no int8 tensor".into(),
+            ));
         }
         let mut s = Store {
             tensors,
+            int8,
             path: st_path,
         };
         let stem = if cfg.stem_channels > 0 && matches!(cfg.input, InputKind::Signal { .. }) {
@@ -512,6 +770,7 @@ impl NativeVlm {
             norm: s.norm("norm")?,
             lm_head: s.lin("lm_head", false)?,
             cfg,
+            quant,
         })
     }
 
@@ -681,5 +940,93 @@ impl NativeVlm {
             n_new = 1;
         }
         NativeAnswer { probs, generated }
+    }
+}
+
+/// Quantise the weights of a model's `model.safetensors` for the int8 engine: every linear
+/// layer's weight (each 2-D `*.weight` but the token embedding) becomes `*.weight_q` (i8,
+/// `[out, in]`, symmetric, one scale per output channel: `max |w| / 127`) and
+/// `*.weight_scale` (f32 `[out]`); every other tensor is kept as it is. Returns the new file's
+/// bytes and the quantised layers' names. `path` names the source in errors.
+pub fn quantize_weights(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, Vec<String>), NativeError> {
+    let err = |what: String| NativeError {
+        path: path.to_path_buf(),
+        what,
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
+    let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut layers = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| err(e.to_string()))?;
+        let shape = view.shape().to_vec();
+        let linear = name.ends_with(".weight") && shape.len() == 2 && name != "tok_emb.weight";
+        if !linear {
+            out.push((name, view.dtype(), shape, view.data().to_vec()));
+            continue;
+        }
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(err(format!("`{name}` is {:?}, expected F32", view.dtype())));
+        }
+        let w: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let (din, dout) = (shape[0], shape[1]);
+        let mut q = vec![0u8; din * dout];
+        let mut scales = Vec::with_capacity(dout * 4);
+        let mut col = vec![0.0f32; din];
+        let mut codes = vec![0i8; din];
+        for o in 0..dout {
+            for (i, c) in col.iter_mut().enumerate() {
+                *c = w[i * dout + o];
+            }
+            let s = quantize_row(&col, &mut codes);
+            for (dst, &c) in q[o * din..(o + 1) * din].iter_mut().zip(&codes) {
+                *dst = c as u8;
+            }
+            scales.extend_from_slice(&s.to_le_bytes());
+        }
+        let base = name.trim_end_matches(".weight").to_string();
+        out.push((
+            format!("{base}.weight_q"),
+            safetensors::Dtype::I8,
+            vec![dout, din],
+            q,
+        ));
+        out.push((
+            format!("{base}.weight_scale"),
+            safetensors::Dtype::F32,
+            vec![dout],
+            scales,
+        ));
+        layers.push(base);
+    }
+    let views = out
+        .iter()
+        .map(|(n, dt, shape, data)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
+    Ok((bytes, layers))
+}
+#[cfg(test)]
+mod simd_level {
+    /// On a CPU with AVX2 the dispatch must not fall back to the SSE2 baseline (pulp's
+    /// `x86-v3` level must be enabled: with `x86-v4` alone an AVX2-only CPU got `Scalar`).
+    #[test]
+    fn dispatch_uses_avx2_where_the_cpu_has_it() {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            assert!(
+                !matches!(pulp::Arch::new(), pulp::Arch::Scalar),
+                "pulp dispatches to its scalar baseline on an AVX2 CPU"
+            );
+        }
     }
 }

@@ -67,6 +67,8 @@ pub struct ModelInfo {
     pub input: String,
     /// The labels its probabilities are over.
     pub labels: Vec<String>,
+    /// Its weights: `f32`, or `int8` for a bundle `evl-ecg model quantize` wrote.
+    pub precision: String,
     /// Version of evl-ecg serving it.
     pub toolkit: String,
 }
@@ -159,6 +161,10 @@ impl App {
                 evl_infer::bundle::InputKind::Signal { .. } => "signal".into(),
             },
             labels: engine.space.clone(),
+            precision: match engine.native.quantization() {
+                Some(q) => q.scheme.clone(),
+                None => "f32".into(),
+            },
             toolkit: env!("CARGO_PKG_VERSION").into(),
         };
         let _ = self.state.model.set(Loaded {

@@ -41,6 +41,11 @@ pub fn run(a: &EvalArgs, json: bool) -> Result<()> {
         let bundle = evl_infer::hf::HfBundle::load(&a.model, &device)
             .with_context(|| format!("loading checkpoint {}", a.model.display()))?;
         eval_dataset(&bundle, &a.model, &a.data, &opts, out, &device, say)
+    } else if a.model.join("quantization.json").is_file() {
+        // An int8 bundle runs on the native engine only.
+        let engine = evl_infer::bundle::Engine::load(&a.model)
+            .with_context(|| format!("loading model {}", a.model.display()))?;
+        eval_dataset(&engine, &a.model, &a.data, &opts, out, &device, say)
     } else {
         let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
             .with_context(|| format!("loading model {}", a.model.display()))?;

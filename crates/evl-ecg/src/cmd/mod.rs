@@ -21,13 +21,14 @@ macro_rules! progress {
 
 pub(crate) mod data;
 mod eval;
+mod model;
 mod plan;
 pub(crate) mod quickstart;
 mod score;
 mod serve;
 mod train;
 
-use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, Noun, ScoreVerb, TrainVerb};
+use crate::args::{BenchVerb, Cli, DataVerb, ImportVerb, ModelVerb, Noun, ScoreVerb, TrainVerb};
 
 /// The one place a `--device` becomes a device (inference mode; `.autodiff()` for training).
 pub(crate) fn device(spec: evl_models::DeviceSpec) -> anyhow::Result<evl_models::device::Device> {
@@ -63,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Noun::Report(a) => report(&a, cli.json),
         Noun::Plan(a) => plan::run(&a, cli.json),
         Noun::Serve(a) => serve::run(&a, cli.json),
+        Noun::Model(ModelVerb::Quantize(a)) => model::quantize(&a, cli.json),
         Noun::Score(ScoreVerb::Ecgbench(a)) => score::ecgbench(&a, cli.json),
     }
 }

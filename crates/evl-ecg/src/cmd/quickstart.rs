@@ -94,14 +94,24 @@ pub fn interpret(a: &InterpretArgs, json: bool) -> Result<()> {
         );
     }
     let t = std::time::Instant::now();
-    let bundle = evl_infer::bundle::ModelBundle::load(&a.model, &device)
-        .with_context(|| format!("loading model {}", a.model.display()))?;
+    // On the CPU only the native engine is needed (and an int8 bundle has nothing else).
+    let on_cpu = evl_models::DeviceSpec::Cpu.device().ok().as_ref() == Some(&device);
+    let model = if on_cpu {
+        Ok(evl_infer::bundle::Engine::load(&a.model)
+            .with_context(|| format!("loading model {}", a.model.display()))?)
+    } else {
+        Err(evl_infer::bundle::ModelBundle::load(&a.model, &device)
+            .with_context(|| format!("loading model {}", a.model.display()))?)
+    };
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     for path in &a.records {
         let rec = crate::cmd::data::load(path, a.no_verify)?;
-        let r = bundle
-            .interpret_on(&rec, &device)
-            .with_context(|| format!("interpreting {}", path.display()))?;
+        // `Ok`: the native engine (CPU); `Err`: the burn model on a GPU.
+        let r = match &model {
+            Ok(engine) => engine.interpret(&rec),
+            Err(bundle) => bundle.interpret_on(&rec, &device),
+        }
+        .with_context(|| format!("interpreting {}", path.display()))?;
         if json {
             out!(
                 "{}",

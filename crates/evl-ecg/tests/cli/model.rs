@@ -476,6 +476,9 @@ fn bench_serve_short_load_run() {
     assert_eq!(d["below_all_ok"], true, "{d}");
     assert_eq!(d["above_only_503"], true, "{d}");
     assert!(d["below"]["ok"].as_u64().unwrap() > 0, "{d}");
-    assert!(d["above"]["busy"].as_u64().unwrap() > 0, "no 503 above saturation: {d}");
+    assert!(
+        d["above"]["busy"].as_u64().unwrap() > 0,
+        "no 503 above saturation: {d}"
+    );
     assert!(d["direct_per_s"].as_f64().unwrap() > 0.0);
 }
