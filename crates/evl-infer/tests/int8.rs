@@ -120,7 +120,10 @@ fn the_shipped_teacher_in_int8_answers_as_in_f32() {
          mean |dp| {mean_dp:.4}, max |dp| {max_dp:.4}"
     ));
     // A broken quantiser (wrong scale, layout or rounding) moves every probability.
-    assert!(mean_dp < 0.02, "int8 moves probabilities by {mean_dp} on average");
+    assert!(
+        mean_dp < 0.02,
+        "int8 moves probabilities by {mean_dp} on average"
+    );
     assert!(
         (af - aq).abs() <= 0.01,
         "macro AUC {af:.4} (f32) vs {aq:.4} (int8)"

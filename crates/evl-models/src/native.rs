@@ -53,85 +53,91 @@ fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
     }
     let inv = 127.0 / amax;
     for (c, v) in out.iter_mut().zip(x) {
-        // Round half away from zero (as `f32::round`) by truncation, without a libm call.
-        let t = (v * inv).clamp(-127.0, 127.0);
-        *c = (t + 0.5f32.copysign(t)) as i8;
+        *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
     }
     amax / 127.0
 }
 
-/// `y[r, o] = (sum_i xq[r, i] q[i, o]) * sx[r] * scale[o]` for every row and output channel:
-/// the int8 product, accumulated in i32 across the output channels (one broadcast input
-/// code times a row of weight codes per step: no horizontal sums, which dominate dot
-/// products of these short rows), run through pulp's dispatch so the loops are compiled for
-/// the widest SIMD level of the CPU (the default x86-64 target has only SSE2). Integer sums
-/// are exact, so any order gives the same result.
-struct Int8Product<'a> {
-    xq: &'a [i8],
-    sx: &'a [f32],
+/// `y[r, o] = scale[o] * sum_i x[r, i] q[i, o]` for every row and output channel: int8
+/// weights, f32 activations (weight-only quantisation, "W8A32"). Each weight code is widened
+/// to f32 as it is loaded, and the per-channel scale is applied once per output. Four input
+/// rows share each loaded weight row; the inner loop runs along the output channels (no
+/// horizontal sums, which dominate dot products of these short rows), through pulp's
+/// dispatch so it is compiled for the CPU's widest SIMD level (the default x86-64 target has
+/// only SSE2). Why not int8 activations too: tried (dynamic per-row quantisation, i16
+/// products, i32 sums); on these widths it was slower than f32 (the activation quantisation
+/// and widening cost more than the cheaper multiplies saved) and it made a few outlier
+/// records' probabilities move by up to 0.86 on the teacher.
+///
+/// With f32 weights (`T = f32`, all scales 1) the same loops serve the f32 engine's products
+/// of a few rows (generation, one token at a time), where a GEMM's packing of the weight
+/// matrix costs more than the product.
+struct RowProduct<'a, T> {
+    x: &'a [f32],
     /// `[din, dout]`.
-    q: &'a [i8],
-    scale: &'a [f32],
+    q: &'a [T],
+    /// One per output channel; `None` for 1.
+    scale: Option<&'a [f32]>,
     din: usize,
     y: &'a mut [f32],
 }
 
-impl pulp::WithSimd for Int8Product<'_> {
+impl<T: Copy + Into<f32>> pulp::WithSimd for RowProduct<'_, T> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
         let Self {
-            xq,
-            sx,
+            x,
             q,
             scale,
             din,
             y,
         } = self;
-        let dout = scale.len();
-        // Four rows at a time share each weight row (four times the work per load); the
-        // leftover rows go one by one.
+        let rows = x.len() / din.max(1);
+        let dout = y.len() / rows.max(1);
         const R: usize = 4;
-        let mut acc = vec![0i32; R * dout];
-        let rows = sx.len();
+        let mut acc = vec![0.0f32; R * dout];
         let mut r0 = 0;
         while r0 < rows {
             let nr = (rows - r0).min(R);
-            acc.iter_mut().for_each(|a| *a = 0);
+            acc.iter_mut().for_each(|a| *a = 0.0);
             if nr == R {
                 let (a0, rest) = acc.split_at_mut(dout);
                 let (a1, rest) = rest.split_at_mut(dout);
                 let (a2, a3) = rest.split_at_mut(dout);
                 for (i, qr) in q.chunks_exact(dout).enumerate() {
-                    let x = |r: usize| i16::from(xq[(r0 + r) * din + i]);
-                    let (x0, x1, x2, x3) = (x(0), x(1), x(2), x(3));
-                    for o in 0..dout {
-                        let w = i16::from(qr[o]);
-                        a0[o] += i32::from(x0 * w);
-                        a1[o] += i32::from(x1 * w);
-                        a2[o] += i32::from(x2 * w);
-                        a3[o] += i32::from(x3 * w);
+                    let xv = |r: usize| x[(r0 + r) * din + i];
+                    let (x0, x1, x2, x3) = (xv(0), xv(1), xv(2), xv(3));
+                    let lanes = a0.iter_mut().zip(a1.iter_mut()).zip(a2.iter_mut());
+                    for ((w, ((o0, o1), o2)), o3) in qr.iter().zip(lanes).zip(a3.iter_mut()) {
+                        let w: f32 = (*w).into();
+                        *o0 += x0 * w;
+                        *o1 += x1 * w;
+                        *o2 += x2 * w;
+                        *o3 += x3 * w;
                     }
                 }
             } else {
                 for r in 0..nr {
                     let a = &mut acc[r * dout..(r + 1) * dout];
-                    let xr = &xq[(r0 + r) * din..(r0 + r + 1) * din];
+                    let xr = &x[(r0 + r) * din..(r0 + r + 1) * din];
                     for (&xi, qr) in xr.iter().zip(q.chunks_exact(dout)) {
-                        // |code| <= 127, so a product fits in i16 (16-bit multiplies are the
-                        // cheap ones); the sum is kept in i32.
-                        let xi = i16::from(xi);
                         for (a, &w) in a.iter_mut().zip(qr) {
-                            *a += i32::from(xi * i16::from(w));
+                            *a += xi * w.into();
                         }
                     }
                 }
             }
             for r in 0..nr {
                 let yr = &mut y[(r0 + r) * dout..(r0 + r + 1) * dout];
-                let s_row = sx[r0 + r];
-                for ((o, &a), &s_out) in yr.iter_mut().zip(&acc[r * dout..]).zip(scale) {
-                    *o = a as f32 * (s_row * s_out);
+                let ar = &acc[r * dout..(r + 1) * dout];
+                match scale {
+                    Some(scale) => {
+                        for ((o, &a), &s) in yr.iter_mut().zip(ar).zip(scale) {
+                            *o = a * s;
+                        }
+                    }
+                    None => yr.copy_from_slice(ar),
                 }
             }
             r0 += nr;
@@ -139,32 +145,77 @@ impl pulp::WithSimd for Int8Product<'_> {
     }
 }
 
+/// `w[i, o] = q[i, o] * scale[o]` into `out`, compiled for the CPU's SIMD level.
+struct Dequantize<'a> {
+    q: &'a [i8],
+    scale: &'a [f32],
+    out: &'a mut Vec<f32>,
+}
+
+impl pulp::WithSimd for Dequantize<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self { q, scale, out } = self;
+        out.clear();
+        out.resize(q.len(), 0.0);
+        for (orow, qrow) in out
+            .chunks_exact_mut(scale.len())
+            .zip(q.chunks_exact(scale.len()))
+        {
+            for ((o, &c), &s) in orow.iter_mut().zip(qrow).zip(scale) {
+                *o = f32::from(c) * s;
+            }
+        }
+    }
+}
+
+/// Products of at most this many rows skip the GEMM (see [`RowProduct`]).
+const FEW_ROWS: usize = 4;
+
+thread_local! {
+    /// One layer's int8 weights widened to f32 for a product of many rows: a buffer reused
+    /// from layer to layer, so the resident weights stay int8.
+    static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `x[n, din] w[din, dout]` by ndarray's `dot` (matrixmultiply's sgemm with runtime-detected
+/// AVX2/FMA kernels, pure Rust, a safe API).
+fn gemm(x: &[f32], w: &[f32], n: usize, din: usize, dout: usize) -> Vec<f32> {
+    let xa = ndarray::ArrayView2::from_shape((n, din), x).expect("n * din inputs");
+    let wa = ndarray::ArrayView2::from_shape((din, dout), w).expect("din * dout");
+    xa.dot(&wa).into_raw_vec_and_offset().0
+}
+
 impl Lin {
-    /// `y[n, dout] = x[n, din] W + b`. f32: ndarray's `dot` (matrixmultiply's sgemm with
-    /// runtime-detected AVX2/FMA kernels, pure Rust, a safe API). int8: each input row is
-    /// quantised to int8 with its own scale (dynamic quantisation), multiplied with the
-    /// int8 weight rows in i32, and rescaled by the row's and the output channel's scales.
+    /// `y[n, dout] = x[n, din] W + b`: [`RowProduct`] for up to [`FEW_ROWS`] rows (int8
+    /// weights widened as they are read), else the GEMM (int8 weights widened first into a
+    /// reused buffer: widening a layer costs a few percent of its product at these row
+    /// counts; a hand-written int8 kernel measured 2x slower than the f32 GEMM here).
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = match &self.w {
-            Weights::F32(w) => {
-                let xa = ndarray::ArrayView2::from_shape((n, self.din), x).expect("n * din inputs");
-                let wa = ndarray::ArrayView2::from_shape((self.din, self.dout), w.as_slice())
-                    .expect("din * dout");
-                xa.dot(&wa).into_raw_vec_and_offset().0
+            Weights::F32(w) if n <= FEW_ROWS => {
+                let mut y = vec![0.0f32; n * self.dout];
+                pulp::Arch::new().dispatch(RowProduct {
+                    x,
+                    q: w,
+                    scale: None,
+                    din: self.din,
+                    y: &mut y,
+                });
+                y
             }
+            Weights::F32(w) => gemm(x, w, n, self.din, self.dout),
+            Weights::Int8 { q, scale } if n > FEW_ROWS => DEQUANTIZED.with_borrow_mut(|buf| {
+                pulp::Arch::new().dispatch(Dequantize { q, scale, out: buf });
+                gemm(x, buf, n, self.din, self.dout)
+            }),
             Weights::Int8 { q, scale } => {
                 let mut y = vec![0.0f32; n * self.dout];
-                let mut xq = vec![0i8; n * self.din];
-                let sx: Vec<f32> = x
-                    .chunks_exact(self.din)
-                    .zip(xq.chunks_exact_mut(self.din))
-                    .map(|(xr, qr)| quantize_row(xr, qr))
-                    .collect();
-                pulp::Arch::new().dispatch(Int8Product {
-                    xq: &xq,
-                    sx: &sx,
+                pulp::Arch::new().dispatch(RowProduct {
+                    x,
                     q,
-                    scale,
+                    scale: Some(scale),
                     din: self.din,
                     y: &mut y,
                 });
@@ -179,6 +230,37 @@ impl Lin {
             }
         }
         y
+    }
+}
+
+impl Lin {
+    /// `y[c] = x W[:, c] + b[c]` for one input row and only the output channels `cols`:
+    /// the two answer logits of a verification question, without the rest of the vocabulary.
+    fn forward_cols(&self, x: &[f32], cols: &[usize]) -> Vec<f32> {
+        let bias = |c: usize| self.b.as_ref().map_or(0.0, |b| b[c]);
+        match &self.w {
+            Weights::F32(w) => cols
+                .iter()
+                .map(|&c| {
+                    x.iter()
+                        .enumerate()
+                        .map(|(i, &xi)| xi * w[i * self.dout + c])
+                        .sum::<f32>()
+                        + bias(c)
+                })
+                .collect(),
+            Weights::Int8 { q, scale } => cols
+                .iter()
+                .map(|&c| {
+                    x.iter()
+                        .enumerate()
+                        .map(|(i, &xi)| xi * f32::from(q[i * self.dout + c]))
+                        .sum::<f32>()
+                        * scale[c]
+                        + bias(c)
+                })
+                .collect(),
+        }
     }
 }
 
@@ -221,22 +303,69 @@ struct LayerCache {
     v: Vec<f32>,
 }
 
+/// `e^x` without a libm call, branch-free so that loops over it vectorise: `x = n ln 2 + r`
+/// with |r| <= ln 2 / 2 (Cody-Waite, ln 2 in two parts), `e^r` by its degree-6 Taylor
+/// polynomial (relative error < 2e-7 on that interval), `2^n` put in the exponent bits. `x`
+/// is clamped to [-87, 88], where `e^x` is a normal f32: below, results under 1.6e-38 become
+/// that instead of 0, which is what the callers (softmax weights, GELU's tail) can afford,
+/// and libm's slow path for underflow, most of the engine's time at one point, is never taken.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// Exact-form GELU `x/2 (1 + erf(x/sqrt 2))` with erf from Abramowitz & Stegun 7.1.26
-/// (absolute error <= 1.5e-7, below f32 resolution of the result): one `exp` instead of a
-/// libm `erf` call, which was most of the native engine's time (50k calls per record).
+/// (absolute error <= 1.5e-7, below f32 resolution of the result) and [`exp`]: no libm call,
+/// which was most of the native engine's time (50k calls per record), and no branch, so
+/// [`gelu_slice`] runs it on SIMD lanes.
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
     let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let erf_abs = 1.0 - poly * (-z * z).exp();
-    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
-    0.5 * x * (1.0 + erf)
+    let erf_abs = 1.0 - poly * exp(-z * z);
+    0.5 * x * (1.0 + erf_abs.copysign(x))
+}
+
+/// [`gelu`] on every element, compiled for the CPU's widest SIMD level (pulp's dispatch; the
+/// default x86-64 target has only SSE2).
+fn gelu_slice(xs: &mut [f32]) {
+    struct Op<'a>(&'a mut [f32]);
+    impl pulp::WithSimd for Op<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) {
+            self.0.iter_mut().for_each(|v| *v = gelu(*v));
+        }
+    }
+    pulp::Arch::new().dispatch(Op(xs));
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exp_is_within_a_few_ulps_and_never_underflows() {
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(super::exp(x));
+            assert!(((got - want) / want).abs() < 4e-7, "{x}: {got} vs {want}");
+        }
+        for x in [-88.0f32, -200.0, -1e30, f32::NEG_INFINITY] {
+            let got = super::exp(x);
+            assert!(got > 0.0 && got < 2e-38, "{x}: {got}");
+        }
+    }
+
     #[test]
     fn gelu_matches_the_erf_form() {
         // Reference erf by its Taylor series in f64 (converges well for |x| <= 3) and 1 beyond.
@@ -269,53 +398,152 @@ impl Layer {
     /// each other; appends their keys/values to `cache`. `causal = false` lets every position
     /// see every other (the vision encoder).
     fn forward(&self, x: &mut [f32], n: usize, heads: usize, cache: &mut LayerCache, causal: bool) {
+        let (k, v) = self.forward_segments(x, &[n], heads, cache, causal);
+        cache.k.extend(k);
+        cache.v.extend(v);
+    }
+
+    /// Process new rows `x[n, d]` made of independent segments of `segs` rows each (several
+    /// questions after one visual prefix, run as one batch): every segment attends to the
+    /// positions in `past`, which all segments share, and to its own rows (causally if
+    /// `causal`), never to another segment's. Returns the new rows' keys and values `[n, d]`;
+    /// `past` is left as it is.
+    fn forward_segments(
+        &self,
+        x: &mut [f32],
+        segs: &[usize],
+        heads: usize,
+        past: &LayerCache,
+        causal: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = self.q.dout;
-        let dk = d / heads;
+        let n = x.len() / d;
         let h = self.norm_attn.forward(x);
         let q = self.q.forward(&h, n);
-        cache.k.extend(self.k.forward(&h, n));
-        cache.v.extend(self.v.forward(&h, n));
-        let total = cache.k.len() / d;
-        let past = total - n;
-        let scale = 1.0 / (dk as f32).sqrt();
-        let mut ctx = vec![0.0f32; n * d];
-        let mut scores = vec![0.0f32; total];
-        for i in 0..n {
-            let visible = if causal { past + i + 1 } else { total };
-            for hd in 0..heads {
-                let qi = &q[i * d + hd * dk..i * d + (hd + 1) * dk];
-                let mut max = f32::MIN;
-                for (j, s) in scores.iter_mut().enumerate().take(visible) {
-                    let kj = &cache.k[j * d + hd * dk..j * d + (hd + 1) * dk];
-                    *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0f32;
-                for s in scores.iter_mut().take(visible) {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let out = &mut ctx[i * d + hd * dk..i * d + (hd + 1) * dk];
-                for (j, s) in scores.iter().enumerate().take(visible) {
-                    let w = s / sum;
-                    let vj = &cache.v[j * d + hd * dk..j * d + (hd + 1) * dk];
-                    for (o, &vv) in out.iter_mut().zip(vj) {
-                        *o += w * vv;
-                    }
-                }
-            }
-        }
+        let k = self.k.forward(&h, n);
+        let v = self.v.forward(&h, n);
+        let ctx = pulp::Arch::new().dispatch(Attention {
+            q: &q,
+            k: &k,
+            v: &v,
+            past,
+            segs,
+            heads,
+            d,
+            causal,
+        });
         let att = self.o.forward(&ctx, n);
         for (a, b) in x.iter_mut().zip(&att) {
             *a += b;
         }
         let h = self.norm_ffn.forward(x);
         let mut mid = self.inner.forward(&h, n);
-        mid.iter_mut().for_each(|v| *v = gelu(*v));
+        gelu_slice(&mut mid);
         let out = self.outer.forward(&mid, n);
         for (a, b) in x.iter_mut().zip(&out) {
             *a += b;
         }
+        (k, v)
+    }
+}
+
+/// `sum a[i] b[i]` in eight interleaved partial sums, so that it runs on SIMD lanes (a plain
+/// left-to-right sum is a chain of dependent scalar adds).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Scaled dot-product attention of new rows over shared past positions and their own
+/// segment (see [`Layer::forward_segments`]); returns the context `[n, d]` before the output
+/// projection. Run through pulp's dispatch so that its loops use the CPU's SIMD width.
+struct Attention<'a> {
+    q: &'a [f32],
+    /// The new rows' keys and values `[n, d]`.
+    k: &'a [f32],
+    v: &'a [f32],
+    past: &'a LayerCache,
+    segs: &'a [usize],
+    heads: usize,
+    d: usize,
+    causal: bool,
+}
+
+impl pulp::WithSimd for Attention<'_> {
+    type Output = Vec<f32>;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<f32> {
+        let Self {
+            q,
+            k,
+            v,
+            past,
+            segs,
+            heads,
+            d,
+            causal,
+        } = self;
+        let n = q.len() / d;
+        let dk = d / heads;
+        let n_past = past.k.len() / d;
+        let scale = 1.0 / (dk as f32).sqrt();
+        let mut ctx = vec![0.0f32; n * d];
+        let mut scores = vec![0.0f32; n_past + segs.iter().max().copied().unwrap_or(0)];
+        let at = |j: usize, hd: usize| j * d + hd * dk..j * d + (hd + 1) * dk;
+        let mut s0 = 0;
+        for &len in segs {
+            for i in s0..s0 + len {
+                // Visible: every past position, then this segment's rows up to `i` (causal)
+                // or all of them.
+                let own = if causal { i + 1 - s0 } else { len };
+                let visible = n_past + own;
+                let (kv_past, kv_own) = (0..n_past, s0..s0 + own);
+                for hd in 0..heads {
+                    let qi = &q[at(i, hd)];
+                    let keys = kv_past
+                        .clone()
+                        .map(|j| &past.k[at(j, hd)])
+                        .chain(kv_own.clone().map(|j| &k[at(j, hd)]));
+                    let mut max = f32::MIN;
+                    for (s, kj) in scores.iter_mut().zip(keys) {
+                        *s = dot(qi, kj) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0f32;
+                    for s in scores[..visible].iter_mut() {
+                        *s = exp(*s - max);
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    let values = kv_past
+                        .clone()
+                        .map(|j| &past.v[at(j, hd)])
+                        .chain(kv_own.clone().map(|j| &v[at(j, hd)]));
+                    let out = &mut ctx[at(i, hd)];
+                    for (&s, vj) in scores.iter().zip(values) {
+                        let w = s * inv;
+                        for (o, &vv) in out.iter_mut().zip(vj) {
+                            *o += w * vv;
+                        }
+                    }
+                }
+            }
+            s0 += len;
+        }
+        ctx
     }
 }
 
@@ -347,7 +575,7 @@ impl Conv {
                     }
                 }
             }
-            yr.iter_mut().for_each(|v| *v = gelu(*v));
+            gelu_slice(yr);
         }
         y
     }
@@ -563,7 +791,7 @@ impl std::fmt::Debug for NativeVlm {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Quantization {
     /// `int8`: every linear layer's weights as int8 with one scale per output channel
-    /// (symmetric), activations quantised per row at run time; everything else f32.
+    /// (symmetric); the engine multiplies them with f32 activations; everything else f32.
     pub scheme: String,
     /// The linear layers stored as int8.
     pub layers: Vec<String>,
@@ -897,33 +1125,49 @@ impl NativeVlm {
 
     /// What `interpret` asks of one record: `p(yes)` for each verification prompt and the
     /// greedy answer to the generation prompt, with one encoder pass and one visual-prefix
-    /// pass shared by all of them.
+    /// pass shared by all of them. The prompts run as one batch (each a segment that sees the
+    /// prefix and itself), and a verification prompt's last position computes only the `yes`
+    /// and `no` logits, not the whole vocabulary.
     pub fn answer(&self, input: &[f32], q: &Questions<'_>) -> NativeAnswer {
-        let prefix = self.prefix(input);
+        let Prefix { mut caches, len } = self.prefix(input);
         let d = self.cfg.d_model;
         let vocab = self.lm_head.dout;
-        let last_logits = |h: &[f32], n: usize| self.lm_head.forward(&h[(n - 1) * d..n * d], 1);
-        let probs = q
+        let prompts: Vec<&[i64]> = q
             .verify_prompts
             .iter()
-            .map(|p| {
-                let mut caches = prefix.caches.clone();
-                let h = self.decode(self.embed_tokens(p, prefix.len), p.len(), &mut caches);
-                let z = last_logits(&h, p.len());
-                let (ly, ln) = (z[q.yes as usize] as f64, z[q.no as usize] as f64);
+            .map(Vec::as_slice)
+            .chain([q.generate_prompt])
+            .collect();
+        let segs: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut x: Vec<f32> = prompts
+            .iter()
+            .flat_map(|p| self.embed_tokens(p, len))
+            .collect();
+        // The generation prompt is the last segment: its keys and values extend the prefix's
+        // cache for generation.
+        let gen_start = segs[..segs.len() - 1].iter().sum::<usize>();
+        for (l, c) in self.decoder.iter().zip(caches.iter_mut()) {
+            let (k, v) = l.forward_segments(&mut x, &segs, self.cfg.heads, c, true);
+            c.k.extend_from_slice(&k[gen_start * d..]);
+            c.v.extend_from_slice(&v[gen_start * d..]);
+        }
+        // Final norm and head at each segment's last row only.
+        let last_row = |end: usize| self.norm.forward(&x[(end - 1) * d..end * d]);
+        let mut end = 0;
+        let (yes, no) = (q.yes as usize, q.no as usize);
+        let probs = segs[..segs.len() - 1]
+            .iter()
+            .map(|&n| {
+                end += n;
+                let z = self.lm_head.forward_cols(&last_row(end), &[yes, no]);
+                let (ly, ln) = (f64::from(z[0]), f64::from(z[1]));
                 1.0 / (1.0 + (ln - ly).exp())
             })
             .collect();
-        let mut caches = prefix.caches.clone();
-        let mut h = self.decode(
-            self.embed_tokens(q.generate_prompt, prefix.len),
-            q.generate_prompt.len(),
-            &mut caches,
-        );
-        let mut n_new = q.generate_prompt.len();
+        let mut h = last_row(x.len() / d);
         let mut generated = Vec::new();
-        for len in (q.generate_prompt.len()..).take(q.max_new) {
-            let z = last_logits(&h, n_new);
+        for pos in (q.generate_prompt.len()..).take(q.max_new) {
+            let z = self.lm_head.forward(&h, 1);
             // First maximum, as argmax does.
             let mut best = 0;
             for (i, &v) in z.iter().enumerate().take(vocab) {
@@ -932,12 +1176,11 @@ impl NativeVlm {
                 }
             }
             let next = best as i64;
-            if next == q.eos || len + 1 >= self.max_text() {
+            if next == q.eos || pos + 1 >= self.max_text() {
                 break;
             }
             generated.push(next);
-            h = self.decode(self.embed_tokens(&[next], prefix.len + len), 1, &mut caches);
-            n_new = 1;
+            h = self.decode(self.embed_tokens(&[next], len + pos), 1, &mut caches);
         }
         NativeAnswer { probs, generated }
     }
