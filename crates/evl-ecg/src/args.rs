@@ -140,8 +140,8 @@ pub struct InterpretArgs {
 #[derive(Debug, Subcommand)]
 pub enum ModelVerb {
     /// Write an int8 copy of a bundle: every linear layer's weights as int8 with one scale per
-    /// output channel, activations quantised per row at run time (norms, embeddings, stems and
-    /// biases stay f32). It runs on the native CPU engine (interpret, serve, eval) and is
+    /// output channel (norms, embeddings, stems and biases stay f32); the engine multiplies
+    /// them with f32 activations. It runs on the native CPU engine (interpret, serve, eval) and is
     /// compared with the f32 bundle on SYNTHETIC records before the command returns.
     ///
     /// Example: evl-ecg model quantize --model quickstart-out/model --out quickstart-out/model-int8
