@@ -17,6 +17,19 @@ elif [ -d "$W/teacher/pretrain" ] || [ -d "$W/teacher/checkpoint" ]; then
 else
   "$BIN" train teacher --preset zoo --data "$W/data" --out "$W/teacher"
 fi
+# The SFT'd student (minutes), on the same records.
+if [ -d "$W/student/model" ]; then
+  echo "$W/student/model exists: training done"
+elif [ -d "$W/student/pretrain" ] || [ -d "$W/student/checkpoint" ]; then
+  "$BIN" train student --preset zoo --data "$W/data" --out "$W/student" --resume
+else
+  "$BIN" train student --preset zoo --data "$W/data" --out "$W/student"
+fi
+for d in "synthetic $W/test" "ptbxl ../shared/data/ptbxl_subset/records500" "cinc ../shared/data/cinc2021_subset"; do
+  set -- $d
+  "$BIN" eval --model "$W/student/model" --data "$2" --split all --out "$W/student-eval-$1"
+done
+( cd "$W/student/model" && sha256sum config.json input.json labels.json model.safetensors tokenizer.json )
 # Synthetic test set (1,000 records of another seed), real PTB-XL and CinC records.
 "$BIN" eval --model "$W/teacher/model" --data "$W/test" --split all --out "$W/eval-synthetic"
 "$BIN" eval --model "$W/teacher/model" --data ../shared/data/ptbxl_subset/records500 --split all --out "$W/eval-ptbxl"

@@ -341,9 +341,11 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub job: JobArgs,
     /// Settings to start from (--config, --set and the flags apply on top). `zoo`: the
-    /// shipped teacher's recipe, an image teacher with a convolutional stem, 1,500 steps of
-    /// vision pre-training and 2,000 of SFT, checkpointed every 100 (hours on 2 cores;
-    /// continue with --resume). See zoo/README.md.
+    /// shipped models' recipes, checkpointed every 100 steps (continue with --resume). For
+    /// `train teacher`: an image teacher with a convolutional stem, 1,500 steps of vision
+    /// pre-training and 2,000 of SFT (an hour or more on 2 cores; the shipped teacher then had
+    /// a second SFT stage through --init). For `train student`: the signal student, 600
+    /// steps of pre-training and 1,000 SFT steps of 64 examples (minutes). See zoo/README.md.
     #[arg(long, value_enum, default_value = "default")]
     pub preset: TrainPreset,
     /// Encoder input: image (rendered paper) or signal (raw 12 leads).
@@ -358,14 +360,19 @@ pub struct TrainArgs {
     /// validation macro AUC.
     #[arg(long)]
     pub pretrain_steps: Option<usize>,
-    /// Start from a Hugging Face checkpoint folder instead of a new model: Qwen3-VL or
-    /// LLaVA-NeXT as downloaded (config.json, safetensors, tokenizer, processor files), or
-    /// PULSE-7B in the original LLaVA layout. Trains on --data (an ECGInstruct-style
-    /// conversation file) with --image-root; OUT/model is written in the checkpoint's own
-    /// layout, loadable by transformers' from_pretrained.
+    /// Start from a trained model instead of a new one. Either a Hugging Face checkpoint
+    /// folder: Qwen3-VL or LLaVA-NeXT as downloaded (config.json, safetensors, tokenizer,
+    /// processor files), or PULSE-7B in the original LLaVA layout; it trains on --data (an
+    /// ECGInstruct-style conversation file) with --image-root, and OUT/model is written in
+    /// the checkpoint's own layout, loadable by transformers' from_pretrained. Or a model
+    /// folder this toolkit wrote (such as zoo/teacher/model): SFT continues from its weights,
+    /// tokenizer and input settings, without vision pre-training (--input, --vocab and
+    /// --pretrain-steps do not apply).
     ///
     /// Example: evl-ecg train student --init Qwen3-VL-2B-Instruct
     ///   --data ecginstruct.json --image-root images --out runs/student
+    ///          evl-ecg train teacher --init zoo/teacher/model --data my-records
+    ///   --steps 500 --out runs/teacher
     #[arg(long, verbatim_doc_comment)]
     pub init: Option<PathBuf>,
 }
@@ -375,7 +382,7 @@ pub struct TrainArgs {
 pub enum TrainPreset {
     /// The built-in defaults (`--print-config` shows them).
     Default,
-    /// The shipped teacher's recipe (`JobConfig::zoo`).
+    /// The shipped teacher's and student's recipes (`JobConfig::zoo`).
     Zoo,
 }
 
@@ -507,9 +514,17 @@ pub struct QuickstartArgs {
     #[arg(long, conflicts_with = "teacher_checkpoint")]
     pub train_teacher: bool,
     /// Student encoder input: image, or signal (image-teacher -> signal-student is the
-    /// paper's open question and the edge option).
-    #[arg(long, value_parser = ["image", "signal"])]
+    /// paper's open question and the edge option). Trains the student in the run (no
+    /// --student-checkpoint).
+    #[arg(long, value_parser = ["image", "signal"], conflicts_with = "student_checkpoint")]
     pub student_input: Option<String>,
+    /// Distil into this SFT'd student (a model directory, e.g. the shipped
+    /// `zoo/student/model`) instead of pre-training and SFT'ing one in the run.
+    #[arg(long)]
+    pub student_checkpoint: Option<PathBuf>,
+    /// Pre-train and SFT the student in the run even where the preset loads a shipped one.
+    #[arg(long, conflicts_with = "student_checkpoint")]
+    pub train_student: bool,
     /// Finding size of the synthetic data.
     #[arg(long, value_enum)]
     pub difficulty: Option<DifficultyArg>,

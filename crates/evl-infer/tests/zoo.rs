@@ -1,8 +1,9 @@
-//! The teacher the project ships (`zoo/teacher`, model card in `zoo/README.md`): its files
-//! are the ones the card names, byte for byte, and it reads ECG paper. It is evaluated on
-//! freshly generated synthetic records of a seed no run trained or was tested on, against a
-//! threshold the shipped checkpoint meets and a broken loader, renderer or preprocessing
-//! would not (such a model answers at chance, macro AUC about 0.5).
+//! The models the project ships (`zoo/teacher` and `zoo/student`, model cards in
+//! `zoo/README.md`): their files are the ones the cards name, byte for byte, and they read
+//! ECGs (the teacher the rendered paper, the student the signal). Each is evaluated on freshly
+//! generated synthetic records of a seed no run trained or was tested on, against a threshold
+//! the shipped checkpoint meets and a broken loader, renderer or preprocessing would not
+//! (such a model answers at chance, macro AUC about 0.5).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::path::{Path, PathBuf};
@@ -16,29 +17,32 @@ use sha2::{Digest, Sha256};
 const N: usize = 150;
 /// Seed of the check's records (the teacher trained on seed 7, its card's test set is seed 8).
 const SEED: u64 = 20_261_204;
-/// Lowest macro ROC AUC accepted. Measured on these 150 records: 0.8445 (0.834 on the card's
-/// 1,000 test records); a model reading nothing scores about 0.5.
-const MIN_MACRO_AUC: f64 = 0.80;
-/// Lowest ECG-Bench parity F1 of the generated diagnoses (measured 0.806 here; a broken
-/// tokenizer or decoder gives 0).
-const MIN_PARITY_F1: f64 = 0.70;
+/// Lowest macro ROC AUC accepted of the teacher. Measured on these 150 records: 0.8445
+/// (0.834 on the card's 1,000 test records); a model reading nothing scores about 0.5.
+const TEACHER_MIN_MACRO_AUC: f64 = 0.80;
+/// Lowest ECG-Bench parity F1 of the teacher's generated diagnoses (measured 0.806 here; a
+/// broken tokenizer or decoder gives 0).
+const TEACHER_MIN_PARITY_F1: f64 = 0.70;
 
-fn zoo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../zoo/teacher")
+fn zoo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../zoo")
+        .join(name)
 }
 
-#[test]
-fn shipped_teacher_matches_its_card_and_reads_ecgs() {
-    let dir = zoo();
+/// Check `zoo/<name>` against its SHA256SUMS, then score it on the fresh records:
+/// (macro ROC AUC, parity F1).
+fn check_shipped(name: &str) -> (f64, f64) {
+    let dir = zoo(name);
     let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
     let mut checked = 0;
     for line in sums.lines().filter(|l| !l.trim().is_empty()) {
-        let (want, name) = line.split_once("  ").unwrap();
-        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let (want, file) = line.split_once("  ").unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
         let got = format!("{:x}", Sha256::digest(&bytes));
         assert_eq!(
             got, want,
-            "zoo/teacher/{name}: sha256 differs from SHA256SUMS"
+            "zoo/{name}/{file}: sha256 differs from SHA256SUMS"
         );
         checked += 1;
     }
@@ -61,13 +65,40 @@ fn shipped_teacher_matches_its_card_and_reads_ecgs() {
         evl_infer::eval::evaluate(&bundle.model, &bundle.tok, &samples, &bundle.space, &device);
     let auc = scores.macro_auc.unwrap();
     eprintln!(
-        "shipped teacher on {N} fresh records: macro AUC {auc:.4}, parity F1 {:.4}",
+        "shipped {name} on {N} fresh records: macro AUC {auc:.4}, parity F1 {:.4}",
         scores.parity_f1
     );
-    assert!(auc >= MIN_MACRO_AUC, "macro AUC {auc:.4} < {MIN_MACRO_AUC}");
+    (auc, scores.parity_f1)
+}
+
+#[test]
+fn shipped_teacher_matches_its_card_and_reads_ecgs() {
+    let (auc, f1) = check_shipped("teacher");
     assert!(
-        scores.parity_f1 >= MIN_PARITY_F1,
-        "parity F1 {:.4} < {MIN_PARITY_F1}",
-        scores.parity_f1
+        auc >= TEACHER_MIN_MACRO_AUC,
+        "macro AUC {auc:.4} < {TEACHER_MIN_MACRO_AUC}"
+    );
+    assert!(
+        f1 >= TEACHER_MIN_PARITY_F1,
+        "parity F1 {f1:.4} < {TEACHER_MIN_PARITY_F1}"
+    );
+}
+
+/// Lowest macro ROC AUC accepted of the student (measured on these 150 records: 0.9148;
+/// 0.915 on the card's 1,000 test records; 0.637 with every lead's polarity inverted).
+const STUDENT_MIN_MACRO_AUC: f64 = 0.88;
+/// Lowest parity F1 of the student's generated diagnoses (measured 0.7515 here).
+const STUDENT_MIN_PARITY_F1: f64 = 0.65;
+
+#[test]
+fn shipped_student_matches_its_card_and_reads_ecgs() {
+    let (auc, f1) = check_shipped("student");
+    assert!(
+        auc >= STUDENT_MIN_MACRO_AUC,
+        "macro AUC {auc:.4} < {STUDENT_MIN_MACRO_AUC}"
+    );
+    assert!(
+        f1 >= STUDENT_MIN_PARITY_F1,
+        "parity F1 {f1:.4} < {STUDENT_MIN_PARITY_F1}"
     );
 }

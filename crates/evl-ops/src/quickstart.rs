@@ -65,6 +65,12 @@ pub struct QuickstartConfig {
     /// teacher in the run (pre-training and SFT below).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_checkpoint: Option<std::path::PathBuf>,
+    /// An SFT'd student to distil from, loaded instead of pre-training and SFT'ing one in the
+    /// run: a model directory as `train student` writes it (its own tokenizer; its input
+    /// settings must be the run's). The paper likewise distils into an SFT'd student.
+    /// `None` trains the student here (`student_pretrain`, `student_sft`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_checkpoint: Option<std::path::PathBuf>,
     /// Teacher SFT.
     pub teacher_sft: OptimConfig,
     /// Student SFT.
@@ -121,6 +127,10 @@ pub struct QuickstartConfig {
 /// root: the `quick` and `full` presets distil from it instead of training a teacher.
 pub const SHIPPED_TEACHER: &str = "zoo/teacher/model";
 
+/// The shipped SFT'd student (`zoo/student`, see `zoo/README.md`), relative to the repository
+/// root: the `quick` and `full` presets distil into it instead of training a student.
+pub const SHIPPED_STUDENT: &str = "zoo/student/model";
+
 impl QuickstartConfig {
     /// The configuration as TOML (what `quickstart --print-config` shows).
     pub fn to_toml(&self) -> String {
@@ -146,6 +156,7 @@ impl QuickstartConfig {
                 teacher_vocab: 160,
                 student_vocab: 56,
                 teacher_checkpoint: None,
+                student_checkpoint: None,
                 teacher_sft: o(4, 2e-3, 4),
                 student_sft: o(4, 2e-3, 4),
                 teacher_pretrain: o(3, 2e-3, 4),
@@ -178,6 +189,7 @@ impl QuickstartConfig {
                 // macro AUC 0.88 this way, 0.78 with the encoder trainable, 0.59 drawing
                 // questions independently.
                 teacher_checkpoint: Some(SHIPPED_TEACHER.into()),
+                student_checkpoint: Some(SHIPPED_STUDENT.into()),
                 teacher_sft: OptimConfig {
                     turns_per_record: 6,
                     freeze_vision: true,
@@ -217,6 +229,7 @@ impl QuickstartConfig {
                 teacher_vocab: 400,
                 student_vocab: 90,
                 teacher_checkpoint: Some(SHIPPED_TEACHER.into()),
+                student_checkpoint: Some(SHIPPED_STUDENT.into()),
                 teacher_sft: OptimConfig {
                     turns_per_record: 6,
                     freeze_vision: true,
@@ -374,6 +387,33 @@ pub fn run(
         }
         None => None,
     };
+    let shipped_student = match &cfg.student_checkpoint {
+        Some(dir) => {
+            let fail = |e: &dyn std::fmt::Display| Error::Config {
+                field: "student_checkpoint",
+                what: format!(
+                    "{}: {e} (a relative path is read from the current directory: run from \
+                     the repository root, or pass --student-checkpoint DIR or --train-student)",
+                    dir.display()
+                ),
+            };
+            let spec = evl_infer::bundle::Engine::load(dir)
+                .map_err(|e| fail(&e))?
+                .spec;
+            if spec != cfg.input {
+                return Err(Error::Config {
+                    field: "student_checkpoint",
+                    what: format!(
+                        "{} reads inputs {spec:?}, this run renders {:?}",
+                        dir.display(),
+                        cfg.input
+                    ),
+                });
+            }
+            Some(crate::job::load_trainable(dir, train_device).map_err(|e| fail(&e))?)
+        }
+        None => None,
+    };
     let dir = evl_run::RunDir::new(out);
     let mut stages = BTreeMap::new();
     let mut notes = Vec::new();
@@ -449,7 +489,10 @@ pub fn run(
         Some(b) => b.tok.clone(),
         None => TextTokenizer::train(&texts, cfg.teacher_vocab)?,
     };
-    let s_tok = TextTokenizer::train(&texts, cfg.student_vocab)?;
+    let s_tok = match &shipped_student {
+        Some((_, _, tok)) => tok.clone(),
+        None => TextTokenizer::train(&texts, cfg.student_vocab)?,
+    };
     std::fs::create_dir_all(out.join("tokenizers")).map_err(|source| Error::Io {
         path: out.join("tokenizers"),
         source,
@@ -495,26 +538,40 @@ pub fn run(
         }
     };
     stages.insert("teacher_sft".into(), t.elapsed().as_secs_f64());
-    // 4. Student SFT.
+    // 4. Student: the shipped SFT'd checkpoint, or pre-training and SFT here.
     let t = Instant::now();
-    let mut student_cfg = cfg.student_model();
-    student_cfg.vocab = s_tok.vocab_size();
-    let stage = Stage {
-        who: "student",
-        seed: cfg.data_seed + 1,
-        pretrain: &cfg.student_pretrain,
-        sft: &cfg.student_sft,
-        sft_dir: "student-sft",
-        log_every: 40,
+    let (student, student_cfg) = match shipped_student {
+        Some((model, arch, _)) => {
+            notes.push(format!(
+                "student: the SFT'd student loaded from {} (not trained in this run)",
+                cfg.student_checkpoint
+                    .as_ref()
+                    .map_or(String::new(), |d| d.display().to_string())
+            ));
+            (model, arch)
+        }
+        None => {
+            let mut student_cfg = cfg.student_model();
+            student_cfg.vocab = s_tok.vocab_size();
+            let stage = Stage {
+                who: "student",
+                seed: cfg.data_seed + 1,
+                pretrain: &cfg.student_pretrain,
+                sft: &cfg.student_sft,
+                sft_dir: "student-sft",
+                log_every: 40,
+            };
+            let model = stage.run(
+                student_cfg.clone(),
+                (&train[..], &val[..], &s_tok),
+                out,
+                (train_device, infer_device),
+                &mut notes,
+                &mut say,
+            )?;
+            (model, student_cfg)
+        }
     };
-    let student = stage.run(
-        student_cfg.clone(),
-        (&train[..], &val[..], &s_tok),
-        out,
-        (train_device, infer_device),
-        &mut notes,
-        &mut say,
-    )?;
     stages.insert("student_sft".into(), t.elapsed().as_secs_f64());
     let text_lens = |tok: &TextTokenizer| -> Vec<usize> {
         train

@@ -25,6 +25,13 @@ pub fn run(a: &QuickstartArgs, json: bool) -> Result<()> {
     }
     if let Some(t) = &a.student_input {
         cfg.student_input = t.clone();
+        cfg.student_checkpoint = None;
+    }
+    if a.train_student {
+        cfg.student_checkpoint = None;
+    }
+    if let Some(d) = &a.student_checkpoint {
+        cfg.student_checkpoint = Some(d.clone());
     }
     if let Some(d) = a.difficulty {
         cfg.difficulty = match d {

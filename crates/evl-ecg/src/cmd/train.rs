@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use evl_ops::hf_job;
-use evl_ops::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train};
+use evl_ops::job::{JobConfig, JobOutcome, Role, TrainData, distill_job, train, train_from};
 use evl_train::train::{OptimConfig, StepLog};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -159,17 +159,28 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
         };
     let (data, out) = paths(&a.job)?;
     let (tdev, idev) = devices(&a.job)?;
+    // --init: a Hugging Face checkpoint, or a model folder this toolkit wrote.
+    let own = a
+        .init
+        .as_ref()
+        .is_some_and(|i| !hf_job::is_hf_checkpoint(i));
     if let Some(init) = &a.init
-        && !hf_job::is_hf_checkpoint(init)
+        && own
+        && !init.join("input.json").is_file()
     {
         anyhow::bail!(
-            "--init {}: not a Hugging Face checkpoint folder (a config.json with `architectures` \
-             or `model_type`, beside the safetensors weights)",
+            "--init {}: neither a Hugging Face checkpoint folder (a config.json with \
+             `architectures` or `model_type`, beside the safetensors weights) nor a model folder \
+             written by `evl-ecg train` (config.json, input.json, tokenizer.json, \
+             model.safetensors; for a training run, pass its model/ folder)",
             init.display()
         );
     }
     let (bar, cb) = progress(steps, json);
     let o = match &a.init {
+        Some(init) if own => {
+            train_from(role, &cfg, init, data, out, a.job.resume, &tdev, &idev, cb)
+        }
         Some(init) => hf_job::hf_train(role, &cfg, init, data, out, a.job.resume, &tdev, cb),
         None => train(role, &cfg, data, out, a.job.resume, &tdev, &idev, cb),
     }

@@ -421,6 +421,90 @@ fn quickstart_loads_a_teacher_checkpoint_instead_of_training_one() {
     assert!(!tmp.path().join("q3").exists());
 }
 
+/// `quickstart --student-checkpoint DIR` distils into an SFT'd model directory instead of
+/// pre-training and SFT'ing a student in the run; a directory that is not a model is named
+/// before anything is written.
+#[test]
+fn quickstart_loads_a_student_checkpoint_instead_of_training_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    tiny_model(&q);
+    let out = tmp.path().join("q2");
+    let (ok, _, err) = run(bin()
+        .args(["quickstart", "--preset", "tiny", "--student-checkpoint"])
+        .arg(q.join("model"))
+        .arg("--out")
+        .arg(&out));
+    assert!(ok, "{err}");
+    let results = std::fs::read_to_string(out.join("results.json")).unwrap();
+    assert!(
+        results.contains("student: the SFT'd student loaded from"),
+        "{results}"
+    );
+    assert!(!out.join("student-sft").exists() && !out.join("student-pretrain").exists());
+    // The student's own tokenizer is the run's.
+    assert_eq!(
+        std::fs::read(out.join("tokenizers/student.json")).unwrap(),
+        std::fs::read(q.join("model/tokenizer.json")).unwrap()
+    );
+    let (ok, _, err) = run(bin()
+        .args(["quickstart", "--preset", "tiny", "--student-checkpoint"])
+        .arg(q.join("data"))
+        .arg("--out")
+        .arg(tmp.path().join("q3")));
+    assert!(
+        !ok && err.contains("student_checkpoint") && err.contains("config.json"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("q3").exists());
+}
+
+/// `train student --init DIR` on a model folder this toolkit wrote continues its SFT: same
+/// architecture and tokenizer, new weights, no pre-training; a folder that is neither kind of
+/// model is refused by name, with nothing written.
+#[test]
+fn train_continues_from_a_model_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    tiny_model(&q);
+    let out = tmp.path().join("more");
+    let (ok, stdout, err) = run(bin()
+        .args(["train", "student", "--init"])
+        .arg(q.join("model"))
+        .arg("--data")
+        .arg(q.join("data"))
+        .args(["--steps", "3", "--batch-size", "4", "--out"])
+        .arg(&out));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("3 steps"), "{stdout}");
+    assert!(!out.join("pretrain").exists() && !out.join("pretrain.json").exists());
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    for same in ["config.json", "tokenizer.json", "input.json"] {
+        assert_eq!(
+            read(out.join("model").join(same)),
+            read(q.join("model").join(same)),
+            "{same}"
+        );
+    }
+    assert_ne!(
+        read(out.join("model/model.safetensors")),
+        read(q.join("model/model.safetensors"))
+    );
+    let bad = tmp.path().join("bad");
+    let (ok, _, err) = run(bin()
+        .args(["train", "student", "--init"])
+        .arg(q.join("data"))
+        .arg("--data")
+        .arg(q.join("data"))
+        .arg("--out")
+        .arg(&bad));
+    assert!(
+        !ok && err.contains("--init") && err.contains("input.json"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+}
+
 /// `bench train` runs a step of both built-in models, with and without the frozen encoder's
 /// token cache, and the two forms train the same model: equal first-step losses.
 #[test]
