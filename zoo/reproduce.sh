@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Train the shipped teacher from nothing and measure it as its model card reports
-# (zoo/README.md). Hours on 2 CPU cores. Run from the repository root; the first argument is
-# a work directory (default zoo-run/). After an interruption, run the script again: it
-# resumes the training from its last checkpoint (every 100 steps).
+# Train the shipped teacher and student from nothing and measure them as their model cards
+# report (zoo/README.md). Hours on 2 CPU cores. Run from the repository root; the first
+# argument is a work directory (default zoo-run/). After an interruption, run the script
+# again: it resumes the training from its last checkpoint (every 100 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${EVL_ECG:-target/release/evl-ecg}
@@ -10,21 +10,26 @@ W=${1:-zoo-run}
 [ -x "$BIN" ] || cargo build --release -p evl-ecg
 [ -d "$W/data" ] || "$BIN" data synth --n 3000 --seed 7 --difficulty mixed --out "$W/data"
 [ -d "$W/test" ] || "$BIN" data synth --n 1000 --seed 8 --difficulty mixed --out "$W/test"
-if [ -d "$W/teacher/model" ]; then
-  echo "$W/teacher/model exists: training done"
-elif [ -d "$W/teacher/pretrain" ] || [ -d "$W/teacher/checkpoint" ]; then
-  "$BIN" train teacher --preset zoo --data "$W/data" --out "$W/teacher" --resume
-else
-  "$BIN" train teacher --preset zoo --data "$W/data" --out "$W/teacher"
-fi
+# Run one stage into $1 (the rest are train's arguments) unless it is done; resume a stage
+# that was interrupted.
+stage() {
+  local out=$1; shift
+  if [ -d "$out/model" ]; then
+    echo "$out/model exists: stage done"
+  elif [ -d "$out/pretrain" ] || [ -d "$out/checkpoint" ]; then
+    "$BIN" train "$@" --data "$W/data" --out "$out" --resume
+  else
+    "$BIN" train "$@" --data "$W/data" --out "$out"
+  fi
+}
+# The teacher's three stages (zoo/README.md): v0, more SFT on the frozen encoder, then the
+# whole model fine-tuned at a low rate.
+stage "$W/teacher-v0" teacher --preset zoo
+stage "$W/teacher-sft2" teacher --preset zoo --init "$W/teacher-v0/model" --steps 1500 --batch-size 64
+stage "$W/teacher" teacher --preset zoo --init "$W/teacher-sft2/model" --steps 500 --batch-size 32 \
+  --lr 3e-4 --set teacher.optim.freeze_vision=false --set teacher.optim.warmup=50
 # The SFT'd student (minutes), on the same records.
-if [ -d "$W/student/model" ]; then
-  echo "$W/student/model exists: training done"
-elif [ -d "$W/student/pretrain" ] || [ -d "$W/student/checkpoint" ]; then
-  "$BIN" train student --preset zoo --data "$W/data" --out "$W/student" --resume
-else
-  "$BIN" train student --preset zoo --data "$W/data" --out "$W/student"
-fi
+stage "$W/student" student --preset zoo
 for d in "synthetic $W/test" "ptbxl ../shared/data/ptbxl_subset/records500" "cinc ../shared/data/cinc2021_subset"; do
   set -- $d
   "$BIN" eval --model "$W/student/model" --data "$2" --split all --out "$W/student-eval-$1"

@@ -264,41 +264,22 @@ impl JobConfig {
     /// language model must see many examples to read the encoder out, not the encoder (its
     /// probe: 0.90) that limits it. Distillation keeps the defaults.
     pub fn zoo() -> JobConfig {
+        // (steps, batch, lr, warm-up), checkpointed every 100 steps.
+        let stage = |steps, batch_size, lr, warmup| OptimConfig {
+            steps,
+            batch_size,
+            lr,
+            warmup,
+            checkpoint_every: 100,
+            ..OptimConfig::default()
+        };
         let mut c = JobConfig::default();
         c.teacher.input = "image".into();
         c.teacher.stem_channels = 128;
-        c.teacher.pretrain = OptimConfig {
-            steps: 1500,
-            batch_size: 32,
-            lr: 2e-3,
-            warmup: 100,
-            checkpoint_every: 100,
-            ..OptimConfig::default()
-        };
-        c.teacher.optim = sft_defaults(OptimConfig {
-            steps: 2000,
-            batch_size: 16,
-            lr: 2e-3,
-            warmup: 100,
-            checkpoint_every: 100,
-            ..OptimConfig::default()
-        });
-        c.student.pretrain = OptimConfig {
-            steps: 600,
-            batch_size: 32,
-            lr: 2e-3,
-            warmup: 60,
-            checkpoint_every: 100,
-            ..OptimConfig::default()
-        };
-        c.student.optim = sft_defaults(OptimConfig {
-            steps: 1000,
-            batch_size: 64,
-            lr: 3e-3,
-            warmup: 50,
-            checkpoint_every: 100,
-            ..OptimConfig::default()
-        });
+        c.teacher.pretrain = stage(1500, 32, 2e-3, 100);
+        c.teacher.optim = sft_defaults(stage(2000, 16, 2e-3, 100));
+        c.student.pretrain = stage(600, 32, 2e-3, 60);
+        c.student.optim = sft_defaults(stage(1000, 64, 3e-3, 50));
         c
     }
 
