@@ -357,7 +357,9 @@ pub struct TrainArgs {
     /// Steps of vision pre-training before SFT (built-in models; default 300, 0 skips it):
     /// the encoder first learns the labels through a linear probe on its visual tokens, as
     /// real VLMs' vision towers are pre-trained; `OUT/pretrain.json` holds the probe's
-    /// validation macro AUC.
+    /// validation macro AUC. With --init on a model folder this toolkit wrote, pre-training
+    /// is skipped unless this flag is given: then the encoder's pre-training continues for
+    /// this many steps (a new probe) before the SFT.
     #[arg(long)]
     pub pretrain_steps: Option<usize>,
     /// Start from a trained model instead of a new one. Either a Hugging Face checkpoint
@@ -366,8 +368,8 @@ pub struct TrainArgs {
     /// ECGInstruct-style conversation file) with --image-root, and OUT/model is written in
     /// the checkpoint's own layout, loadable by transformers' from_pretrained. Or a model
     /// folder this toolkit wrote (such as zoo/teacher/model): SFT continues from its weights,
-    /// tokenizer and input settings, without vision pre-training (--input, --vocab and
-    /// --pretrain-steps do not apply).
+    /// tokenizer and input settings, without vision pre-training unless --pretrain-steps
+    /// asks for it (--input and --vocab do not apply).
     ///
     /// Example: evl-ecg train student --init Qwen3-VL-2B-Instruct
     ///   --data ecginstruct.json --image-root images --out runs/student

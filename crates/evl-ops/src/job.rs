@@ -599,36 +599,20 @@ pub fn train(
         0
     };
     let model = if pre > 0 {
-        let (model, probe, plogs) = evl_train::pretrain::pretrain_encoder(
+        match pretrain_stage(
             model,
             &samples,
-            &evl_infer::text::superclass_space(),
-            &sec.pretrain,
-            Some(&out.join("pretrain")),
+            sec,
+            data,
+            &cfg.input,
+            out,
+            infer_device,
             train_device,
-            |l| {
-                on_step(&StepLog {
-                    terms: vec![("pretrain_bce".into(), l.total)],
-                    ..l.clone()
-                })
-            },
-        )?;
-        evl_run::write_jsonl(&out.join("pretrain_metrics.jsonl"), &plogs)?;
-        if plogs.len() < pre {
-            // Stopped inside pre-training (`stop_after`): resume continues it.
-            return Ok(JobOutcome {
-                out: out.to_path_buf(),
-                steps: 0,
-                final_log: plogs.last().cloned(),
-                val: None,
-                params: model.num_params(),
-                stopped: true,
-            });
+            &mut on_step,
+        )? {
+            Ok(model) => model,
+            Err(stopped) => return Ok(stopped),
         }
-        if let Some(d) = data.labelled() {
-            probe_report(&model, &probe, d, &cfg.input, out, infer_device)?;
-        }
-        model
     } else {
         model
     };
@@ -662,18 +646,68 @@ pub fn train(
     )
 }
 
+/// Vision pre-training of `model`'s encoder on `samples` with `sec.pretrain` (checkpointed
+/// in `out/pretrain`, log in `out/pretrain_metrics.jsonl`, the probe's validation score in
+/// `out/pretrain.json`): the model, or the outcome of a run stopped inside the stage.
+#[allow(clippy::too_many_arguments)]
+fn pretrain_stage(
+    model: EcgVlm,
+    samples: &[Sample],
+    sec: &ModelSection,
+    data: TrainData<'_>,
+    spec: &InputSpec,
+    out: &Path,
+    infer_device: &Device,
+    train_device: &Device,
+    on_step: &mut impl FnMut(&StepLog),
+) -> Result<std::result::Result<EcgVlm, JobOutcome>> {
+    let (model, probe, plogs) = evl_train::pretrain::pretrain_encoder(
+        model,
+        samples,
+        &evl_infer::text::superclass_space(),
+        &sec.pretrain,
+        Some(&out.join("pretrain")),
+        train_device,
+        |l| {
+            on_step(&StepLog {
+                terms: vec![("pretrain_bce".into(), l.total)],
+                ..l.clone()
+            })
+        },
+    )?;
+    evl_run::write_jsonl(&out.join("pretrain_metrics.jsonl"), &plogs)?;
+    if plogs.len() < sec.pretrain.steps {
+        // Stopped inside pre-training (`stop_after`): resume continues it.
+        return Ok(Err(JobOutcome {
+            out: out.to_path_buf(),
+            steps: 0,
+            final_log: plogs.last().cloned(),
+            val: None,
+            params: model.num_params(),
+            stopped: true,
+        }));
+    }
+    if let Some(d) = data.labelled() {
+        probe_report(&model, &probe, d, spec, out, infer_device)?;
+    }
+    Ok(Ok(model))
+}
+
 /// Supervised fine-tuning that starts from a trained model bundle `init` (a `model/` folder a
 /// `train` run wrote, such as `zoo/teacher/model`) instead of a new model: its architecture,
 /// weights, tokenizer and input settings are kept, vision pre-training is skipped (its encoder
 /// has learnt already), and the encoder stays frozen when the role's `optim.freeze_vision`
 /// says so. The role's `input`, `vocab` and `stem_channels` settings do not apply (the bundle
 /// fixes them); `cfg.input` is replaced by the bundle's in the `config.toml` written to `out`.
+/// With `pretrain`, the encoder's pre-training continues first (the role's `pretrain`
+/// settings, a new probe; labelled data only), as `train` runs it.
 /// `resume` as in [`train`]: the checkpoint in `out/checkpoint` replaces the bundle's weights.
 #[allow(clippy::too_many_arguments)]
 pub fn train_from(
     role: Role,
     cfg: &JobConfig,
     init: &Path,
+    pretrain: bool,
     data: TrainData<'_>,
     out: &Path,
     resume: bool,
@@ -701,6 +735,31 @@ pub fn train_from(
     let dirs = JobDirs {
         out: out.to_path_buf(),
     };
+    let mut on_step = on_step;
+    let pre = if pretrain && data.labelled().is_some() {
+        sec.pretrain.steps
+    } else {
+        0
+    };
+    let model = if pre > 0 {
+        let stage = pretrain_stage(
+            model,
+            &samples,
+            sec,
+            data,
+            &spec,
+            out,
+            infer_device,
+            train_device,
+            &mut on_step,
+        )?;
+        match stage {
+            Ok(model) => model,
+            Err(stopped) => return Ok(stopped),
+        }
+    } else {
+        model
+    };
     let (model, logs) = sft(
         model,
         &samples,
@@ -708,7 +767,12 @@ pub fn train_from(
         &sec.optim,
         Some(&dirs.checkpoint()),
         train_device,
-        on_step,
+        |l| {
+            on_step(&StepLog {
+                step: l.step + pre,
+                ..l.clone()
+            })
+        },
     )?;
     finish(
         out,

@@ -151,8 +151,9 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
         Role::Student => &cfg.student,
     };
     // Pre-training's steps come first on the bar (real checkpoints skip it).
+    // With --init, pre-training runs only when asked for (--pretrain-steps, own models).
     let steps = sec.optim.steps
-        + if a.init.is_none() {
+        + if a.init.is_none() || a.pretrain_steps.is_some() {
             sec.pretrain.steps
         } else {
             0
@@ -179,7 +180,19 @@ pub fn run_train(role: Role, a: &TrainArgs, json: bool) -> Result<()> {
     let (bar, cb) = progress(steps, json);
     let o = match &a.init {
         Some(init) if own => {
-            train_from(role, &cfg, init, data, out, a.job.resume, &tdev, &idev, cb)
+            let pretrain = a.pretrain_steps.is_some();
+            train_from(
+                role,
+                &cfg,
+                init,
+                pretrain,
+                data,
+                out,
+                a.job.resume,
+                &tdev,
+                &idev,
+                cb,
+            )
         }
         Some(init) => hf_job::hf_train(role, &cfg, init, data, out, a.job.resume, &tdev, cb),
         None => train(role, &cfg, data, out, a.job.resume, &tdev, &idev, cb),

@@ -490,6 +490,35 @@ fn train_continues_from_a_model_folder() {
         read(out.join("model/model.safetensors")),
         read(q.join("model/model.safetensors"))
     );
+    // --pretrain-steps continues the encoder's pre-training first (a new probe, judged on
+    // the validation split).
+    let pre = tmp.path().join("pre");
+    let (ok, _, err) = run(bin()
+        .args(["train", "student", "--init"])
+        .arg(q.join("model"))
+        .arg("--data")
+        .arg(q.join("data"))
+        .args([
+            "--pretrain-steps",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+        ])
+        .arg(&pre));
+    assert!(ok, "{err}");
+    let probe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pre.join("pretrain.json")).unwrap()).unwrap();
+    assert!(probe["val_records"].as_u64().unwrap() > 0, "{probe}");
+    assert_eq!(
+        std::fs::read_to_string(pre.join("pretrain_metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
     let bad = tmp.path().join("bad");
     let (ok, _, err) = run(bin()
         .args(["train", "student", "--init"])
