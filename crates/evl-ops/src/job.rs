@@ -253,10 +253,10 @@ impl JobConfig {
     /// a long vision pre-training (1,500 steps of 32 records) and then SFT on the frozen
     /// encoder (2,000 steps of 16 records, every question about a record in one batch),
     /// checkpointed every 100 steps so that the hours-long run on 2 cores resumes
-    /// (`--resume`) after an interruption. The shipped teacher then had two more stages
-    /// through `--init`: 1,500 SFT steps of 64 on the frozen encoder, then 500 steps of 32
-    /// fine-tuning the whole model at 3e-4 (`zoo/README.md`; `zoo/reproduce.sh` runs all
-    /// three).
+    /// (`--resume`) after an interruption. The shipped teacher then had three more stages
+    /// through `--init`: 1,500 SFT steps of 64 on the frozen encoder, 500 steps of 32
+    /// fine-tuning the whole model at 3e-4, then 600 more pre-training steps and 1,000 SFT
+    /// steps of 64 on 8,000 records (`zoo/README.md`; `zoo/reproduce.sh` runs all four).
     ///
     /// The student (`zoo/student`, one command: `train student --preset zoo`) reads the raw
     /// signal: 600 steps of vision pre-training, then 1,000 SFT steps of 64 examples on the
