@@ -344,8 +344,8 @@ pub struct TrainArgs {
     /// shipped models' recipes, checkpointed every 100 steps (continue with --resume). For
     /// `train teacher`: an image teacher with a convolutional stem, 1,500 steps of vision
     /// pre-training and 2,000 of SFT (an hour or more on 2 cores; the shipped teacher then had
-    /// three more stages through --init, see zoo/README.md). For `train student`: the signal student, 600
-    /// steps of pre-training and 1,000 SFT steps of 64 examples (minutes). See zoo/README.md.
+    /// four more stages through --init, see zoo/README.md). For `train student`: the signal
+    /// student, 600 steps of pre-training and 1,000 SFT steps of 64 examples (minutes).
     #[arg(long, value_enum, default_value = "default")]
     pub preset: TrainPreset,
     /// Encoder input: image (rendered paper) or signal (raw 12 leads).

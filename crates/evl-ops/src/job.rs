@@ -255,8 +255,9 @@ impl JobConfig {
     /// checkpointed every 100 steps so that the hours-long run on 2 cores resumes
     /// (`--resume`) after an interruption. The shipped teacher then had three more stages
     /// through `--init`: 1,500 SFT steps of 64 on the frozen encoder, 500 steps of 32
-    /// fine-tuning the whole model at 3e-4, then 600 more pre-training steps and 1,000 SFT
-    /// steps of 64 on 8,000 records (`zoo/README.md`; `zoo/reproduce.sh` runs all four).
+    /// fine-tuning the whole model at 3e-4, then twice 600 more pre-training steps and 1,000
+    /// SFT steps of 64, on 8,000 and on 16,000 records (`zoo/README.md`; `zoo/reproduce.sh`
+    /// runs all five).
     ///
     /// The student (`zoo/student`, one command: `train student --preset zoo`) reads the raw
     /// signal: 600 steps of vision pre-training, then 1,000 SFT steps of 64 examples on the
