@@ -566,9 +566,6 @@ pub fn train(
     infer_device: &Device,
     on_step: impl FnMut(&StepLog),
 ) -> Result<JobOutcome> {
-    let dirs = JobDirs {
-        out: out.to_path_buf(),
-    };
     check_resume(out, resume)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let cfg_path = out.join("config.toml");
@@ -592,58 +589,32 @@ pub fn train(
     arch.vocab = tok.vocab_size();
     train_device.seed(sec.optim.seed);
     let model = arch.init(train_device);
-    let mut on_step = on_step;
     // Pre-training reads labels: conversation files train without it.
     let pre = if data.labelled().is_some() {
         sec.pretrain.steps
     } else {
         0
     };
-    let model = if pre > 0 {
-        match pretrain_stage(
-            model,
-            &samples,
-            sec,
-            data,
-            &cfg.input,
-            out,
-            infer_device,
-            train_device,
-            &mut on_step,
-        )? {
-            Ok(model) => model,
-            Err(stopped) => return Ok(stopped),
-        }
-    } else {
-        model
-    };
     // A randomly initialised encoder is never frozen: without pre-training it must learn.
     let sft_cfg = OptimConfig {
         freeze_vision: sec.optim.freeze_vision && pre > 0,
         ..sec.optim.clone()
     };
-    let (model, logs) = sft(
+    let plan = Stages {
+        sec,
+        pre,
+        sft: &sft_cfg,
+        arch: &arch,
+        spec: &cfg.input,
+    };
+    plan.run(
         model,
         &samples,
         &tok,
-        &sft_cfg,
-        Some(&dirs.checkpoint()),
-        train_device,
-        |l| {
-            on_step(&StepLog {
-                step: l.step + pre,
-                ..l.clone()
-            })
-        },
-    )?;
-    finish(
-        out,
-        &logs,
-        sec.optim.steps,
-        model.valid(),
-        (&arch, &tok, &cfg.input),
         data,
-        infer_device,
+        out,
+        (train_device, infer_device),
+        on_step,
     )
 }
 
@@ -694,6 +665,77 @@ fn pretrain_stage(
     Ok(Ok(model))
 }
 
+/// The stages of a `train` run after its model is built: vision pre-training (`pre` steps of
+/// `sec.pretrain`, skipped at 0), SFT with `sft`, then the bundle and validation
+/// ([`finish`]).
+struct Stages<'a> {
+    sec: &'a ModelSection,
+    pre: usize,
+    sft: &'a OptimConfig,
+    arch: &'a EcgVlmConfig,
+    spec: &'a InputSpec,
+}
+
+impl Stages<'_> {
+    #[allow(clippy::too_many_arguments)] // the run's data, output and devices
+    fn run(
+        &self,
+        model: EcgVlm,
+        samples: &[Sample],
+        tok: &TextTokenizer,
+        data: TrainData<'_>,
+        out: &Path,
+        (train_device, infer_device): (&Device, &Device),
+        mut on_step: impl FnMut(&StepLog),
+    ) -> Result<JobOutcome> {
+        let model = if self.pre > 0 {
+            let stage = pretrain_stage(
+                model,
+                samples,
+                self.sec,
+                data,
+                self.spec,
+                out,
+                infer_device,
+                train_device,
+                &mut on_step,
+            )?;
+            match stage {
+                Ok(model) => model,
+                Err(stopped) => return Ok(stopped),
+            }
+        } else {
+            model
+        };
+        let dirs = JobDirs {
+            out: out.to_path_buf(),
+        };
+        let (model, logs) = sft(
+            model,
+            samples,
+            tok,
+            self.sft,
+            Some(&dirs.checkpoint()),
+            train_device,
+            |l| {
+                on_step(&StepLog {
+                    step: l.step + self.pre,
+                    ..l.clone()
+                })
+            },
+        )?;
+        finish(
+            out,
+            &logs,
+            self.sft.steps,
+            model.valid(),
+            (self.arch, tok, self.spec),
+            data,
+            infer_device,
+        )
+    }
+}
+
 /// Supervised fine-tuning that starts from a trained model bundle `init` (a `model/` folder a
 /// `train` run wrote, such as `zoo/teacher/model`) instead of a new model: its architecture,
 /// weights, tokenizer and input settings are kept, vision pre-training is skipped (its encoder
@@ -733,56 +775,26 @@ pub fn train_from(
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
     tok.save(&out.join("tokenizer.json"))?;
-    let dirs = JobDirs {
-        out: out.to_path_buf(),
-    };
-    let mut on_step = on_step;
     let pre = if pretrain && data.labelled().is_some() {
         sec.pretrain.steps
     } else {
         0
     };
-    let model = if pre > 0 {
-        let stage = pretrain_stage(
-            model,
-            &samples,
-            sec,
-            data,
-            &spec,
-            out,
-            infer_device,
-            train_device,
-            &mut on_step,
-        )?;
-        match stage {
-            Ok(model) => model,
-            Err(stopped) => return Ok(stopped),
-        }
-    } else {
-        model
+    let plan = Stages {
+        sec,
+        pre,
+        sft: &sec.optim,
+        arch: &arch,
+        spec: &spec,
     };
-    let (model, logs) = sft(
+    plan.run(
         model,
         &samples,
         &tok,
-        &sec.optim,
-        Some(&dirs.checkpoint()),
-        train_device,
-        |l| {
-            on_step(&StepLog {
-                step: l.step + pre,
-                ..l.clone()
-            })
-        },
-    )?;
-    finish(
-        out,
-        &logs,
-        sec.optim.steps,
-        model.valid(),
-        (&arch, &tok, &spec),
         data,
-        infer_device,
+        out,
+        (train_device, infer_device),
+        on_step,
     )
 }
 
