@@ -166,7 +166,9 @@ pub struct QuantizeArgs {
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model directory, as `train`, `distill` and `quickstart` write them.
+    /// Model directory, as `train`, `distill`, `quickstart` and `model quantize` write
+    /// them, or a Hugging Face / LLaVA checkpoint folder of Qwen3-VL or LLaVA-NeXT (it reads
+    /// records rendered as ECG paper, and images).
     #[arg(long)]
     pub model: PathBuf,
     /// Address to listen on (loopback by default; the service has no authentication or TLS,

@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod eval;
 pub mod hf;
 pub mod input;
+pub mod served;
 pub mod text;
 
 /// Errors of inference and evaluation.

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use evl_infer::bundle::Engine;
+use evl_infer::served::ServedModel;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
@@ -61,20 +61,25 @@ impl Default for ServeConfig {
 pub struct ModelInfo {
     /// The model directory's name.
     pub id: String,
-    /// First 16 hex digits of the sha256 of `model.safetensors`: changes with any weight.
+    /// First 16 hex digits of the sha256 of the weight files (`model.safetensors`, or a
+    /// checkpoint's shards in name order): changes with any weight.
     pub version: String,
+    /// `evl-ecg` for a toolkit bundle, or the checkpoint's family (`qwen3_vl`,
+    /// `llava_next`).
+    pub architecture: String,
     /// What it reads (`image` or `signal`).
     pub input: String,
     /// The labels its probabilities are over.
     pub labels: Vec<String>,
-    /// Its weights: `f32`, or `int8` for a bundle `evl-ecg model quantize` wrote.
+    /// Its weights: `f32`, the int8 scheme of a bundle `evl-ecg model quantize` wrote, or a
+    /// checkpoint's storage dtype (run in f32).
     pub precision: String,
     /// Version of evl-ecg serving it.
     pub toolkit: String,
 }
 
 struct Loaded {
-    engine: Engine,
+    model: ServedModel,
     info: ModelInfo,
 }
 
@@ -143,32 +148,32 @@ impl App {
         }
     }
 
-    /// Load a model directory (as `train`/`distill` write them) and mark the service ready.
+    /// Load a model directory (as `train`/`distill`/`model quantize` write them, or a
+    /// Hugging Face / LLaVA checkpoint of Qwen3-VL or LLaVA-NeXT) and mark the service ready.
     pub fn load_model(&self, dir: &std::path::Path) -> evl_infer::Result<ModelInfo> {
-        let engine = Engine::load(dir)?;
-        let weights = dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|source| evl_infer::Error::Io {
-            path: weights.clone(),
-            source,
-        })?;
+        let model = ServedModel::load(dir)?;
         use sha2::Digest;
-        let digest = format!("{:x}", sha2::Sha256::digest(&bytes));
+        let mut hasher = sha2::Sha256::new();
+        for path in ServedModel::weight_files(dir)? {
+            let io = |source| evl_infer::Error::Io {
+                path: path.clone(),
+                source,
+            };
+            let mut f = std::fs::File::open(&path).map_err(io)?;
+            std::io::copy(&mut f, &mut hasher).map_err(io)?;
+        }
+        let digest = format!("{:x}", hasher.finalize());
         let info = ModelInfo {
             id: model_id(dir),
             version: digest[..16].to_string(),
-            input: match engine.input() {
-                evl_infer::bundle::InputKind::Image { .. } => "image".into(),
-                evl_infer::bundle::InputKind::Signal { .. } => "signal".into(),
-            },
-            labels: engine.space.clone(),
-            precision: match engine.native.quantization() {
-                Some(q) => q.scheme.clone(),
-                None => "f32".into(),
-            },
+            architecture: model.architecture().into(),
+            input: model.input().into(),
+            labels: model.labels().to_vec(),
+            precision: model.precision(),
             toolkit: env!("CARGO_PKG_VERSION").into(),
         };
         let _ = self.state.model.set(Loaded {
-            engine,
+            model,
             info: info.clone(),
         });
         self.state.metrics.set_ready(true);
@@ -235,7 +240,7 @@ fn run_job(m: &Loaded, limits: &Limits, id: &str, job: &Job) -> JobResult {
     let (sample, record_json, record) = match input {
         Input::Record(r, kind) => {
             let sample = m
-                .engine
+                .model
                 .prepare(&r)
                 .map_err(|e| ApiError::bad_record(format!("{}: {}", r.name, chain(&e))))?;
             let leads: Vec<&str> = r.channels.iter().map(|c| c.description.as_str()).collect();
@@ -251,7 +256,7 @@ fn run_job(m: &Loaded, limits: &Limits, id: &str, job: &Job) -> JobResult {
         }
         Input::Image(f) => {
             let sample = m
-                .engine
+                .model
                 .prepare_image(&f.name, &f.bytes)
                 .map_err(|e| match e {
                     evl_infer::Error::Config { what, .. } if what.contains("reads signals") => {
@@ -262,7 +267,10 @@ fn run_job(m: &Loaded, limits: &Limits, id: &str, job: &Job) -> JobResult {
             (sample, json!({"name": f.name, "kind": "image"}), None)
         }
     };
-    let reading = m.engine.read(&sample, up.question.as_deref());
+    let reading = m
+        .model
+        .read(&sample, up.question.as_deref())
+        .map_err(|e| ApiError::internal(format!("the model failed: {}", chain(&e))))?;
     let model_ms = ms(t.elapsed());
     let t = Instant::now();
     let image = match (&record, up.render) {

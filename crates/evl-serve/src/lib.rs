@@ -7,7 +7,9 @@
 //! axum routes ([`api`]) -> the body is received under a size limit and a time limit ->
 //! a bounded queue ([`pool`]; full means 503 with `Retry-After`) -> a worker thread parses
 //! the multipart body and reads the record ([`upload`]) in a private temporary directory, runs
-//! the native CPU engine and answers with the request id. Slow uploads therefore never hold a
+//! the model on the CPU (a toolkit bundle on the native engine, a Hugging Face checkpoint of
+//! Qwen3-VL or LLaVA-NeXT on burn's CPU backend: [`evl_infer::served`]) and answers with the
+//! request id. Slow uploads therefore never hold a
 //! worker, and nothing a client sends outlives its request on disk.
 
 #[cfg(feature = "server")]

@@ -32,6 +32,10 @@ struct Server {
 
 impl Server {
     fn start(cfg: ServeConfig) -> Server {
+        Server::start_with(cfg, zoo_model())
+    }
+
+    fn start_with(cfg: ServeConfig, model: PathBuf) -> Server {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -43,7 +47,7 @@ impl Server {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let app = App::new(cfg);
-                app.load_model(&zoo_model()).unwrap();
+                app.load_model(&model).unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 evl_serve::serve(listener, app, async {
                     let _ = stop_rx.await;
@@ -737,4 +741,137 @@ fn synthetic_csv_plain(seed: u64) -> Vec<u8> {
     let mut out = Vec::new();
     ecg_io::csv::write_csv(&e.record, false, &mut out).unwrap();
     out
+}
+
+/// The paper's architectures are served like a bundle: a Hugging Face checkpoint of each
+/// family (the tiny Qwen3-VL and LLaVA-NeXT of `../shared/hf`) loads, says what it is, reads
+/// a WFDB record (rendered as ECG paper) and a PNG, and each answer under concurrency equals
+/// the same record's answer alone.
+#[test]
+fn hugging_face_checkpoints_are_served() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(shared) = evl_testkit::shared_dir() else {
+        return;
+    };
+    let d = shared.join("data");
+    let read = |p: &str| std::fs::read(d.join(p)).unwrap();
+    let records = [
+        ("00001_hr", "ptbxl_subset/records500/00000/00001_hr"),
+        ("00002_hr", "ptbxl_subset/records500/00000/00002_hr"),
+        ("00003_hr", "ptbxl_subset/records500/00000/00003_hr"),
+    ];
+    let files: Vec<(String, Vec<u8>, String, Vec<u8>)> = records
+        .iter()
+        .map(|(n, p)| {
+            (
+                format!("{n}.hea"),
+                read(&format!("{p}.hea")),
+                format!("{n}.dat"),
+                read(&format!("{p}.dat")),
+            )
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for (family, dir) in [
+        ("qwen3_vl", "qwen3_vl_tiny"),
+        ("llava_next", "llava_next_tiny"),
+    ] {
+        let model = shared.join("hf").join(dir);
+        // A checkpoint reads a whole rendered page per record (LLaVA-NeXT: several anyres
+        // tiles), seconds on the CPU: a longer answer time than the bundle tests need.
+        let cfg = ServeConfig {
+            timeout: Duration::from_secs(600),
+            ..small_config()
+        };
+        let server = Server::start_with(cfg, model.clone());
+        let info = request(server.addr, "GET", "/v1/model", &[], b"").json();
+        assert_eq!(info["architecture"], family, "{info}");
+        assert_eq!(info["input"], "image", "{info}");
+        assert_eq!(info["labels"].as_array().unwrap().len(), 5, "{info}");
+        // The version is the weights' digest.
+        use sha2::Digest;
+        let digest = format!(
+            "{:x}",
+            sha2::Sha256::digest(std::fs::read(model.join("model.safetensors")).unwrap())
+        );
+        assert_eq!(info["version"], &digest[..16], "{info}");
+        versions.push(digest);
+
+        let send = |i: usize, id: Option<&str>| {
+            let (h, hb, s, sb) = &files[i];
+            interpret(
+                server.addr,
+                &[
+                    Part::File(h, hb),
+                    Part::File(s, sb),
+                    Part::Field("render", "true"),
+                ],
+                id,
+            )
+        };
+        let alone: Vec<Value> = (0..files.len())
+            .map(|i| {
+                let r = send(i, None);
+                let j = r.json();
+                assert_eq!(r.status, 200, "{family}: {j}");
+                assert_eq!(j["record"]["kind"], "wfdb");
+                assert_eq!(j["model"]["architecture"], family);
+                let p = j["probabilities"].as_array().unwrap();
+                assert_eq!(p.len(), 5, "{j}");
+                for x in p {
+                    let v = x["p"].as_f64().unwrap();
+                    assert!((0.0..=1.0).contains(&v), "{j}");
+                }
+                j
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<String> = alone
+            .iter()
+            .map(|j| j["probabilities"].to_string())
+            .collect();
+        assert_eq!(
+            distinct.len(),
+            files.len(),
+            "{family}: the same probabilities for different records"
+        );
+        // Different records at once: each answer is its own record's, under its own id.
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..files.len())
+                .map(|t| {
+                    let (send, files) = (&send, &files);
+                    sc.spawn(move || {
+                        // Client t sends the records in its own rotation.
+                        let i = (t + 1) % files.len();
+                        let id = format!("{family}-client{t}");
+                        (i, id.clone(), send(i, Some(&id)))
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (i, id, r) = h.join().unwrap();
+                let j = r.json();
+                assert_eq!(r.status, 200, "{id}: {j}");
+                assert_eq!(j["request_id"], id.as_str());
+                assert_eq!(j["record"]["name"], records[i].0);
+                assert_eq!(j["probabilities"], alone[i]["probabilities"], "{id}");
+                assert_eq!(j["answer"], alone[i]["answer"], "{id}");
+            }
+        });
+
+        // The rendered page of the first answer, sent back as an image, reads too.
+        use base64::Engine as _;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(alone[0]["image_png"].as_str().unwrap())
+            .unwrap();
+        let r = interpret(server.addr, &[Part::File("page.png", &png)], None);
+        let j = r.json();
+        assert_eq!(r.status, 200, "{family}: {j}");
+        assert_eq!(j["record"]["kind"], "image");
+        assert_eq!(j["probabilities"].as_array().unwrap().len(), 5, "{j}");
+        // Not an image: a 4xx naming the problem, and the server goes on answering.
+        interpret(server.addr, &[Part::File("page.png", b"not a png")], None)
+            .expect_error(422, "page.png");
+        assert_eq!(request(server.addr, "GET", "/readyz", &[], b"").status, 200);
+    }
+    assert_ne!(versions[0], versions[1]);
 }
