@@ -367,6 +367,19 @@ mod tests {
     }
 
     #[test]
+    fn common_start_leaves_every_prompt_its_last_token() {
+        use super::common_start;
+        assert_eq!(common_start(&[&[1, 5, 6, 7, 2], &[1, 5, 6, 8, 2]]), 3);
+        assert_eq!(common_start(&[&[1, 5, 6, 7], &[1, 5, 6, 8], &[1, 5, 9]]), 2);
+        // Identical prompts share all but the last token.
+        assert_eq!(common_start(&[&[1, 5, 6], &[1, 5, 6]]), 2);
+        assert_eq!(common_start(&[&[1, 5], &[1, 5, 6, 7]]), 1);
+        assert_eq!(common_start(&[&[4, 5, 6], &[1, 5, 6]]), 0);
+        assert_eq!(common_start(&[&[1, 5, 6]]), 0);
+        assert_eq!(common_start(&[]), 0);
+    }
+
+    #[test]
     fn gelu_matches_the_erf_form() {
         // Reference erf by its Taylor series in f64 (converges well for |x| <= 3) and 1 beyond.
         let erf = |x: f64| -> f64 {
@@ -398,20 +411,21 @@ impl Layer {
     /// each other; appends their keys/values to `cache`. `causal = false` lets every position
     /// see every other (the vision encoder).
     fn forward(&self, x: &mut [f32], n: usize, heads: usize, cache: &mut LayerCache, causal: bool) {
-        let (k, v) = self.forward_segments(x, &[n], heads, cache, causal);
+        let past = cache.k.len() / self.q.dout;
+        let (k, v) = self.forward_segments(x, &[Segment { rows: n, past }], heads, cache, causal);
         cache.k.extend(k);
         cache.v.extend(v);
     }
 
-    /// Process new rows `x[n, d]` made of independent segments of `segs` rows each (several
-    /// questions after one visual prefix, run as one batch): every segment attends to the
-    /// positions in `past`, which all segments share, and to its own rows (causally if
-    /// `causal`), never to another segment's. Returns the new rows' keys and values `[n, d]`;
-    /// `past` is left as it is.
+    /// Process new rows `x[n, d]` made of independent segments (several questions after one
+    /// visual prefix, run as one batch): a segment attends to the first `past` positions of
+    /// `past`, which all segments share, and to its own rows (causally if `causal`), never to
+    /// another segment's. Returns the new rows' keys and values `[n, d]`; `past` is left as
+    /// it is.
     fn forward_segments(
         &self,
         x: &mut [f32],
-        segs: &[usize],
+        segs: &[Segment],
         heads: usize,
         past: &LayerCache,
         causal: bool,
@@ -422,7 +436,7 @@ impl Layer {
         let q = self.q.forward(&h, n);
         let k = self.k.forward(&h, n);
         let v = self.v.forward(&h, n);
-        let ctx = pulp::Arch::new().dispatch(Attention {
+        let attention = Attention {
             q: &q,
             k: &k,
             v: &v,
@@ -431,7 +445,12 @@ impl Layer {
             heads,
             d,
             causal,
-        });
+        };
+        let ctx = if n <= FEW_ROWS {
+            pulp::Arch::new().dispatch(attention)
+        } else {
+            attention.by_gemm()
+        };
         let att = self.o.forward(&ctx, n);
         for (a, b) in x.iter_mut().zip(&att) {
             *a += b;
@@ -467,6 +486,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A run of new rows that attend to each other and to the first `past` cached positions.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    rows: usize,
+    past: usize,
+}
+
 /// Scaled dot-product attention of new rows over shared past positions and their own
 /// segment (see [`Layer::forward_segments`]); returns the context `[n, d]` before the output
 /// projection. Run through pulp's dispatch so that its loops use the CPU's SIMD width.
@@ -476,7 +502,7 @@ struct Attention<'a> {
     k: &'a [f32],
     v: &'a [f32],
     past: &'a LayerCache,
-    segs: &'a [usize],
+    segs: &'a [Segment],
     heads: usize,
     d: usize,
     causal: bool,
@@ -501,16 +527,21 @@ impl pulp::WithSimd for Attention<'_> {
         let n_past = past.k.len() / d;
         let scale = 1.0 / (dk as f32).sqrt();
         let mut ctx = vec![0.0f32; n * d];
-        let mut scores = vec![0.0f32; n_past + segs.iter().max().copied().unwrap_or(0)];
+        let longest = segs.iter().map(|g| g.rows).max().unwrap_or(0);
+        let mut scores = vec![0.0f32; n_past + longest];
         let at = |j: usize, hd: usize| j * d + hd * dk..j * d + (hd + 1) * dk;
         let mut s0 = 0;
-        for &len in segs {
+        for &Segment {
+            rows: len,
+            past: seen,
+        } in segs
+        {
             for i in s0..s0 + len {
-                // Visible: every past position, then this segment's rows up to `i` (causal)
-                // or all of them.
+                // Visible: the segment's past positions, then its rows up to `i` (causal) or
+                // all of them.
                 let own = if causal { i + 1 - s0 } else { len };
-                let visible = n_past + own;
-                let (kv_past, kv_own) = (0..n_past, s0..s0 + own);
+                let visible = seen + own;
+                let (kv_past, kv_own) = (0..seen, s0..s0 + own);
                 for hd in 0..heads {
                     let qi = &q[at(i, hd)];
                     let keys = kv_past
@@ -545,6 +576,109 @@ impl pulp::WithSimd for Attention<'_> {
         }
         ctx
     }
+}
+
+impl Attention<'_> {
+    /// The same attention for many rows as matrix products per head (ndarray's GEMM over
+    /// strided views of the `[n, d]` buffers, no copies): the scores of every row against
+    /// the shared past in one product, each segment's scores against its own rows in one
+    /// more, a row softmax over both (causal positions zeroed), then the weighted values. At
+    /// the hundreds of rows of a record's batched questions this is several times faster
+    /// than the row-by-row loop, which stays for generation's single rows.
+    fn by_gemm(&self) -> Vec<f32> {
+        use ndarray::linalg::general_mat_mul;
+        use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
+        let d = self.d;
+        let n = self.q.len() / d;
+        let dk = d / self.heads;
+        let n_past = self.past.k.len() / d;
+        let scale = 1.0 / (dk as f32).sqrt();
+        fn view(x: &[f32], rows: usize, d: usize) -> ArrayView2<'_, f32> {
+            ArrayView2::from_shape((rows, d), x).expect("rows * d values")
+        }
+        let (q, k, v) = (view(self.q, n, d), view(self.k, n, d), view(self.v, n, d));
+        let (pk, pv) = (view(&self.past.k, n_past, d), view(&self.past.v, n_past, d));
+        let mut ctx = vec![0.0f32; n * d];
+        let mut cv = ArrayViewMut2::from_shape((n, d), &mut ctx).expect("n * d");
+        let longest = self.segs.iter().map(|g| g.rows).max().unwrap_or(0);
+        let mut past_scores = Array2::<f32>::zeros((n, n_past));
+        let mut own_scores = Array2::<f32>::zeros((longest, longest));
+        for h in 0..self.heads {
+            let cols = s![.., h * dk..(h + 1) * dk];
+            let (qh, kh, vh) = (q.slice(cols), k.slice(cols), v.slice(cols));
+            if n_past > 0 {
+                general_mat_mul(scale, &qh, &pk.slice(cols).t(), 0.0, &mut past_scores);
+            }
+            let mut s0 = 0;
+            for &Segment {
+                rows: len,
+                past: seen,
+            } in self.segs
+            {
+                let rows = s![s0..s0 + len, ..];
+                let mut own = own_scores.slice_mut(s![..len, ..len]);
+                general_mat_mul(scale, &qh.slice(rows), &kh.slice(rows).t(), 0.0, &mut own);
+                for r in 0..len {
+                    let visible = if self.causal { r + 1 } else { len };
+                    let mut past_row = past_scores.row_mut(s0 + r);
+                    let mut own_row = own.row_mut(r);
+                    let past_row = past_row.as_slice_mut().expect("a standard-layout row");
+                    let own_row = own_row.as_slice_mut().expect("a contiguous row");
+                    let (seen_row, unseen_row) = past_row.split_at_mut(seen);
+                    unseen_row.fill(0.0);
+                    softmax_pair(seen_row, own_row, visible);
+                }
+                general_mat_mul(
+                    1.0,
+                    &own,
+                    &vh.slice(rows),
+                    0.0,
+                    &mut cv.slice_mut(s![s0..s0 + len, h * dk..(h + 1) * dk]),
+                );
+                s0 += len;
+            }
+            if n_past > 0 {
+                general_mat_mul(
+                    1.0,
+                    &past_scores,
+                    &pv.slice(cols),
+                    1.0,
+                    &mut cv.slice_mut(cols),
+                );
+            }
+        }
+        ctx
+    }
+}
+
+/// Softmax over one row's scores, split in two parts (the shared past, then the row's own
+/// segment, of which the first `visible` are seen): in place, weights summing to 1, the
+/// unseen positions set to 0.
+fn softmax_pair(past: &mut [f32], own: &mut [f32], visible: usize) {
+    struct Op<'a>(&'a mut [f32], &'a mut [f32], usize);
+    impl pulp::WithSimd for Op<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) {
+            let Op(past, own, visible) = self;
+            let (seen, unseen) = own.split_at_mut(visible);
+            let max = past
+                .iter()
+                .chain(seen.iter())
+                .fold(f32::MIN, |m, &x| m.max(x));
+            let mut sum = 0.0f32;
+            for x in past.iter_mut().chain(seen.iter_mut()) {
+                *x = exp(*x - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in past.iter_mut().chain(seen.iter_mut()) {
+                *x *= inv;
+            }
+            unseen.fill(0.0);
+        }
+    }
+    pulp::Arch::new().dispatch(Op(past, own, visible));
 }
 
 struct Conv {
@@ -1125,29 +1259,48 @@ impl NativeVlm {
 
     /// What `interpret` asks of one record: `p(yes)` for each verification prompt and the
     /// greedy answer to the generation prompt, with one encoder pass and one visual-prefix
-    /// pass shared by all of them. The prompts run as one batch (each a segment that sees the
-    /// prefix and itself), and a verification prompt's last position computes only the `yes`
-    /// and `no` logits, not the whole vocabulary.
+    /// pass shared by all of them. The verification prompts' common beginning (`<bos>Does
+    /// this ECG show`) runs once after the prefix; their remainders and the generation
+    /// prompt then run as one batch of segments (a remainder sees the prefix, the common
+    /// beginning and itself; the generation prompt sees the prefix and itself), and a
+    /// verification prompt's last position computes only the `yes` and `no` logits, not the
+    /// whole vocabulary. Every position sees exactly what it would in its prompt alone.
     pub fn answer(&self, input: &[f32], q: &Questions<'_>) -> NativeAnswer {
         let Prefix { mut caches, len } = self.prefix(input);
         let d = self.cfg.d_model;
         let vocab = self.lm_head.dout;
-        let prompts: Vec<&[i64]> = q
-            .verify_prompts
+        let verify: Vec<&[i64]> = q.verify_prompts.iter().map(Vec::as_slice).collect();
+        let common = common_start(&verify);
+        if common > 0 {
+            let mut x = self.embed_tokens(&verify[0][..common], len);
+            for (l, c) in self.decoder.iter().zip(caches.iter_mut()) {
+                l.forward(&mut x, common, self.cfg.heads, c, true);
+            }
+        }
+        let shared = len + common;
+        let mut segs: Vec<Segment> = verify
             .iter()
-            .map(Vec::as_slice)
-            .chain([q.generate_prompt])
+            .map(|p| Segment {
+                rows: p.len() - common,
+                past: shared,
+            })
             .collect();
-        let segs: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        let mut x: Vec<f32> = prompts
+        segs.push(Segment {
+            rows: q.generate_prompt.len(),
+            past: len,
+        });
+        let mut x: Vec<f32> = verify
             .iter()
-            .flat_map(|p| self.embed_tokens(p, len))
+            .flat_map(|p| self.embed_tokens(&p[common..], shared))
+            .chain(self.embed_tokens(q.generate_prompt, len))
             .collect();
         // The generation prompt is the last segment: its keys and values extend the prefix's
-        // cache for generation.
-        let gen_start = segs[..segs.len() - 1].iter().sum::<usize>();
+        // cache for generation, without the verification prompts' common beginning.
+        let gen_start = segs[..segs.len() - 1].iter().map(|g| g.rows).sum::<usize>();
         for (l, c) in self.decoder.iter().zip(caches.iter_mut()) {
             let (k, v) = l.forward_segments(&mut x, &segs, self.cfg.heads, c, true);
+            c.k.truncate(len * d);
+            c.v.truncate(len * d);
             c.k.extend_from_slice(&k[gen_start * d..]);
             c.v.extend_from_slice(&v[gen_start * d..]);
         }
@@ -1157,8 +1310,8 @@ impl NativeVlm {
         let (yes, no) = (q.yes as usize, q.no as usize);
         let probs = segs[..segs.len() - 1]
             .iter()
-            .map(|&n| {
-                end += n;
+            .map(|g| {
+                end += g.rows;
                 let z = self.lm_head.forward_cols(&last_row(end), &[yes, no]);
                 let (ly, ln) = (f64::from(z[0]), f64::from(z[1]));
                 1.0 / (1.0 + (ln - ly).exp())
@@ -1184,6 +1337,23 @@ impl NativeVlm {
         }
         NativeAnswer { probs, generated }
     }
+}
+
+/// How many leading tokens all of `prompts` share, leaving each at least its last token
+/// (whose logits are its answer); 0 for fewer than two prompts.
+fn common_start(prompts: &[&[i64]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+    let mut n = 0;
+    while n + 1 < shortest && rest.iter().all(|p| p[n] == first[n]) {
+        n += 1;
+    }
+    n
 }
 
 /// Quantise the weights of a model's `model.safetensors` for the int8 engine: every linear
