@@ -158,6 +158,33 @@ pub struct Engine {
     pub space: Vec<String>,
     /// The architecture (`config.json`).
     pub config: EcgVlmConfig,
+    /// The questions every record is asked, tokenised once at load.
+    asked: Asked,
+}
+
+/// Token ids of the fixed questions: each label's verification prompt, the diagnosis
+/// prompt, and the first tokens of `yes` and `no`.
+#[derive(Debug)]
+struct Asked {
+    verify: Vec<Vec<i64>>,
+    diagnosis: Vec<i64>,
+    yes: i64,
+    no: i64,
+}
+
+impl Asked {
+    fn new(tok: &TextTokenizer, space: &[String]) -> Asked {
+        let first = |w: &str| tok.encode(w).0.first().copied().unwrap_or(EOS);
+        Asked {
+            verify: space
+                .iter()
+                .map(|l| encode_prompt(tok, &verify_prompt(l)))
+                .collect(),
+            diagnosis: encode_prompt(tok, DIAGNOSIS_PROMPT),
+            yes: first("yes"),
+            no: first("no"),
+        }
+    }
 }
 
 /// What one record gives, with the inputs it was prepared from.
@@ -211,6 +238,7 @@ impl Engine {
         })?;
         Ok(Engine {
             native,
+            asked: Asked::new(&tok, &space),
             tok,
             spec,
             space,
@@ -283,20 +311,22 @@ impl Engine {
         question: Option<&str>,
     ) -> evl_models::native::NativeAnswer {
         let input = crate::input::model_input(sample, &self.input());
-        let prompts: Vec<Vec<i64>> = self
-            .space
-            .iter()
-            .map(|l| encode_prompt(&self.tok, &verify_prompt(l)))
-            .collect();
-        let first = |w: &str| self.tok.encode(w).0.first().copied().unwrap_or(EOS);
-        let generate_prompt = encode_prompt(&self.tok, question.unwrap_or(DIAGNOSIS_PROMPT));
+        let a = &self.asked;
+        let asked;
+        let generate_prompt = match question {
+            Some(q) => {
+                asked = encode_prompt(&self.tok, q);
+                &asked
+            }
+            None => &a.diagnosis,
+        };
         self.native.answer(
             &input,
             &evl_models::native::Questions {
-                verify_prompts: &prompts,
-                yes: first("yes"),
-                no: first("no"),
-                generate_prompt: &generate_prompt,
+                verify_prompts: &a.verify,
+                yes: a.yes,
+                no: a.no,
+                generate_prompt,
                 eos: EOS,
                 max_new: 16,
             },

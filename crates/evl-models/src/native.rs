@@ -274,8 +274,8 @@ impl Norm {
         let d = self.g.len();
         let mut y = vec![0.0f32; x.len()];
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let mean = xr.iter().sum::<f32>() / d as f32;
-            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let mean = sum8(xr, 0.0, false) / d as f32;
+            let var = sum8(xr, mean, true) / d as f32;
             let inv = 1.0 / (var + 1e-5).sqrt();
             for i in 0..d {
                 yr[i] = (xr[i] - mean) * inv * self.g[i] + self.b[i];
@@ -283,6 +283,22 @@ impl Norm {
         }
         y
     }
+}
+
+/// `sum x[i]`, or `sum (x[i] - m)^2` when `squares`, in eight interleaved partial sums (see
+/// [`dot`]) so that it vectorises.
+#[inline(always)]
+fn sum8(x: &[f32], m: f32, squares: bool) -> f32 {
+    let f = |v: f32| if squares { (v - m) * (v - m) } else { v };
+    let mut acc = [0.0f32; 8];
+    let c = x.chunks_exact(8);
+    let tail: f32 = c.remainder().iter().map(|&v| f(v)).sum();
+    for ch in c {
+        for l in 0..8 {
+            acc[l] += f(ch[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 struct Layer {
@@ -449,7 +465,7 @@ impl Layer {
         let ctx = if n <= FEW_ROWS {
             pulp::Arch::new().dispatch(attention)
         } else {
-            attention.by_gemm()
+            pulp::Arch::new().dispatch(ByGemm(attention))
         };
         let att = self.o.forward(&ctx, n);
         for (a, b) in x.iter_mut().zip(&att) {
@@ -578,6 +594,17 @@ impl pulp::WithSimd for Attention<'_> {
     }
 }
 
+/// [`Attention::by_gemm`] under pulp's dispatch (its softmax loops use the CPU's SIMD width).
+struct ByGemm<'a>(Attention<'a>);
+
+impl pulp::WithSimd for ByGemm<'_> {
+    type Output = Vec<f32>;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Vec<f32> {
+        self.0.by_gemm()
+    }
+}
+
 impl Attention<'_> {
     /// The same attention for many rows as matrix products per head (ndarray's GEMM over
     /// strided views of the `[n, d]` buffers, no copies): the scores of every row against
@@ -585,6 +612,7 @@ impl Attention<'_> {
     /// more, a row softmax over both (causal positions zeroed), then the weighted values. At
     /// the hundreds of rows of a record's batched questions this is several times faster
     /// than the row-by-row loop, which stays for generation's single rows.
+    #[inline(always)]
     fn by_gemm(&self) -> Vec<f32> {
         use ndarray::linalg::general_mat_mul;
         use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
@@ -653,32 +681,47 @@ impl Attention<'_> {
 
 /// Softmax over one row's scores, split in two parts (the shared past, then the row's own
 /// segment, of which the first `visible` are seen): in place, weights summing to 1, the
-/// unseen positions set to 0.
+/// unseen positions set to 0. Each part is a plain slice loop with eight partial maxima and
+/// sums, so that the caller's SIMD dispatch vectorises it.
+#[inline(always)]
 fn softmax_pair(past: &mut [f32], own: &mut [f32], visible: usize) {
-    struct Op<'a>(&'a mut [f32], &'a mut [f32], usize);
-    impl pulp::WithSimd for Op<'_> {
-        type Output = ();
-        #[inline(always)]
-        fn with_simd<S: pulp::Simd>(self, _: S) {
-            let Op(past, own, visible) = self;
-            let (seen, unseen) = own.split_at_mut(visible);
-            let max = past
-                .iter()
-                .chain(seen.iter())
-                .fold(f32::MIN, |m, &x| m.max(x));
-            let mut sum = 0.0f32;
-            for x in past.iter_mut().chain(seen.iter_mut()) {
-                *x = exp(*x - max);
-                sum += *x;
+    #[inline(always)]
+    fn max8(x: &[f32]) -> f32 {
+        let mut m = [f32::MIN; 8];
+        let c = x.chunks_exact(8);
+        let tail = c.remainder().iter().fold(f32::MIN, |a, &b| a.max(b));
+        for ch in c {
+            for l in 0..8 {
+                m[l] = m[l].max(ch[l]);
             }
-            let inv = 1.0 / sum;
-            for x in past.iter_mut().chain(seen.iter_mut()) {
-                *x *= inv;
-            }
-            unseen.fill(0.0);
         }
+        m.iter().fold(tail, |a, &b| a.max(b))
     }
-    pulp::Arch::new().dispatch(Op(past, own, visible));
+    #[inline(always)]
+    fn exp_sum8(x: &mut [f32], max: f32) -> f32 {
+        for v in x.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let mut acc = [0.0f32; 8];
+        let c = x.chunks_exact(8);
+        let tail: f32 = c.remainder().iter().sum();
+        for ch in c {
+            for l in 0..8 {
+                acc[l] += ch[l];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+    let (seen, unseen) = own.split_at_mut(visible);
+    let max = max8(past).max(max8(seen));
+    let inv = 1.0 / (exp_sum8(past, max) + exp_sum8(seen, max));
+    for v in past.iter_mut() {
+        *v *= inv;
+    }
+    for v in seen.iter_mut() {
+        *v *= inv;
+    }
+    unseen.fill(0.0);
 }
 
 struct Conv {
