@@ -137,9 +137,7 @@ impl Record {
             .iter()
             .map(|c| {
                 let f = c.mv_factor().unwrap_or(1.0);
-                (0..c.adc.len())
-                    .map(|k| (c.physical_at(k) * f) as f32)
-                    .collect()
+                c.physical().into_iter().map(|v| (v * f) as f32).collect()
             })
             .collect()
     }

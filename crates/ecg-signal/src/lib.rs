@@ -19,4 +19,4 @@ pub mod resample;
 pub use filter::{Biquad, Cascade, bandpass, filtfilt, highpass, lowpass, notch};
 pub use leads::{crop_or_pad, select_leads, standardize};
 pub use qrs::{QrsConfig, detect_qrs, heart_rate_bpm};
-pub use resample::resample;
+pub use resample::{Resampler, resample};

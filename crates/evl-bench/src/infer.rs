@@ -71,7 +71,24 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
     if records.is_empty() {
         bail!("no records under {}", dir.display());
     }
+    let recs: Vec<ecg_io::Record> = records.iter().map(|r| r.0.clone()).collect();
     let samples = samples_from_records(records, &bundle.spec, 0)?;
+    // End to end: from the record as read (its own rate) through `interpret` (resampling
+    // or rendering, the model, decoding the answer), median over the same passes.
+    let end_to_end = |e: &evl_infer::bundle::Engine| -> Result<f64> {
+        let mut times = Vec::new();
+        for rep in 0..=a.reps {
+            for r in &recs {
+                let t = Instant::now();
+                std::hint::black_box(e.interpret(r)?);
+                if rep > 0 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
     let space = &bundle.space;
     // Ours: one record at a time, as `interpret` does.
     let mut times = Vec::new();
@@ -113,6 +130,7 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
     }
     ntimes.sort_by(f64::total_cmp);
     let our_ms = ntimes[ntimes.len() / 2];
+    let our_e2e_ms = end_to_end(&bundle.engine)?;
     // Native and burn compute the same thing.
     let mut native_diff = 0.0f64;
     let mut native_same = 0;
@@ -151,7 +169,7 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
                 same += usize::from(q.generated == n.generated);
             }
             let bytes = (bundle.engine.native.weight_bytes(), e.native.weight_bytes());
-            Some((t8[t8.len() / 2], diff, same, bytes))
+            Some((t8[t8.len() / 2], diff, same, bytes, end_to_end(&e)?))
         }
         None => None,
     };
@@ -217,13 +235,14 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
             "{}",
             serde_json::json!({"type": "bench", "data": {
                 "case": "student inference per record", "records": samples.len(), "params": params,
-                "ours_ms": our_ms, "ours_burn_ms": burn_ms, "ours_peak_rss_mib": our_rss,
+                "ours_ms": our_ms, "ours_end_to_end_ms": our_e2e_ms, "ours_burn_ms": burn_ms, "ours_peak_rss_mib": our_rss,
                 "native_vs_burn_max_prob_diff": native_diff, "native_vs_burn_same_answers": native_same,
                 "torch_ms": reference.as_ref().map(|r| r.0["median_ms"].clone()),
                 "torch_peak_rss_mib": reference.as_ref().map(|r| r.0["peak_rss_mib"].clone()),
                 "max_prob_diff": reference.as_ref().map(|r| r.1),
                 "same_answers": reference.as_ref().map(|r| r.2),
                 "int8_ms": int8.as_ref().map(|r| r.0),
+                "int8_end_to_end_ms": int8.as_ref().map(|r| r.4),
                 "int8_vs_f32_max_prob_diff": int8.as_ref().map(|r| r.1),
                 "int8_vs_f32_same_answers": int8.as_ref().map(|r| r.2),
                 "weight_bytes_f32": int8.as_ref().map(|r| r.3.0),
@@ -243,6 +262,10 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         our_rss.unwrap_or(f64::NAN)
     );
     println!(
+        "  evl-ecg native       {our_e2e_ms:8.3} ms/record end to end (the record as read: \
+         resampling, model, decoding)"
+    );
+    println!(
         "  evl-ecg burn {:8}{burn_ms:8.3} ms/record",
         a.device.to_string()
     );
@@ -250,13 +273,14 @@ pub fn run(a: &BenchInferArgs, json: bool) -> Result<()> {
         "  native vs burn: max |dp| = {native_diff:.2e}, answers identical on {native_same}/{}",
         samples.len()
     );
-    if let Some((ms, diff, same, (b32, b8))) = &int8 {
+    if let Some((ms, diff, same, (b32, b8), e2e)) = &int8 {
         println!(
             "  evl-ecg native int8  {ms:8.3} ms/record  ({:.2}x the f32 engine; weights in memory {:.0} KiB vs {:.0} KiB)",
             our_ms / ms,
             *b8 as f64 / 1024.0,
             *b32 as f64 / 1024.0
         );
+        println!("  evl-ecg native int8  {e2e:8.3} ms/record end to end");
         println!(
             "  int8 vs f32: max |dp| = {diff:.2e}, answers identical on {same}/{}",
             samples.len()

@@ -111,9 +111,10 @@ pub fn signal_of(record: &Record, spec: &InputSpec) -> crate::Result<Vec<f32>> {
         });
     }
     let mut out = Vec::with_capacity(12 * spec.signal_len);
+    let resampler = ecg_signal::Resampler::new(fs as u32, spec.signal_fs);
     for l in record.standard_12_mv() {
         let x = match l {
-            Some(x) => ecg_signal::resample(&x, fs as u32, spec.signal_fs),
+            Some(x) => resampler.apply(&x),
             None => vec![0.0; spec.signal_len],
         };
         let mut x: Vec<f32> = x
