@@ -120,6 +120,9 @@ impl Resampler {
 
     #[inline(always)]
     fn apply_scalar(&self, x: &[f32]) -> Vec<f32> {
+        if self.up == 1 {
+            return self.decimate(x);
+        }
         let (up, down) = (self.up, self.down);
         let xs: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
         let n_out = (x.len() * up).div_ceil(down);
@@ -140,6 +143,34 @@ impl Resampler {
             y.push(dot8(&taps[skip..skip + end + 1 - first], &xs[first..=end]) as f32);
         }
         y
+    }
+}
+
+impl Resampler {
+    /// The whole-number downsampling case (`up == 1`: 500 -> 100 Hz, 1000 -> 250 Hz, ...),
+    /// vectorised across outputs rather than along each output's taps. With the input
+    /// zero-padded by `half` in front (so out-of-range samples contribute nothing, as in the
+    /// general form), output m is `sum_u taps[u] z[m * down + u]`; splitting u as
+    /// `down * j + p` and z into its `down` phases `z_p[k] = z[k * down + p]` makes each tap
+    /// one contiguous multiply-add over all outputs: `y[..] += taps[u] * z_p[j..j + n_out]`.
+    #[inline(always)]
+    fn decimate(&self, x: &[f32]) -> Vec<f32> {
+        let (d, taps) = (self.down, &self.phases[0]);
+        let n_out = x.len().div_ceil(d);
+        let k_len = n_out + taps.len().div_ceil(d);
+        let mut z = vec![vec![0.0f64; k_len]; d];
+        for (i, &v) in x.iter().enumerate() {
+            let k = i + self.half;
+            z[k % d][k / d] = f64::from(v);
+        }
+        let mut y = vec![0.0f64; n_out];
+        for (u, &c) in taps.iter().enumerate() {
+            let (j, p) = (u / d, u % d);
+            for (o, &v) in y.iter_mut().zip(&z[p][j..j + n_out]) {
+                *o += c * v;
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
     }
 }
 
