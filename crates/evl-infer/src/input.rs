@@ -115,14 +115,16 @@ pub fn signal_of(record: &Record, spec: &InputSpec) -> crate::Result<Vec<f32>> {
     for l in record.standard_12_mv() {
         let x = match l {
             Some(x) => resampler.apply(&x),
-            None => vec![0.0; spec.signal_len],
+            None => Vec::new(),
         };
-        let mut x: Vec<f32> = x
-            .into_iter()
-            .map(|v| if v.is_finite() { v } else { 0.0 })
-            .collect();
-        x.resize(spec.signal_len, 0.0);
-        out.extend(x);
+        // Cropped or zero-padded to the model's length; a missing value (NaN) reads as 0.
+        let start = out.len();
+        out.extend(
+            x.iter()
+                .take(spec.signal_len)
+                .map(|&v| if v.is_finite() { v } else { 0.0 }),
+        );
+        out.resize(start + spec.signal_len, 0.0);
     }
     Ok(out)
 }
