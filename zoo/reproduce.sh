@@ -11,6 +11,7 @@ W=${1:-zoo-run}
 [ -d "$W/data" ] || "$BIN" data synth --n 3000 --seed 7 --difficulty mixed --out "$W/data"
 [ -d "$W/data8k" ] || "$BIN" data synth --n 8000 --seed 7 --difficulty mixed --out "$W/data8k"
 [ -d "$W/data16k" ] || "$BIN" data synth --n 16000 --seed 7 --difficulty mixed --out "$W/data16k"
+[ -d "$W/data32k" ] || "$BIN" data synth --n 32000 --seed 7 --difficulty mixed --out "$W/data32k"
 [ -d "$W/test" ] || "$BIN" data synth --n 1000 --seed 8 --difficulty mixed --out "$W/test"
 # Run one stage into $1 (the rest are train's arguments) unless it is done; resume a stage
 # that was interrupted. DATA (default $W/data) is the training data.
@@ -25,16 +26,19 @@ stage() {
     "$BIN" train "$@" --data "$data" --out "$out"
   fi
 }
-# The teacher's five stages (zoo/README.md): v0, more SFT on the frozen encoder, the whole
-# model fine-tuned at a low rate, then more pre-training and SFT on 8,000, then 16,000 records.
+# The teacher's six stages (zoo/README.md): v0, more SFT on the frozen encoder, the whole
+# model fine-tuned at a low rate, then more pre-training and SFT on 8,000, 16,000 and 32,000
+# records.
 stage "$W/teacher-v0" teacher --preset zoo
 stage "$W/teacher-sft2" teacher --preset zoo --init "$W/teacher-v0/model" --steps 1500 --batch-size 64
 stage "$W/teacher-v1" teacher --preset zoo --init "$W/teacher-sft2/model" --steps 500 --batch-size 32 \
   --lr 3e-4 --set teacher.optim.freeze_vision=false --set teacher.optim.warmup=50
 DATA=$W/data8k stage "$W/teacher-v2" teacher --preset zoo --init "$W/teacher-v1/model" \
   --pretrain-steps 600 --steps 1000 --batch-size 64
-DATA=$W/data16k stage "$W/teacher" teacher --preset zoo --init "$W/teacher-v2/model" \
+DATA=$W/data16k stage "$W/teacher-v3" teacher --preset zoo --init "$W/teacher-v2/model" \
   --pretrain-steps 600 --steps 1000 --batch-size 64
+DATA=$W/data32k stage "$W/teacher" teacher --preset zoo --init "$W/teacher-v3/model" \
+  --pretrain-steps 600 --steps 1500 --batch-size 64
 # The SFT'd student (minutes), on the same records.
 stage "$W/student" student --preset zoo
 for d in "synthetic $W/test" "ptbxl ../shared/data/ptbxl_subset/records500" "cinc ../shared/data/cinc2021_subset"; do
