@@ -156,6 +156,51 @@ fn header(path: &Path, bytes: &[u8]) -> Result<(usize, Metadata)> {
     })
 }
 
+/// The weight files of a checkpoint folder, in a fixed order, with the file that names them
+/// (for messages): `model.safetensors` alone, or the shards a
+/// `model.safetensors.index.json` names (each once, in name order). Nothing is opened but
+/// the index.
+///
+/// # Errors
+/// No weights file; an unreadable index, or one without a `weight_map` of file names.
+pub fn weight_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() {
+        return Ok((single.clone(), vec![single]));
+    }
+    if !index.is_file() {
+        return Err(Error::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+        path: index.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: index.clone(),
+        what: format!("not valid JSON: {e}"),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Format {
+            path: index.clone(),
+            what: "no `weight_map` object".into(),
+        })?;
+    let mut files = BTreeSet::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::Format {
+            path: index.clone(),
+            what: format!("weight_map entry `{name}` is not a file name"),
+        })?;
+        files.insert(file.to_string());
+    }
+    let files = files.into_iter().map(|f| dir.join(f)).collect();
+    Ok((index, files))
+}
+
 impl Checkpoint {
     /// Opens the weights of a checkpoint folder.
     ///
@@ -163,43 +208,7 @@ impl Checkpoint {
     /// No weights file, an unreadable or malformed index or shard (checked here, header and
     /// length, for every shard), a shard the index names that is absent.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let (origin, files): (PathBuf, Vec<PathBuf>) = if single.is_file() {
-            (single.clone(), vec![single])
-        } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-                path: index.clone(),
-                source,
-            })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-                path: index.clone(),
-                what: format!("not valid JSON: {e}"),
-            })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Format {
-                    path: index.clone(),
-                    what: "no `weight_map` object".into(),
-                })?;
-            let mut files = BTreeSet::new();
-            for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| Error::Format {
-                    path: index.clone(),
-                    what: format!("weight_map entry `{name}` is not a file name"),
-                })?;
-                files.insert(file.to_string());
-            }
-            (
-                index.clone(),
-                files.into_iter().map(|f| dir.join(f)).collect(),
-            )
-        } else {
-            return Err(Error::NoWeights {
-                dir: dir.to_path_buf(),
-            });
-        };
+        let (origin, files) = weight_files(dir)?;
         let mut shards = Vec::new();
         let mut where_ = BTreeMap::new();
         let mut dtype = None;

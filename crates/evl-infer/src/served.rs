@@ -97,38 +97,18 @@ impl ServedModel {
     }
 
     /// The weight files of `dir` as [`ServedModel::load`] reads them, in a fixed order (for
-    /// a version digest): `model.safetensors`, or the shards the index names.
+    /// a version digest): `model.safetensors`, or the shards the index names
+    /// ([`evl_hf::weights::weight_files`]).
     ///
     /// # Errors
     /// An unreadable or malformed `model.safetensors.index.json`, or no weights at all.
     pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-        let single = dir.join("model.safetensors");
-        if single.is_file() {
-            return Ok(vec![single]);
-        }
-        let index = dir.join("model.safetensors.index.json");
-        let bad = |what: String| Error::Checkpoint {
-            path: index.clone(),
-            what,
-        };
-        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
-        let mut files = std::collections::BTreeSet::new();
-        for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad(format!("weight_map entry `{name}` is not a file name")))?;
-            files.insert(file.to_string());
-        }
-        Ok(files.into_iter().map(|f| dir.join(f)).collect())
+        evl_hf::weights::weight_files(dir)
+            .map(|(_, files)| files)
+            .map_err(|e| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                what: e.to_string(),
+            })
     }
 
     /// The model input of a record: what the native engine reads, or the record rendered
