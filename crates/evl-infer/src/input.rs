@@ -110,6 +110,12 @@ pub fn signal_of(record: &Record, spec: &InputSpec) -> crate::Result<Vec<f32>> {
             ),
         });
     }
+    if spec.signal_fs == 0 {
+        return Err(crate::Error::Config {
+            field: "signal_fs",
+            what: "the model's input.json asks for signals at 0 Hz".into(),
+        });
+    }
     let mut out = Vec::with_capacity(12 * spec.signal_len);
     let resampler = ecg_signal::Resampler::new(fs as u32, spec.signal_fs);
     for l in record.standard_12_mv() {
@@ -430,4 +436,26 @@ pub fn corpus(samples: &[Sample]) -> Vec<String> {
                 .flat_map(|t| [t.prompt.clone(), t.answer.clone()])
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model whose input.json asks for 0 Hz is refused by name, not a panic in the
+    /// resampler.
+    #[test]
+    fn a_zero_signal_rate_is_named() {
+        let e = ecg_synth::generate(&ecg_synth::SynthConfig::default(), 1, 0);
+        let spec = InputSpec {
+            signal_fs: 0,
+            ..InputSpec::default()
+        };
+        let err = signal_of(&e.record, &spec).unwrap_err().to_string();
+        assert!(err.contains("signal_fs"), "{err}");
+        assert_eq!(
+            signal_of(&e.record, &InputSpec::default()).unwrap().len(),
+            12 * InputSpec::default().signal_len
+        );
+    }
 }
