@@ -119,6 +119,12 @@ pub fn on_host<const D: usize>(t: &Tensor<D>) -> bool {
     t.device().without_autodiff() == Device::flex()
 }
 
+/// Whether `device` is burn's `flex` CPU backend (with or without autodiff), where host
+/// kernels read and write tensors without a transfer.
+pub fn is_host(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
 /// Builds a float tensor of the given precision from `f64` host values.
 ///
 /// # Panics

@@ -11,6 +11,8 @@
 //!
 //! - [`vlm`]: the ECG vision-language model family (image or signal encoder -> projector ->
 //!   decoder LM) and the [`vlm::Distillable`] view distillation reads;
+//! - [`fused`]: the language model's SFT forward and backward pass as host kernels (plain
+//!   loops and GEMMs, a shared visual prefix per record), for fast CPU training steps;
 //! - [`native`]: the same forward pass without a framework (plain loops, KV cache), for fast
 //!   CPU inference of small students;
 //! - [`hf`]: the paper's real architectures (Qwen3-VL, LLaVA-NeXT and its original LLaVA
@@ -23,6 +25,7 @@
 //! they load already live apart, in `evl-hf`.
 
 pub mod device;
+pub mod fused;
 pub mod hf;
 pub mod native;
 pub mod ops;

@@ -288,7 +288,7 @@ impl Norm {
 /// `sum x[i]`, or `sum (x[i] - m)^2` when `squares`, in eight interleaved partial sums (see
 /// [`dot`]) so that it vectorises.
 #[inline(always)]
-fn sum8(x: &[f32], m: f32, squares: bool) -> f32 {
+pub(crate) fn sum8(x: &[f32], m: f32, squares: bool) -> f32 {
     let f = |v: f32| if squares { (v - m) * (v - m) } else { v };
     let mut acc = [0.0f32; 8];
     let c = x.chunks_exact(8);
@@ -326,7 +326,7 @@ struct LayerCache {
 /// that instead of 0, which is what the callers (softmax weights, GELU's tail) can afford,
 /// and libm's slow path for underflow, most of the engine's time at one point, is never taken.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
@@ -350,6 +350,22 @@ fn gelu(x: f32) -> f32 {
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
     let erf_abs = 1.0 - poly * exp(-z * z);
     0.5 * x * (1.0 + erf_abs.copysign(x))
+}
+
+/// GELU and its derivative `Phi(x) + x phi(x)` at `x`, from the same erf and exponential as
+/// [`gelu`] (the exponential `e^(-x^2/2)` is shared by erf's approximation and the normal
+/// density), for the fused training kernels' forward and backward passes.
+#[inline(always)]
+pub(crate) fn gelu_and_grad(x: f32) -> (f32, f32) {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let e = exp(-z * z);
+    let cdf = 0.5 * (1.0 + (1.0 - poly * e).copysign(x));
+    // 1 / sqrt(2 pi)
+    (x * cdf, cdf + x * e * 0.398_942_3)
 }
 
 /// [`gelu`] on every element, compiled for the CPU's widest SIMD level (pulp's dispatch; the
@@ -485,7 +501,7 @@ impl Layer {
 /// `sum a[i] b[i]` in eight interleaved partial sums, so that it runs on SIMD lanes (a plain
 /// left-to-right sum is a chain of dependent scalar adds).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac

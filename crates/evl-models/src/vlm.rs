@@ -175,12 +175,12 @@ pub struct EcgVlm {
     vis_pos: Param<Tensor<2>>,
     vision: TransformerEncoder,
     vis_norm: LayerNorm,
-    projector: Linear,
-    tok_emb: Embedding,
-    pos: Param<Tensor<2>>,
-    decoder: TransformerEncoder,
-    norm: LayerNorm,
-    lm_head: Linear,
+    pub(crate) projector: Linear,
+    pub(crate) tok_emb: Embedding,
+    pub(crate) pos: Param<Tensor<2>>,
+    pub(crate) decoder: TransformerEncoder,
+    pub(crate) norm: LayerNorm,
+    pub(crate) lm_head: Linear,
     // The input kind as plain constants (module fields must be modules or primitives):
     // image (height, width, patch) or signal (leads, samples, patch).
     is_signal: bool,

@@ -470,8 +470,9 @@ fn frozen_vision_sft_trains_the_language_model_only() {
 }
 
 /// SFT on a frozen encoder computes its visual tokens once per record (the cache) instead of
-/// once per step: the same losses and the same trained weights as running the encoder on
-/// every step, for the signal student and the image teacher.
+/// once per step, and on the CPU runs the language model by the fused host kernels: the same
+/// losses and the same trained weights as running the encoder on every step through burn's
+/// autodiff, for the signal student and the image teacher, with the kernels and without.
 #[test]
 fn caching_a_frozen_encoder_changes_no_loss() {
     let _rng = rng_lock();
@@ -493,14 +494,17 @@ fn caching_a_frozen_encoder_changes_no_loss() {
             freeze_vision: true,
             ..OptimConfig::default()
         };
-        let run = |cache: usize| {
+        let run = |cache: usize, host_kernels: bool| {
             train_dev.seed(9);
             let model = arch.init(&train_dev);
             evl_train::train::sft_with_cache(
                 model,
                 &data,
                 &tok,
-                &cfg,
+                &OptimConfig {
+                    host_kernels,
+                    ..cfg.clone()
+                },
                 None,
                 &train_dev,
                 |_| {},
@@ -508,30 +512,44 @@ fn caching_a_frozen_encoder_changes_no_loss() {
             )
             .unwrap()
         };
-        let (m0, l0) = run(0);
-        let (m1, l1) = run(usize::MAX);
-        for (a, b) in l0.iter().zip(&l1) {
-            assert!(
-                (a.total - b.total).abs() < 1e-5 * a.total.abs().max(1.0),
-                "{:?}: step {} loss {} without the cache, {} with it",
-                arch.input,
-                a.step,
-                a.total,
-                b.total
-            );
+        let (m0, l0) = run(0, true);
+        for (what, (m1, l1)) in [
+            ("the cache and autodiff", run(usize::MAX, false)),
+            ("the cache and fused kernels", run(usize::MAX, true)),
+        ] {
+            assert_eq!(l0.len(), l1.len());
+            for (a, b) in l0.iter().zip(&l1) {
+                assert!(
+                    (a.total - b.total).abs() < 1e-5 * a.total.abs().max(1.0),
+                    "{:?}: step {} loss {} without the cache, {} with {what}",
+                    arch.input,
+                    a.step,
+                    a.total,
+                    b.total
+                );
+            }
+            let f = |b: &[u8]| -> Vec<f32> {
+                b.chunks(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            };
+            for name in ["lm_head", "decoder", "projector", "tok_emb"] {
+                let (w0, w1) = (part(&m0, name), part(&m1, name));
+                assert_eq!(w0.len(), w1.len());
+                for ((k, a), (_, b)) in w0.iter().zip(&w1) {
+                    let diff = f(a)
+                        .iter()
+                        .zip(f(b))
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        diff < 1e-4,
+                        "{:?}: {k} differs by {diff} with {what}",
+                        arch.input
+                    );
+                }
+            }
         }
-        let (w0, w1) = (part(&m0, "lm_head"), part(&m1, "lm_head"));
-        let f = |b: &[u8]| -> Vec<f32> {
-            b.chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        let diff = f(&w0[0].1)
-            .iter()
-            .zip(f(&w1[0].1))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(diff < 1e-4, "{:?}: lm_head differs by {diff}", arch.input);
     }
 }
 

@@ -77,6 +77,16 @@ pub struct OptimConfig {
     /// vision tower.
     #[serde(default)]
     pub freeze_vision: bool,
+    /// SFT on a frozen encoder, on the CPU: run the language model's forward and backward
+    /// passes as fused host kernels ([`evl_models::fused`]: each record's visual prefix once
+    /// for all its questions) instead of burn's autodiff. The same loss and gradients to
+    /// float rounding; `false` is the reference path.
+    #[serde(default = "yes")]
+    pub host_kernels: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> usize {
@@ -98,6 +108,7 @@ impl Default for OptimConfig {
             stop_after: None,
             turns_per_record: 1,
             freeze_vision: false,
+            host_kernels: true,
         }
     }
 }
@@ -294,6 +305,9 @@ pub fn sft_with_cache(
                     .flatten()
             });
             let loss = match cached {
+                Some(c) if cfg.host_kernels && evl_models::device::is_host(device) => {
+                    return fused_part(model, c, &ss, &turns, &idx, tok, device);
+                }
                 Some(c) => {
                     let t = make_text_batch(&ss, &turns, tok, device);
                     check_len(&t.rows, model.max_text(), &ss, &turns)?;
@@ -313,6 +327,69 @@ pub fn sft_with_cache(
     )?;
     // The encoder learns again in whatever stage comes next (distillation).
     Ok((model.with_vision_trainable(true), logs))
+}
+
+/// One SFT micro-batch on cached visual tokens by the fused host kernels
+/// ([`evl_models::fused`]): each drawn record's tokens once, every question about it after
+/// them.
+fn fused_part(
+    model: &EcgVlm,
+    cache: &VisualCache,
+    ss: &[&Sample],
+    turns: &[usize],
+    idx: &[(usize, usize)],
+    tok: &TextTokenizer,
+    device: &Device,
+) -> Result<Part> {
+    let rows: Vec<(Vec<i64>, Vec<bool>)> = ss
+        .iter()
+        .zip(turns)
+        .map(|(s, &k)| {
+            let (ids, mask, _) = encode_turn(tok, &s.turns[k]);
+            (ids, mask)
+        })
+        .collect();
+    check_len(&rows, model.max_text(), ss, turns)?;
+    let mut records: Vec<usize> = Vec::new();
+    let mut visual = Vec::new();
+    let mut lm_rows = Vec::with_capacity(rows.len());
+    for (&(i, _), (ids, answer)) in idx.iter().zip(&rows) {
+        let record = match records.iter().position(|&r| r == i) {
+            Some(r) => r,
+            None => {
+                records.push(i);
+                visual.extend_from_slice(cache.tokens_of(i));
+                records.len() - 1
+            }
+        };
+        lm_rows.push(evl_models::fused::LmRow {
+            record,
+            ids,
+            answer,
+        });
+    }
+    let fused = evl_models::fused::FusedLm::from_model(model);
+    let step = fused.step(&visual, &lm_rows).map_err(|e| Error::Config {
+        field: "batch",
+        what: format!(
+            "records {}: {e}",
+            ss.iter()
+                .map(|s| s.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })?;
+    let value = step.loss;
+    // Gradients are plain tensors (no autodiff), as burn's backward pass hands them over.
+    let device = device.clone().without_autodiff();
+    Ok(Part {
+        loss: Objective::Host {
+            value,
+            grads: Box::new(move |scale| fused.gradients(&step, scale, &device)),
+        },
+        ce: None,
+        terms: Vec::new(),
+    })
 }
 
 /// The visual tokens of a frozen encoder for every training record, on the host.
@@ -346,6 +423,12 @@ impl VisualCache {
         Some(VisualCache { tokens, v, d })
     }
 
+    /// The tokens of sample `i`, `[v, d]` flat.
+    pub fn tokens_of(&self, i: usize) -> &[f32] {
+        let n = self.v * self.d;
+        &self.tokens[i * n..(i + 1) * n]
+    }
+
     /// The tokens of samples `rows`, `[rows, v, d]`.
     pub fn batch(&self, rows: &[usize], device: &Device) -> Tensor<3> {
         let n = self.v * self.d;
@@ -357,10 +440,25 @@ impl VisualCache {
     }
 }
 
+/// A micro-batch's loss: a tensor whose graph the loop back-propagates, or a value whose
+/// gradients were computed on the host ([`evl_models::fused`]).
+#[allow(clippy::large_enum_variant)] // one per micro-batch, moved once
+pub(crate) enum Objective {
+    /// Back-propagated by burn's autodiff.
+    Graph(Tensor<1>),
+    /// Computed with its gradients: `grads(scale)` gives them multiplied by `scale`.
+    Host {
+        /// The loss.
+        value: f64,
+        /// Its gradients, scaled.
+        grads: Box<dyn FnOnce(f32) -> GradientsParams>,
+    },
+}
+
 /// One micro-batch's objective and what the step log shows of it.
 pub(crate) struct Part {
     /// The loss to back-propagate (unscaled: the loop divides by the accumulation count).
-    pub loss: Tensor<1>,
+    pub loss: Objective,
     /// The task cross-entropy's value, when the loss is more than it (`None`: the loss is
     /// the cross-entropy, or the stage's only term).
     pub ce: Option<f64>,
@@ -372,7 +470,7 @@ impl Part {
     /// A stage with one loss: logged as both `total` and `ce`.
     pub fn single(loss: Tensor<1>) -> Part {
         Part {
-            loss,
+            loss: Objective::Graph(loss),
             ce: None,
             terms: Vec::new(),
         }
@@ -404,8 +502,14 @@ pub(crate) fn step_loop<M: Module>(
         let mut terms: Vec<(String, f64)> = Vec::new();
         for a in 0..cfg.accumulate {
             let p = part(&model, step * cfg.accumulate + a)?;
-            let l = p.loss.mul_scalar(scale);
-            let value = scalar(l.clone());
+            let (value, grads) = match p.loss {
+                Objective::Graph(loss) => {
+                    let l = loss.mul_scalar(scale);
+                    let value = scalar(l.clone());
+                    (value, GradientsParams::from_grads(l.backward(), &model))
+                }
+                Objective::Host { value, grads } => (value * scale, grads(scale as f32)),
+            };
             total += value;
             ce += p.ce.map_or(value, |c| c * scale);
             for (k, v) in p.terms {
@@ -414,7 +518,6 @@ pub(crate) fn step_loop<M: Module>(
                     None => terms.push((k, v * scale)),
                 }
             }
-            let grads = GradientsParams::from_grads(l.backward(), &model);
             accum.accumulate(&model, grads);
         }
         model = optim.step(lr, model, accum.grads());
@@ -777,7 +880,7 @@ impl<'a> DistillRun<'a> {
             &self.shared,
         );
         Part {
-            loss: out.total,
+            loss: Objective::Graph(out.total),
             ce: Some(scalar(ce)),
             terms: out
                 .terms
