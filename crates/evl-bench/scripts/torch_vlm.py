@@ -125,6 +125,48 @@ class Vlm:
         h = self.encoder(x, "decoder", c["layers"], c["heads"], causal)
         return self.ln(h, "norm")
 
+    def decode_shared(self, visual_u, ids, rec):
+        """`decode` with each record's visual prefix run once for all its rows (what evl-ecg's
+        fused kernels do): causal attention means a prefix never sees the text after it, so
+        its keys and values are the same in every row about that record. Returns the final
+        hidden states of the text positions `[rows, t, d]`."""
+        c = self.cfg
+        u, v, _ = visual_u.shape
+        b, t = ids.shape
+        heads = c["heads"]
+        xp = self.lin(visual_u, "projector") + self.w["pos"][:v].unsqueeze(0)
+        xt = self.w["tok_emb.weight"][ids] + self.w["pos"][v : v + t].unsqueeze(0)
+        d = xp.shape[-1]
+        dk = d // heads
+        mask_p = torch.triu(torch.ones(v, v, dtype=torch.bool), 1)
+        # A text position sees the whole prefix and the text up to itself.
+        mask_t = torch.cat([torch.zeros(t, v, dtype=torch.bool), torch.triu(torch.ones(t, t, dtype=torch.bool), 1)], 1)
+
+        def split(x, name, n, s):
+            return self.lin(x, name).view(n, s, heads, dk).transpose(1, 2)
+
+        def attend(q, k, vv, mask, n, s):
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(dk)).masked_fill(mask, -1.0e4)
+            return (torch.softmax(scores, -1) @ vv).transpose(1, 2).reshape(n, s, d)
+
+        for i in range(c["layers"]):
+            p = f"decoder.layers.{i}"
+            hp, ht = self.ln(xp, p + ".norm_2"), self.ln(xt, p + ".norm_2")
+            qp, kp, vp = (split(hp, f"{p}.mha.{n}", u, v) for n in ("query", "key", "value"))
+            qt, kt, vt = (split(ht, f"{p}.mha.{n}", b, t) for n in ("query", "key", "value"))
+            ctx_p = attend(qp, kp, vp, mask_p, u, v)
+            ctx_t = attend(qt, torch.cat([kp[rec], kt], 2), torch.cat([vp[rec], vt], 2), mask_t, b, t)
+            xp = xp + self.lin(ctx_p, p + ".mha.output")
+            xt = xt + self.lin(ctx_t, p + ".mha.output")
+            for name in ("xp", "xt"):
+                x = xp if name == "xp" else xt
+                h = self.lin(torch.nn.functional.gelu(self.lin(self.ln(x, p + ".norm_1"), p + ".pwff.linear_inner")), p + ".pwff.linear_outer")
+                if name == "xp":
+                    xp = x + h
+                else:
+                    xt = x + h
+        return self.ln(xt, "norm")
+
     def head(self, h):
         return h @ self.w["lm_head.weight"]
 
@@ -154,23 +196,41 @@ def train(job):
         # The frozen encoder's tokens computed once, before the steps (as evl-ecg's sft does).
         with torch.no_grad():
             cached = m.encode(px)
+    shared = job.get("shared_prefix", False)
+    if shared:
+        # One prefix per record (the visual tokens of its first row); text after the last
+        # answer token is never read by the loss, so the batch is cut there.
+        assert cached is not None and not bool(answer[:, 0].any())
+        rec = torch.tensor(job["records"], dtype=torch.long)
+        first = [job["records"].index(r) for r in range(int(rec.max()) + 1)]
+        visual_u = cached[first]
+        last = int(max(int(torch.nonzero(a).max()) for a in answer)) + 1
+        ids_s, answer_s = ids[:, :last], answer[:, :last]
     for step in range(job["warmup"] + job["steps"]):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        if cached is not None:
-            visual = cached
-        elif frozen:
-            with torch.no_grad():
-                visual = m.encode(px)
+        if shared:
+            h = m.decode_shared(visual_u, ids_s, rec)
+            # Text position i - 1 predicts token i (no answer at token 0).
+            logits = m.head(h[:, :-1])
+            nll = -torch.log_softmax(logits, -1).gather(2, ids_s[:, 1:].unsqueeze(2)).squeeze(2)
+            ans = answer_s[:, 1:]
+            loss = (nll * ans).sum() / ans.sum()
         else:
-            visual = m.encode(px)
-        b, v, _ = visual.shape
-        t = ids.shape[1]
-        h = m.decode(visual, ids)
-        # Position v - 1 + i predicts text token i.
-        logits = m.head(h[:, v - 1 : v + t - 1])
-        nll = -torch.log_softmax(logits, -1).gather(2, ids.unsqueeze(2)).squeeze(2)
-        loss = (nll * answer).sum() / answer.sum()
+            if cached is not None:
+                visual = cached
+            elif frozen:
+                with torch.no_grad():
+                    visual = m.encode(px)
+            else:
+                visual = m.encode(px)
+            b, v, _ = visual.shape
+            t = ids.shape[1]
+            h = m.decode(visual, ids)
+            # Position v - 1 + i predicts text token i.
+            logits = m.head(h[:, v - 1 : v + t - 1])
+            nll = -torch.log_softmax(logits, -1).gather(2, ids.unsqueeze(2)).squeeze(2)
+            loss = (nll * answer).sum() / answer.sum()
         loss.backward()
         with torch.no_grad():
             for p in params:

@@ -126,40 +126,86 @@ fn case(
     }
 }
 
-/// Our side: `warmup + steps` optimiser steps on one batch; with `cached`, the frozen
-/// encoder's visual tokens are computed once before the steps (as `sft` does).
+/// How our side runs a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// The encoder on every step, burn autodiff.
+    Full,
+    /// The frozen encoder's visual tokens computed once before the steps, burn autodiff.
+    Cached,
+    /// Cached tokens and the fused host kernels ([`evl_models::fused`]): what `sft` runs on
+    /// the CPU.
+    Fused,
+}
+
+/// Our side: `warmup + steps` optimiser steps on one batch (`records[i]`: the batch's record
+/// of row `i`, for the fused kernels' shared prefixes).
 fn ours(
     c: &Case,
     b: &evl_train::batch::Batch,
+    records: &[usize],
     lr: f64,
     warmup: usize,
     steps: usize,
-    cached: bool,
-) -> Side {
+    mode: Mode,
+) -> Result<Side> {
     let mut model = c
         .model
         .clone()
         .with_vision_trainable(!c.optim.freeze_vision);
     let mut optim = adamw(&c.optim);
-    let visual = cached.then(|| model.encode(b.pixels.clone()));
+    let visual = (mode != Mode::Full).then(|| model.encode(b.pixels.clone()));
+    // Fused: each record's tokens once (its first row's), rows pointing at them.
+    let n_rec = records.iter().max().map_or(0, |m| m + 1);
+    let host_visual: Vec<f32> = match (&visual, mode) {
+        (Some(v), Mode::Fused) => {
+            let all: Vec<f32> = v.clone().into_data().iter::<f32>().collect();
+            let per = all.len() / records.len().max(1);
+            (0..n_rec)
+                .flat_map(|r| {
+                    let i = records.iter().position(|&x| x == r).expect("record used");
+                    all[i * per..(i + 1) * per].to_vec()
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let lm_rows: Vec<evl_models::fused::LmRow<'_>> = b
+        .rows
+        .iter()
+        .zip(records)
+        .map(|((ids, answer), &record)| evl_models::fused::LmRow {
+            record,
+            ids,
+            answer,
+        })
+        .collect();
+    let plain = model.devices()[0].clone().without_autodiff();
     let mut losses = Vec::new();
     let mut times = Vec::new();
     for step in 0..warmup + steps {
         let t = Instant::now();
-        let loss = match &visual {
-            Some(v) => {
-                let view = model.view_from_visual(v.clone(), b.text.clone(), b.pad.clone(), None);
-                masked_token_ce(view.logits, b.text.clone(), b.answer.clone())
-            }
-            None => sft_loss(&model, b.clone()),
+        let (value, grads) = if mode == Mode::Fused {
+            let fused = evl_models::fused::FusedLm::from_model(&model);
+            let out = fused.step(&host_visual, &lm_rows)?;
+            (out.loss as f32, fused.gradients(&out, 1.0, &plain))
+        } else {
+            let loss = match &visual {
+                Some(v) => {
+                    let view =
+                        model.view_from_visual(v.clone(), b.text.clone(), b.pad.clone(), None);
+                    masked_token_ce(view.logits, b.text.clone(), b.answer.clone())
+                }
+                None => sft_loss(&model, b.clone()),
+            };
+            let value = loss
+                .clone()
+                .into_data()
+                .iter::<f32>()
+                .next()
+                .unwrap_or(f32::NAN);
+            (value, GradientsParams::from_grads(loss.backward(), &model))
         };
-        let value = loss
-            .clone()
-            .into_data()
-            .iter::<f32>()
-            .next()
-            .unwrap_or(f32::NAN);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -167,10 +213,10 @@ fn ours(
         losses.push(value as f64);
     }
     times.sort_by(f64::total_cmp);
-    Side {
+    Ok(Side {
         median_ms: times[times.len() / 2],
         losses,
-    }
+    })
 }
 
 /// `bench train`.
@@ -210,14 +256,27 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
         let b = evl_train::batch::make_batch(&ss, &turns, &c.tok, &input, &device);
         let params = c.model.num_params();
         let lr = c.optim.lr;
-        let variants: &[bool] = if c.optim.freeze_vision {
-            &[false, true]
+        let variants: &[Mode] = if c.optim.freeze_vision {
+            &[Mode::Full, Mode::Cached, Mode::Fused]
         } else {
-            &[false]
+            &[Mode::Full]
         };
-        for &cached in variants {
+        // Rows' records numbered by first appearance.
+        let mut seen: Vec<usize> = Vec::new();
+        let records: Vec<usize> = idx
+            .iter()
+            .map(|&(i, _)| match seen.iter().position(|&s| s == i) {
+                Some(r) => r,
+                None => {
+                    seen.push(i);
+                    seen.len() - 1
+                }
+            })
+            .collect();
+        for &mode in variants {
+            let cached = mode != Mode::Full;
             let rss_before = peak_rss_mib();
-            let us = ours(&c, &b, lr, a.warmup, a.steps, cached);
+            let us = ours(&c, &b, &records, lr, a.warmup, a.steps, mode)?;
             let rss = peak_rss_mib();
             let reference = if a.no_torch {
                 None
@@ -254,6 +313,7 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                     "freeze_vision": c.optim.freeze_vision, "lr": lr,
                     "weight_decay": c.optim.weight_decay, "clip_norm": c.optim.clip_norm,
                     "warmup": a.warmup, "steps": a.steps, "cache_visual": cached,
+                    "shared_prefix": mode == Mode::Fused, "records": records,
                 });
                 let job_path = tmp.path().join("train-job.json");
                 std::fs::write(&job_path, job.to_string())?;
@@ -267,10 +327,14 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                     }
                 }
             };
-            let name = if cached {
-                format!("{}, visual tokens computed once (as sft does)", c.name)
-            } else {
-                c.name.clone()
+            let name = match mode {
+                Mode::Full => c.name.clone(),
+                Mode::Cached => format!("{}, visual tokens computed once, autodiff", c.name),
+                Mode::Fused => format!(
+                    "{}, visual tokens computed once, fused kernels with one prefix per record \
+                     (what sft runs on the CPU); PyTorch with the same shared prefix",
+                    c.name
+                ),
             };
             rows.push((
                 name,
