@@ -382,7 +382,12 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
             }
         );
         println!(
-            "  evl-ecg burn flex  {:9.2} ms/step  (process peak RSS {:.0} MiB, {:.0} before the steps)",
+            "  evl-ecg {:10} {:9.2} ms/step  (process peak RSS {:.0} MiB, {:.0} before the steps)",
+            if name.contains("fused") {
+                "fused"
+            } else {
+                "burn flex"
+            },
             us.median_ms,
             rss.unwrap_or(f64::NAN),
             before.unwrap_or(f64::NAN)
