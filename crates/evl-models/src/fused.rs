@@ -89,6 +89,21 @@ struct Slot {
     shape: Vec<usize>,
     off: usize,
     len: usize,
+    /// Trainable (an optimiser gets its gradient).
+    train: bool,
+}
+
+/// Slot indices and sizes of the visual encoder (a signal read in windows, no stem).
+#[derive(Debug, Clone)]
+struct EncSlots {
+    embed: (usize, usize),
+    pos: usize,
+    layers: Vec<LayerSlots>,
+    norm: (usize, usize),
+    dims: Dims,
+    leads: usize,
+    samples: usize,
+    patch: usize,
 }
 
 /// Slot indices of one decoder layer.
@@ -124,6 +139,7 @@ pub struct FusedLm {
     vocab: usize,
     n_pos: usize,
     n_visual: usize,
+    enc: Option<EncSlots>,
 }
 
 /// The loss of a batch and the gradient of every parameter (flat, in [`FusedLm`]'s layout).
@@ -340,6 +356,8 @@ struct Layout {
     groups: Vec<Group>,
     /// Per answer token: (the row whose output predicts it, the target id).
     targets: Vec<(usize, usize)>,
+    /// Per input row: (its record block's first row, its first text row, text rows).
+    rows_at: Vec<(usize, usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -348,6 +366,9 @@ struct Group {
     qn: usize,
     ss: usize,
     sn: usize,
+    /// Each query also sees the group's own rows up to itself (false: only the shared rows,
+    /// which for the encoder's groups are the group's own rows, all of them).
+    causal: bool,
     /// Offset of this group's attention weights (all heads).
     p_off: usize,
 }
@@ -355,7 +376,17 @@ struct Group {
 impl Group {
     /// Attention weights per head.
     fn per_head(&self) -> usize {
-        self.qn * self.sn + self.qn * (self.qn + 1) / 2
+        (0..self.qn).map(|j| self.visible(j)).sum()
+    }
+    /// Keys query `j` sees.
+    #[inline(always)]
+    fn visible(&self, j: usize) -> usize {
+        self.sn + if self.causal { j + 1 } else { 0 }
+    }
+    /// Offset of query `j`'s weights within one head's.
+    #[inline(always)]
+    fn weights_at(&self, j: usize) -> usize {
+        j * self.sn + if self.causal { j * (j + 1) / 2 } else { 0 }
     }
     /// Row of key `k` of this group.
     #[inline(always)]
@@ -366,6 +397,14 @@ impl Group {
             self.qs + k - self.sn
         }
     }
+}
+
+/// Width, heads and feed-forward width of a stack of layers.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    d: usize,
+    heads: usize,
+    ff: usize,
 }
 
 /// Activations of one decoder layer kept for the backward pass.
@@ -383,7 +422,10 @@ struct LayerActs {
     act: Vec<f32>,
 }
 
-fn host<const D: usize>(p: &Param<Tensor<D>>) -> (ParamId, Vec<usize>, Vec<f32>) {
+/// A parameter on the host: id, shape, values, trainable.
+type HostParam = (ParamId, Vec<usize>, Vec<f32>, bool);
+
+fn host<const D: usize>(p: &Param<Tensor<D>>) -> HostParam {
     let t = p.val();
     let shape = t.dims().to_vec();
     let v = t
@@ -391,7 +433,39 @@ fn host<const D: usize>(p: &Param<Tensor<D>>) -> (ParamId, Vec<usize>, Vec<f32>)
         .convert::<f32>()
         .try_to_vec::<f32>()
         .expect("float parameter");
-    (p.id, shape, v)
+    (p.id, shape, v, p.is_require_grad())
+}
+
+fn lin(push: &mut impl FnMut(HostParam) -> usize, l: &Linear) -> (usize, usize) {
+    let w = push(host(&l.weight));
+    let b = push(host(
+        l.bias.as_ref().expect("linear layers here have a bias"),
+    ));
+    (w, b)
+}
+
+fn norm(push: &mut impl FnMut(HostParam) -> usize, n: &LayerNorm) -> (usize, usize) {
+    let g = push(host(&n.gamma));
+    let b = push(host(n.beta.as_ref().expect("layer norms here have a bias")));
+    (g, b)
+}
+
+/// One pre-norm layer's slots, read in burn's forward order.
+fn layer_slots(
+    push: &mut impl FnMut(HostParam) -> usize,
+    l: &burn::nn::transformer::TransformerEncoderLayer,
+) -> LayerSlots {
+    // burn's pre-norm layer: `norm_2` before attention, `norm_1` before the MLP.
+    LayerSlots {
+        ln_attn: norm(push, &l.norm_2),
+        q: lin(push, &l.mha.query),
+        k: lin(push, &l.mha.key),
+        v: lin(push, &l.mha.value),
+        o: lin(push, &l.mha.output),
+        ln_ffn: norm(push, &l.norm_1),
+        inner: lin(push, &l.pwff.linear_inner),
+        outer: lin(push, &l.pwff.linear_outer),
+    }
 }
 
 impl FusedLm {
@@ -404,56 +478,93 @@ impl FusedLm {
     /// read, so this order keeps a seeded model's initial weights the same with these
     /// kernels and without them (test `caching_a_frozen_encoder_changes_no_loss`).
     pub fn from_model(model: &EcgVlm) -> FusedLm {
+        FusedLm::build(model, false)
+    }
+
+    /// [`FusedLm::from_model`] with the visual encoder too (its parameters read first, as
+    /// burn's forward pass reads them), for passes that train it from raw input
+    /// ([`FusedLm::view_forward`] with [`ViewInput::Signals`]). `None` when the encoder is not
+    /// one these kernels cover: they cover a signal read in windows without a convolutional
+    /// stem (the built-in student); image encoders and stems stay on burn.
+    pub fn with_encoder(model: &EcgVlm) -> Option<FusedLm> {
+        let plain_signal = matches!(model.input(), crate::vlm::InputKind::Signal { .. })
+            && model.stem.is_none()
+            && model.image_stem.is_none();
+        plain_signal.then(|| FusedLm::build(model, true))
+    }
+
+    fn build(model: &EcgVlm, encoder: bool) -> FusedLm {
         let mut values = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
-        let mut push = |(id, shape, v): (ParamId, Vec<usize>, Vec<f32>)| {
+        let mut push = |(id, shape, v, train): HostParam| {
             slots.push(Slot {
                 id,
                 shape,
                 off: values.len(),
                 len: v.len(),
+                train,
             });
             values.extend(v);
             slots.len() - 1
         };
-        fn lin(
-            push: &mut impl FnMut((ParamId, Vec<usize>, Vec<f32>)) -> usize,
-            l: &Linear,
-        ) -> (usize, usize) {
-            let w = push(host(&l.weight));
-            let b = push(host(
-                l.bias.as_ref().expect("linear layers here have a bias"),
-            ));
-            (w, b)
-        }
-        fn norm(
-            push: &mut impl FnMut((ParamId, Vec<usize>, Vec<f32>)) -> usize,
-            n: &LayerNorm,
-        ) -> (usize, usize) {
-            let g = push(host(&n.gamma));
-            let b = push(host(n.beta.as_ref().expect("layer norms here have a bias")));
-            (g, b)
-        }
+        let enc = encoder.then(|| {
+            let embed = lin(&mut push, &model.patch_embed);
+            let pos = push(host(&model.vis_pos));
+            let layers: Vec<LayerSlots> = model
+                .vision
+                .layers
+                .iter()
+                .map(|l| layer_slots(&mut push, l))
+                .collect();
+            let norm = norm(&mut push, &model.vis_norm);
+            let (leads, samples, patch) = match model.input() {
+                crate::vlm::InputKind::Signal {
+                    leads,
+                    samples,
+                    patch,
+                } => (leads, samples, patch),
+                crate::vlm::InputKind::Image { .. } => unreachable!("checked by with_encoder"),
+            };
+            let first = model.vision.layers.first();
+            (
+                embed,
+                pos,
+                layers,
+                norm,
+                first.map_or(1, |l| l.mha.n_heads),
+                leads,
+                samples,
+                patch,
+            )
+        });
         let projector = lin(&mut push, &model.projector);
         let tok_emb = push(host(&model.tok_emb.weight));
         let pos = push(host(&model.pos));
-        let mut layers = Vec::new();
-        for l in &model.decoder.layers {
-            // burn's pre-norm layer: `norm_2` before attention, `norm_1` before the MLP.
-            layers.push(LayerSlots {
-                ln_attn: norm(&mut push, &l.norm_2),
-                q: lin(&mut push, &l.mha.query),
-                k: lin(&mut push, &l.mha.key),
-                v: lin(&mut push, &l.mha.value),
-                o: lin(&mut push, &l.mha.output),
-                ln_ffn: norm(&mut push, &l.norm_1),
-                inner: lin(&mut push, &l.pwff.linear_inner),
-                outer: lin(&mut push, &l.pwff.linear_outer),
-            });
-        }
+        let layers: Vec<LayerSlots> = model
+            .decoder
+            .layers
+            .iter()
+            .map(|l| layer_slots(&mut push, l))
+            .collect();
         let final_norm = norm(&mut push, &model.norm);
         let head = push(host(&model.lm_head.weight));
         let (dv, d) = (slots[projector.0].shape[0], slots[projector.0].shape[1]);
+        let enc = enc.map(
+            |(embed, pos, layers, norm, heads, leads, samples, patch)| EncSlots {
+                dims: Dims {
+                    d: dv,
+                    heads,
+                    ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
+                },
+                embed,
+                pos,
+                layers,
+                norm,
+                leads,
+                samples,
+                patch,
+            },
+        );
         let ff = layers.first().map_or(0, |l| slots[l.inner.0].shape[1]);
         let heads = model.decoder.layers.first().map_or(1, |l| l.mha.n_heads);
         let vocab = slots[head].shape[1];
@@ -474,6 +585,15 @@ impl FusedLm {
             vocab,
             n_pos,
             n_visual: model.n_visual(),
+            enc,
+        }
+    }
+
+    fn lm_dims(&self) -> Dims {
+        Dims {
+            d: self.d,
+            heads: self.heads,
+            ff: self.ff,
         }
     }
 
@@ -491,7 +611,19 @@ impl FusedLm {
     /// ids of the parameters they were read from (what an optimiser steps with).
     pub fn gradients(&self, step: &FusedStep, scale: f32, device: &Device) -> GradientsParams {
         let mut out = GradientsParams::new();
-        for s in &self.slots {
+        self.register(&mut out, step, scale, device);
+        out
+    }
+
+    /// Add the gradients of `step` (scaled by `scale`) of every trainable parameter to `out`.
+    pub fn register(
+        &self,
+        out: &mut GradientsParams,
+        step: &FusedStep,
+        scale: f32,
+        device: &Device,
+    ) {
+        for s in self.slots.iter().filter(|s| s.train) {
             let g: Vec<f32> = step.grads[s.off..s.off + s.len]
                 .iter()
                 .map(|v| v * scale)
@@ -502,7 +634,6 @@ impl FusedLm {
                 _ => out.register::<2>(s.id, Tensor::from_data(data, device)),
             }
         }
-        out
     }
 
     /// The gradient of the parameter with burn id `id` in `step`, flat (tests and checks).
@@ -516,7 +647,9 @@ impl FusedLm {
         self.slots.iter().map(|s| s.id).collect()
     }
 
-    fn layout(&self, records: usize, rows: &[LmRow<'_>]) -> Result<Layout, FusedError> {
+    /// The rows of a batch; `full`: every row and every token (a view pass, whose outputs are
+    /// read at every position), else only rows with answer tokens, up to their last one.
+    fn layout(&self, records: usize, rows: &[LmRow<'_>], full: bool) -> Result<Layout, FusedError> {
         let v = self.n_visual;
         let mut by_record: Vec<Vec<usize>> = vec![Vec::new(); records];
         let mut order: Vec<usize> = Vec::new();
@@ -558,7 +691,7 @@ impl FusedLm {
                     });
                 }
             }
-            if row.answer.iter().any(|&a| a) {
+            if full || row.answer.iter().any(|&a| a) {
                 if by_record[row.record].is_empty() {
                     order.push(row.record);
                 }
@@ -572,6 +705,7 @@ impl FusedLm {
             blocks: Vec::new(),
             groups: Vec::new(),
             targets: Vec::new(),
+            rows_at: vec![(0, 0, 0); rows.len()],
         };
         let mut p_off = 0;
         let mut group = |lay: &mut Layout, qs: usize, qn: usize, ss: usize, sn: usize| {
@@ -580,6 +714,7 @@ impl FusedLm {
                 qn,
                 ss,
                 sn,
+                causal: true,
                 p_off,
             };
             p_off += g.per_head() * self.heads;
@@ -597,8 +732,12 @@ impl FusedLm {
             for &r in &by_record[rec] {
                 let row = rows[r];
                 // Tokens after the last answer token are never read by a loss term.
-                let last = row.answer.iter().rposition(|&a| a).expect("has an answer");
+                let last = match full {
+                    true => row.ids.len(),
+                    false => row.answer.iter().rposition(|&a| a).expect("has an answer"),
+                };
                 let qs = lay.n;
+                lay.rows_at[r] = (start, qs, last);
                 for j in 0..last {
                     lay.pos.push(v + j);
                     lay.token.push(Some(row.ids[j] as usize));
@@ -612,7 +751,7 @@ impl FusedLm {
                 group(&mut lay, qs, last, start, v);
             }
         }
-        if lay.targets.is_empty() {
+        if lay.targets.is_empty() && !full {
             return Err(FusedError::NoAnswer);
         }
         Ok(lay)
@@ -633,47 +772,20 @@ impl FusedLm {
             )));
         }
         let records = visual.len() / (v * dv);
-        let lay = self.layout(records, rows)?;
+        let lay = self.layout(records, rows, false)?;
         let n = lay.n;
         let mut grads = vec![0.0f32; self.values.len()];
 
         // Embeddings: projected visual tokens and token embeddings, plus positions.
-        let nb = lay.blocks.len();
-        let mut vis = Vec::with_capacity(nb * v * dv);
+        let mut vis = Vec::with_capacity(lay.blocks.len() * v * dv);
         for &(_, rec) in &lay.blocks {
             vis.extend_from_slice(&visual[rec * v * dv..(rec + 1) * v * dv]);
         }
-        let mut proj = vec![0.0f32; nb * v * d];
-        let (pw, pb) = self.projector;
-        mm(
-            &mut proj,
-            View::rm(nb * v, d, d, 0),
-            &vis,
-            View::rm(nb * v, dv, dv, 0),
-            self.p(pw),
-            View::rm(dv, d, d, 0),
-            false,
-        );
-        add_bias(&mut proj, self.p(pb));
-        let mut x = vec![0.0f32; n * d];
-        for (b, &(start, _)) in lay.blocks.iter().enumerate() {
-            x[start * d..(start + v) * d].copy_from_slice(&proj[b * v * d..(b + 1) * v * d]);
-        }
-        let (emb, pos) = (self.p(self.tok_emb), self.p(self.pos));
-        for r in 0..n {
-            let xr = &mut x[r * d..(r + 1) * d];
-            if let Some(t) = lay.token[r] {
-                xr.copy_from_slice(&emb[t * d..(t + 1) * d]);
-            }
-            let p = lay.pos[r];
-            for (o, &e) in xr.iter_mut().zip(&pos[p * d..(p + 1) * d]) {
-                *o += e;
-            }
-        }
+        let mut x = self.embed(&lay, &vis);
 
         let mut acts = Vec::with_capacity(self.layers.len());
         for ls in &self.layers {
-            acts.push(self.layer_forward(ls, &lay, &mut x));
+            acts.push(self.layer_forward(ls, self.lm_dims(), &lay, &mut x));
         }
 
         // Final norm at the rows that predict answer tokens, head, cross-entropy.
@@ -750,49 +862,10 @@ impl FusedLm {
         }
 
         for (ls, a) in self.layers.iter().zip(&acts).rev() {
-            self.layer_backward(ls, &lay, a, &mut dx, &mut grads);
+            self.layer_backward(ls, self.lm_dims(), &lay, a, &mut dx, &mut grads);
         }
 
-        // Embedding gradients.
-        {
-            let s = &self.slots[self.pos];
-            let gpos = &mut grads[s.off..s.off + s.len];
-            for r in 0..n {
-                let p = lay.pos[r];
-                for (o, &g) in gpos[p * d..(p + 1) * d].iter_mut().zip(&dx[r * d..]) {
-                    *o += g;
-                }
-            }
-        }
-        {
-            let s = &self.slots[self.tok_emb];
-            let gemb = &mut grads[s.off..s.off + s.len];
-            for r in 0..n {
-                if let Some(t) = lay.token[r] {
-                    for (o, &g) in gemb[t * d..(t + 1) * d].iter_mut().zip(&dx[r * d..]) {
-                        *o += g;
-                    }
-                }
-            }
-        }
-        let mut dproj = vec![0.0f32; nb * v * d];
-        for (b, &(start, _)) in lay.blocks.iter().enumerate() {
-            dproj[b * v * d..(b + 1) * v * d].copy_from_slice(&dx[start * d..(start + v) * d]);
-        }
-        {
-            let s = &self.slots[pw];
-            mm(
-                &mut grads[s.off..s.off + s.len],
-                View::rm(dv, d, d, 0),
-                &vis,
-                View::rm(nb * v, dv, dv, 0).t(),
-                &dproj,
-                View::rm(nb * v, d, d, 0),
-                false,
-            );
-            let s = &self.slots[pb];
-            col_sums(&mut grads[s.off..s.off + s.len], &dproj, nb * v, d, 0);
-        }
+        self.embed_backward(&lay, &vis, &dx, &mut grads);
         Ok(FusedStep { loss, grads })
     }
 
@@ -810,8 +883,8 @@ impl FusedLm {
     }
 
     /// One decoder layer on `x` (in place), keeping what its backward pass needs.
-    fn layer_forward(&self, ls: &LayerSlots, lay: &Layout, x: &mut [f32]) -> LayerActs {
-        let (n, d, ff, heads) = (lay.n, self.d, self.ff, self.heads);
+    fn layer_forward(&self, ls: &LayerSlots, dims: Dims, lay: &Layout, x: &mut [f32]) -> LayerActs {
+        let (n, d, ff, heads) = (lay.n, dims.d, dims.ff, dims.heads);
         let (xhat1, inv1, h1) = ln_forward(x, self.p(ls.ln_attn.0), self.p(ls.ln_attn.1));
         let mut qkv = vec![0.0f32; n * 3 * d];
         for (part, (w, b)) in [ls.q, ls.k, ls.v].into_iter().enumerate() {
@@ -925,12 +998,13 @@ impl FusedLm {
     fn layer_backward(
         &self,
         ls: &LayerSlots,
+        dims: Dims,
         lay: &Layout,
         a: &LayerActs,
         dx: &mut [f32],
         grads: &mut [f32],
     ) {
-        let (n, d, ff, heads) = (lay.n, self.d, self.ff, self.heads);
+        let (n, d, ff, heads) = (lay.n, dims.d, dims.ff, dims.heads);
         // MLP: out = gelu(h2 W1 + b1) W2 + b2, added to the stream.
         self.linear_grads(grads, ls.outer, &a.act, n, dx, View::rm(n, d, d, 0));
         let mut dpre = vec![0.0f32; n * ff];
@@ -987,6 +1061,538 @@ impl FusedLm {
         }
         let (dg, db) = self.two_grads(grads, ls.ln_attn.0, ls.ln_attn.1);
         ln_backward(&dh, &a.xhat1, &a.inv1, self.p(ls.ln_attn.0), dg, db, dx);
+    }
+}
+
+/// What the encoder side of a view pass reads.
+#[derive(Debug, Clone, Copy)]
+pub enum ViewInput<'a> {
+    /// A frozen encoder's tokens, `[records, v, d_vision]`.
+    Tokens(&'a [f32]),
+    /// Signals `[records, leads, samples]` through the encoder, which learns
+    /// ([`FusedLm::with_encoder`]).
+    Signals(&'a [f32]),
+}
+
+/// The outputs of a view pass, as [`EcgVlm::view_layer`] returns them on a padded batch:
+/// `rows` rows, `t` text positions (the longest row); positions past a row's end are zero
+/// (burn computes them from padding; the losses mask them).
+#[derive(Debug, Clone)]
+pub struct ViewOut {
+    /// Rows.
+    pub rows: usize,
+    /// Text positions.
+    pub t: usize,
+    /// Visual tokens `[rows, v, d_vision]`.
+    pub visual: Vec<f32>,
+    /// Hidden states at the text positions, at the layer asked `[rows, t, d]`.
+    pub hidden: Vec<f32>,
+    /// Next-token logits at the text positions `[rows, t, vocab]`.
+    pub logits: Vec<f32>,
+    /// Final hidden states at the visual positions `[rows, v, d]`.
+    pub visual_hidden: Vec<f32>,
+    /// The output head `[d, vocab]`.
+    pub head: Vec<f32>,
+}
+
+/// Gradients of a loss with respect to a [`ViewOut`]'s tensors (`None`: the loss does not
+/// read it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ViewGrads<'a> {
+    /// Of `visual`.
+    pub visual: Option<&'a [f32]>,
+    /// Of `hidden`.
+    pub hidden: Option<&'a [f32]>,
+    /// Of `logits`.
+    pub logits: Option<&'a [f32]>,
+    /// Of `visual_hidden`.
+    pub visual_hidden: Option<&'a [f32]>,
+    /// Of `head`.
+    pub head: Option<&'a [f32]>,
+}
+
+/// The encoder's part of a view pass, kept for its backward pass.
+struct EncTape {
+    lay: Layout,
+    patches: Vec<f32>,
+    acts: Vec<LayerActs>,
+    xhat: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+/// What a view pass keeps for [`FusedLm::view_backward`].
+pub struct ViewTape {
+    lay: Layout,
+    enc: Option<EncTape>,
+    /// The language model's visual input per record block `[blocks * v, d_vision]`.
+    vis: Vec<f32>,
+    acts: Vec<LayerActs>,
+    xhat_f: Vec<f32>,
+    inv_f: Vec<f32>,
+    hf: Vec<f32>,
+    layer: Option<usize>,
+    /// Per logit row: (input row, text position, the layout row it is read from).
+    lsrc: Vec<(usize, usize, usize)>,
+    t: usize,
+}
+
+impl std::fmt::Debug for ViewTape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ViewTape({} rows, {} layers)",
+            self.lay.n,
+            self.acts.len()
+        )
+    }
+}
+
+impl FusedLm {
+    /// The encoder's forward pass over each block's record: `signals[records, leads,
+    /// samples]` -> tokens `[blocks * v, d_vision]`.
+    fn encoder_forward(
+        &self,
+        enc: &EncSlots,
+        blocks: &[(usize, usize)],
+        signals: &[f32],
+    ) -> (Vec<f32>, EncTape) {
+        let (v, dv) = (self.n_visual, self.dv);
+        let (leads, samples, patch) = (enc.leads, enc.samples, enc.patch);
+        let pd = leads * patch;
+        let nb = blocks.len();
+        // Token p of a record reads window p of every lead: feature l * patch + k.
+        let mut patches = vec![0.0f32; nb * v * pd];
+        for (b, &(_, rec)) in blocks.iter().enumerate() {
+            let sig = &signals[rec * leads * samples..(rec + 1) * leads * samples];
+            for p in 0..v {
+                let row = &mut patches[(b * v + p) * pd..(b * v + p + 1) * pd];
+                for l in 0..leads {
+                    row[l * patch..(l + 1) * patch].copy_from_slice(
+                        &sig[l * samples + p * patch..l * samples + (p + 1) * patch],
+                    );
+                }
+            }
+        }
+        let n = nb * v;
+        let mut x = vec![0.0f32; n * dv];
+        mm(
+            &mut x,
+            View::rm(n, dv, dv, 0),
+            &patches,
+            View::rm(n, pd, pd, 0),
+            self.p(enc.embed.0),
+            View::rm(pd, dv, dv, 0),
+            false,
+        );
+        add_bias(&mut x, self.p(enc.embed.1));
+        let pos = self.p(enc.pos);
+        for row in x.chunks_exact_mut(v * dv) {
+            for (o, &e) in row.iter_mut().zip(pos) {
+                *o += e;
+            }
+        }
+        // Every token sees every token of its record.
+        let mut lay = Layout {
+            n,
+            pos: Vec::new(),
+            token: Vec::new(),
+            blocks: (0..nb).map(|b| (b * v, b)).collect(),
+            groups: Vec::new(),
+            targets: Vec::new(),
+            rows_at: Vec::new(),
+        };
+        let mut p_off = 0;
+        for b in 0..nb {
+            let g = Group {
+                qs: b * v,
+                qn: v,
+                ss: b * v,
+                sn: v,
+                causal: false,
+                p_off,
+            };
+            p_off += g.per_head() * enc.dims.heads;
+            lay.groups.push(g);
+        }
+        let acts = enc
+            .layers
+            .iter()
+            .map(|ls| self.layer_forward(ls, enc.dims, &lay, &mut x))
+            .collect();
+        let (xhat, inv, y) = ln_forward(&x, self.p(enc.norm.0), self.p(enc.norm.1));
+        (
+            y,
+            EncTape {
+                lay,
+                patches,
+                acts,
+                xhat,
+                inv,
+            },
+        )
+    }
+
+    /// The encoder's backward pass from `dy`, d loss / d tokens `[blocks * v, d_vision]`.
+    fn encoder_backward(&self, enc: &EncSlots, tape: &EncTape, dy: &[f32], grads: &mut [f32]) {
+        let (v, dv) = (self.n_visual, self.dv);
+        let n = tape.lay.n;
+        let mut dx = vec![0.0f32; n * dv];
+        {
+            let (dg, db) = self.two_grads(grads, enc.norm.0, enc.norm.1);
+            ln_backward(
+                dy,
+                &tape.xhat,
+                &tape.inv,
+                self.p(enc.norm.0),
+                dg,
+                db,
+                &mut dx,
+            );
+        }
+        for (ls, a) in enc.layers.iter().zip(&tape.acts).rev() {
+            self.layer_backward(ls, enc.dims, &tape.lay, a, &mut dx, grads);
+        }
+        let s = &self.slots[enc.pos];
+        let gpos = &mut grads[s.off..s.off + s.len];
+        for row in dx.chunks_exact(v * dv) {
+            for (o, &g) in gpos.iter_mut().zip(row) {
+                *o += g;
+            }
+        }
+        self.linear_grads(
+            grads,
+            enc.embed,
+            &tape.patches,
+            n,
+            &dx,
+            View::rm(n, dv, dv, 0),
+        );
+    }
+
+    /// The forward pass of [`EcgVlm::view_layer`] (`input` = signals) or
+    /// [`EcgVlm::view_from_visual`] (`input` = tokens), with hidden states at `layer`
+    /// (`None` or the number of layers: after the final norm), keeping what
+    /// [`FusedLm::view_backward`] needs. Rows about the same record share its prefix.
+    ///
+    /// # Errors
+    /// As [`FusedLm::step`], and signals given to a model built without its encoder.
+    pub fn view_forward(
+        &self,
+        input: ViewInput<'_>,
+        rows: &[LmRow<'_>],
+        layer: Option<usize>,
+    ) -> Result<(ViewOut, ViewTape), FusedError> {
+        let (v, d, dv, vocab) = (self.n_visual, self.d, self.dv, self.vocab);
+        let n_layers = self.layers.len();
+        let layer = layer.filter(|&k| k < n_layers);
+        let per_record = match (input, &self.enc) {
+            (ViewInput::Tokens(_), _) => v * dv,
+            (ViewInput::Signals(_), Some(e)) => e.leads * e.samples,
+            (ViewInput::Signals(_), None) => {
+                return Err(FusedError::Visual(
+                    "signals given, but the kernels were built without the encoder".into(),
+                ));
+            }
+        };
+        let data = match input {
+            ViewInput::Tokens(x) | ViewInput::Signals(x) => x,
+        };
+        if per_record == 0 || !data.len().is_multiple_of(per_record) {
+            return Err(FusedError::Visual(format!(
+                "{} values are not a whole number of records of {per_record}",
+                data.len()
+            )));
+        }
+        let records = data.len() / per_record;
+        let lay = self.layout(records, rows, true)?;
+        let nb = lay.blocks.len();
+        let (vis, enc) = match (input, &self.enc) {
+            (ViewInput::Signals(sig), Some(e)) => {
+                let (y, tape) = self.encoder_forward(e, &lay.blocks, sig);
+                (y, Some(tape))
+            }
+            _ => {
+                let mut vis = Vec::with_capacity(nb * v * dv);
+                for &(_, rec) in &lay.blocks {
+                    vis.extend_from_slice(&data[rec * v * dv..(rec + 1) * v * dv]);
+                }
+                (vis, None)
+            }
+        };
+        let mut x = self.embed(&lay, &vis);
+        let mut acts = Vec::with_capacity(n_layers);
+        let mut at = None;
+        for (i, ls) in self.layers.iter().enumerate() {
+            if layer == Some(i) {
+                at = Some(x.clone());
+            }
+            acts.push(self.layer_forward(ls, self.lm_dims(), &lay, &mut x));
+        }
+        let (ng, nbeta) = self.norm;
+        let (xhat_f, inv_f, hf) = ln_forward(&x, self.p(ng), self.p(nbeta));
+        let b = rows.len();
+        let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let mut out = ViewOut {
+            rows: b,
+            t,
+            visual: vec![0.0; b * v * dv],
+            hidden: vec![0.0; b * t * d],
+            logits: vec![0.0; b * t * vocab],
+            visual_hidden: vec![0.0; b * v * d],
+            head: self.p(self.head).to_vec(),
+        };
+        let block_of = |start: usize| lay.blocks.iter().position(|&(s, _)| s == start);
+        let mut lsrc = Vec::new();
+        for (r, &(start, qs, len)) in lay.rows_at.iter().enumerate() {
+            let bi = block_of(start).expect("every row has a block");
+            out.visual[r * v * dv..(r + 1) * v * dv]
+                .copy_from_slice(&vis[bi * v * dv..(bi + 1) * v * dv]);
+            out.visual_hidden[r * v * d..(r + 1) * v * d]
+                .copy_from_slice(&hf[start * d..(start + v) * d]);
+            let src = at.as_ref().unwrap_or(&hf);
+            out.hidden[r * t * d..(r * t + len) * d].copy_from_slice(&src[qs * d..(qs + len) * d]);
+            // Position v - 1 + i predicts token i; the last real position predicts the
+            // token after the row (a real value in burn's padded batch too).
+            for i in 0..t.min(len + 1) {
+                lsrc.push((r, i, if i == 0 { start + v - 1 } else { qs + i - 1 }));
+            }
+        }
+        let m = lsrc.len();
+        let mut hsrc = vec![0.0f32; m * d];
+        for (k, &(_, _, src)) in lsrc.iter().enumerate() {
+            hsrc[k * d..(k + 1) * d].copy_from_slice(&hf[src * d..(src + 1) * d]);
+        }
+        let mut logits = vec![0.0f32; m * vocab];
+        mm(
+            &mut logits,
+            View::rm(m, vocab, vocab, 0),
+            &hsrc,
+            View::rm(m, d, d, 0),
+            self.p(self.head),
+            View::rm(d, vocab, vocab, 0),
+            false,
+        );
+        for (k, &(r, i, _)) in lsrc.iter().enumerate() {
+            out.logits[(r * t + i) * vocab..(r * t + i + 1) * vocab]
+                .copy_from_slice(&logits[k * vocab..(k + 1) * vocab]);
+        }
+        let tape = ViewTape {
+            lay,
+            enc,
+            vis,
+            acts,
+            xhat_f,
+            inv_f,
+            hf,
+            layer,
+            lsrc,
+            t,
+        };
+        Ok((out, tape))
+    }
+
+    /// The backward pass of [`FusedLm::view_forward`]: the gradient of every parameter from
+    /// the loss's gradients with respect to the outputs (the returned step's `loss` is NaN:
+    /// the loss was computed elsewhere).
+    ///
+    /// # Panics
+    /// When a gradient's length is not its output's.
+    pub fn view_backward(&self, tape: &ViewTape, g: ViewGrads<'_>) -> FusedStep {
+        let (v, d, dv, vocab) = (self.n_visual, self.d, self.dv, self.vocab);
+        let lay = &tape.lay;
+        let (n, t) = (lay.n, tape.t);
+        let b = lay.rows_at.len();
+        let mut grads = vec![0.0f32; self.values.len()];
+        let mut dhf = vec![0.0f32; n * d];
+        if let Some(gl) = g.logits {
+            assert_eq!(gl.len(), b * t * vocab, "logits gradient");
+            let m = tape.lsrc.len();
+            let mut dl = vec![0.0f32; m * vocab];
+            let mut hsrc = vec![0.0f32; m * d];
+            for (k, &(r, i, src)) in tape.lsrc.iter().enumerate() {
+                dl[k * vocab..(k + 1) * vocab]
+                    .copy_from_slice(&gl[(r * t + i) * vocab..(r * t + i + 1) * vocab]);
+                hsrc[k * d..(k + 1) * d].copy_from_slice(&tape.hf[src * d..(src + 1) * d]);
+            }
+            let s = &self.slots[self.head];
+            mm(
+                &mut grads[s.off..s.off + s.len],
+                View::rm(d, vocab, vocab, 0),
+                &hsrc,
+                View::rm(m, d, d, 0).t(),
+                &dl,
+                View::rm(m, vocab, vocab, 0),
+                false,
+            );
+            let mut dsrc = vec![0.0f32; m * d];
+            mm(
+                &mut dsrc,
+                View::rm(m, d, d, 0),
+                &dl,
+                View::rm(m, vocab, vocab, 0),
+                self.p(self.head),
+                View::rm(d, vocab, vocab, 0).t(),
+                false,
+            );
+            for (k, &(_, _, src)) in tape.lsrc.iter().enumerate() {
+                axpy(
+                    &mut dhf[src * d..(src + 1) * d],
+                    1.0,
+                    &dsrc[k * d..(k + 1) * d],
+                );
+            }
+        }
+        if let Some(gh) = g.head {
+            let s = &self.slots[self.head];
+            axpy(&mut grads[s.off..s.off + s.len], 1.0, gh);
+        }
+        if let Some(gv) = g.visual_hidden {
+            assert_eq!(gv.len(), b * v * d, "visual_hidden gradient");
+            for (r, &(start, _, _)) in lay.rows_at.iter().enumerate() {
+                axpy(
+                    &mut dhf[start * d..(start + v) * d],
+                    1.0,
+                    &gv[r * v * d..(r + 1) * v * d],
+                );
+            }
+        }
+        let add_hidden = |dx: &mut [f32], gh: &[f32]| {
+            assert_eq!(gh.len(), b * t * d, "hidden gradient");
+            for (r, &(_, qs, len)) in lay.rows_at.iter().enumerate() {
+                axpy(
+                    &mut dx[qs * d..(qs + len) * d],
+                    1.0,
+                    &gh[r * t * d..(r * t + len) * d],
+                );
+            }
+        };
+        if tape.layer.is_none()
+            && let Some(gh) = g.hidden
+        {
+            add_hidden(&mut dhf, gh);
+        }
+        let mut dx = vec![0.0f32; n * d];
+        {
+            let (ng, nbeta) = self.norm;
+            let (dg, db) = self.two_grads(&mut grads, ng, nbeta);
+            ln_backward(&dhf, &tape.xhat_f, &tape.inv_f, self.p(ng), dg, db, &mut dx);
+        }
+        for (i, (ls, a)) in self.layers.iter().zip(&tape.acts).enumerate().rev() {
+            self.layer_backward(ls, self.lm_dims(), lay, a, &mut dx, &mut grads);
+            if tape.layer == Some(i)
+                && let Some(gh) = g.hidden
+            {
+                add_hidden(&mut dx, gh);
+            }
+        }
+        let dvis = self.embed_backward(lay, &tape.vis, &dx, &mut grads);
+        if let (Some(enc), Some(et)) = (&self.enc, &tape.enc) {
+            let mut dvis = dvis;
+            if let Some(gv) = g.visual {
+                assert_eq!(gv.len(), b * v * dv, "visual gradient");
+                for (r, &(start, _, _)) in lay.rows_at.iter().enumerate() {
+                    let bi = lay
+                        .blocks
+                        .iter()
+                        .position(|&(s, _)| s == start)
+                        .expect("every row has a block");
+                    axpy(
+                        &mut dvis[bi * v * dv..(bi + 1) * v * dv],
+                        1.0,
+                        &gv[r * v * dv..(r + 1) * v * dv],
+                    );
+                }
+            }
+            self.encoder_backward(enc, et, &dvis, &mut grads);
+        }
+        FusedStep {
+            loss: f64::NAN,
+            grads,
+        }
+    }
+
+    /// The decoder's input: projected visual tokens `vis[blocks * v, d_vision]` at each
+    /// block's visual rows, token embeddings at text rows, plus positions.
+    fn embed(&self, lay: &Layout, vis: &[f32]) -> Vec<f32> {
+        let (v, d, dv) = (self.n_visual, self.d, self.dv);
+        let nb = lay.blocks.len();
+        let mut proj = vec![0.0f32; nb * v * d];
+        let (pw, pb) = self.projector;
+        mm(
+            &mut proj,
+            View::rm(nb * v, d, d, 0),
+            vis,
+            View::rm(nb * v, dv, dv, 0),
+            self.p(pw),
+            View::rm(dv, d, d, 0),
+            false,
+        );
+        add_bias(&mut proj, self.p(pb));
+        let mut x = vec![0.0f32; lay.n * d];
+        for (b, &(start, _)) in lay.blocks.iter().enumerate() {
+            x[start * d..(start + v) * d].copy_from_slice(&proj[b * v * d..(b + 1) * v * d]);
+        }
+        let (emb, pos) = (self.p(self.tok_emb), self.p(self.pos));
+        for r in 0..lay.n {
+            let xr = &mut x[r * d..(r + 1) * d];
+            if let Some(t) = lay.token[r] {
+                xr.copy_from_slice(&emb[t * d..(t + 1) * d]);
+            }
+            let p = lay.pos[r];
+            for (o, &e) in xr.iter_mut().zip(&pos[p * d..(p + 1) * d]) {
+                *o += e;
+            }
+        }
+        x
+    }
+
+    /// [`FusedLm::embed`] backwards: position, token embedding and projector gradients from
+    /// `dx`; returns d loss / d `vis`.
+    fn embed_backward(&self, lay: &Layout, vis: &[f32], dx: &[f32], grads: &mut [f32]) -> Vec<f32> {
+        let (v, d, dv) = (self.n_visual, self.d, self.dv);
+        {
+            let s = &self.slots[self.pos];
+            let gpos = &mut grads[s.off..s.off + s.len];
+            for r in 0..lay.n {
+                let p = lay.pos[r];
+                axpy(&mut gpos[p * d..(p + 1) * d], 1.0, &dx[r * d..(r + 1) * d]);
+            }
+        }
+        {
+            let s = &self.slots[self.tok_emb];
+            let gemb = &mut grads[s.off..s.off + s.len];
+            for r in 0..lay.n {
+                if let Some(t) = lay.token[r] {
+                    axpy(&mut gemb[t * d..(t + 1) * d], 1.0, &dx[r * d..(r + 1) * d]);
+                }
+            }
+        }
+        let nb = lay.blocks.len();
+        let mut dproj = vec![0.0f32; nb * v * d];
+        for (b, &(start, _)) in lay.blocks.iter().enumerate() {
+            dproj[b * v * d..(b + 1) * v * d].copy_from_slice(&dx[start * d..(start + v) * d]);
+        }
+        self.linear_grads(
+            grads,
+            self.projector,
+            vis,
+            nb * v,
+            &dproj,
+            View::rm(nb * v, d, d, 0),
+        );
+        let mut dvis = vec![0.0f32; nb * v * dv];
+        if self.enc.is_some() {
+            mm(
+                &mut dvis,
+                View::rm(nb * v, dv, dv, 0),
+                &dproj,
+                View::rm(nb * v, d, d, 0),
+                self.p(self.projector.0),
+                View::rm(dv, d, d, 0).t(),
+                false,
+            );
+        }
+        dvis
     }
 }
 
@@ -1060,8 +1666,8 @@ fn attention_forward(
                 for j in 0..g.qn {
                     let qr = g.qs + j;
                     let q = &qkv[qr * 3 * d + h * dh..][..dh];
-                    let c = g.sn + j + 1;
-                    let w = &mut p[h * per + j * g.sn + j * (j + 1) / 2..][..c];
+                    let c = g.visible(j);
+                    let w = &mut p[h * per + g.weights_at(j)..][..c];
                     let mut max = f32::NEG_INFINITY;
                     for (k, wk) in w.iter_mut().enumerate() {
                         let kr = g.key_row(k);
@@ -1159,8 +1765,8 @@ fn attention_backward(
                 for h in 0..heads {
                     for j in 0..g.qn {
                         let qr = g.qs + j;
-                        let c = g.sn + j + 1;
-                        let w = &p[g.p_off + h * per + j * g.sn + j * (j + 1) / 2..][..c];
+                        let c = g.visible(j);
+                        let w = &p[g.p_off + h * per + g.weights_at(j)..][..c];
                         let dc = &dctx[qr * d + h * dh..][..dh];
                         dp.clear();
                         let mut s = 0.0f32;
@@ -1212,7 +1818,6 @@ fn attention_backward(
             scale,
         });
     }
-    let _ = dh;
     jobs.into_par_iter()
         .for_each(|job| pulp::Arch::new().dispatch(job));
 }
@@ -1370,6 +1975,156 @@ mod tests {
             })
             .collect();
         check(2, 4, &long);
+    }
+
+    /// The view pass (every output distillation reads) and its backward pass equal burn's
+    /// `view_layer` and autodiff, with the encoder learning from raw signals, for hidden
+    /// states after the final norm and at inner layers. The loss is a fixed random linear
+    /// function of every output at the positions a row has (burn fills the rest from padding).
+    #[test]
+    fn view_pass_matches_autodiff() {
+        let rows: Vec<(usize, Vec<i64>, Vec<bool>)> = vec![
+            (
+                1,
+                vec![1, 5, 6, 7, 8, 2],
+                vec![false, false, false, true, true, true],
+            ),
+            (0, vec![1, 9, 10, 2], vec![false, false, true, false]),
+            (1, vec![1, 5, 11], vec![false; 3]),
+            (2, vec![3, 4, 2, 7, 7, 7, 7, 9], vec![true; 8]),
+        ];
+        for layer in [None, Some(0), Some(1), Some(2)] {
+            let (m, device) = model(2, 2);
+            let (b, leads, samples) = (rows.len(), 12, 200);
+            let signals =
+                Tensor::<3>::random([3, leads, samples], Distribution::Normal(0.0, 1.0), &device);
+            let sig_host: Vec<f32> = signals.clone().into_data().try_to_vec().unwrap();
+            let t = rows.iter().map(|r| r.1.len()).max().unwrap();
+            let (mut ids, mut pad) = (Vec::new(), Vec::new());
+            for (_, i, _) in &rows {
+                for k in 0..t {
+                    ids.push(i.get(k).copied().unwrap_or(0));
+                    pad.push(k >= i.len());
+                }
+            }
+            let recs: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
+            let px = signals.select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(recs, [b]), &device),
+            );
+            let text = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+            let padt = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, t]), &device);
+            let view = m.view_layer(px, text, padt, layer);
+            let (v, d, dv, vocab) = (10, 24, 16, 30);
+            // Random weights, zero where a row has no position.
+            let weights = |len: usize, per_pos: usize, valid: &dyn Fn(usize, usize) -> bool| {
+                let mut rng = 0x2545_f491_4f6c_dd1du64.wrapping_add(len as u64);
+                (0..len)
+                    .map(|k| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let pos = k / per_pos;
+                        let (r, i) = (pos / t.max(1), pos % t.max(1));
+                        if valid(r, i) {
+                            (rng % 2001) as f32 / 1000.0 - 1.0
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect::<Vec<f32>>()
+            };
+            let all = |_: usize, _: usize| true;
+            let wv = weights(b * v * dv, 1, &all);
+            let wh = weights(b * t * d, d, &|r, i| i < rows[r].1.len());
+            let wl = weights(b * t * vocab, vocab, &|r, i| i <= rows[r].1.len());
+            let wvh = weights(b * v * d, 1, &all);
+            let whd = weights(d * vocab, 1, &all);
+            let dot3 = |x: Tensor<3>, w: &[f32]| {
+                let dims = x.dims();
+                (x * Tensor::<3>::from_data(TensorData::new(w.to_vec(), dims), &device)).sum()
+            };
+            let loss = dot3(view.visual.clone(), &wv)
+                + dot3(view.hidden.clone(), &wh)
+                + dot3(view.logits.clone(), &wl)
+                + dot3(view.visual_hidden.clone(), &wvh)
+                + (view.head.clone()
+                    * Tensor::<2>::from_data(TensorData::new(whd.clone(), [d, vocab]), &device))
+                .sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            let fused = FusedLm::with_encoder(&m).unwrap();
+            let lm_rows: Vec<LmRow<'_>> = rows
+                .iter()
+                .map(|(r, i, a)| LmRow {
+                    record: *r,
+                    ids: i,
+                    answer: a,
+                })
+                .collect();
+            let (out, tape) = fused
+                .view_forward(ViewInput::Signals(&sig_host), &lm_rows, layer)
+                .unwrap();
+            let host = |x: Tensor<3>| -> Vec<f32> { x.into_data().try_to_vec().unwrap() };
+            let close = |what: &str, got: &[f32], want: &[f32], w: &[f32]| {
+                assert_eq!(got.len(), want.len(), "{what}");
+                for (k, ((g, x), w)) in got.iter().zip(want).zip(w).enumerate() {
+                    if *w != 0.0 {
+                        assert!(
+                            (g - x).abs() < 2e-4 * (1.0 + x.abs()),
+                            "{what}[{k}]: {g} vs {x}"
+                        );
+                    }
+                }
+            };
+            close("visual", &out.visual, &host(view.visual), &wv);
+            close("hidden", &out.hidden, &host(view.hidden), &wh);
+            close("logits", &out.logits, &host(view.logits), &wl);
+            close(
+                "visual_hidden",
+                &out.visual_hidden,
+                &host(view.visual_hidden),
+                &wvh,
+            );
+            let step = fused.view_backward(
+                &tape,
+                ViewGrads {
+                    visual: Some(&wv),
+                    hidden: Some(&wh),
+                    logits: Some(&wl),
+                    visual_hidden: Some(&wvh),
+                    head: Some(&whd),
+                },
+            );
+            assert!(fused.slots.iter().filter(|s| s.train).count() > 30);
+            for s in &fused.slots {
+                let want: Vec<f32> = match s.shape.len() {
+                    1 => grads
+                        .get::<1>(s.id)
+                        .unwrap()
+                        .into_data()
+                        .try_to_vec()
+                        .unwrap(),
+                    _ => grads
+                        .get::<2>(s.id)
+                        .unwrap()
+                        .into_data()
+                        .try_to_vec()
+                        .unwrap(),
+                };
+                let got = fused.gradient_of(&step, s.id).unwrap();
+                // (The key bias's gradient is zero in exact arithmetic: a softmax does not
+                // move when every score of a query moves by the same amount.)
+                let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-2);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 2e-4 * scale,
+                        "layer {layer:?}: parameter {:?} at {}, element {i}: fused {g} vs autodiff {w}",
+                        s.shape,
+                        s.off
+                    );
+                }
+            }
+        }
     }
 
     #[test]

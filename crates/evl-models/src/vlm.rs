@@ -169,12 +169,12 @@ impl ImageStem {
 /// The model.
 #[derive(Module, Debug)]
 pub struct EcgVlm {
-    stem: Option<ConvStem>,
-    image_stem: Option<ImageStem>,
-    patch_embed: Linear,
-    vis_pos: Param<Tensor<2>>,
-    vision: TransformerEncoder,
-    vis_norm: LayerNorm,
+    pub(crate) stem: Option<ConvStem>,
+    pub(crate) image_stem: Option<ImageStem>,
+    pub(crate) patch_embed: Linear,
+    pub(crate) vis_pos: Param<Tensor<2>>,
+    pub(crate) vision: TransformerEncoder,
+    pub(crate) vis_norm: LayerNorm,
     pub(crate) projector: Linear,
     pub(crate) tok_emb: Embedding,
     pub(crate) pos: Param<Tensor<2>>,
