@@ -1,5 +1,8 @@
-//! The forward and backward pass of [`EcgVlm`]'s language model as fused host kernels, for
-//! supervised fine-tuning on a frozen encoder's visual tokens.
+//! The forward and backward pass of [`EcgVlm`] as fused host kernels, for training on the
+//! CPU: supervised fine-tuning on a frozen encoder's visual tokens ([`FusedLm::step`]), and
+//! view passes ([`FusedLm::view_forward`] / [`FusedLm::view_backward`]) that give
+//! distillation every output it reads and take the loss's gradients with respect to them
+//! back through the language model and, for a signal student, its encoder.
 //!
 //! Why it exists: burn's autodiff runs a training step op by op, materialising every
 //! intermediate, through GEMMs tuned for other shapes (measured: 0.4-0.5x the same step in
@@ -600,6 +603,26 @@ impl FusedLm {
     fn p(&self, slot: usize) -> &[f32] {
         let s = &self.slots[slot];
         &self.values[s.off..s.off + s.len]
+    }
+
+    /// Visual tokens per record.
+    pub fn n_visual(&self) -> usize {
+        self.n_visual
+    }
+
+    /// Width of the visual tokens.
+    pub fn d_vision(&self) -> usize {
+        self.dv
+    }
+
+    /// Width of the language model.
+    pub fn d_model(&self) -> usize {
+        self.d
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// Parameters the step covers.

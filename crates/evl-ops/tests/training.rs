@@ -72,6 +72,107 @@ fn part(m: &evl_models::vlm::EcgVlm, prefix: &str) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Distillation of a signal student on the CPU runs the student by the fused host kernels
+/// (its encoder learning too) and the method's loss in burn: for every method, the same
+/// losses and weights as burn's autodiff through the whole student, with hidden states read
+/// after the final norm and at an inner layer.
+#[test]
+fn fused_distillation_equals_autodiff() {
+    let _rng = rng_lock();
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(12);
+    let texts = evl_infer::input::corpus(&data);
+    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
+    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
+    let mut qc = QuickstartConfig::preset(Preset::Tiny);
+    qc.student_input = "signal".into();
+    let mut tc = qc.teacher_model();
+    tc.vocab = t_tok.vocab_size();
+    let mut sc = qc.student_model();
+    sc.vocab = s_tok.vocab_size();
+    device.seed(1);
+    let teacher = tc.init(&device);
+    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
+    train_dev.seed(2);
+    let student = sc.init(&train_dev);
+    // Materialise the lazily initialised weights (a trained student's are).
+    let _ = weights(&student);
+    let methods = [
+        (Method::Evl { ablate: vec![] }, None),
+        (Method::Evl { ablate: vec![] }, Some(1)),
+        (Method::Kl, None),
+        (Method::Ce, None),
+        (Method::Uld, None),
+        (Method::MultiLevelOt, None),
+        (Method::TinyBert, None),
+        (Method::Dskd, None),
+        (Method::Emkd, None),
+    ];
+    for (method, layer) in methods {
+        let run = |host_kernels: bool| {
+            let optim = OptimConfig {
+                steps: 3,
+                batch_size: 4,
+                warmup: 1,
+                seed: 5,
+                host_kernels,
+                ..OptimConfig::default()
+            };
+            let cfg = DistillConfig {
+                student_layer: layer,
+                ..DistillConfig::paper(method.clone(), optim)
+            };
+            distill(
+                student.clone(),
+                &data,
+                &s_tok,
+                &t_tok,
+                Teacher::Cached(&cache),
+                &cfg,
+                None,
+                &train_dev,
+                |_| {},
+            )
+            .unwrap()
+        };
+        let (a, la) = run(false);
+        let (b, lb) = run(true);
+        for (x, y) in la.iter().zip(&lb) {
+            assert!(
+                (x.total - y.total).abs() < 1e-4 * x.total.abs().max(1.0),
+                "{method:?} layer {layer:?}, step {}: loss {} by autodiff, {} fused",
+                x.step,
+                x.total,
+                y.total
+            );
+        }
+        let f = |b: &[u8]| -> Vec<f32> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let (wa, wb) = (weights(&a.student), weights(&b.student));
+        assert_eq!(wa.len(), wb.len());
+        for ((k, x), (_, y)) in wa.iter().zip(&wb) {
+            let diff = f(x)
+                .iter()
+                .zip(f(y))
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                diff < 2e-4,
+                "{method:?} layer {layer:?}: {k} differs by {diff}"
+            );
+        }
+        // The encoder learnt in both.
+        assert_ne!(
+            part(&b.student, "patch_embed"),
+            part(&student, "patch_embed")
+        );
+    }
+}
+
 #[test]
 fn distillation_resumes_to_the_same_weights() {
     let _rng = rng_lock();

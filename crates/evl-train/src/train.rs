@@ -28,12 +28,14 @@ use evl_kd::method::{
 };
 use evl_kd::task::masked_token_ce;
 use evl_kd::{EvlLoss, EvlLossConfig, Kernel, MhcaAlignConfig, OtAlignConfig, SinkhornSettings};
+use evl_models::fused::{FusedLm, LmRow, ViewGrads, ViewInput, ViewTape};
+use evl_models::vlm::DistillView;
 use evl_models::vlm::EcgVlm;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::batch::{Batch, make_batch, make_text_batch};
+use crate::batch::{Batch, TextBatch, make_batch, make_text_batch};
 use crate::cache::teacher_cache;
 pub use crate::cache::{Teacher, TeacherCache, TeacherOut, cache_teacher, cache_teacher_at};
 use crate::checkpoint;
@@ -77,10 +79,12 @@ pub struct OptimConfig {
     /// vision tower.
     #[serde(default)]
     pub freeze_vision: bool,
-    /// SFT on a frozen encoder, on the CPU: run the language model's forward and backward
-    /// passes as fused host kernels ([`evl_models::fused`]: each record's visual prefix once
-    /// for all its questions) instead of burn's autodiff. The same loss and gradients to
-    /// float rounding; `false` is the reference path.
+    /// On the CPU, run the model's forward and backward passes as fused host kernels
+    /// ([`evl_models::fused`]) instead of burn's autodiff: SFT on a frozen encoder (each
+    /// record's visual prefix once for all its questions), and distillation of a student
+    /// whose encoder reads the signal without a stem (the student learns on the host, the
+    /// method's loss stays burn's). The same losses and gradients to float rounding; `false`
+    /// is the reference path.
     #[serde(default = "yes")]
     pub host_kernels: bool,
 }
@@ -769,11 +773,34 @@ pub fn distill(
                     &online
                 }
             };
-            let b = make_batch(&ss, &turns, s_tok, &input, device);
-            check_len(&b.rows, model.student.max_text(), &ss, &turns)?;
-            let v = model
-                .student
-                .view_layer(b.pixels, b.text.clone(), b.pad, cfg.student_layer);
+            let fused = (cfg.optim.host_kernels && evl_models::device::is_host(device))
+                .then(|| FusedLm::with_encoder(&model.student))
+                .flatten();
+            let (b, v, tape) = match &fused {
+                Some(f) => {
+                    let t = make_text_batch(&ss, &turns, s_tok, device);
+                    check_len(&t.rows, model.student.max_text(), &ss, &turns)?;
+                    let (v, tape) = fused_view(f, &ss, &idx, &t, &input, cfg, device)?;
+                    (t, v, Some(tape))
+                }
+                None => {
+                    let b = make_batch(&ss, &turns, s_tok, &input, device);
+                    check_len(&b.rows, model.student.max_text(), &ss, &turns)?;
+                    let v = model.student.view_layer(
+                        b.pixels,
+                        b.text.clone(),
+                        b.pad.clone(),
+                        cfg.student_layer,
+                    );
+                    let t = TextBatch {
+                        text: b.text,
+                        pad: b.pad,
+                        answer: b.answer,
+                        rows: b.rows,
+                    };
+                    (t, v, None)
+                }
+            };
             let ce = masked_token_ce(v.logits.clone(), b.text.clone(), b.answer.clone());
             let needs = cfg.method.needs();
             let answers = if needs.aligned_answers {
@@ -790,9 +817,125 @@ pub fn distill(
                 teacher: teacher_batch(&idx, cache, needs, device),
                 answers,
             };
-            Ok(run.part(model, batch, ce))
+            let part = run.part(model, batch, ce);
+            match (fused, tape) {
+                (Some(f), Some(tape)) => Ok(host_backward(part, model.clone(), v, f, tape, device)),
+                _ => Ok(part),
+            }
         },
     )
+}
+
+/// The student's view of a distillation micro-batch by the fused host kernels
+/// ([`evl_models::fused`]): its tensors are graph leaves, so the method's loss (burn's) can
+/// be back-propagated to them and from there, by [`host_backward`], into the student.
+fn fused_view(
+    f: &FusedLm,
+    ss: &[&Sample],
+    idx: &[(usize, usize)],
+    t: &TextBatch,
+    input: &evl_models::vlm::InputKind,
+    cfg: &DistillConfig,
+    device: &Device,
+) -> Result<(DistillView, ViewTape)> {
+    let mut records: Vec<usize> = Vec::new();
+    let mut signals = Vec::new();
+    let mut rows = Vec::with_capacity(idx.len());
+    for ((&(i, _), s), (ids, answer)) in idx.iter().zip(ss).zip(&t.rows) {
+        let record = match records.iter().position(|&r| r == i) {
+            Some(r) => r,
+            None => {
+                records.push(i);
+                signals.extend(evl_infer::input::model_input(s, input));
+                records.len() - 1
+            }
+        };
+        rows.push(LmRow {
+            record,
+            ids,
+            answer,
+        });
+    }
+    let (out, tape) = f
+        .view_forward(ViewInput::Signals(&signals), &rows, cfg.student_layer)
+        .map_err(|e| Error::Config {
+            field: "batch",
+            what: format!(
+                "records {}: {e}",
+                ss.iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+    let (b, tl) = (out.rows, out.t);
+    let (v, dv) = (f.n_visual(), f.d_vision());
+    let (d, vocab) = (f.d_model(), f.vocab());
+    let leaf3 = |x: Vec<f32>, shape: [usize; 3]| {
+        Tensor::<3>::from_data(TensorData::new(x, shape), device).require_grad()
+    };
+    let view = DistillView {
+        visual: leaf3(out.visual, [b, v, dv]),
+        hidden: leaf3(out.hidden, [b, tl, d]),
+        text_mask: t.pad.clone().bool_not(),
+        logits: leaf3(out.logits, [b, tl, vocab]),
+        visual_hidden: leaf3(out.visual_hidden, [b, v, d]),
+        head: Tensor::<2>::from_data(TensorData::new(out.head, [d, vocab]), device).require_grad(),
+        visual_mask: None,
+    };
+    Ok((view, tape))
+}
+
+/// A distillation part whose student ran on the fused kernels: back-propagate the method's
+/// loss (scaled) through burn to the view's leaves and the trainable head, then from the
+/// leaves' gradients through the student on the host.
+fn host_backward(
+    part: Part,
+    model: DistillModel,
+    view: DistillView,
+    fused: FusedLm,
+    tape: ViewTape,
+    device: &Device,
+) -> Part {
+    let Objective::Graph(total) = part.loss else {
+        return part;
+    };
+    let value = scalar(total.clone());
+    let plain = device.clone().without_autodiff();
+    Part {
+        loss: Objective::Host {
+            value,
+            grads: Box::new(move |scale| {
+                let mut g = total.mul_scalar(scale).backward();
+                let host = |x: Option<Tensor<3>>| -> Option<Vec<f32>> {
+                    x.map(|t| t.into_data().iter::<f32>().collect())
+                };
+                let visual = host(view.visual.grad(&g));
+                let hidden = host(view.hidden.grad(&g));
+                let logits = host(view.logits.grad(&g));
+                let visual_hidden = host(view.visual_hidden.grad(&g));
+                let head: Option<Vec<f32>> = view
+                    .head
+                    .grad(&g)
+                    .map(|t| t.into_data().iter::<f32>().collect());
+                let mut out = GradientsParams::from_module(&mut g, &model);
+                let step = fused.view_backward(
+                    &tape,
+                    ViewGrads {
+                        visual: visual.as_deref(),
+                        hidden: hidden.as_deref(),
+                        logits: logits.as_deref(),
+                        visual_hidden: visual_hidden.as_deref(),
+                        head: head.as_deref(),
+                    },
+                );
+                fused.register(&mut out, &step, 1.0, &plain);
+                out
+            }),
+        },
+        ce: part.ce,
+        terms: part.terms,
+    }
 }
 
 /// What every distillation run (built-in or real checkpoints) builds before its first step
