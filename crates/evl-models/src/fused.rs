@@ -107,6 +107,8 @@ struct EncSlots {
     leads: usize,
     samples: usize,
     patch: usize,
+    /// Some encoder parameter learns (else its backward pass is skipped).
+    train: bool,
 }
 
 /// Slot indices of one decoder layer.
@@ -566,6 +568,7 @@ impl FusedLm {
                 leads,
                 samples,
                 patch,
+                train: slots[..projector.0].iter().any(|s| s.train),
             },
         );
         let ff = layers.first().map_or(0, |l| slots[l.inner.0].shape[1]);
@@ -603,6 +606,11 @@ impl FusedLm {
     fn p(&self, slot: usize) -> &[f32] {
         let s = &self.slots[slot];
         &self.values[s.off..s.off + s.len]
+    }
+
+    /// Positions of the position table (visual tokens plus the longest text).
+    pub fn n_pos(&self) -> usize {
+        self.n_pos
     }
 
     /// Visual tokens per record.
@@ -1509,7 +1517,9 @@ impl FusedLm {
             }
         }
         let dvis = self.embed_backward(lay, &tape.vis, &dx, &mut grads);
-        if let (Some(enc), Some(et)) = (&self.enc, &tape.enc) {
+        if let (Some(enc), Some(et)) = (&self.enc, &tape.enc)
+            && enc.train
+        {
             let mut dvis = dvis;
             if let Some(gv) = g.visual {
                 assert_eq!(gv.len(), b * v * dv, "visual gradient");
@@ -1532,6 +1542,65 @@ impl FusedLm {
             loss: f64::NAN,
             grads,
         }
+    }
+
+    /// The SFT loss of a batch and its gradients with the encoder learning too: `signals`
+    /// `[records, leads, samples]` through the encoder ([`FusedLm::with_encoder`]), then
+    /// [`FusedLm::view_forward`], the answer-token cross-entropy and
+    /// [`FusedLm::view_backward`] (which skips the encoder's backward pass when none of its
+    /// parameters learns; [`FusedLm::step`] on cached tokens is faster then).
+    ///
+    /// # Errors
+    /// As [`FusedLm::view_forward`], and a batch without answer tokens.
+    pub fn step_from_signals(
+        &self,
+        signals: &[f32],
+        rows: &[LmRow<'_>],
+    ) -> Result<FusedStep, FusedError> {
+        let (out, tape) = self.view_forward(ViewInput::Signals(signals), rows, None)?;
+        let (t, vocab) = (out.t, self.vocab);
+        let m = rows
+            .iter()
+            .map(|r| r.answer.iter().filter(|&&a| a).count())
+            .sum::<usize>();
+        if m == 0 {
+            return Err(FusedError::NoAnswer);
+        }
+        let inv_m = 1.0 / m as f32;
+        let mut dl = vec![0.0f32; out.logits.len()];
+        let mut loss = 0.0f64;
+        for (r, row) in rows.iter().enumerate() {
+            for (i, (&id, _)) in row
+                .ids
+                .iter()
+                .zip(row.answer)
+                .enumerate()
+                .filter(|x| *x.1.1)
+            {
+                let z = &out.logits[(r * t + i) * vocab..(r * t + i + 1) * vocab];
+                let g = &mut dl[(r * t + i) * vocab..(r * t + i + 1) * vocab];
+                let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0.0f32;
+                for (o, &v) in g.iter_mut().zip(z) {
+                    *o = exp(v - max);
+                    sum += *o;
+                }
+                let target = id as usize;
+                loss += f64::from(sum.ln()) - f64::from(g[target].ln());
+                let k = inv_m / sum;
+                g.iter_mut().for_each(|o| *o *= k);
+                g[target] -= inv_m;
+            }
+        }
+        let mut step = self.view_backward(
+            &tape,
+            ViewGrads {
+                logits: Some(&dl),
+                ..ViewGrads::default()
+            },
+        );
+        step.loss = loss / m as f64;
+        Ok(step)
     }
 
     /// The decoder's input: projected visual tokens `vis[blocks * v, d_vision]` at each
@@ -1604,7 +1673,7 @@ impl FusedLm {
             View::rm(nb * v, d, d, 0),
         );
         let mut dvis = vec![0.0f32; nb * v * dv];
-        if self.enc.is_some() {
+        if self.enc.as_ref().is_some_and(|e| e.train) {
             mm(
                 &mut dvis,
                 View::rm(nb * v, dv, dv, 0),
@@ -2148,6 +2217,94 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// SFT with the encoder learning from signals equals burn's `view_layer`, answer-token
+    /// cross-entropy and autodiff.
+    #[test]
+    fn signal_sft_step_matches_autodiff() {
+        let rows: Vec<(usize, Vec<i64>, Vec<bool>)> = vec![
+            (
+                1,
+                vec![1, 5, 6, 7, 8, 2],
+                vec![false, false, false, true, true, true],
+            ),
+            (0, vec![1, 9, 10, 2], vec![false, false, true, false]),
+            (1, vec![1, 5, 11], vec![false; 3]),
+            (2, vec![3, 4, 2, 7, 9], vec![true, false, true, true, false]),
+        ];
+        let (m, device) = model(2, 2);
+        let b = rows.len();
+        let signals = Tensor::<3>::random([3, 12, 200], Distribution::Normal(0.0, 1.0), &device);
+        let sig_host: Vec<f32> = signals.clone().into_data().try_to_vec().unwrap();
+        let t = rows.iter().map(|r| r.1.len()).max().unwrap();
+        let (mut ids, mut pad, mut ans) = (Vec::new(), Vec::new(), Vec::new());
+        for (_, i, a) in &rows {
+            for k in 0..t {
+                ids.push(i.get(k).copied().unwrap_or(0));
+                pad.push(k >= i.len());
+                ans.push(a.get(k).copied().unwrap_or(false));
+            }
+        }
+        let recs: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
+        let px = signals.select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(recs, [b]), &device),
+        );
+        let text = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        let padt = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, t]), &device);
+        let anst = Tensor::<2, Bool>::from_data(TensorData::new(ans, [b, t]), &device);
+        let logits = m.view_layer(px, text.clone(), padt, None).logits;
+        let nll = activation::log_softmax(logits, 2)
+            .gather(2, text.reshape([b, t, 1]))
+            .reshape([b, t])
+            .neg();
+        let loss = crate::ops::masked_mean(nll, anst);
+        let want_loss: f32 = loss.clone().into_data().try_to_vec::<f32>().unwrap()[0];
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        let fused = FusedLm::with_encoder(&m).unwrap();
+        let lm_rows: Vec<LmRow<'_>> = rows
+            .iter()
+            .map(|(r, i, a)| LmRow {
+                record: *r,
+                ids: i,
+                answer: a,
+            })
+            .collect();
+        let step = fused.step_from_signals(&sig_host, &lm_rows).unwrap();
+        assert!((step.loss - f64::from(want_loss)).abs() < 1e-5);
+        for s in &fused.slots {
+            let want: Vec<f32> = match s.shape.len() {
+                1 => grads
+                    .get::<1>(s.id)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec()
+                    .unwrap(),
+                _ => grads
+                    .get::<2>(s.id)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec()
+                    .unwrap(),
+            };
+            let got = fused.gradient_of(&step, s.id).unwrap();
+            let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-3);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 2e-4 * scale,
+                    "parameter {:?} at {}, element {i}: fused {g} vs autodiff {w}",
+                    s.shape,
+                    s.off
+                );
+            }
+        }
+        // A frozen encoder: no gradient registered for it, the rest unchanged.
+        let frozen = FusedLm::with_encoder(&m.clone().with_vision_trainable(false)).unwrap();
+        let step2 = frozen.step_from_signals(&sig_host, &lm_rows).unwrap();
+        let g = frozen.gradients(&step2, 1.0, &Device::flex());
+        assert_eq!(g.len(), frozen.slots.iter().filter(|s| s.train).count());
+        assert!(g.len() < fused.slots.len());
     }
 
     #[test]

@@ -173,6 +173,63 @@ fn fused_distillation_equals_autodiff() {
     }
 }
 
+/// SFT of a signal student whose encoder learns runs on the fused kernels on the CPU: the
+/// same losses and weights (encoder included) as burn's autodiff.
+#[test]
+fn fused_sft_with_a_learning_encoder_equals_autodiff() {
+    let _rng = rng_lock();
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(10);
+    let texts = evl_infer::input::corpus(&data);
+    let tok = TextTokenizer::train(&texts, 90).unwrap();
+    let mut qc = QuickstartConfig::preset(Preset::Tiny);
+    qc.student_input = "signal".into();
+    let mut arch = qc.student_model();
+    arch.vocab = tok.vocab_size();
+    let run = |host_kernels: bool| {
+        train_dev.seed(9);
+        let model = arch.init(&train_dev);
+        let cfg = OptimConfig {
+            steps: 4,
+            batch_size: 6,
+            warmup: 1,
+            lr: 3e-3,
+            turns_per_record: 3,
+            freeze_vision: false,
+            host_kernels,
+            ..OptimConfig::default()
+        };
+        evl_train::train::sft(model, &data, &tok, &cfg, None, &train_dev, |_| {}).unwrap()
+    };
+    let (a, la) = run(false);
+    let (b, lb) = run(true);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(
+            (x.total - y.total).abs() < 1e-5 * x.total.abs().max(1.0),
+            "step {}: loss {} by autodiff, {} fused",
+            x.step,
+            x.total,
+            y.total
+        );
+    }
+    let f = |b: &[u8]| -> Vec<f32> {
+        b.chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let (wa, wb) = (weights(&a), weights(&b));
+    assert_eq!(wa.len(), wb.len());
+    for ((k, x), (_, y)) in wa.iter().zip(&wb) {
+        let diff = f(x)
+            .iter()
+            .zip(f(y))
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{k} differs by {diff}");
+    }
+}
+
 #[test]
 fn distillation_resumes_to_the_same_weights() {
     let _rng = rng_lock();

@@ -321,6 +321,12 @@ pub fn sft_with_cache(
                     masked_token_ce(v.logits, t.text, t.answer)
                 }
                 None => {
+                    if cfg.host_kernels
+                        && evl_models::device::is_host(device)
+                        && let Some(f) = FusedLm::with_encoder(model)
+                    {
+                        return fused_signal_part(f, &ss, &turns, &idx, tok, &input, device);
+                    }
                     let b = make_batch(&ss, &turns, tok, &input, device);
                     check_len(&b.rows, model.max_text(), &ss, &turns)?;
                     sft_loss(model, b)
@@ -373,16 +379,9 @@ fn fused_part(
         });
     }
     let fused = evl_models::fused::FusedLm::from_model(model);
-    let step = fused.step(&visual, &lm_rows).map_err(|e| Error::Config {
-        field: "batch",
-        what: format!(
-            "records {}: {e}",
-            ss.iter()
-                .map(|s| s.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    })?;
+    let step = fused
+        .step(&visual, &lm_rows)
+        .map_err(|e| batch_error(ss, e))?;
     let value = step.loss;
     // Gradients are plain tensors (no autodiff), as burn's backward pass hands them over.
     let device = device.clone().without_autodiff();
@@ -394,6 +393,72 @@ fn fused_part(
         ce: None,
         terms: Vec::new(),
     })
+}
+
+/// One SFT micro-batch of a signal model whose encoder runs on every step (it learns, or
+/// its tokens did not fit the cache), by the fused host kernels.
+fn fused_signal_part(
+    fused: FusedLm,
+    ss: &[&Sample],
+    turns: &[usize],
+    idx: &[(usize, usize)],
+    tok: &TextTokenizer,
+    input: &evl_models::vlm::InputKind,
+    device: &Device,
+) -> Result<Part> {
+    let rows: Vec<(Vec<i64>, Vec<bool>)> = ss
+        .iter()
+        .zip(turns)
+        .map(|(s, &k)| {
+            let (ids, mask, _) = encode_turn(tok, &s.turns[k]);
+            (ids, mask)
+        })
+        .collect();
+    check_len(&rows, fused.n_pos() - fused.n_visual(), ss, turns)?;
+    let mut records: Vec<usize> = Vec::new();
+    let mut signals = Vec::new();
+    let mut lm_rows = Vec::with_capacity(rows.len());
+    for ((&(i, _), s), (ids, answer)) in idx.iter().zip(ss).zip(&rows) {
+        let record = match records.iter().position(|&r| r == i) {
+            Some(r) => r,
+            None => {
+                records.push(i);
+                signals.extend(evl_infer::input::model_input(s, input));
+                records.len() - 1
+            }
+        };
+        lm_rows.push(LmRow {
+            record,
+            ids,
+            answer,
+        });
+    }
+    let step = fused
+        .step_from_signals(&signals, &lm_rows)
+        .map_err(|e| batch_error(ss, e))?;
+    let device = device.clone().without_autodiff();
+    Ok(Part {
+        loss: Objective::Host {
+            value: step.loss,
+            grads: Box::new(move |scale| fused.gradients(&step, scale, &device)),
+        },
+        ce: None,
+        terms: Vec::new(),
+    })
+}
+
+/// A batch the fused kernels refuse, with its records named.
+fn batch_error(ss: &[&Sample], e: evl_models::fused::FusedError) -> Error {
+    Error::Config {
+        field: "batch",
+        what: format!(
+            "records {}: {e}",
+            ss.iter()
+                .map(|s| s.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// The visual tokens of a frozen encoder for every training record, on the host.
@@ -858,16 +923,7 @@ fn fused_view(
     }
     let (out, tape) = f
         .view_forward(ViewInput::Signals(&signals), &rows, cfg.student_layer)
-        .map_err(|e| Error::Config {
-            field: "batch",
-            what: format!(
-                "records {}: {e}",
-                ss.iter()
-                    .map(|s| s.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
+        .map_err(|e| batch_error(ss, e))?;
     let (b, tl) = (out.rows, out.t);
     let (v, dv) = (f.n_visual(), f.d_vision());
     let (d, vocab) = (f.d_model(), f.vocab());
