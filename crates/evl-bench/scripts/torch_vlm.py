@@ -200,16 +200,25 @@ def train(job):
     if shared:
         # One prefix per record (the visual tokens of its first row); text after the last
         # answer token is never read by the loss, so the batch is cut there.
-        assert cached is not None and not bool(answer[:, 0].any())
+        assert not bool(answer[:, 0].any())
         rec = torch.tensor(job["records"], dtype=torch.long)
         first = [job["records"].index(r) for r in range(int(rec.max()) + 1)]
-        visual_u = cached[first]
+        if cached is not None:
+            visual_u = cached[first]
+        px_u = px[first]
         last = int(max(int(torch.nonzero(a).max()) for a in answer)) + 1
         ids_s, answer_s = ids[:, :last], answer[:, :last]
     for step in range(job["warmup"] + job["steps"]):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if shared:
+            if cached is None:
+                # The encoder runs once per record (it learns unless frozen).
+                if frozen:
+                    with torch.no_grad():
+                        visual_u = m.encode(px_u)
+                else:
+                    visual_u = m.encode(px_u)
             h = m.decode_shared(visual_u, ids_s, rec)
             # Text position i - 1 predicts token i (no answer at token 0).
             logits = m.head(h[:, :-1])

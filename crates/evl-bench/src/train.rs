@@ -136,6 +136,20 @@ enum Mode {
     /// Cached tokens and the fused host kernels ([`evl_models::fused`]): what `sft` runs on
     /// the CPU.
     Fused,
+    /// The encoder learns (`freeze_vision = false`), burn autodiff.
+    Trained,
+    /// The encoder learns, fused kernels from the raw signal (a signal model without a
+    /// stem: the student), as `sft` and `distill` run it on the CPU.
+    TrainedFused,
+}
+
+impl Mode {
+    fn trains_encoder(self) -> bool {
+        matches!(self, Mode::Trained | Mode::TrainedFused)
+    }
+    fn fused(self) -> bool {
+        matches!(self, Mode::Fused | Mode::TrainedFused)
+    }
 }
 
 /// Our side: `warmup + steps` optimiser steps on one batch (`records[i]`: the batch's record
@@ -152,11 +166,24 @@ fn ours(
     let mut model = c
         .model
         .clone()
-        .with_vision_trainable(!c.optim.freeze_vision);
+        .with_vision_trainable(mode.trains_encoder() || !c.optim.freeze_vision);
     let mut optim = adamw(&c.optim);
-    let visual = (mode != Mode::Full).then(|| model.encode(b.pixels.clone()));
+    let visual = matches!(mode, Mode::Cached | Mode::Fused).then(|| model.encode(b.pixels.clone()));
     // Fused: each record's tokens once (its first row's), rows pointing at them.
     let n_rec = records.iter().max().map_or(0, |m| m + 1);
+    let first_rows = |all: Vec<f32>| -> Vec<f32> {
+        let per = all.len() / records.len().max(1);
+        (0..n_rec)
+            .flat_map(|r| {
+                let i = records.iter().position(|&x| x == r).expect("record used");
+                all[i * per..(i + 1) * per].to_vec()
+            })
+            .collect()
+    };
+    let host_signals: Vec<f32> = match mode {
+        Mode::TrainedFused => first_rows(b.pixels.clone().into_data().iter::<f32>().collect()),
+        _ => Vec::new(),
+    };
     let host_visual: Vec<f32> = match (&visual, mode) {
         (Some(v), Mode::Fused) => {
             let all: Vec<f32> = v.clone().into_data().iter::<f32>().collect();
@@ -188,6 +215,11 @@ fn ours(
         let (value, grads) = if mode == Mode::Fused {
             let fused = evl_models::fused::FusedLm::from_model(&model);
             let out = fused.step(&host_visual, &lm_rows)?;
+            (out.loss as f32, fused.gradients(&out, 1.0, &plain))
+        } else if mode == Mode::TrainedFused {
+            let fused = evl_models::fused::FusedLm::with_encoder(&model)
+                .ok_or_else(|| anyhow::anyhow!("no fused kernels for this encoder"))?;
+            let out = fused.step_from_signals(&host_signals, &lm_rows)?;
             (out.loss as f32, fused.gradients(&out, 1.0, &plain))
         } else {
             let loss = match &visual {
@@ -256,11 +288,19 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
         let b = evl_train::batch::make_batch(&ss, &turns, &c.tok, &input, &device);
         let params = c.model.num_params();
         let lr = c.optim.lr;
-        let variants: &[Mode] = if c.optim.freeze_vision {
-            &[Mode::Full, Mode::Cached, Mode::Fused]
+        let mut variants = if c.optim.freeze_vision {
+            vec![Mode::Full, Mode::Cached, Mode::Fused]
         } else {
-            &[Mode::Full]
+            vec![Mode::Trained]
         };
+        // The encoder learning (distillation, or SFT with `freeze_vision = false`), where the
+        // fused kernels cover the encoder.
+        if evl_models::fused::FusedLm::with_encoder(&c.model).is_some() {
+            if c.optim.freeze_vision {
+                variants.push(Mode::Trained);
+            }
+            variants.push(Mode::TrainedFused);
+        }
         // Rows' records numbered by first appearance.
         let mut seen: Vec<usize> = Vec::new();
         let records: Vec<usize> = idx
@@ -273,8 +313,8 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                 }
             })
             .collect();
-        for &mode in variants {
-            let cached = mode != Mode::Full;
+        for &mode in &variants {
+            let cached = matches!(mode, Mode::Cached | Mode::Fused);
             let rss_before = peak_rss_mib();
             let us = ours(&c, &b, &records, lr, a.warmup, a.steps, mode)?;
             let rss = peak_rss_mib();
@@ -310,10 +350,10 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                 let job = serde_json::json!({
                     "model": std::fs::canonicalize(&c.dir)?,
                     "pixels": px_path, "pixels_shape": shape, "ids": ids, "answer": answer,
-                    "freeze_vision": c.optim.freeze_vision, "lr": lr,
+                    "freeze_vision": c.optim.freeze_vision && !mode.trains_encoder(), "lr": lr,
                     "weight_decay": c.optim.weight_decay, "clip_norm": c.optim.clip_norm,
                     "warmup": a.warmup, "steps": a.steps, "cache_visual": cached,
-                    "shared_prefix": mode == Mode::Fused, "records": records,
+                    "shared_prefix": mode.fused(), "records": records,
                 });
                 let job_path = tmp.path().join("train-job.json");
                 std::fs::write(&job_path, job.to_string())?;
@@ -335,11 +375,17 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                      (what sft runs on the CPU); PyTorch with the same shared prefix",
                     c.name
                 ),
+                Mode::Trained => format!("{}, encoder learning, autodiff", c.name),
+                Mode::TrainedFused => format!(
+                    "{}, encoder learning, fused kernels with one encoder pass and prefix per \
+                     record (what sft and distill run on the CPU); PyTorch with the same sharing",
+                    c.name
+                ),
             };
             rows.push((
                 name,
                 params,
-                c.optim.freeze_vision,
+                c.optim.freeze_vision && !mode.trains_encoder(),
                 b.rows.len(),
                 us,
                 rss_before,
