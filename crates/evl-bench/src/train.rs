@@ -136,6 +136,9 @@ enum Mode {
     /// Cached tokens and the fused host kernels ([`evl_models::fused`]): what `sft` runs on
     /// the CPU.
     Fused,
+    /// The frozen encoder on every step (burn, no graph) once per drawn record, then the
+    /// fused kernels: what `sft` runs on the CPU when the tokens do not fit its cache.
+    FullFused,
     /// The encoder learns (`freeze_vision = false`), burn autodiff.
     Trained,
     /// The encoder learns, fused kernels from the raw signal (a signal model without a
@@ -148,7 +151,7 @@ impl Mode {
         matches!(self, Mode::Trained | Mode::TrainedFused)
     }
     fn fused(self) -> bool {
-        matches!(self, Mode::Fused | Mode::TrainedFused)
+        matches!(self, Mode::Fused | Mode::FullFused | Mode::TrainedFused)
     }
 }
 
@@ -180,6 +183,20 @@ fn ours(
             })
             .collect()
     };
+    // Each record's pixels once (its first row's), for the encoder run per record.
+    let px_first = (mode == Mode::FullFused).then(|| {
+        let first: Vec<i64> = (0..n_rec)
+            .map(|r| records.iter().position(|&x| x == r).expect("record used") as i64)
+            .collect();
+        let dev = b.pixels.device();
+        b.pixels.clone().select(
+            0,
+            burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(first, [n_rec]),
+                &dev,
+            ),
+        )
+    });
     let host_signals: Vec<f32> = match mode {
         Mode::TrainedFused => first_rows(b.pixels.clone().into_data().iter::<f32>().collect()),
         _ => Vec::new(),
@@ -215,6 +232,15 @@ fn ours(
         let (value, grads) = if mode == Mode::Fused {
             let fused = evl_models::fused::FusedLm::from_model(&model);
             let out = fused.step(&host_visual, &lm_rows)?;
+            (out.loss as f32, fused.gradients(&out, 1.0, &plain))
+        } else if mode == Mode::FullFused {
+            let tokens: Vec<f32> = model
+                .encode(px_first.clone().expect("first rows' pixels"))
+                .into_data()
+                .iter::<f32>()
+                .collect();
+            let fused = evl_models::fused::FusedLm::from_model(&model);
+            let out = fused.step(&tokens, &lm_rows)?;
             (out.loss as f32, fused.gradients(&out, 1.0, &plain))
         } else if mode == Mode::TrainedFused {
             let fused = evl_models::fused::FusedLm::with_encoder(&model)
@@ -289,7 +315,7 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
         let params = c.model.num_params();
         let lr = c.optim.lr;
         let mut variants = if c.optim.freeze_vision {
-            vec![Mode::Full, Mode::Cached, Mode::Fused]
+            vec![Mode::Full, Mode::FullFused, Mode::Cached, Mode::Fused]
         } else {
             vec![Mode::Trained]
         };
@@ -373,6 +399,12 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
                 Mode::Fused => format!(
                     "{}, visual tokens computed once, fused kernels with one prefix per record \
                      (what sft runs on the CPU); PyTorch with the same shared prefix",
+                    c.name
+                ),
+                Mode::FullFused => format!(
+                    "{}, frozen encoder run once per drawn record, fused kernels (what sft \
+                     runs on the CPU when the tokens exceed its cache); PyTorch with the same \
+                     sharing",
                     c.name
                 ),
                 Mode::Trained => format!("{}, encoder learning, autodiff", c.name),
