@@ -172,22 +172,20 @@ fn ours(
         .with_vision_trainable(mode.trains_encoder() || !c.optim.freeze_vision);
     let mut optim = adamw(&c.optim);
     let visual = matches!(mode, Mode::Cached | Mode::Fused).then(|| model.encode(b.pixels.clone()));
-    // Fused: each record's tokens once (its first row's), rows pointing at them.
+    // Fused: each record's input once (its first row's), rows pointing at them.
     let n_rec = records.iter().max().map_or(0, |m| m + 1);
+    let first: Vec<usize> = (0..n_rec)
+        .map(|r| records.iter().position(|&x| x == r).expect("record used"))
+        .collect();
     let first_rows = |all: Vec<f32>| -> Vec<f32> {
         let per = all.len() / records.len().max(1);
-        (0..n_rec)
-            .flat_map(|r| {
-                let i = records.iter().position(|&x| x == r).expect("record used");
-                all[i * per..(i + 1) * per].to_vec()
-            })
+        first
+            .iter()
+            .flat_map(|&i| all[i * per..(i + 1) * per].to_vec())
             .collect()
     };
-    // Each record's pixels once (its first row's), for the encoder run per record.
     let px_first = (mode == Mode::FullFused).then(|| {
-        let first: Vec<i64> = (0..n_rec)
-            .map(|r| records.iter().position(|&x| x == r).expect("record used") as i64)
-            .collect();
+        let first: Vec<i64> = first.iter().map(|&i| i as i64).collect();
         let dev = b.pixels.device();
         b.pixels.clone().select(
             0,
@@ -202,16 +200,7 @@ fn ours(
         _ => Vec::new(),
     };
     let host_visual: Vec<f32> = match (&visual, mode) {
-        (Some(v), Mode::Fused) => {
-            let all: Vec<f32> = v.clone().into_data().iter::<f32>().collect();
-            let per = all.len() / records.len().max(1);
-            (0..n_rec)
-                .flat_map(|r| {
-                    let i = records.iter().position(|&x| x == r).expect("record used");
-                    all[i * per..(i + 1) * per].to_vec()
-                })
-                .collect()
-        }
+        (Some(v), Mode::Fused) => first_rows(v.clone().into_data().iter::<f32>().collect()),
         _ => Vec::new(),
     };
     let lm_rows: Vec<evl_models::fused::LmRow<'_>> = b

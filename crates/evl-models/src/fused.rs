@@ -492,10 +492,15 @@ impl FusedLm {
     /// one these kernels cover: they cover a signal read in windows without a convolutional
     /// stem (the built-in student); image encoders and stems stay on burn.
     pub fn with_encoder(model: &EcgVlm) -> Option<FusedLm> {
-        let plain_signal = matches!(model.input(), crate::vlm::InputKind::Signal { .. })
+        FusedLm::covers_encoder(model).then(|| FusedLm::build(model, true))
+    }
+
+    /// Whether [`FusedLm::with_encoder`] covers `model`'s encoder (a signal read in windows,
+    /// no stem), without copying anything.
+    pub fn covers_encoder(model: &EcgVlm) -> bool {
+        matches!(model.input(), crate::vlm::InputKind::Signal { .. })
             && model.stem.is_none()
-            && model.image_stem.is_none();
-        plain_signal.then(|| FusedLm::build(model, true))
+            && model.image_stem.is_none()
     }
 
     fn build(model: &EcgVlm, encoder: bool) -> FusedLm {
@@ -1941,16 +1946,52 @@ mod tests {
         (cfg.init(&device), device)
     }
 
-    /// burn's loss of the same batch: rows padded with id 0, visual tokens per row, the
-    /// model's own forward pass and the answer-token cross-entropy.
-    fn burn_loss(
-        m: &EcgVlm,
-        visual: &Tensor<3>,
+    /// Every parameter's gradient in `step` equals burn's in `grads`, within 2e-4 of the
+    /// parameter's largest gradient entry (at least `floor`).
+    fn assert_grads(
+        fused: &FusedLm,
+        step: &FusedStep,
+        grads: &GradientsParams,
+        floor: f32,
+        what: &str,
+    ) {
+        for s in &fused.slots {
+            let want: Vec<f32> = match s.shape.len() {
+                1 => grads
+                    .get::<1>(s.id)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec()
+                    .unwrap(),
+                _ => grads
+                    .get::<2>(s.id)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec()
+                    .unwrap(),
+            };
+            let got = fused.gradient_of(step, s.id).unwrap();
+            let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(floor);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 2e-4 * scale,
+                    "{what}: parameter {:?} at {}, element {i}: fused {g} vs autodiff {w}",
+                    s.shape,
+                    s.off
+                );
+            }
+        }
+    }
+
+    /// A padded batch as burn reads it: each row's record's input (a row of `per_record`),
+    /// ids padded with 0, padding and answer masks.
+    fn padded(
         rows: &[(usize, Vec<i64>, Vec<bool>)],
+        per_record: &Tensor<3>,
         device: &Device,
-    ) -> Tensor<1> {
-        let t = rows.iter().map(|r| r.1.len()).max().unwrap();
+    ) -> (Tensor<3>, Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Bool>) {
         let b = rows.len();
+        let t = rows.iter().map(|r| r.1.len()).max().unwrap();
         let (mut ids, mut pad, mut ans) = (Vec::new(), Vec::new(), Vec::new());
         for (_, i, a) in rows {
             for k in 0..t {
@@ -1960,19 +2001,39 @@ mod tests {
             }
         }
         let recs: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
-        let vis = visual.clone().select(
+        let x = per_record.clone().select(
             0,
             Tensor::<1, Int>::from_data(TensorData::new(recs, [b]), device),
         );
-        let text = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), device);
-        let pad = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, t]), device);
-        let ans = Tensor::<2, Bool>::from_data(TensorData::new(ans, [b, t]), device);
-        let logits = m.view_from_visual(vis, text.clone(), pad, None).logits;
+        (
+            x,
+            Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), device),
+            Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, t]), device),
+            Tensor::<2, Bool>::from_data(TensorData::new(ans, [b, t]), device),
+        )
+    }
+
+    /// The answer-token cross-entropy of `logits` `[b, t, vocab]` as burn computes it.
+    fn answer_ce(logits: Tensor<3>, text: Tensor<2, Int>, ans: Tensor<2, Bool>) -> Tensor<1> {
+        let [b, t, _] = logits.dims();
         let nll = activation::log_softmax(logits, 2)
             .gather(2, text.reshape([b, t, 1]))
             .reshape([b, t])
             .neg();
         crate::ops::masked_mean(nll, ans)
+    }
+
+    /// burn's loss of the same batch: rows padded with id 0, visual tokens per row, the
+    /// model's own forward pass and the answer-token cross-entropy.
+    fn burn_loss(
+        m: &EcgVlm,
+        visual: &Tensor<3>,
+        rows: &[(usize, Vec<i64>, Vec<bool>)],
+        device: &Device,
+    ) -> Tensor<1> {
+        let (vis, text, pad, ans) = padded(rows, visual, device);
+        let logits = m.view_from_visual(vis, text.clone(), pad, None).logits;
+        answer_ce(logits, text, ans)
     }
 
     fn check(layers: usize, heads: usize, rows: &[(usize, Vec<i64>, Vec<bool>)]) {
@@ -1997,32 +2058,7 @@ mod tests {
             "loss {} vs {want_loss}",
             step.loss
         );
-        for s in &fused.slots {
-            let want: Vec<f32> = match s.shape.len() {
-                1 => grads
-                    .get::<1>(s.id)
-                    .unwrap()
-                    .into_data()
-                    .try_to_vec()
-                    .unwrap(),
-                _ => grads
-                    .get::<2>(s.id)
-                    .unwrap()
-                    .into_data()
-                    .try_to_vec()
-                    .unwrap(),
-            };
-            let got = fused.gradient_of(&step, s.id).unwrap();
-            let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-3);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 2e-4 * scale,
-                    "parameter {:?} {:?}, element {i}: fused {g} vs autodiff {w}",
-                    s.shape,
-                    s.off
-                );
-            }
-        }
+        assert_grads(&fused, &step, &grads, 1e-3, "SFT");
     }
 
     /// The loss and every gradient equal burn's autodiff of the padded batch: several
@@ -2092,20 +2128,7 @@ mod tests {
                 Tensor::<3>::random([3, leads, samples], Distribution::Normal(0.0, 1.0), &device);
             let sig_host: Vec<f32> = signals.clone().into_data().try_to_vec().unwrap();
             let t = rows.iter().map(|r| r.1.len()).max().unwrap();
-            let (mut ids, mut pad) = (Vec::new(), Vec::new());
-            for (_, i, _) in &rows {
-                for k in 0..t {
-                    ids.push(i.get(k).copied().unwrap_or(0));
-                    pad.push(k >= i.len());
-                }
-            }
-            let recs: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
-            let px = signals.select(
-                0,
-                Tensor::<1, Int>::from_data(TensorData::new(recs, [b]), &device),
-            );
-            let text = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
-            let padt = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, t]), &device);
+            let (px, text, padt, _) = padded(&rows, &signals, &device);
             let view = m.view_layer(px, text, padt, layer);
             let (v, d, dv, vocab) = (10, 24, 16, 30);
             // Random weights, zero where a row has no position.
@@ -2188,34 +2211,9 @@ mod tests {
                 },
             );
             assert!(fused.slots.iter().filter(|s| s.train).count() > 30);
-            for s in &fused.slots {
-                let want: Vec<f32> = match s.shape.len() {
-                    1 => grads
-                        .get::<1>(s.id)
-                        .unwrap()
-                        .into_data()
-                        .try_to_vec()
-                        .unwrap(),
-                    _ => grads
-                        .get::<2>(s.id)
-                        .unwrap()
-                        .into_data()
-                        .try_to_vec()
-                        .unwrap(),
-                };
-                let got = fused.gradient_of(&step, s.id).unwrap();
-                // (The key bias's gradient is zero in exact arithmetic: a softmax does not
-                // move when every score of a query moves by the same amount.)
-                let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-2);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 2e-4 * scale,
-                        "layer {layer:?}: parameter {:?} at {}, element {i}: fused {g} vs autodiff {w}",
-                        s.shape,
-                        s.off
-                    );
-                }
-            }
+            // The floor covers the key bias, whose gradient is zero in exact arithmetic (a
+            // softmax does not move when every score of a query moves by the same amount).
+            assert_grads(&fused, &step, &grads, 1e-2, &format!("layer {layer:?}"));
         }
     }
 
@@ -2234,32 +2232,11 @@ mod tests {
             (2, vec![3, 4, 2, 7, 9], vec![true, false, true, true, false]),
         ];
         let (m, device) = model(2, 2);
-        let b = rows.len();
         let signals = Tensor::<3>::random([3, 12, 200], Distribution::Normal(0.0, 1.0), &device);
         let sig_host: Vec<f32> = signals.clone().into_data().try_to_vec().unwrap();
-        let t = rows.iter().map(|r| r.1.len()).max().unwrap();
-        let (mut ids, mut pad, mut ans) = (Vec::new(), Vec::new(), Vec::new());
-        for (_, i, a) in &rows {
-            for k in 0..t {
-                ids.push(i.get(k).copied().unwrap_or(0));
-                pad.push(k >= i.len());
-                ans.push(a.get(k).copied().unwrap_or(false));
-            }
-        }
-        let recs: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
-        let px = signals.select(
-            0,
-            Tensor::<1, Int>::from_data(TensorData::new(recs, [b]), &device),
-        );
-        let text = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
-        let padt = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, t]), &device);
-        let anst = Tensor::<2, Bool>::from_data(TensorData::new(ans, [b, t]), &device);
+        let (px, text, padt, anst) = padded(&rows, &signals, &device);
         let logits = m.view_layer(px, text.clone(), padt, None).logits;
-        let nll = activation::log_softmax(logits, 2)
-            .gather(2, text.reshape([b, t, 1]))
-            .reshape([b, t])
-            .neg();
-        let loss = crate::ops::masked_mean(nll, anst);
+        let loss = answer_ce(logits, text, anst);
         let want_loss: f32 = loss.clone().into_data().try_to_vec::<f32>().unwrap()[0];
         let grads = GradientsParams::from_grads(loss.backward(), &m);
         let fused = FusedLm::with_encoder(&m).unwrap();
@@ -2273,32 +2250,7 @@ mod tests {
             .collect();
         let step = fused.step_from_signals(&sig_host, &lm_rows).unwrap();
         assert!((step.loss - f64::from(want_loss)).abs() < 1e-5);
-        for s in &fused.slots {
-            let want: Vec<f32> = match s.shape.len() {
-                1 => grads
-                    .get::<1>(s.id)
-                    .unwrap()
-                    .into_data()
-                    .try_to_vec()
-                    .unwrap(),
-                _ => grads
-                    .get::<2>(s.id)
-                    .unwrap()
-                    .into_data()
-                    .try_to_vec()
-                    .unwrap(),
-            };
-            let got = fused.gradient_of(&step, s.id).unwrap();
-            let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-3);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 2e-4 * scale,
-                    "parameter {:?} at {}, element {i}: fused {g} vs autodiff {w}",
-                    s.shape,
-                    s.off
-                );
-            }
-        }
+        assert_grads(&fused, &step, &grads, 1e-3, "SFT");
         // A frozen encoder: no gradient registered for it, the rest unchanged.
         let frozen = FusedLm::with_encoder(&m.clone().with_vision_trainable(false)).unwrap();
         let step2 = frozen.step_from_signals(&sig_host, &lm_rows).unwrap();

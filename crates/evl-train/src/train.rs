@@ -314,7 +314,8 @@ pub fn sft_with_cache(
                     let tokens = |recs: &[usize]| -> Vec<f32> {
                         recs.iter().flat_map(|&i| c.tokens_of(i).to_vec()).collect()
                     };
-                    return fused_part(model, &tokens, &ss, &turns, &idx, tok, device);
+                    let input = FusedInput::Tokens(&tokens);
+                    return fused_sft_part(model, input, samples, &ss, &turns, &idx, tok, device);
                 }
                 Some(c) => {
                     let t = make_text_batch(&ss, &turns, tok, device);
@@ -327,9 +328,12 @@ pub fn sft_with_cache(
                 None => {
                     if cfg.host_kernels
                         && evl_models::device::is_host(device)
-                        && let Some(f) = FusedLm::with_encoder(model)
+                        && FusedLm::covers_encoder(model)
                     {
-                        return fused_signal_part(f, &ss, &turns, &idx, tok, &input, device);
+                        let input = FusedInput::Signals(&input);
+                        return fused_sft_part(
+                            model, input, samples, &ss, &turns, &idx, tok, device,
+                        );
                     }
                     if cfg.host_kernels && cfg.freeze_vision && evl_models::device::is_host(device)
                     {
@@ -340,7 +344,10 @@ pub fn sft_with_cache(
                             let px = evl_infer::input::pixels(&refs, &input, device);
                             model.encode(px).into_data().iter::<f32>().collect()
                         };
-                        return fused_part(model, &tokens, &ss, &turns, &idx, tok, device);
+                        let input = FusedInput::Tokens(&tokens);
+                        return fused_sft_part(
+                            model, input, samples, &ss, &turns, &idx, tok, device,
+                        );
                     }
                     let b = make_batch(&ss, &turns, tok, &input, device);
                     check_len(&b.rows, model.max_text(), &ss, &turns)?;
@@ -354,12 +361,39 @@ pub fn sft_with_cache(
     Ok((model.with_vision_trainable(true), logs))
 }
 
-/// One SFT micro-batch on cached visual tokens by the fused host kernels
-/// ([`evl_models::fused`]): each drawn record's tokens once, every question about it after
-/// them.
-fn fused_part(
+/// Where a fused SFT micro-batch's visual input comes from.
+enum FusedInput<'a> {
+    /// Tokens of the given samples, `[records, v, d_vision]` (the cache, or a frozen
+    /// encoder run by burn).
+    Tokens(&'a dyn Fn(&[usize]) -> Vec<f32>),
+    /// The samples' signals, through the fused encoder ([`FusedLm::with_encoder`]).
+    Signals(&'a evl_models::vlm::InputKind),
+}
+
+/// Each drawn sample once, in order of first appearance, and each row's index into that list
+/// (rows about the same record share its visual prefix in the fused kernels).
+fn record_numbers(idx: &[(usize, usize)]) -> (Vec<usize>, Vec<usize>) {
+    let mut records: Vec<usize> = Vec::new();
+    let of_row = idx
+        .iter()
+        .map(|&(i, _)| match records.iter().position(|&r| r == i) {
+            Some(r) => r,
+            None => {
+                records.push(i);
+                records.len() - 1
+            }
+        })
+        .collect();
+    (records, of_row)
+}
+
+/// One SFT micro-batch by the fused host kernels ([`evl_models::fused`]): each drawn
+/// record's visual input once, every question about it after it.
+#[allow(clippy::too_many_arguments)] // the micro-batch, its source and the kernels
+fn fused_sft_part(
     model: &EcgVlm,
-    tokens: &dyn Fn(&[usize]) -> Vec<f32>,
+    input: FusedInput<'_>,
+    samples: &[Sample],
     ss: &[&Sample],
     turns: &[usize],
     idx: &[(usize, usize)],
@@ -375,81 +409,40 @@ fn fused_part(
         })
         .collect();
     check_len(&rows, model.max_text(), ss, turns)?;
-    let mut records: Vec<usize> = Vec::new();
-    let mut lm_rows = Vec::with_capacity(rows.len());
-    for (&(i, _), (ids, answer)) in idx.iter().zip(&rows) {
-        let record = match records.iter().position(|&r| r == i) {
-            Some(r) => r,
-            None => {
-                records.push(i);
-                records.len() - 1
-            }
-        };
-        lm_rows.push(evl_models::fused::LmRow {
+    let (records, of_row) = record_numbers(idx);
+    let lm_rows: Vec<LmRow<'_>> = rows
+        .iter()
+        .zip(&of_row)
+        .map(|((ids, answer), &record)| LmRow {
             record,
             ids,
             answer,
-        });
-    }
-    let visual = tokens(&records);
-    let fused = evl_models::fused::FusedLm::from_model(model);
-    let step = fused
-        .step(&visual, &lm_rows)
-        .map_err(|e| batch_error(ss, e))?;
-    let value = step.loss;
-    // Gradients are plain tensors (no autodiff), as burn's backward pass hands them over.
-    let device = device.clone().without_autodiff();
-    Ok(Part {
-        loss: Objective::Host {
-            value,
-            grads: Box::new(move |scale| fused.gradients(&step, scale, &device)),
-        },
-        ce: None,
-        terms: Vec::new(),
-    })
-}
-
-/// One SFT micro-batch of a signal model whose encoder runs on every step (it learns, or
-/// its tokens did not fit the cache), by the fused host kernels.
-fn fused_signal_part(
-    fused: FusedLm,
-    ss: &[&Sample],
-    turns: &[usize],
-    idx: &[(usize, usize)],
-    tok: &TextTokenizer,
-    input: &evl_models::vlm::InputKind,
-    device: &Device,
-) -> Result<Part> {
-    let rows: Vec<(Vec<i64>, Vec<bool>)> = ss
-        .iter()
-        .zip(turns)
-        .map(|(s, &k)| {
-            let (ids, mask, _) = encode_turn(tok, &s.turns[k]);
-            (ids, mask)
         })
         .collect();
-    check_len(&rows, fused.n_pos() - fused.n_visual(), ss, turns)?;
-    let mut records: Vec<usize> = Vec::new();
-    let mut signals = Vec::new();
-    let mut lm_rows = Vec::with_capacity(rows.len());
-    for ((&(i, _), s), (ids, answer)) in idx.iter().zip(ss).zip(&rows) {
-        let record = match records.iter().position(|&r| r == i) {
-            Some(r) => r,
-            None => {
-                records.push(i);
-                signals.extend(evl_infer::input::model_input(s, input));
-                records.len() - 1
-            }
-        };
-        lm_rows.push(LmRow {
-            record,
-            ids,
-            answer,
-        });
-    }
-    let step = fused
-        .step_from_signals(&signals, &lm_rows)
-        .map_err(|e| batch_error(ss, e))?;
+    // Parameters are read (and, burn's being lazy, initialised) in its forward order: the
+    // encoder's before the language model's.
+    let (fused, step) = match input {
+        FusedInput::Tokens(tokens) => {
+            let visual = tokens(&records);
+            let fused = FusedLm::from_model(model);
+            let step = fused.step(&visual, &lm_rows);
+            (fused, step)
+        }
+        FusedInput::Signals(kind) => {
+            let fused = FusedLm::with_encoder(model).ok_or_else(|| Error::Config {
+                field: "host_kernels",
+                what: "the fused kernels do not cover this encoder".into(),
+            })?;
+            let signals: Vec<f32> = records
+                .iter()
+                .flat_map(|&i| evl_infer::input::model_input(&samples[i], kind))
+                .collect();
+            let step = fused.step_from_signals(&signals, &lm_rows);
+            (fused, step)
+        }
+    };
+    let step = step.map_err(|e| batch_error(ss, e))?;
+    // Gradients are plain tensors (no autodiff), as burn's backward pass hands them over.
     let device = device.clone().without_autodiff();
     Ok(Part {
         loss: Objective::Host {
@@ -917,24 +910,27 @@ fn fused_view(
     cfg: &DistillConfig,
     device: &Device,
 ) -> Result<(DistillView, ViewTape)> {
-    let mut records: Vec<usize> = Vec::new();
-    let mut signals = Vec::new();
-    let mut rows = Vec::with_capacity(idx.len());
-    for ((&(i, _), s), (ids, answer)) in idx.iter().zip(ss).zip(&t.rows) {
-        let record = match records.iter().position(|&r| r == i) {
-            Some(r) => r,
-            None => {
-                records.push(i);
-                signals.extend(evl_infer::input::model_input(s, input));
-                records.len() - 1
-            }
-        };
-        rows.push(LmRow {
+    let (records, of_row) = record_numbers(idx);
+    let signals: Vec<f32> = records
+        .iter()
+        .flat_map(|&i| {
+            let row = idx
+                .iter()
+                .position(|&(j, _)| j == i)
+                .expect("a drawn record");
+            evl_infer::input::model_input(ss[row], input)
+        })
+        .collect();
+    let rows: Vec<LmRow<'_>> = t
+        .rows
+        .iter()
+        .zip(&of_row)
+        .map(|((ids, answer), &record)| LmRow {
             record,
             ids,
             answer,
-        });
-    }
+        })
+        .collect();
     let (out, tape) = f
         .view_forward(ViewInput::Signals(&signals), &rows, cfg.student_layer)
         .map_err(|e| batch_error(ss, e))?;
