@@ -308,12 +308,12 @@ pub fn run(a: &TrainArgs, json: bool) -> Result<()> {
         } else {
             vec![Mode::Trained]
         };
-        // The encoder learning (distillation, or SFT with `freeze_vision = false`), where the
-        // fused kernels cover the encoder.
-        if evl_models::fused::FusedLm::with_encoder(&c.model).is_some() {
-            if c.optim.freeze_vision {
-                variants.push(Mode::Trained);
-            }
+        // The encoder learning (vision pre-training, distillation, SFT with
+        // `freeze_vision = false`): autodiff, and the fused kernels where they cover it.
+        if c.optim.freeze_vision {
+            variants.push(Mode::Trained);
+        }
+        if evl_models::fused::FusedLm::covers_encoder(&c.model) {
             variants.push(Mode::TrainedFused);
         }
         // Rows' records numbered by first appearance.

@@ -534,10 +534,12 @@ fn train_continues_from_a_model_folder() {
     assert!(!bad.exists());
 }
 
-/// `bench train` runs a step of both built-in models, with and without the frozen encoder's
-/// token cache, and the two forms train the same model: equal first-step losses.
+/// `bench train` runs steps of both built-in models in every form (encoder every step,
+/// cached tokens, fused kernels, the encoder learning, fused too for the signal student), and the
+/// forms train the same model: equal losses at the first step, and at the second among the
+/// forms with a frozen encoder and among those where it learns.
 #[test]
-fn bench_train_steps_both_models_in_both_forms() {
+fn bench_train_steps_both_models_in_every_form() {
     let (ok, stdout, err) = run(bin().args([
         "--json",
         "bench",
@@ -553,13 +555,35 @@ fn bench_train_steps_both_models_in_both_forms() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let rows = v["data"]["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "{rows:?}");
-    for pair in rows.chunks(2) {
-        let first = |r: &serde_json::Value| r["ours_losses"][0].as_f64().unwrap();
-        let (a, b) = (first(&pair[0]), first(&pair[1]));
-        assert!(a.is_finite() && a > 0.0, "{pair:?}");
-        assert!((a - b).abs() < 1e-5, "cached {b} vs per-step {a}");
-        assert!(pair[0]["ours_ms"].as_f64().unwrap() > 0.0);
+    let of = |who: &str| -> Vec<&serde_json::Value> {
+        rows.iter()
+            .filter(|r| r["case"].as_str().unwrap().starts_with(who))
+            .collect()
+    };
+    let (student, teacher) = (of("student"), of("teacher"));
+    assert_eq!((student.len(), teacher.len()), (6, 5), "{rows:?}");
+    for model in [student, teacher] {
+        let loss = |r: &serde_json::Value, k: usize| r["ours_losses"][k].as_f64().unwrap();
+        let first = loss(model[0], 0);
+        assert!(first.is_finite() && first > 0.0, "{model:?}");
+        assert!(
+            model
+                .iter()
+                .filter(|r| r["case"].as_str().unwrap().contains("fused"))
+                .count()
+                >= 2
+        );
+        for frozen in [true, false] {
+            let same: Vec<_> = model
+                .iter()
+                .filter(|r| r["frozen_encoder"].as_bool().unwrap() == frozen)
+                .collect();
+            for r in &same {
+                assert!((loss(r, 0) - first).abs() < 1e-5, "{r}");
+                assert!((loss(r, 1) - loss(same[0], 1)).abs() < 1e-4, "{r}");
+                assert!(r["ours_ms"].as_f64().unwrap() > 0.0);
+            }
+        }
     }
 }
 
