@@ -16,7 +16,7 @@ pub enum ViewInput<'a> {
     Signals(&'a [f32]),
 }
 
-/// The outputs of a view pass, as [`EcgVlm::view_layer`] returns them on a padded batch:
+/// The outputs of a view pass, as [`crate::vlm::EcgVlm::view_layer`] returns them on a padded batch:
 /// `rows` rows, `t` text positions (the longest row); positions past a row's end are zero
 /// (burn computes them from padding; the losses mask them).
 #[derive(Debug, Clone)]
@@ -211,8 +211,8 @@ impl FusedLm {
         );
     }
 
-    /// The forward pass of [`EcgVlm::view_layer`] (`input` = signals) or
-    /// [`EcgVlm::view_from_visual`] (`input` = tokens), with hidden states at `layer`
+    /// The forward pass of [`crate::vlm::EcgVlm::view_layer`] (`input` = signals) or
+    /// [`crate::vlm::EcgVlm::view_from_visual`] (`input` = tokens), with hidden states at `layer`
     /// (`None` or the number of layers: after the final norm), keeping what
     /// [`FusedLm::view_backward`] needs. Rows about the same record share its prefix.
     ///
