@@ -234,7 +234,7 @@ fn ours(
         } else if mode == Mode::TrainedFused {
             let fused = evl_models::fused::FusedLm::with_encoder(&model)
                 .ok_or_else(|| anyhow::anyhow!("no fused kernels for this encoder"))?;
-            let out = fused.step_from_signals(&host_signals, &lm_rows)?;
+            let out = fused.step_from_input(&host_signals, &lm_rows)?;
             (out.loss as f32, fused.gradients(&out, 1.0, &plain))
         } else {
             let loss = match &visual {

@@ -127,8 +127,8 @@ pub const STEM_GROUPS: usize = 8;
 /// a small CNN of this shape in PyTorch reached 0.98 on the same 240x320 pages.
 #[derive(Module, Debug)]
 pub struct ImageStem {
-    convs: Vec<Conv2d>,
-    norms: Vec<GroupNorm>,
+    pub(crate) convs: Vec<Conv2d>,
+    pub(crate) norms: Vec<GroupNorm>,
 }
 
 impl ImageStem {
@@ -373,7 +373,7 @@ impl EcgVlm {
         }
     }
 
-    /// Visual tokens `[b, v, d_vision]` from the input (see [`Distillable::view`]).
+    /// Visual tokens `[b, v, d_vision]` from the input (see [`EcgVlm::view`]).
     pub fn encode(&self, pixels: Tensor<3>) -> Tensor<3> {
         let [b, _, _] = pixels.dims();
         let patches = match &self.input() {

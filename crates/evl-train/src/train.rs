@@ -330,7 +330,7 @@ pub fn sft_with_cache(
                         && evl_models::device::is_host(device)
                         && FusedLm::covers_encoder(model)
                     {
-                        let input = FusedInput::Signals(&input);
+                        let input = FusedInput::Raw(&input);
                         return fused_sft_part(
                             model, input, samples, &ss, &turns, &idx, tok, device,
                         );
@@ -366,8 +366,8 @@ enum FusedInput<'a> {
     /// Tokens of the given samples, `[records, v, d_vision]` (the cache, or a frozen
     /// encoder run by burn).
     Tokens(&'a dyn Fn(&[usize]) -> Vec<f32>),
-    /// The samples' signals, through the fused encoder ([`FusedLm::with_encoder`]).
-    Signals(&'a evl_models::vlm::InputKind),
+    /// The samples' encoder input (signal or page), through the fused encoder.
+    Raw(&'a evl_models::vlm::InputKind),
 }
 
 /// Each drawn sample once, in order of first appearance, and each row's index into that list
@@ -428,7 +428,7 @@ fn fused_sft_part(
             let step = fused.step(&visual, &lm_rows);
             (fused, step)
         }
-        FusedInput::Signals(kind) => {
+        FusedInput::Raw(kind) => {
             let fused = FusedLm::with_encoder(model).ok_or_else(|| Error::Config {
                 field: "host_kernels",
                 what: "the fused kernels do not cover this encoder".into(),
@@ -437,7 +437,7 @@ fn fused_sft_part(
                 .iter()
                 .flat_map(|&i| evl_infer::input::model_input(&samples[i], kind))
                 .collect();
-            let step = fused.step_from_signals(&signals, &lm_rows);
+            let step = fused.step_from_input(&signals, &lm_rows);
             (fused, step)
         }
     };
@@ -932,7 +932,7 @@ fn fused_view(
         })
         .collect();
     let (out, tape) = f
-        .view_forward(ViewInput::Signals(&signals), &rows, cfg.student_layer)
+        .view_forward(ViewInput::Raw(&signals), &rows, cfg.student_layer)
         .map_err(|e| batch_error(ss, e))?;
     let (b, tl) = (out.rows, out.t);
     let (v, dv) = (f.n_visual(), f.d_vision());

@@ -31,6 +31,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
 mod kernels;
+mod stem;
 mod view;
 
 use kernels::{
@@ -111,11 +112,37 @@ struct EncSlots {
     layers: Vec<LayerSlots>,
     norm: (usize, usize),
     dims: Dims,
-    leads: usize,
-    samples: usize,
-    patch: usize,
+    input: EncInput,
     /// Some encoder parameter learns (else its backward pass is skipped).
     train: bool,
+}
+
+/// What the encoder reads, per record.
+#[derive(Debug, Clone)]
+enum EncInput {
+    /// `[leads, samples]`, cut into windows of `patch` samples.
+    Signal {
+        leads: usize,
+        samples: usize,
+        patch: usize,
+    },
+    /// A page `[height, width]`, cut into `patch x patch` squares, through the stem if any.
+    Image {
+        height: usize,
+        width: usize,
+        patch: usize,
+        stem: Option<stem::StemSlots>,
+    },
+}
+
+impl EncInput {
+    /// Values per record.
+    fn per_record(&self) -> usize {
+        match self {
+            EncInput::Signal { leads, samples, .. } => leads * samples,
+            EncInput::Image { height, width, .. } => height * width,
+        }
+    }
 }
 
 /// Slot indices of one decoder layer.
@@ -306,7 +333,7 @@ impl FusedLm {
 
     /// [`FusedLm::from_model`] with the visual encoder too (its parameters read first, as
     /// burn's forward pass reads them), for passes that train it from raw input
-    /// ([`FusedLm::view_forward`] with [`ViewInput::Signals`]). `None` when the encoder is not
+    /// ([`FusedLm::view_forward`] with [`ViewInput::Raw`]). `None` when the encoder is not
     /// one these kernels cover: they cover a signal read in windows without a convolutional
     /// stem (the built-in student); image encoders and stems stay on burn.
     pub fn with_encoder(model: &EcgVlm) -> Option<FusedLm> {
@@ -316,9 +343,24 @@ impl FusedLm {
     /// Whether [`FusedLm::with_encoder`] covers `model`'s encoder (a signal read in windows,
     /// no stem), without copying anything.
     pub fn covers_encoder(model: &EcgVlm) -> bool {
-        matches!(model.input(), crate::vlm::InputKind::Signal { .. })
-            && model.stem.is_none()
-            && model.image_stem.is_none()
+        let stem_ok = model.image_stem.as_ref().is_none_or(|st| {
+            st.convs.iter().all(|c| {
+                let square = c.stride[0] == c.stride[1]
+                    && c.kernel_size[0] == c.kernel_size[1]
+                    && c.dilation == [1, 1]
+                    && c.groups == 1
+                    && c.bias.is_some();
+                let pad = match c.padding {
+                    burn::nn::PaddingConfig2d::Explicit(a, b, cc, d) => {
+                        a == b && b == cc && cc == d
+                    }
+                    burn::nn::PaddingConfig2d::Valid => true,
+                    _ => false,
+                };
+                square && pad
+            }) && st.norms.len() + 1 == st.convs.len()
+        });
+        model.stem.is_none() && stem_ok
     }
 
     fn build(model: &EcgVlm, encoder: bool) -> FusedLm {
@@ -336,6 +378,42 @@ impl FusedLm {
             slots.len() - 1
         };
         let enc = encoder.then(|| {
+            let stem = model.image_stem.as_ref().map(|st| {
+                let mut convs = Vec::new();
+                let mut norms = Vec::new();
+                for (i, c) in st.convs.iter().enumerate() {
+                    let (w, b) = (
+                        push(host(&c.weight)),
+                        push(host(
+                            c.bias.as_ref().expect("stem convolutions have a bias"),
+                        )),
+                    );
+                    let [cout, cin, k, _] = c.weight.dims();
+                    let pad = match c.padding {
+                        burn::nn::PaddingConfig2d::Explicit(p, ..) => p,
+                        _ => 0,
+                    };
+                    convs.push(stem::ConvSpec {
+                        w,
+                        b,
+                        cin,
+                        cout,
+                        k,
+                        stride: c.stride[0],
+                        pad,
+                    });
+                    if let Some(n) = st.norms.get(i) {
+                        let g = push(host(n.gamma.as_ref().expect("affine group norm")));
+                        let b = push(host(n.beta.as_ref().expect("affine group norm")));
+                        norms.push((g, b));
+                    }
+                }
+                stem::StemSlots {
+                    convs,
+                    norms,
+                    groups: crate::vlm::STEM_GROUPS,
+                }
+            });
             let embed = lin(&mut push, &model.patch_embed);
             let pos = push(host(&model.vis_pos));
             let layers: Vec<LayerSlots> = model
@@ -345,13 +423,26 @@ impl FusedLm {
                 .map(|l| layer_slots(&mut push, l))
                 .collect();
             let norm = norm(&mut push, &model.vis_norm);
-            let (leads, samples, patch) = match model.input() {
+            let input = match model.input() {
                 crate::vlm::InputKind::Signal {
                     leads,
                     samples,
                     patch,
-                } => (leads, samples, patch),
-                crate::vlm::InputKind::Image { .. } => unreachable!("checked by with_encoder"),
+                } => EncInput::Signal {
+                    leads,
+                    samples,
+                    patch,
+                },
+                crate::vlm::InputKind::Image {
+                    height,
+                    width,
+                    patch,
+                } => EncInput::Image {
+                    height,
+                    width,
+                    patch,
+                    stem,
+                },
             };
             let first = model.vision.layers.first();
             (
@@ -360,9 +451,7 @@ impl FusedLm {
                 layers,
                 norm,
                 first.map_or(1, |l| l.mha.n_heads),
-                leads,
-                samples,
-                patch,
+                input,
             )
         });
         let projector = lin(&mut push, &model.projector);
@@ -377,23 +466,19 @@ impl FusedLm {
         let final_norm = norm(&mut push, &model.norm);
         let head = push(host(&model.lm_head.weight));
         let (dv, d) = (slots[projector.0].shape[0], slots[projector.0].shape[1]);
-        let enc = enc.map(
-            |(embed, pos, layers, norm, heads, leads, samples, patch)| EncSlots {
-                dims: Dims {
-                    d: dv,
-                    heads,
-                    ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
-                },
-                embed,
-                pos,
-                layers,
-                norm,
-                leads,
-                samples,
-                patch,
-                train: slots[..projector.0].iter().any(|s| s.train),
+        let enc = enc.map(|(embed, pos, layers, norm, heads, input)| EncSlots {
+            dims: Dims {
+                d: dv,
+                heads,
+                ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
             },
-        );
+            embed,
+            pos,
+            layers,
+            norm,
+            input,
+            train: slots[..projector.0].iter().any(|s| s.train),
+        });
         let ff = layers.first().map_or(0, |l| slots[l.inner.0].shape[1]);
         let heads = model.decoder.layers.first().map_or(1, |l| l.mha.n_heads);
         let vocab = slots[head].shape[1];
@@ -485,7 +570,8 @@ impl FusedLm {
             let data = TensorData::new(g, s.shape.clone());
             match s.shape.len() {
                 1 => out.register::<1>(s.id, Tensor::from_data(data, device)),
-                _ => out.register::<2>(s.id, Tensor::from_data(data, device)),
+                2 => out.register::<2>(s.id, Tensor::from_data(data, device)),
+                _ => out.register::<4>(s.id, Tensor::from_data(data, device)),
             }
         }
     }
@@ -962,8 +1048,14 @@ mod tests {
                     .into_data()
                     .try_to_vec()
                     .unwrap(),
-                _ => grads
+                2 => grads
                     .get::<2>(s.id)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec()
+                    .unwrap(),
+                _ => grads
+                    .get::<4>(s.id)
                     .unwrap()
                     .into_data()
                     .try_to_vec()
@@ -1176,7 +1268,7 @@ mod tests {
                 })
                 .collect();
             let (out, tape) = fused
-                .view_forward(ViewInput::Signals(&sig_host), &lm_rows, layer)
+                .view_forward(ViewInput::Raw(&sig_host), &lm_rows, layer)
                 .unwrap();
             let host = |x: Tensor<3>| -> Vec<f32> { x.into_data().try_to_vec().unwrap() };
             let close = |what: &str, got: &[f32], want: &[f32], w: &[f32]| {
@@ -1220,6 +1312,40 @@ mod tests {
     /// cross-entropy and autodiff.
     #[test]
     fn signal_sft_step_matches_autodiff() {
+        let (m, device) = model(2, 2);
+        let signals = Tensor::<3>::random([3, 12, 200], Distribution::Normal(0.0, 1.0), &device);
+        sft_from_input_matches_autodiff(&m, &signals, &device);
+    }
+
+    /// The same for an image encoder with its convolutional stem (the teacher's kind), the
+    /// page cropped to whole patches (64 x 84 -> 64 x 80).
+    #[test]
+    fn image_sft_step_matches_autodiff() {
+        let device = Device::flex().autodiff();
+        device.seed(11);
+        let cfg = EcgVlmConfig::new(
+            InputKind::Image {
+                height: 64,
+                width: 84,
+                patch: 16,
+            },
+            16,
+            1,
+            2,
+            24,
+            2,
+            2,
+            30,
+            16,
+        )
+        .with_stem_channels(8);
+        let m = cfg.init(&device);
+        assert!(FusedLm::covers_encoder(&m));
+        let pages = Tensor::<3>::random([3, 1, 64 * 84], Distribution::Uniform(0.0, 1.0), &device);
+        sft_from_input_matches_autodiff(&m, &pages, &device);
+    }
+
+    fn sft_from_input_matches_autodiff(m: &EcgVlm, per_record: &Tensor<3>, device: &Device) {
         let rows: Vec<(usize, Vec<i64>, Vec<bool>)> = vec![
             (
                 1,
@@ -1230,15 +1356,13 @@ mod tests {
             (1, vec![1, 5, 11], vec![false; 3]),
             (2, vec![3, 4, 2, 7, 9], vec![true, false, true, true, false]),
         ];
-        let (m, device) = model(2, 2);
-        let signals = Tensor::<3>::random([3, 12, 200], Distribution::Normal(0.0, 1.0), &device);
-        let sig_host: Vec<f32> = signals.clone().into_data().try_to_vec().unwrap();
-        let (px, text, padt, anst) = padded(&rows, &signals, &device);
+        let sig_host: Vec<f32> = per_record.clone().into_data().try_to_vec().unwrap();
+        let (px, text, padt, anst) = padded(&rows, per_record, device);
         let logits = m.view_layer(px, text.clone(), padt, None).logits;
         let loss = answer_ce(logits, text, anst);
         let want_loss: f32 = loss.clone().into_data().try_to_vec::<f32>().unwrap()[0];
-        let grads = GradientsParams::from_grads(loss.backward(), &m);
-        let fused = FusedLm::with_encoder(&m).unwrap();
+        let grads = GradientsParams::from_grads(loss.backward(), m);
+        let fused = FusedLm::with_encoder(m).unwrap();
         let lm_rows: Vec<LmRow<'_>> = rows
             .iter()
             .map(|(r, i, a)| LmRow {
@@ -1247,12 +1371,12 @@ mod tests {
                 answer: a,
             })
             .collect();
-        let step = fused.step_from_signals(&sig_host, &lm_rows).unwrap();
+        let step = fused.step_from_input(&sig_host, &lm_rows).unwrap();
         assert!((step.loss - f64::from(want_loss)).abs() < 1e-5);
         assert_grads(&fused, &step, &grads, 1e-3, "SFT");
         // A frozen encoder: no gradient registered for it, the rest unchanged.
         let frozen = FusedLm::with_encoder(&m.clone().with_vision_trainable(false)).unwrap();
-        let step2 = frozen.step_from_signals(&sig_host, &lm_rows).unwrap();
+        let step2 = frozen.step_from_input(&sig_host, &lm_rows).unwrap();
         let g = frozen.gradients(&step2, 1.0, &Device::flex());
         assert_eq!(g.len(), frozen.slots.iter().filter(|s| s.train).count());
         assert!(g.len() < fused.slots.len());

@@ -3,7 +3,8 @@
 //! passes; the embeddings shared with [`FusedLm::step`].
 
 use super::kernels::{View, add_bias, axpy, ln_backward, ln_forward, mm};
-use super::{EncSlots, FusedError, FusedLm, FusedStep, Group, LayerActs, Layout, LmRow};
+use super::stem::StemTape;
+use super::{EncInput, EncSlots, FusedError, FusedLm, FusedStep, Group, LayerActs, Layout, LmRow};
 use crate::native::exp;
 
 /// What the encoder side of a view pass reads.
@@ -11,9 +12,10 @@ use crate::native::exp;
 pub enum ViewInput<'a> {
     /// A frozen encoder's tokens, `[records, v, d_vision]`.
     Tokens(&'a [f32]),
-    /// Signals `[records, leads, samples]` through the encoder, which learns
+    /// Each record's encoder input as [`crate::vlm::EcgVlm::encode`] reads it (a signal
+    /// `[leads, samples]` or a page `[height, width]`), through the encoder
     /// ([`FusedLm::with_encoder`]).
-    Signals(&'a [f32]),
+    Raw(&'a [f32]),
 }
 
 /// The outputs of a view pass, as [`crate::vlm::EcgVlm::view_layer`] returns them on a padded batch:
@@ -56,7 +58,9 @@ pub struct ViewGrads<'a> {
 /// The encoder's part of a view pass, kept for its backward pass.
 struct EncTape {
     lay: Layout,
+    /// The patch embedding's input `[tokens, features]`.
     patches: Vec<f32>,
+    stem: Option<StemTape>,
     acts: Vec<LayerActs>,
     xhat: Vec<f32>,
     inv: Vec<f32>,
@@ -90,31 +94,83 @@ impl std::fmt::Debug for ViewTape {
 }
 
 impl FusedLm {
-    /// The encoder's forward pass over each block's record: `signals[records, leads,
-    /// samples]` -> tokens `[blocks * v, d_vision]`.
+    /// The encoder's forward pass over each block's record: its input `data[records, ...]`
+    /// (signal or page) -> tokens `[blocks * v, d_vision]`.
     fn encoder_forward(
         &self,
         enc: &EncSlots,
         blocks: &[(usize, usize)],
-        signals: &[f32],
+        data: &[f32],
     ) -> (Vec<f32>, EncTape) {
         let (v, dv) = (self.n_visual, self.dv);
-        let (leads, samples, patch) = (enc.leads, enc.samples, enc.patch);
-        let pd = leads * patch;
         let nb = blocks.len();
-        // Token p of a record reads window p of every lead: feature l * patch + k.
-        let mut patches = vec![0.0f32; nb * v * pd];
-        for (b, &(_, rec)) in blocks.iter().enumerate() {
-            let sig = &signals[rec * leads * samples..(rec + 1) * leads * samples];
-            for p in 0..v {
-                let row = &mut patches[(b * v + p) * pd..(b * v + p + 1) * pd];
-                for l in 0..leads {
-                    row[l * patch..(l + 1) * patch].copy_from_slice(
-                        &sig[l * samples + p * patch..l * samples + (p + 1) * patch],
-                    );
+        let per = enc.input.per_record();
+        let mut stem_tape = None;
+        let (patches, pd) = match &enc.input {
+            EncInput::Signal {
+                leads,
+                samples,
+                patch,
+            } => {
+                let (leads, samples, patch) = (*leads, *samples, *patch);
+                let pd = leads * patch;
+                // Token p of a record reads window p of every lead: feature l * patch + k.
+                let mut patches = vec![0.0f32; nb * v * pd];
+                for (b, &(_, rec)) in blocks.iter().enumerate() {
+                    let sig = &data[rec * per..(rec + 1) * per];
+                    for p in 0..v {
+                        let row = &mut patches[(b * v + p) * pd..(b * v + p + 1) * pd];
+                        for l in 0..leads {
+                            row[l * patch..(l + 1) * patch].copy_from_slice(
+                                &sig[l * samples + p * patch..l * samples + (p + 1) * patch],
+                            );
+                        }
+                    }
+                }
+                (patches, pd)
+            }
+            EncInput::Image {
+                width, patch, stem, ..
+            } => {
+                let (width, p) = (*width, *patch);
+                let gw = width / p;
+                let gh = v / gw.max(1);
+                // The page cropped to whole patches.
+                let (ch, cw) = (gh * p, gw * p);
+                let mut pages = vec![0.0f32; nb * ch * cw];
+                for (b, &(_, rec)) in blocks.iter().enumerate() {
+                    let page = &data[rec * per..(rec + 1) * per];
+                    for y in 0..ch {
+                        pages[(b * ch + y) * cw..(b * ch + y + 1) * cw]
+                            .copy_from_slice(&page[y * width..y * width + cw]);
+                    }
+                }
+                match stem {
+                    Some(st) => {
+                        let (y, tape) = self.stem_forward(st, &pages, nb, (ch, cw));
+                        stem_tape = Some(tape);
+                        let pd = y.len() / (nb * v);
+                        (y, pd)
+                    }
+                    None => {
+                        // Token (i, j) reads its square row by row: feature y * patch + x.
+                        let pd = p * p;
+                        let mut patches = vec![0.0f32; nb * v * pd];
+                        for b in 0..nb {
+                            for t in 0..v {
+                                let (i, j) = (t / gw, t % gw);
+                                let row = &mut patches[(b * v + t) * pd..(b * v + t + 1) * pd];
+                                for y in 0..p {
+                                    let src = (b * ch + i * p + y) * cw + j * p;
+                                    row[y * p..(y + 1) * p].copy_from_slice(&pages[src..src + p]);
+                                }
+                            }
+                        }
+                        (patches, pd)
+                    }
                 }
             }
-        }
+        };
         let n = nb * v;
         let mut x = vec![0.0f32; n * dv];
         mm(
@@ -170,6 +226,7 @@ impl FusedLm {
                 acts,
                 xhat,
                 inv,
+                stem: stem_tape,
             },
         )
     }
@@ -209,15 +266,29 @@ impl FusedLm {
             &dx,
             View::rm(n, dv, dv, 0),
         );
+        if let (EncInput::Image { stem: Some(st), .. }, Some(stape)) = (&enc.input, &tape.stem) {
+            let pd = tape.patches.len() / n.max(1);
+            let mut dfeat = vec![0.0f32; n * pd];
+            mm(
+                &mut dfeat,
+                View::rm(n, pd, pd, 0),
+                &dx,
+                View::rm(n, dv, dv, 0),
+                self.p(enc.embed.0),
+                View::rm(pd, dv, dv, 0).t(),
+                false,
+            );
+            self.stem_backward(st, stape, &dfeat, grads);
+        }
     }
 
-    /// The forward pass of [`crate::vlm::EcgVlm::view_layer`] (`input` = signals) or
+    /// The forward pass of [`crate::vlm::EcgVlm::view_layer`] (`input` = raw) or
     /// [`crate::vlm::EcgVlm::view_from_visual`] (`input` = tokens), with hidden states at `layer`
     /// (`None` or the number of layers: after the final norm), keeping what
     /// [`FusedLm::view_backward`] needs. Rows about the same record share its prefix.
     ///
     /// # Errors
-    /// As [`FusedLm::step`], and signals given to a model built without its encoder.
+    /// As [`FusedLm::step`], and raw input given to a model built without its encoder.
     pub fn view_forward(
         &self,
         input: ViewInput<'_>,
@@ -229,15 +300,15 @@ impl FusedLm {
         let layer = layer.filter(|&k| k < n_layers);
         let per_record = match (input, &self.enc) {
             (ViewInput::Tokens(_), _) => v * dv,
-            (ViewInput::Signals(_), Some(e)) => e.leads * e.samples,
-            (ViewInput::Signals(_), None) => {
+            (ViewInput::Raw(_), Some(e)) => e.input.per_record(),
+            (ViewInput::Raw(_), None) => {
                 return Err(FusedError::Visual(
-                    "signals given, but the kernels were built without the encoder".into(),
+                    "raw input given, but the kernels were built without the encoder".into(),
                 ));
             }
         };
         let data = match input {
-            ViewInput::Tokens(x) | ViewInput::Signals(x) => x,
+            ViewInput::Tokens(x) | ViewInput::Raw(x) => x,
         };
         if per_record == 0 || !data.len().is_multiple_of(per_record) {
             return Err(FusedError::Visual(format!(
@@ -249,7 +320,7 @@ impl FusedLm {
         let lay = self.layout(records, rows, true)?;
         let nb = lay.blocks.len();
         let (vis, enc) = match (input, &self.enc) {
-            (ViewInput::Signals(sig), Some(e)) => {
+            (ViewInput::Raw(sig), Some(e)) => {
                 let (y, tape) = self.encoder_forward(e, &lay.blocks, sig);
                 (y, Some(tape))
             }
@@ -455,20 +526,20 @@ impl FusedLm {
         }
     }
 
-    /// The SFT loss of a batch and its gradients with the encoder learning too: `signals`
-    /// `[records, leads, samples]` through the encoder ([`FusedLm::with_encoder`]), then
+    /// The SFT loss of a batch and its gradients with the encoder learning too: `input`
+    /// (each record's signal or page) through the encoder ([`FusedLm::with_encoder`]), then
     /// [`FusedLm::view_forward`], the answer-token cross-entropy and
     /// [`FusedLm::view_backward`] (which skips the encoder's backward pass when none of its
     /// parameters learns; [`FusedLm::step`] on cached tokens is faster then).
     ///
     /// # Errors
     /// As [`FusedLm::view_forward`], and a batch without answer tokens.
-    pub fn step_from_signals(
+    pub fn step_from_input(
         &self,
-        signals: &[f32],
+        input: &[f32],
         rows: &[LmRow<'_>],
     ) -> Result<FusedStep, FusedError> {
-        let (out, tape) = self.view_forward(ViewInput::Signals(signals), rows, None)?;
+        let (out, tape) = self.view_forward(ViewInput::Raw(input), rows, None)?;
         let (t, vocab) = (out.t, self.vocab);
         let m = rows
             .iter()
