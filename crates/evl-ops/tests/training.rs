@@ -587,6 +587,86 @@ fn pretraining_teaches_the_encoder_only() {
     );
 }
 
+/// Vision pre-training on the fused kernels (the encoder on the host, the probe and BCE in
+/// burn) gives the same losses, encoder and probe as burn's autodiff, for a signal student,
+/// an image student and an image encoder with a convolutional stem.
+#[test]
+fn fused_pretraining_equals_autodiff() {
+    let _rng = rng_lock();
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(12);
+    let space: Vec<String> = ecg_synth::SUPERCLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut qc = QuickstartConfig::preset(Preset::Tiny);
+    let image_student = qc.student_model();
+    qc.student_input = "signal".into();
+    let signal_student = qc.student_model();
+    let stem_teacher = qc.teacher_model().with_stem_channels(16);
+    for mut arch in [signal_student, image_student, stem_teacher] {
+        arch.vocab = 60;
+        let run = |host_kernels: bool| {
+            train_dev.seed(3);
+            let model = arch.init(&train_dev);
+            let cfg = OptimConfig {
+                steps: 3,
+                batch_size: 4,
+                lr: 3e-3,
+                warmup: 1,
+                host_kernels,
+                ..OptimConfig::default()
+            };
+            evl_train::pretrain::pretrain_encoder(
+                model,
+                &data,
+                &space,
+                &cfg,
+                None,
+                &train_dev,
+                |_| {},
+            )
+            .unwrap()
+        };
+        let (ma, pa, la) = run(false);
+        let (mb, pb, lb) = run(true);
+        for (x, y) in la.iter().zip(&lb) {
+            assert!(
+                (x.total - y.total).abs() < 1e-5 * x.total.abs().max(1.0),
+                "{:?}: step {} BCE {} by autodiff, {} fused",
+                arch.input,
+                x.step,
+                x.total,
+                y.total
+            );
+        }
+        let f = |b: &[u8]| -> Vec<f32> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let (wa, wb) = (weights(&ma), weights(&mb));
+        for ((k, x), (_, y)) in wa.iter().zip(&wb) {
+            let diff = f(x)
+                .iter()
+                .zip(f(y))
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff < 1e-4, "{:?}: {k} differs by {diff}", arch.input);
+        }
+        let probe = |p: &burn::nn::Linear| -> Vec<f32> {
+            p.weight.val().into_data().iter::<f32>().collect()
+        };
+        let d = probe(&pa)
+            .iter()
+            .zip(probe(&pb))
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-4, "{:?}: probe differs by {d}", arch.input);
+    }
+}
+
 /// SFT with `freeze_vision` leaves the encoder exactly as it was and trains the rest; a
 /// later stage on the returned model trains the encoder again.
 #[test]

@@ -16,7 +16,9 @@ use evl_kd::task::bce_with_logits;
 use evl_models::vlm::EcgVlm;
 
 use crate::Result;
-use crate::train::{OptimConfig, Part, StepLog, batch_indices, step_loop};
+use crate::train::{Objective, OptimConfig, Part, StepLog, batch_indices, step_loop};
+use burn::optim::GradientsParams;
+use evl_models::fused::FusedLm;
 
 /// The encoder being pre-trained and its linear probe (what a pre-training checkpoint holds).
 #[derive(Module, Debug)]
@@ -76,6 +78,12 @@ pub fn pretrain_encoder(
         |m, micro| {
             let idx = batch_indices(samples, cfg, micro);
             let ss: Vec<&Sample> = idx.iter().map(|&(i, _)| &samples[i]).collect();
+            if cfg.host_kernels
+                && evl_models::device::is_host(device)
+                && FusedLm::covers_encoder(&m.model)
+            {
+                return fused_part(m, &ss, space, &input, device);
+            }
             Ok(Part::single(bce_with_logits(
                 m.logits(pixels(&ss, &input, device)),
                 targets(&ss, space, device),
@@ -83,6 +91,58 @@ pub fn pretrain_encoder(
         },
     )?;
     Ok((m.model, m.probe, logs))
+}
+
+/// One pre-training micro-batch with the encoder on the fused host kernels
+/// ([`evl_models::fused`]): its tokens are a graph leaf, the probe and the loss stay burn's,
+/// and the loss's gradient with respect to the tokens goes back through the encoder on the
+/// host.
+fn fused_part(
+    m: &EncoderProbe,
+    ss: &[&Sample],
+    space: &[String],
+    input: &evl_models::vlm::InputKind,
+    device: &Device,
+) -> Result<Part> {
+    let f = FusedLm::encoder_only(&m.model).expect("checked by covers_encoder");
+    let raw: Vec<f32> = ss
+        .iter()
+        .flat_map(|s| evl_infer::input::model_input(s, input))
+        .collect();
+    let (tokens, tape) = f.encode(&raw).map_err(|e| crate::Error::Config {
+        field: "batch",
+        what: e.to_string(),
+    })?;
+    let (b, v, d) = (ss.len(), m.model.n_visual(), f.d_vision());
+    let leaf = Tensor::<3>::from_data(TensorData::new(tokens, [b, v, d]), device).require_grad();
+    let logits = m.probe.forward(leaf.clone().mean_dim(1).reshape([b, d]));
+    let loss = bce_with_logits(logits, targets(ss, space, device));
+    let value = loss
+        .clone()
+        .into_data()
+        .iter::<f32>()
+        .next()
+        .map_or(f64::NAN, f64::from);
+    let model = m.clone();
+    let plain = device.clone().without_autodiff();
+    Ok(Part {
+        loss: Objective::Host {
+            value,
+            grads: Box::new(move |scale| {
+                let mut g = loss.mul_scalar(scale).backward();
+                let dt: Vec<f32> = leaf
+                    .grad(&g)
+                    .map(|t| t.into_data().iter::<f32>().collect())
+                    .unwrap_or_else(|| vec![0.0; b * v * d]);
+                let mut out = GradientsParams::from_module(&mut g, &model);
+                let step = f.encode_backward(&tape, &dt);
+                f.register(&mut out, &step, 1.0, &plain);
+                out
+            }),
+        },
+        ce: None,
+        terms: Vec::new(),
+    })
 }
 
 /// Per-label probabilities `[n][classes]` of the probe on `samples` (inference: pass the

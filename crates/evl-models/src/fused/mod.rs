@@ -38,7 +38,7 @@ use kernels::{
     View, add_bias, attention_backward, attention_forward, col_sums, gelu_backward, gelu_forward,
     ln_backward, ln_forward, mm,
 };
-pub use view::{ViewGrads, ViewInput, ViewOut, ViewTape};
+pub use view::{EncodeTape, ViewGrads, ViewInput, ViewOut, ViewTape};
 
 /// Why a batch cannot be run.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -363,7 +363,18 @@ impl FusedLm {
         model.stem.is_none() && stem_ok
     }
 
+    /// The visual encoder's parameters only ([`FusedLm::encode`]), for vision pre-training:
+    /// the language model's are not read, so burn initialises them (lazily) where it would
+    /// have. `None` when the encoder is not covered ([`FusedLm::covers_encoder`]).
+    pub fn encoder_only(model: &EcgVlm) -> Option<FusedLm> {
+        FusedLm::covers_encoder(model).then(|| FusedLm::build_parts(model, true, false))
+    }
+
     fn build(model: &EcgVlm, encoder: bool) -> FusedLm {
+        FusedLm::build_parts(model, encoder, true)
+    }
+
+    fn build_parts(model: &EcgVlm, encoder: bool, lm: bool) -> FusedLm {
         let mut values = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
         let mut push = |(id, shape, v, train): HostParam| {
@@ -454,6 +465,45 @@ impl FusedLm {
                 input,
             )
         });
+        // The encoder's slots come first; its final norm's bias is the last of them.
+        let n_enc = enc.as_ref().map_or(0, |e| e.3.1 + 1);
+        if !lm {
+            let (embed, pos, layers, norm, heads, input) =
+                enc.expect("an encoder-only build reads the encoder");
+            let dv = slots[embed.0].shape[1];
+            let enc = EncSlots {
+                dims: Dims {
+                    d: dv,
+                    heads,
+                    ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
+                },
+                embed,
+                pos,
+                layers,
+                norm,
+                input,
+                train: slots.iter().any(|s| s.train),
+            };
+            // No language model: its slot indices are never read.
+            return FusedLm {
+                values,
+                slots,
+                projector: (usize::MAX, usize::MAX),
+                tok_emb: usize::MAX,
+                pos: usize::MAX,
+                layers: Vec::new(),
+                norm: (usize::MAX, usize::MAX),
+                head: usize::MAX,
+                d: 0,
+                dv,
+                heads: 1,
+                ff: 0,
+                vocab: 0,
+                n_pos: 0,
+                n_visual: model.n_visual(),
+                enc: Some(enc),
+            };
+        }
         let projector = lin(&mut push, &model.projector);
         let tok_emb = push(host(&model.tok_emb.weight));
         let pos = push(host(&model.pos));
@@ -477,7 +527,7 @@ impl FusedLm {
             layers,
             norm,
             input,
-            train: slots[..projector.0].iter().any(|s| s.train),
+            train: slots[..n_enc].iter().any(|s| s.train),
         });
         let ff = layers.first().map_or(0, |l| slots[l.inner.0].shape[1]);
         let heads = model.decoder.layers.first().map_or(1, |l| l.mha.n_heads);

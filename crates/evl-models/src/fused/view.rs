@@ -93,7 +93,58 @@ impl std::fmt::Debug for ViewTape {
     }
 }
 
+/// What [`FusedLm::encode`] keeps for [`FusedLm::encode_backward`].
+pub struct EncodeTape(EncTape);
+
+impl std::fmt::Debug for EncodeTape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncodeTape({} tokens)", self.0.lay.n)
+    }
+}
+
 impl FusedLm {
+    /// The visual encoder alone on each record's input (`input[records, ...]`, signal or
+    /// page, as [`crate::vlm::EcgVlm::encode`] reads it): the tokens `[records, v,
+    /// d_vision]` and what the backward pass needs.
+    ///
+    /// # Errors
+    /// A model built without its encoder, or input that is not whole records.
+    pub fn encode(&self, input: &[f32]) -> Result<(Vec<f32>, EncodeTape), FusedError> {
+        let enc = self.enc.as_ref().ok_or_else(|| {
+            FusedError::Visual("the kernels were built without the encoder".into())
+        })?;
+        let per = enc.input.per_record();
+        if per == 0 || input.is_empty() || !input.len().is_multiple_of(per) {
+            return Err(FusedError::Visual(format!(
+                "{} values are not a whole number of records of {per}",
+                input.len()
+            )));
+        }
+        let records = input.len() / per;
+        let blocks: Vec<(usize, usize)> = (0..records).map(|r| (r * self.n_visual, r)).collect();
+        let (tokens, tape) = self.encoder_forward(enc, &blocks, input);
+        Ok((tokens, EncodeTape(tape)))
+    }
+
+    /// [`FusedLm::encode`] backwards from d loss / d tokens: the encoder's gradients (the
+    /// step's `loss` is NaN: the loss was computed elsewhere).
+    ///
+    /// # Panics
+    /// When `dtokens` is not the tokens' size.
+    pub fn encode_backward(&self, tape: &EncodeTape, dtokens: &[f32]) -> FusedStep {
+        let enc = self
+            .enc
+            .as_ref()
+            .expect("a tape comes from a model with its encoder");
+        assert_eq!(dtokens.len(), tape.0.lay.n * self.dv, "token gradient");
+        let mut grads = vec![0.0f32; self.values.len()];
+        self.encoder_backward(enc, &tape.0, dtokens, &mut grads);
+        FusedStep {
+            loss: f64::NAN,
+            grads,
+        }
+    }
+
     /// The encoder's forward pass over each block's record: its input `data[records, ...]`
     /// (signal or page) -> tokens `[blocks * v, d_vision]`.
     fn encoder_forward(
