@@ -136,13 +136,14 @@ enum Mode {
     /// Cached tokens and the fused host kernels ([`evl_models::fused`]): what `sft` runs on
     /// the CPU.
     Fused,
-    /// The frozen encoder on every step (burn, no graph) once per drawn record, then the
-    /// fused kernels: what `sft` runs on the CPU when the tokens do not fit its cache.
+    /// The frozen encoder on every step, once per drawn record (the fused kernels' forward
+    /// pass, or burn's where they do not cover it), then the fused step: what `sft` runs on
+    /// the CPU when the tokens do not fit its cache.
     FullFused,
     /// The encoder learns (`freeze_vision = false`), burn autodiff.
     Trained,
-    /// The encoder learns, fused kernels from the raw signal (a signal model without a
-    /// stem: the student), as `sft` and `distill` run it on the CPU.
+    /// The encoder learns, fused kernels from the raw input (every built-in encoder but a
+    /// signal one with a stem), as `sft`, `distill` and vision pre-training run it on the CPU.
     TrainedFused,
 }
 
@@ -195,8 +196,10 @@ fn ours(
             ),
         )
     });
-    let host_signals: Vec<f32> = match mode {
-        Mode::TrainedFused => first_rows(b.pixels.clone().into_data().iter::<f32>().collect()),
+    let host_raw: Vec<f32> = match mode {
+        Mode::TrainedFused | Mode::FullFused => {
+            first_rows(b.pixels.clone().into_data().iter::<f32>().collect())
+        }
         _ => Vec::new(),
     };
     let host_visual: Vec<f32> = match (&visual, mode) {
@@ -222,6 +225,12 @@ fn ours(
             let fused = evl_models::fused::FusedLm::from_model(&model);
             let out = fused.step(&host_visual, &lm_rows)?;
             (out.loss as f32, fused.gradients(&out, 1.0, &plain))
+        } else if mode == Mode::FullFused
+            && let Some(fused) = evl_models::fused::FusedLm::with_encoder(&model)
+        {
+            // The frozen encoder on the fused kernels too (its backward pass skipped).
+            let out = fused.step_from_input(&host_raw, &lm_rows)?;
+            (out.loss as f32, fused.gradients(&out, 1.0, &plain))
         } else if mode == Mode::FullFused {
             let tokens: Vec<f32> = model
                 .encode(px_first.clone().expect("first rows' pixels"))
@@ -234,7 +243,7 @@ fn ours(
         } else if mode == Mode::TrainedFused {
             let fused = evl_models::fused::FusedLm::with_encoder(&model)
                 .ok_or_else(|| anyhow::anyhow!("no fused kernels for this encoder"))?;
-            let out = fused.step_from_input(&host_signals, &lm_rows)?;
+            let out = fused.step_from_input(&host_raw, &lm_rows)?;
             (out.loss as f32, fused.gradients(&out, 1.0, &plain))
         } else {
             let loss = match &visual {

@@ -3,6 +3,8 @@
 //! loops. Activations are laid out position-major (`[images * height * width, channels]`),
 //! the GEMM's natural output, so a convolution's output is the next one's input unchanged.
 
+use rayon::prelude::*;
+
 use super::FusedLm;
 use super::kernels::{View, col_sums, gelu_backward, gelu_forward, mm};
 
@@ -51,29 +53,33 @@ fn im2col(x: &[f32], images: usize, h: usize, w: usize, c: &ConvSpec) -> Vec<f32
     let kk = c.k * c.k;
     let width = c.cin * kk;
     let mut col = vec![0.0f32; images * oh * ow * width];
-    for img in 0..images {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = &mut col[((img * oh + oy) * ow + ox) * width..][..width];
-                for ky in 0..c.k {
-                    let iy = (oy * c.stride + ky) as isize - c.pad as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..c.k {
-                        let ix = (ox * c.stride + kx) as isize - c.pad as isize;
-                        if ix < 0 || ix >= w as isize {
+    // One output row (image, oy) per task: they write disjoint parts of `col`.
+    col.par_chunks_mut(ow * width)
+        .enumerate()
+        .for_each(|(r, rows)| {
+            let (img, oy) = (r / oh, r % oh);
+            {
+                for ox in 0..ow {
+                    let row = &mut rows[ox * width..(ox + 1) * width];
+                    for ky in 0..c.k {
+                        let iy = (oy * c.stride + ky) as isize - c.pad as isize;
+                        if iy < 0 || iy >= h as isize {
                             continue;
                         }
-                        let src = ((img * h + iy as usize) * w + ix as usize) * c.cin;
-                        for ci in 0..c.cin {
-                            row[ci * kk + ky * c.k + kx] = x[src + ci];
+                        for kx in 0..c.k {
+                            let ix = (ox * c.stride + kx) as isize - c.pad as isize;
+                            if ix < 0 || ix >= w as isize {
+                                continue;
+                            }
+                            let src = ((img * h + iy as usize) * w + ix as usize) * c.cin;
+                            for ci in 0..c.cin {
+                                row[ci * kk + ky * c.k + kx] = x[src + ci];
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+        });
     col
 }
 
@@ -83,29 +89,32 @@ fn col2im(dcol: &[f32], images: usize, h: usize, w: usize, c: &ConvSpec) -> Vec<
     let kk = c.k * c.k;
     let width = c.cin * kk;
     let mut dx = vec![0.0f32; images * h * w * c.cin];
-    for img in 0..images {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = &dcol[((img * oh + oy) * ow + ox) * width..][..width];
-                for ky in 0..c.k {
-                    let iy = (oy * c.stride + ky) as isize - c.pad as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..c.k {
-                        let ix = (ox * c.stride + kx) as isize - c.pad as isize;
-                        if ix < 0 || ix >= w as isize {
+    // Windows overlap within an image, never across: one image per task.
+    dx.par_chunks_mut(h * w * c.cin)
+        .enumerate()
+        .for_each(|(img, dx)| {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let row = &dcol[((img * oh + oy) * ow + ox) * width..][..width];
+                    for ky in 0..c.k {
+                        let iy = (oy * c.stride + ky) as isize - c.pad as isize;
+                        if iy < 0 || iy >= h as isize {
                             continue;
                         }
-                        let dst = ((img * h + iy as usize) * w + ix as usize) * c.cin;
-                        for ci in 0..c.cin {
-                            dx[dst + ci] += row[ci * kk + ky * c.k + kx];
+                        for kx in 0..c.k {
+                            let ix = (ox * c.stride + kx) as isize - c.pad as isize;
+                            if ix < 0 || ix >= w as isize {
+                                continue;
+                            }
+                            let dst = (iy as usize * w + ix as usize) * c.cin;
+                            for ci in 0..c.cin {
+                                dx[dst + ci] += row[ci * kk + ky * c.k + kx];
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+        });
     dx
 }
 
@@ -230,7 +239,9 @@ impl FusedLm {
 
 /// Group norm (biased variance, eps 1e-5, per-channel affine, burn's) of
 /// `x[images * positions, channels]`, each image's channel groups over all its positions:
-/// returns (normalised values, `1 / std` per (image, group), output).
+/// returns (normalised values, `1 / std` per (image, group), output). The statistics are
+/// summed per channel along whole rows (a group here has only a few channels, so loops over
+/// a group's channels would be a few elements long), in f64, then combined per group.
 fn group_norm(
     x: &[f32],
     images: usize,
@@ -241,39 +252,55 @@ fn group_norm(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let per = channels / groups;
     let positions = x.len() / (images * channels);
+    let count = (positions * per) as f64;
     let mut xhat = vec![0.0f32; x.len()];
     let mut y = vec![0.0f32; x.len()];
     let mut inv = vec![0.0f32; images * groups];
+    let (mut s, mut ss) = (vec![0.0f64; channels], vec![0.0f64; channels]);
+    let (mut mean_c, mut inv_c) = (vec![0.0f32; channels], vec![0.0f32; channels]);
     for img in 0..images {
-        let xi = &x[img * positions * channels..(img + 1) * positions * channels];
-        for g in 0..groups {
-            let (mut s, mut ss) = (0.0f64, 0.0f64);
-            for row in xi.chunks_exact(channels) {
-                for &v in &row[g * per..(g + 1) * per] {
-                    s += f64::from(v);
-                    ss += f64::from(v) * f64::from(v);
-                }
-            }
-            let count = (positions * per) as f64;
-            let mean = s / count;
-            let var = (ss / count - mean * mean).max(0.0);
-            let r = 1.0 / (var + 1e-5).sqrt();
-            inv[img * groups + g] = r as f32;
-            for (p, row) in xi.chunks_exact(channels).enumerate() {
-                let base = (img * positions + p) * channels;
-                for ch in g * per..(g + 1) * per {
-                    let h = ((f64::from(row[ch]) - mean) * r) as f32;
-                    xhat[base + ch] = h;
-                    y[base + ch] = h * gamma[ch] + beta[ch];
-                }
+        let range = img * positions * channels..(img + 1) * positions * channels;
+        s.iter_mut().chain(ss.iter_mut()).for_each(|v| *v = 0.0);
+        for row in x[range.clone()].chunks_exact(channels) {
+            for ((a, b), &v) in s.iter_mut().zip(ss.iter_mut()).zip(row) {
+                let v = f64::from(v);
+                *a += v;
+                *b += v * v;
             }
         }
+        for g in 0..groups {
+            let sum: f64 = s[g * per..(g + 1) * per].iter().sum();
+            let sq: f64 = ss[g * per..(g + 1) * per].iter().sum();
+            let mean = sum / count;
+            let r = 1.0 / ((sq / count - mean * mean).max(0.0) + 1e-5).sqrt();
+            inv[img * groups + g] = r as f32;
+            mean_c[g * per..(g + 1) * per].fill(mean as f32);
+            inv_c[g * per..(g + 1) * per].fill(r as f32);
+        }
+        let block = 256 * channels;
+        x[range.clone()]
+            .par_chunks(block)
+            .zip(xhat[range.clone()].par_chunks_mut(block))
+            .zip(y[range].par_chunks_mut(block))
+            .for_each(|((xb, hb), yb)| {
+                let rows = xb
+                    .chunks_exact(channels)
+                    .zip(hb.chunks_exact_mut(channels))
+                    .zip(yb.chunks_exact_mut(channels));
+                for ((xr, hr), yr) in rows {
+                    for c in 0..channels {
+                        let h = (xr[c] - mean_c[c]) * inv_c[c];
+                        hr[c] = h;
+                        yr[c] = h * gamma[c] + beta[c];
+                    }
+                }
+            });
     }
     (xhat, inv, y)
 }
 
 /// [`group_norm`] backwards: from `dy`, adds gamma's and beta's gradients to `dg`, `db` and
-/// returns d loss / d x.
+/// returns d loss / d x (sums per channel along rows, as the forward pass).
 #[allow(clippy::too_many_arguments)] // the forward pass's saved values and shapes
 fn group_norm_backward(
     dy: &[f32],
@@ -288,35 +315,63 @@ fn group_norm_backward(
 ) -> Vec<f32> {
     let per = channels / groups;
     let positions = dy.len() / (images * channels);
-    let count = (positions * per) as f32;
+    let count = (positions * per) as f64;
     let mut dx = vec![0.0f32; dy.len()];
+    let (mut sdy, mut sdyh) = (vec![0.0f64; channels], vec![0.0f64; channels]);
+    let (mut m1c, mut m2c, mut rc) = (
+        vec![0.0f32; channels],
+        vec![0.0f32; channels],
+        vec![0.0f32; channels],
+    );
     for img in 0..images {
         let range = img * positions * channels..(img + 1) * positions * channels;
-        let (dyi, hi) = (&dy[range.clone()], &xhat[range.clone()]);
-        for g in 0..groups {
-            let (mut m1, mut m2) = (0.0f64, 0.0f64);
-            for (drow, hrow) in dyi.chunks_exact(channels).zip(hi.chunks_exact(channels)) {
-                for ch in g * per..(g + 1) * per {
-                    let dh = drow[ch] * gamma[ch];
-                    m1 += f64::from(dh);
-                    m2 += f64::from(dh * hrow[ch]);
-                    dg[ch] += drow[ch] * hrow[ch];
-                    db[ch] += drow[ch];
-                }
-            }
-            let (m1, m2) = (m1 as f32 / count, m2 as f32 / count);
-            let r = inv[img * groups + g];
-            for (p, (drow, hrow)) in dyi
-                .chunks_exact(channels)
-                .zip(hi.chunks_exact(channels))
-                .enumerate()
-            {
-                let base = range.start + p * channels;
-                for ch in g * per..(g + 1) * per {
-                    dx[base + ch] = r * (drow[ch] * gamma[ch] - m1 - hrow[ch] * m2);
-                }
+        sdy.iter_mut().chain(sdyh.iter_mut()).for_each(|v| *v = 0.0);
+        for (drow, hrow) in dy[range.clone()]
+            .chunks_exact(channels)
+            .zip(xhat[range.clone()].chunks_exact(channels))
+        {
+            for c in 0..channels {
+                sdy[c] += f64::from(drow[c]);
+                sdyh[c] += f64::from(drow[c] * hrow[c]);
             }
         }
+        for c in 0..channels {
+            dg[c] += sdyh[c] as f32;
+            db[c] += sdy[c] as f32;
+        }
+        for g in 0..groups {
+            let cs = g * per..(g + 1) * per;
+            // Sums of d x_hat = dy gamma, and of d x_hat * x_hat, over the group.
+            let m1: f64 = cs
+                .clone()
+                .map(|c| sdy[c] * f64::from(gamma[c]))
+                .sum::<f64>()
+                / count;
+            let m2: f64 = cs
+                .clone()
+                .map(|c| sdyh[c] * f64::from(gamma[c]))
+                .sum::<f64>()
+                / count;
+            m1c[cs.clone()].fill(m1 as f32);
+            m2c[cs.clone()].fill(m2 as f32);
+            rc[cs].fill(inv[img * groups + g]);
+        }
+        let block = 256 * channels;
+        dy[range.clone()]
+            .par_chunks(block)
+            .zip(xhat[range.clone()].par_chunks(block))
+            .zip(dx[range].par_chunks_mut(block))
+            .for_each(|((db_, hb), xb)| {
+                let rows = db_
+                    .chunks_exact(channels)
+                    .zip(hb.chunks_exact(channels))
+                    .zip(xb.chunks_exact_mut(channels));
+                for ((drow, hrow), xr) in rows {
+                    for c in 0..channels {
+                        xr[c] = rc[c] * (drow[c] * gamma[c] - m1c[c] - hrow[c] * m2c[c]);
+                    }
+                }
+            });
     }
     dx
 }

@@ -1,0 +1,55 @@
+//! A loop of fused training steps of the `zoo` teacher's architecture with its encoder
+//! learning (random weights, pages and texts), for profiling `evl_models::fused` with `perf`:
+//! `cargo build --release -p evl-bench --example fused_loop && perf record -g
+//! target/release/examples/fused_loop`. `EVL_LOOP=frozen` freezes the encoder.
+
+use burn::tensor::Device;
+use evl_models::fused::{FusedLm, LmRow};
+
+fn main() {
+    let job = evl_ops::job::JobConfig::zoo();
+    let mut arch = job.arch(evl_ops::job::Role::Teacher).expect("zoo teacher");
+    arch.vocab = 147;
+    let device = Device::flex().autodiff();
+    device.seed(1);
+    let frozen = std::env::var("EVL_LOOP").is_ok_and(|v| v == "frozen");
+    let model = arch.init(&device).with_vision_trainable(!frozen);
+    let fused = FusedLm::with_encoder(&model).expect("covered encoder");
+    let (h, w) = (job.input.height, job.input.width);
+    let mut state = 7u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let pages: Vec<f32> = (0..3 * h * w)
+        .map(|_| (next() % 1000) as f32 / 1000.0)
+        .collect();
+    let rows: Vec<(usize, Vec<i64>, Vec<bool>)> = (0..16)
+        .map(|r| {
+            let ids: Vec<i64> = (0..20).map(|_| (next() % 147) as i64).collect();
+            let answer: Vec<bool> = (0..20).map(|i| i >= 17).collect();
+            (r / 6, ids, answer)
+        })
+        .collect();
+    let lm: Vec<LmRow<'_>> = rows
+        .iter()
+        .map(|(record, ids, answer)| LmRow {
+            record: *record,
+            ids,
+            answer,
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let n = 40;
+    for _ in 0..n {
+        let step = fused.step_from_input(&pages, &lm).expect("step");
+        std::hint::black_box(step.loss);
+    }
+    println!(
+        "{:.2} ms per step (encoder {})",
+        t.elapsed().as_secs_f64() * 1e3 / n as f64,
+        if frozen { "frozen" } else { "learning" }
+    );
+}
