@@ -147,24 +147,12 @@ fn fused_distillation_equals_autodiff() {
                 y.total
             );
         }
-        let f = |b: &[u8]| -> Vec<f32> {
-            b.chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        let (wa, wb) = (weights(&a.student), weights(&b.student));
-        assert_eq!(wa.len(), wb.len());
-        for ((k, x), (_, y)) in wa.iter().zip(&wb) {
-            let diff = f(x)
-                .iter()
-                .zip(f(y))
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0f32, f32::max);
-            assert!(
-                diff < 2e-4,
-                "{method:?} layer {layer:?}: {k} differs by {diff}"
-            );
-        }
+        assert_same_weights(
+            &weights(&a.student),
+            &weights(&b.student),
+            2e-4,
+            &format!("{method:?} layer {layer:?}"),
+        );
         // The encoder learnt in both.
         assert_ne!(
             part(&b.student, "patch_embed"),
@@ -213,20 +201,26 @@ fn fused_sft_with_a_learning_encoder_equals_autodiff() {
             y.total
         );
     }
+    assert_same_weights(&weights(&a), &weights(&b), 1e-4, "SFT");
+}
+
+/// Two lists of the same model's weights ([`weights`], [`part`]) name the same tensors and
+/// differ by less than `tol` in every value (panics naming the tensor otherwise).
+fn assert_same_weights(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)], tol: f32, what: &str) {
     let f = |b: &[u8]| -> Vec<f32> {
         b.chunks(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     };
-    let (wa, wb) = (weights(&a), weights(&b));
-    assert_eq!(wa.len(), wb.len());
-    for ((k, x), (_, y)) in wa.iter().zip(&wb) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for ((k, x), (k2, y)) in a.iter().zip(b) {
+        assert_eq!(k, k2, "{what}");
         let diff = f(x)
             .iter()
             .zip(f(y))
             .map(|(p, q)| (p - q).abs())
             .fold(0.0f32, f32::max);
-        assert!(diff < 1e-4, "{k} differs by {diff}");
+        assert!(diff < tol, "{what}: {k} differs by {diff}");
     }
 }
 
@@ -641,20 +635,8 @@ fn fused_pretraining_equals_autodiff() {
                 y.total
             );
         }
-        let f = |b: &[u8]| -> Vec<f32> {
-            b.chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        let (wa, wb) = (weights(&ma), weights(&mb));
-        for ((k, x), (_, y)) in wa.iter().zip(&wb) {
-            let diff = f(x)
-                .iter()
-                .zip(f(y))
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0f32, f32::max);
-            assert!(diff < 1e-4, "{:?}: {k} differs by {diff}", arch.input);
-        }
+        let what = format!("{:?}", arch.input);
+        assert_same_weights(&weights(&ma), &weights(&mb), 1e-4, &what);
         let probe = |p: &burn::nn::Linear| -> Vec<f32> {
             p.weight.val().into_data().iter::<f32>().collect()
         };
@@ -768,26 +750,13 @@ fn caching_a_frozen_encoder_changes_no_loss() {
                     b.total
                 );
             }
-            let f = |b: &[u8]| -> Vec<f32> {
-                b.chunks(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            };
             for name in ["lm_head", "decoder", "projector", "tok_emb"] {
-                let (w0, w1) = (part(&m0, name), part(&m1, name));
-                assert_eq!(w0.len(), w1.len());
-                for ((k, a), (_, b)) in w0.iter().zip(&w1) {
-                    let diff = f(a)
-                        .iter()
-                        .zip(f(b))
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0f32, f32::max);
-                    assert!(
-                        diff < 1e-4,
-                        "{:?}: {k} differs by {diff} with {what}",
-                        arch.input
-                    );
-                }
+                assert_same_weights(
+                    &part(&m0, name),
+                    &part(&m1, name),
+                    1e-4,
+                    &format!("{:?} with {what}", arch.input),
+                );
             }
         }
     }

@@ -387,6 +387,18 @@ fn record_numbers(idx: &[(usize, usize)]) -> (Vec<usize>, Vec<usize>) {
     (records, of_row)
 }
 
+/// The fused kernels' rows: each text with its record's number ([`record_numbers`]).
+fn lm_rows<'a>(rows: &'a [(Vec<i64>, Vec<bool>)], of_row: &[usize]) -> Vec<LmRow<'a>> {
+    rows.iter()
+        .zip(of_row)
+        .map(|((ids, answer), &record)| LmRow {
+            record,
+            ids,
+            answer,
+        })
+        .collect()
+}
+
 /// One SFT micro-batch by the fused host kernels ([`evl_models::fused`]): each drawn
 /// record's visual input once, every question about it after it.
 #[allow(clippy::too_many_arguments)] // the micro-batch, its source and the kernels
@@ -410,15 +422,7 @@ fn fused_sft_part(
         .collect();
     check_len(&rows, model.max_text(), ss, turns)?;
     let (records, of_row) = record_numbers(idx);
-    let lm_rows: Vec<LmRow<'_>> = rows
-        .iter()
-        .zip(&of_row)
-        .map(|((ids, answer), &record)| LmRow {
-            record,
-            ids,
-            answer,
-        })
-        .collect();
+    let lm_rows = lm_rows(&rows, &of_row);
     // Parameters are read (and, burn's being lazy, initialised) in its forward order: the
     // encoder's before the language model's.
     let (fused, step) = match input {
@@ -921,16 +925,7 @@ fn fused_view(
             evl_infer::input::model_input(ss[row], input)
         })
         .collect();
-    let rows: Vec<LmRow<'_>> = t
-        .rows
-        .iter()
-        .zip(&of_row)
-        .map(|((ids, answer), &record)| LmRow {
-            record,
-            ids,
-            answer,
-        })
-        .collect();
+    let rows = lm_rows(&t.rows, &of_row);
     let (out, tape) = f
         .view_forward(ViewInput::Raw(&signals), &rows, cfg.student_layer)
         .map_err(|e| batch_error(ss, e))?;
