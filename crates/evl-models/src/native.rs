@@ -340,21 +340,16 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// Exact-form GELU `x/2 (1 + erf(x/sqrt 2))` with erf from Abramowitz & Stegun 7.1.26
 /// (absolute error <= 1.5e-7, below f32 resolution of the result) and [`exp`]: no libm call,
 /// which was most of the native engine's time (50k calls per record), and no branch, so
-/// [`gelu_slice`] runs it on SIMD lanes.
+/// [`gelu_slice`] runs it on SIMD lanes. (The derivative [`gelu_and_grad`] also computes is
+/// dead code here once inlined.)
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
-    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let erf_abs = 1.0 - poly * exp(-z * z);
-    0.5 * x * (1.0 + erf_abs.copysign(x))
+    gelu_and_grad(x).0
 }
 
-/// GELU and its derivative `Phi(x) + x phi(x)` at `x`, from the same erf and exponential as
-/// [`gelu`] (the exponential `e^(-x^2/2)` is shared by erf's approximation and the normal
-/// density), for the fused training kernels' forward and backward passes.
+/// GELU ([`gelu`]) and its derivative `Phi(x) + x phi(x)` at `x`, one erf and one
+/// exponential for both (`e^(-x^2/2)` is shared by erf's approximation and the normal
+/// density), for inference and the fused training kernels' forward and backward passes.
 #[inline(always)]
 pub(crate) fn gelu_and_grad(x: f32) -> (f32, f32) {
     let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
