@@ -1,7 +1,8 @@
 //! A loop of fused training steps of the `zoo` teacher's architecture with its encoder
 //! learning (random weights, pages and texts), for profiling `evl_models::fused` with `perf`:
 //! `cargo build --release -p evl-bench --example fused_loop && perf record -g
-//! target/release/examples/fused_loop`. `EVL_LOOP=frozen` freezes the encoder.
+//! target/release/examples/fused_loop`. `EVL_LOOP=frozen` freezes the encoder;
+//! `EVL_LOOP_OPTIM=1` times the parts of a whole optimiser step instead.
 
 use burn::tensor::Device;
 use evl_models::fused::{FusedLm, LmRow};
@@ -41,6 +42,38 @@ fn main() {
             answer,
         })
         .collect();
+    // With `EVL_LOOP_OPTIM=1`, each step is the whole optimiser step `bench train` times
+    // (parameters read from the model, gradients handed back, AdamW), timed per part.
+    if std::env::var("EVL_LOOP_OPTIM").is_ok() {
+        let optim_cfg = job.teacher.optim.clone();
+        let mut optim = evl_train::train::adamw(&optim_cfg);
+        let plain = device.clone().without_autodiff();
+        let mut model = model;
+        let mut parts = [0.0f64; 4];
+        let n = 20;
+        for i in 0..n + 3 {
+            let t = std::time::Instant::now();
+            let fused = FusedLm::with_encoder(&model).expect("covered encoder");
+            let t1 = t.elapsed().as_secs_f64();
+            let step = fused.step_from_input(&pages, &lm).expect("step");
+            let t2 = t.elapsed().as_secs_f64();
+            let grads = fused.gradients(&step, 1.0, &plain);
+            let t3 = t.elapsed().as_secs_f64();
+            model = optim.step(optim_cfg.lr, model, grads);
+            let t4 = t.elapsed().as_secs_f64();
+            if i < 3 {
+                continue; // warm-up
+            }
+            for (p, v) in parts.iter_mut().zip([t1, t2 - t1, t3 - t2, t4 - t3]) {
+                *p += v * 1e3 / n as f64;
+            }
+        }
+        println!(
+            "ms per step: read parameters {:.2}, kernels {:.2}, gradients to burn {:.2}, AdamW {:.2}",
+            parts[0], parts[1], parts[2], parts[3]
+        );
+        return;
+    }
     let t = std::time::Instant::now();
     let n = 40;
     for _ in 0..n {

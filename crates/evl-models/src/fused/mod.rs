@@ -1389,7 +1389,19 @@ mod tests {
             16,
         )
         .with_stem_channels(8);
-        let m = cfg.init(&device);
+        let mut m = cfg.init(&device);
+        // Group norms start as the identity (gamma 1, beta 0); other values make every
+        // affine term count.
+        let stem = m.image_stem.as_mut().expect("a stem");
+        for n in &mut stem.norms {
+            let c = n.num_channels;
+            let (g, b) = (
+                Tensor::<1>::random([c], Distribution::Uniform(0.5, 1.5), &device),
+                Tensor::<1>::random([c], Distribution::Uniform(-0.5, 0.5), &device),
+            );
+            n.gamma = Some(Param::from_tensor(g));
+            n.beta = Some(Param::from_tensor(b));
+        }
         assert!(FusedLm::covers_encoder(&m));
         let pages = Tensor::<3>::random([3, 1, 64 * 84], Distribution::Uniform(0.0, 1.0), &device);
         sft_from_input_matches_autodiff(&m, &pages, &device);
