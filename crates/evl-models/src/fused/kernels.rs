@@ -393,94 +393,121 @@ pub(super) fn attention_backward(
 ) {
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
-    // A record block's groups write the key and value gradients of its visual rows, so
-    // blocks (not groups) are the unit of parallel work; each owns its rows of `dqkv`.
-    struct Block<'a> {
+    // A record block's groups write the key and value gradients of its visual rows, so a
+    // (block, head) pair is the unit of parallel work: it writes head `h`'s columns of the
+    // block's rows into its own buffer `[rows, q | k | v, dh]`, added into `dqkv` after.
+    // (Blocks alone were three tasks for two cores in a three-record batch.)
+    struct Job<'a> {
         start: usize,
+        h: usize,
         groups: &'a [Group],
         qkv: &'a [f32],
         p: &'a [f32],
         dctx: &'a [f32],
-        dqkv: &'a mut [f32],
+        out: &'a mut [f32],
         d: usize,
         heads: usize,
         scale: f32,
     }
-    impl pulp::WithSimd for Block<'_> {
+    impl pulp::WithSimd for Job<'_> {
         type Output = ();
         #[inline(always)]
         fn with_simd<S: pulp::Simd>(self, _: S) {
-            let Block {
+            let Job {
                 start,
+                h,
                 groups,
                 qkv,
                 p,
                 dctx,
-                dqkv,
+                out,
                 d,
                 heads,
                 scale,
             } = self;
             let dh = d / heads;
             let mut dp = Vec::new();
+            let mut dq = vec![0.0f32; dh];
             for g in groups {
                 let per = g.per_head();
-                for h in 0..heads {
-                    for j in 0..g.qn {
-                        let qr = g.qs + j;
-                        let c = g.visible(j);
-                        let w = &p[g.p_off + h * per + g.weights_at(j)..][..c];
-                        let dc = &dctx[qr * d + h * dh..][..dh];
-                        dp.clear();
-                        let mut s = 0.0f32;
-                        for (k, &wk) in w.iter().enumerate() {
-                            let kr = g.key_row(k);
-                            let x = dot(dc, &qkv[kr * 3 * d + 2 * d + h * dh..][..dh]);
-                            s += wk * x;
-                            dp.push(x);
-                        }
-                        let q = &qkv[qr * 3 * d + h * dh..][..dh];
-                        let mut dq = vec![0.0f32; dh];
-                        for (k, (&wk, &x)) in w.iter().zip(&dp).enumerate() {
-                            let kr = g.key_row(k) - start;
-                            let ds = wk * (x - s) * scale;
-                            axpy(&mut dq, ds, &qkv[(kr + start) * 3 * d + d + h * dh..][..dh]);
-                            let row = &mut dqkv[kr * 3 * d..(kr + 1) * 3 * d];
-                            axpy(&mut row[d + h * dh..d + (h + 1) * dh], ds, q);
-                            axpy(&mut row[2 * d + h * dh..2 * d + (h + 1) * dh], wk, dc);
-                        }
-                        let qrow = &mut dqkv[(qr - start) * 3 * d + h * dh..][..dh];
-                        for (o, &v) in qrow.iter_mut().zip(&dq) {
-                            *o += v;
-                        }
+                for j in 0..g.qn {
+                    let qr = g.qs + j;
+                    let c = g.visible(j);
+                    let w = &p[g.p_off + h * per + g.weights_at(j)..][..c];
+                    let dc = &dctx[qr * d + h * dh..][..dh];
+                    dp.clear();
+                    let mut s = 0.0f32;
+                    for (k, &wk) in w.iter().enumerate() {
+                        let kr = g.key_row(k);
+                        let x = dot(dc, &qkv[kr * 3 * d + 2 * d + h * dh..][..dh]);
+                        s += wk * x;
+                        dp.push(x);
+                    }
+                    let q = &qkv[qr * 3 * d + h * dh..][..dh];
+                    dq.iter_mut().for_each(|v| *v = 0.0);
+                    for (k, (&wk, &x)) in w.iter().zip(&dp).enumerate() {
+                        let kr = g.key_row(k);
+                        let ds = wk * (x - s) * scale;
+                        axpy(&mut dq, ds, &qkv[kr * 3 * d + d + h * dh..][..dh]);
+                        let row = &mut out[(kr - start) * 3 * dh..(kr - start + 1) * 3 * dh];
+                        axpy(&mut row[dh..2 * dh], ds, q);
+                        axpy(&mut row[2 * dh..], wk, dc);
+                    }
+                    let qrow = &mut out[(qr - start) * 3 * dh..][..dh];
+                    for (o, &v) in qrow.iter_mut().zip(&dq) {
+                        *o += v;
                     }
                 }
             }
         }
     }
-    let mut jobs = Vec::with_capacity(lay.blocks.len());
-    let mut rest = dqkv;
+    let mut spans = Vec::with_capacity(lay.blocks.len());
     let mut gi = 0;
     for (b, &(start, _)) in lay.blocks.iter().enumerate() {
         let end = lay.blocks.get(b + 1).map_or(lay.n, |&(s, _)| s);
-        let (mine, r) = std::mem::take(&mut rest).split_at_mut((end - start) * 3 * d);
-        rest = r;
         let g0 = gi;
         while gi < lay.groups.len() && lay.groups[gi].qs < end {
             gi += 1;
         }
-        jobs.push(Block {
-            start,
-            groups: &lay.groups[g0..gi],
-            qkv,
-            p,
-            dctx,
-            dqkv: mine,
-            d,
-            heads,
-            scale,
-        });
+        spans.push((start, end, g0, gi));
     }
+    let mut bufs: Vec<Vec<f32>> = spans
+        .iter()
+        .flat_map(|&(start, end, ..)| (0..heads).map(move |_| vec![0.0f32; (end - start) * 3 * dh]))
+        .collect();
+    let jobs: Vec<Job<'_>> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, out)| {
+            let (start, _, g0, g1) = spans[i / heads];
+            Job {
+                start,
+                h: i % heads,
+                groups: &lay.groups[g0..g1],
+                qkv,
+                p,
+                dctx,
+                out,
+                d,
+                heads,
+                scale,
+            }
+        })
+        .collect();
     jobs.into_par_iter()
         .for_each(|job| pulp::Arch::new().dispatch(job));
+    // Each block's rows, in order: add its heads' buffers into their columns.
+    let mut rest = dqkv;
+    for (b, &(start, end, ..)) in spans.iter().enumerate() {
+        let (mine, r) = std::mem::take(&mut rest).split_at_mut((end - start) * 3 * d);
+        rest = r;
+        for (h, buf) in bufs[b * heads..(b + 1) * heads].iter().enumerate() {
+            for (row, src) in mine.chunks_exact_mut(3 * d).zip(buf.chunks_exact(3 * dh)) {
+                for (part, s) in src.chunks_exact(dh).enumerate() {
+                    let dst = &mut row[part * d + h * dh..part * d + (h + 1) * dh];
+                    dst.iter_mut().zip(s).for_each(|(o, &v)| *o += v);
+                }
+            }
+        }
+    }
 }
