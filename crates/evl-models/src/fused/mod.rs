@@ -272,18 +272,18 @@ struct LayerActs {
     act: Vec<f32>,
 }
 
-/// A parameter on the host: id, shape, values, trainable.
-type HostParam = (ParamId, Vec<usize>, Vec<f32>, bool);
+/// A parameter read from the model: id, shape, values, trainable.
+type HostParam = (ParamId, Vec<usize>, TensorData, bool);
 
 fn host<const D: usize>(p: &Param<Tensor<D>>) -> HostParam {
     let t = p.val();
     let shape = t.dims().to_vec();
-    let v = t
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("float parameter");
-    (p.id, shape, v, p.is_require_grad())
+    (
+        p.id,
+        shape,
+        t.into_data().convert::<f32>(),
+        p.is_require_grad(),
+    )
 }
 
 fn lin(push: &mut impl FnMut(HostParam) -> usize, l: &Linear) -> (usize, usize) {
@@ -375,9 +375,12 @@ impl FusedLm {
     }
 
     fn build_parts(model: &EcgVlm, encoder: bool, lm: bool) -> FusedLm {
-        let mut values = Vec::new();
+        // Read on every step: the values are copied once, from the tensor's data into one
+        // buffer sized for the whole model.
+        let mut values = Vec::with_capacity(burn::module::Module::num_params(model));
         let mut slots: Vec<Slot> = Vec::new();
-        let mut push = |(id, shape, v, train): HostParam| {
+        let mut push = |(id, shape, data, train): HostParam| {
+            let v = data.as_slice::<f32>().expect("float parameter");
             slots.push(Slot {
                 id,
                 shape,
@@ -385,7 +388,7 @@ impl FusedLm {
                 len: v.len(),
                 train,
             });
-            values.extend(v);
+            values.extend_from_slice(v);
             slots.len() - 1
         };
         let enc = encoder.then(|| {
