@@ -117,6 +117,38 @@ struct EncSlots {
     train: bool,
 }
 
+/// The encoder's slots as read from the model: patch embedding, positions, layers, final
+/// norm, heads, input.
+type EncParts = (
+    (usize, usize),
+    usize,
+    Vec<LayerSlots>,
+    (usize, usize),
+    usize,
+    EncInput,
+);
+
+/// [`EncSlots`] from the encoder's parts; its slots are the first `n_enc`.
+fn enc_slots(
+    (embed, pos, layers, norm, heads, input): EncParts,
+    slots: &[Slot],
+    n_enc: usize,
+) -> EncSlots {
+    EncSlots {
+        dims: Dims {
+            d: slots[embed.0].shape[1],
+            heads,
+            ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
+        },
+        embed,
+        pos,
+        layers,
+        norm,
+        input,
+        train: slots[..n_enc].iter().any(|s| s.train),
+    }
+}
+
 /// What the encoder reads, per record.
 #[derive(Debug, Clone)]
 enum EncInput {
@@ -471,22 +503,12 @@ impl FusedLm {
         // The encoder's slots come first; its final norm's bias is the last of them.
         let n_enc = enc.as_ref().map_or(0, |e| e.3.1 + 1);
         if !lm {
-            let (embed, pos, layers, norm, heads, input) =
-                enc.expect("an encoder-only build reads the encoder");
-            let dv = slots[embed.0].shape[1];
-            let enc = EncSlots {
-                dims: Dims {
-                    d: dv,
-                    heads,
-                    ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
-                },
-                embed,
-                pos,
-                layers,
-                norm,
-                input,
-                train: slots.iter().any(|s| s.train),
-            };
+            let enc = enc_slots(
+                enc.expect("an encoder-only build reads the encoder"),
+                &slots,
+                n_enc,
+            );
+            let dv = enc.dims.d;
             // No language model: its slot indices are never read.
             return FusedLm {
                 values,
@@ -519,19 +541,7 @@ impl FusedLm {
         let final_norm = norm(&mut push, &model.norm);
         let head = push(host(&model.lm_head.weight));
         let (dv, d) = (slots[projector.0].shape[0], slots[projector.0].shape[1]);
-        let enc = enc.map(|(embed, pos, layers, norm, heads, input)| EncSlots {
-            dims: Dims {
-                d: dv,
-                heads,
-                ff: layers.first().map_or(0, |l| slots[l.inner.0].shape[1]),
-            },
-            embed,
-            pos,
-            layers,
-            norm,
-            input,
-            train: slots[..n_enc].iter().any(|s| s.train),
-        });
+        let enc = enc.map(|parts| enc_slots(parts, &slots, n_enc));
         let ff = layers.first().map_or(0, |l| slots[l.inner.0].shape[1]);
         let heads = model.decoder.layers.first().map_or(1, |l| l.mha.n_heads);
         let vocab = slots[head].shape[1];
@@ -904,45 +914,15 @@ impl FusedLm {
         let mut p = vec![0.0f32; total_p];
         let mut ctx = vec![0.0f32; n * d];
         attention_forward(&qkv, lay, d, heads, &mut p, &mut ctx);
-        let mut att = vec![0.0f32; n * d];
-        mm(
-            &mut att,
-            View::rm(n, d, d, 0),
-            &ctx,
-            View::rm(n, d, d, 0),
-            self.p(ls.o.0),
-            View::rm(d, d, d, 0),
-            false,
-        );
-        add_bias(&mut att, self.p(ls.o.1));
+        let att = self.linear(ls.o, &ctx, n);
         for (a, b) in x.iter_mut().zip(&att) {
             *a += b;
         }
         let (xhat2, inv2, h2) = ln_forward(x, self.p(ls.ln_ffn.0), self.p(ls.ln_ffn.1));
-        let mut pre = vec![0.0f32; n * ff];
-        mm(
-            &mut pre,
-            View::rm(n, ff, ff, 0),
-            &h2,
-            View::rm(n, d, d, 0),
-            self.p(ls.inner.0),
-            View::rm(d, ff, ff, 0),
-            false,
-        );
-        add_bias(&mut pre, self.p(ls.inner.1));
+        let pre = self.linear(ls.inner, &h2, n);
         let mut act = vec![0.0f32; n * ff];
         gelu_forward(&pre, &mut act);
-        let mut out = vec![0.0f32; n * d];
-        mm(
-            &mut out,
-            View::rm(n, d, d, 0),
-            &act,
-            View::rm(n, ff, ff, 0),
-            self.p(ls.outer.0),
-            View::rm(ff, d, d, 0),
-            false,
-        );
-        add_bias(&mut out, self.p(ls.outer.1));
+        let out = self.linear(ls.outer, &act, n);
         for (a, b) in x.iter_mut().zip(&out) {
             *a += b;
         }
@@ -959,6 +939,25 @@ impl FusedLm {
             pre,
             act,
         }
+    }
+
+    /// `x[n, in] W + b` for the linear layer in slots `(w, b)` (`W` stored `[in, out]`):
+    /// [`FusedLm::linear_grads`]'s forward pass.
+    fn linear(&self, (w, b): (usize, usize), x: &[f32], n: usize) -> Vec<f32> {
+        let (din, dout) = (self.slots[w].shape[0], self.slots[w].shape[1]);
+        assert_eq!(x.len(), n * din, "linear layer input of width {din}");
+        let mut y = vec![0.0f32; n * dout];
+        mm(
+            &mut y,
+            View::rm(n, dout, dout, 0),
+            x,
+            View::rm(n, din, din, 0),
+            self.p(w),
+            View::rm(din, dout, dout, 0),
+            false,
+        );
+        add_bias(&mut y, self.p(b));
+        y
     }
 
     /// Weight gradient `dW (+)= x^T dy` and bias gradient for a linear layer `(w, b)` whose

@@ -2,7 +2,7 @@
 //! from the loss's gradients with respect to them; the signal encoder's forward and backward
 //! passes; the embeddings shared with [`FusedLm::step`].
 
-use super::kernels::{View, add_bias, axpy, ln_backward, ln_forward, mm};
+use super::kernels::{View, axpy, ln_backward, ln_forward, mm};
 use super::stem::StemTape;
 use super::{EncInput, EncSlots, FusedError, FusedLm, FusedStep, Group, LayerActs, Layout, LmRow};
 use crate::native::exp;
@@ -157,7 +157,7 @@ impl FusedLm {
         let nb = blocks.len();
         let per = enc.input.per_record();
         let mut stem_tape = None;
-        let (patches, pd) = match &enc.input {
+        let patches = match &enc.input {
             EncInput::Signal {
                 leads,
                 samples,
@@ -178,7 +178,7 @@ impl FusedLm {
                         }
                     }
                 }
-                (patches, pd)
+                patches
             }
             EncInput::Image {
                 width, patch, stem, ..
@@ -200,8 +200,7 @@ impl FusedLm {
                     Some(st) => {
                         let (y, tape) = self.stem_forward(st, &pages, nb, (ch, cw));
                         stem_tape = Some(tape);
-                        let pd = y.len() / (nb * v);
-                        (y, pd)
+                        y
                     }
                     None => {
                         // Token (i, j) reads its square row by row: feature y * patch + x.
@@ -217,23 +216,13 @@ impl FusedLm {
                                 }
                             }
                         }
-                        (patches, pd)
+                        patches
                     }
                 }
             }
         };
         let n = nb * v;
-        let mut x = vec![0.0f32; n * dv];
-        mm(
-            &mut x,
-            View::rm(n, dv, dv, 0),
-            &patches,
-            View::rm(n, pd, pd, 0),
-            self.p(enc.embed.0),
-            View::rm(pd, dv, dv, 0),
-            false,
-        );
-        add_bias(&mut x, self.p(enc.embed.1));
+        let mut x = self.linear(enc.embed, &patches, n);
         let pos = self.p(enc.pos);
         for row in x.chunks_exact_mut(v * dv) {
             for (o, &e) in row.iter_mut().zip(pos) {
@@ -639,20 +628,9 @@ impl FusedLm {
     /// The decoder's input: projected visual tokens `vis[blocks * v, d_vision]` at each
     /// block's visual rows, token embeddings at text rows, plus positions.
     pub(super) fn embed(&self, lay: &Layout, vis: &[f32]) -> Vec<f32> {
-        let (v, d, dv) = (self.n_visual, self.d, self.dv);
+        let (v, d) = (self.n_visual, self.d);
         let nb = lay.blocks.len();
-        let mut proj = vec![0.0f32; nb * v * d];
-        let (pw, pb) = self.projector;
-        mm(
-            &mut proj,
-            View::rm(nb * v, d, d, 0),
-            vis,
-            View::rm(nb * v, dv, dv, 0),
-            self.p(pw),
-            View::rm(dv, d, d, 0),
-            false,
-        );
-        add_bias(&mut proj, self.p(pb));
+        let proj = self.linear(self.projector, vis, nb * v);
         let mut x = vec![0.0f32; lay.n * d];
         for (b, &(start, _)) in lay.blocks.iter().enumerate() {
             x[start * d..(start + v) * d].copy_from_slice(&proj[b * v * d..(b + 1) * v * d]);
