@@ -9,7 +9,9 @@ use burn::tensor::Device;
 use evl_infer::input::{InputSpec, Sample, image_of, signal_of};
 use evl_infer::text::{TextTokenizer, conversations};
 use evl_ops::quickstart::{Preset, QuickstartConfig};
-use evl_train::train::{DistillConfig, Method, OptimConfig, Teacher, cache_teacher, distill};
+use evl_train::train::{
+    DistillConfig, Method, OptimConfig, Teacher, TeacherCache, cache_teacher, distill,
+};
 
 /// burn's `flex` RNG is process-global (`Device::seed`) and parameters draw from it lazily:
 /// tests that seed or build models run one at a time, or a parallel test reseeds another's
@@ -72,6 +74,55 @@ fn part(m: &evl_models::vlm::EcgVlm, prefix: &str) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// What a distillation test starts from: `n` synthetic records, two tokenizers of different
+/// vocabularies (120 for the teacher, 90 for the student), the tiny preset's teacher (after
+/// `adjust`) drawn with seed `seeds.0` and cached, and its student drawn with seed `seeds.1`
+/// on the autodiff device.
+struct DistillSetup {
+    device: Device,
+    train_dev: Device,
+    data: Vec<Sample>,
+    t_tok: TextTokenizer,
+    s_tok: TextTokenizer,
+    teacher: evl_models::vlm::EcgVlm,
+    cache: TeacherCache,
+    student: evl_models::vlm::EcgVlm,
+}
+
+fn distill_setup(
+    n: usize,
+    adjust: impl FnOnce(&mut QuickstartConfig),
+    seeds: (u64, u64),
+) -> DistillSetup {
+    let device = Device::flex();
+    let train_dev = device.clone().autodiff();
+    let data = samples(n);
+    let texts = evl_infer::input::corpus(&data);
+    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
+    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
+    let mut qc = QuickstartConfig::preset(Preset::Tiny);
+    adjust(&mut qc);
+    let mut tc = qc.teacher_model();
+    tc.vocab = t_tok.vocab_size();
+    let mut sc = qc.student_model();
+    sc.vocab = s_tok.vocab_size();
+    device.seed(seeds.0);
+    let teacher = tc.init(&device);
+    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
+    train_dev.seed(seeds.1);
+    let student = sc.init(&train_dev);
+    DistillSetup {
+        device,
+        train_dev,
+        data,
+        t_tok,
+        s_tok,
+        teacher,
+        cache,
+        student,
+    }
+}
+
 /// Distillation of a signal student on the CPU runs the student by the fused host kernels
 /// (its encoder learning too) and the method's loss in burn: for every method, the same
 /// losses and weights as burn's autodiff through the whole student, with hidden states read
@@ -79,23 +130,15 @@ fn part(m: &evl_models::vlm::EcgVlm, prefix: &str) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn fused_distillation_equals_autodiff() {
     let _rng = rng_lock();
-    let device = Device::flex();
-    let train_dev = device.clone().autodiff();
-    let data = samples(12);
-    let texts = evl_infer::input::corpus(&data);
-    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
-    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
-    let mut qc = QuickstartConfig::preset(Preset::Tiny);
-    qc.student_input = "signal".into();
-    let mut tc = qc.teacher_model();
-    tc.vocab = t_tok.vocab_size();
-    let mut sc = qc.student_model();
-    sc.vocab = s_tok.vocab_size();
-    device.seed(1);
-    let teacher = tc.init(&device);
-    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
-    train_dev.seed(2);
-    let student = sc.init(&train_dev);
+    let DistillSetup {
+        train_dev,
+        data,
+        t_tok,
+        s_tok,
+        cache,
+        student,
+        ..
+    } = distill_setup(12, |qc| qc.student_input = "signal".into(), (1, 2));
     // Materialise the lazily initialised weights (a trained student's are).
     let _ = weights(&student);
     let methods = [
@@ -227,23 +270,16 @@ fn assert_same_weights(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)], tol: f3
 #[test]
 fn distillation_resumes_to_the_same_weights() {
     let _rng = rng_lock();
-    let device = Device::flex();
-    let train_dev = device.clone().autodiff();
-    let data = samples(12);
-    let texts = evl_infer::input::corpus(&data);
-    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
-    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
+    let DistillSetup {
+        train_dev,
+        data,
+        t_tok,
+        s_tok,
+        cache,
+        student,
+        ..
+    } = distill_setup(12, |_| {}, (1, 2));
     assert_ne!(t_tok.vocab_size(), s_tok.vocab_size());
-    let qc = QuickstartConfig::preset(Preset::Tiny);
-    let mut tc = qc.teacher_model();
-    tc.vocab = t_tok.vocab_size();
-    let mut sc = qc.student_model();
-    sc.vocab = s_tok.vocab_size();
-    device.seed(1);
-    let teacher = tc.init(&device);
-    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
-    train_dev.seed(2);
-    let student = sc.init(&train_dev);
     let w0 = weights(&student);
     let optim = OptimConfig {
         steps: 6,
@@ -384,22 +420,16 @@ fn label_probability_is_read_at_the_trained_answer_position() {
 #[test]
 fn every_method_trains() {
     let _rng = rng_lock();
-    let device = Device::flex();
-    let train_dev = device.clone().autodiff();
-    let data = samples(6);
-    let texts = evl_infer::input::corpus(&data);
-    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
-    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
-    let qc = QuickstartConfig::preset(Preset::Tiny);
-    let mut tc = qc.teacher_model();
-    tc.vocab = t_tok.vocab_size();
-    let mut sc = qc.student_model();
-    sc.vocab = s_tok.vocab_size();
-    device.seed(1);
-    let teacher = tc.init(&device);
-    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
-    train_dev.seed(2);
-    let student = sc.init(&train_dev);
+    let DistillSetup {
+        device,
+        train_dev,
+        data,
+        t_tok,
+        s_tok,
+        teacher,
+        cache,
+        student,
+    } = distill_setup(6, |_| {}, (1, 2));
     let optim = OptimConfig {
         steps: 2,
         batch_size: 3,
@@ -767,23 +797,16 @@ fn caching_a_frozen_encoder_changes_no_loss() {
 #[test]
 fn cached_and_online_teacher_give_the_same_losses() {
     let _rng = rng_lock();
-    let device = Device::flex();
-    let train_dev = device.clone().autodiff();
-    let data = samples(8);
-    let texts = evl_infer::input::corpus(&data);
-    let t_tok = TextTokenizer::train(&texts, 120).unwrap();
-    let s_tok = TextTokenizer::train(&texts, 90).unwrap();
-    let mut qc = QuickstartConfig::preset(Preset::Tiny);
-    qc.teacher_input = "image".into();
-    let mut tc = qc.teacher_model();
-    tc.vocab = t_tok.vocab_size();
-    let mut sc = qc.student_model();
-    sc.vocab = s_tok.vocab_size();
-    device.seed(11);
-    let teacher = tc.init(&device);
-    let cache = cache_teacher(&teacher, &data, &t_tok, &device);
-    train_dev.seed(12);
-    let student = sc.init(&train_dev);
+    let DistillSetup {
+        device,
+        train_dev,
+        data,
+        t_tok,
+        s_tok,
+        teacher,
+        cache,
+        student,
+    } = distill_setup(8, |qc| qc.teacher_input = "image".into(), (11, 12));
     // Materialise the lazily initialised weights: both runs start from the same student.
     let _ = weights(&student);
     let optim = OptimConfig {
