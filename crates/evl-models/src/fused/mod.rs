@@ -941,6 +941,23 @@ impl FusedLm {
         }
     }
 
+    /// d loss / d input `dy[n, out] W^T` of the linear layer with weight slot `w`.
+    fn linear_dx(&self, w: usize, dy: &[f32], n: usize) -> Vec<f32> {
+        let (din, dout) = (self.slots[w].shape[0], self.slots[w].shape[1]);
+        assert_eq!(dy.len(), n * dout, "linear layer output of width {dout}");
+        let mut dx = vec![0.0f32; n * din];
+        mm(
+            &mut dx,
+            View::rm(n, din, din, 0),
+            dy,
+            View::rm(n, dout, dout, 0),
+            self.p(w),
+            View::rm(din, dout, dout, 0).t(),
+            false,
+        );
+        dx
+    }
+
     /// `x[n, in] W + b` for the linear layer in slots `(w, b)` (`W` stored `[in, out]`):
     /// [`FusedLm::linear_grads`]'s forward pass.
     fn linear(&self, (w, b): (usize, usize), x: &[f32], n: usize) -> Vec<f32> {
@@ -999,44 +1016,17 @@ impl FusedLm {
         let (n, d, ff, heads) = (lay.n, dims.d, dims.ff, dims.heads);
         // MLP: out = gelu(h2 W1 + b1) W2 + b2, added to the stream.
         self.linear_grads(grads, ls.outer, &a.act, n, dx, View::rm(n, d, d, 0));
-        let mut dpre = vec![0.0f32; n * ff];
-        mm(
-            &mut dpre,
-            View::rm(n, ff, ff, 0),
-            dx,
-            View::rm(n, d, d, 0),
-            self.p(ls.outer.0),
-            View::rm(ff, d, d, 0).t(),
-            false,
-        );
+        let mut dpre = self.linear_dx(ls.outer.0, dx, n);
         gelu_backward(&a.pre, &mut dpre);
         self.linear_grads(grads, ls.inner, &a.h2, n, &dpre, View::rm(n, ff, ff, 0));
-        let mut dh = vec![0.0f32; n * d];
-        mm(
-            &mut dh,
-            View::rm(n, d, d, 0),
-            &dpre,
-            View::rm(n, ff, ff, 0),
-            self.p(ls.inner.0),
-            View::rm(d, ff, ff, 0).t(),
-            false,
-        );
+        let mut dh = self.linear_dx(ls.inner.0, &dpre, n);
         {
             let (dg, db) = self.two_grads(grads, ls.ln_ffn.0, ls.ln_ffn.1);
             ln_backward(&dh, &a.xhat2, &a.inv2, self.p(ls.ln_ffn.0), dg, db, dx);
         }
         // Attention: att = ctx Wo + bo, added to the stream.
         self.linear_grads(grads, ls.o, &a.ctx, n, dx, View::rm(n, d, d, 0));
-        let mut dctx = vec![0.0f32; n * d];
-        mm(
-            &mut dctx,
-            View::rm(n, d, d, 0),
-            dx,
-            View::rm(n, d, d, 0),
-            self.p(ls.o.0),
-            View::rm(d, d, d, 0).t(),
-            false,
-        );
+        let dctx = self.linear_dx(ls.o.0, dx, n);
         let mut dqkv = vec![0.0f32; n * 3 * d];
         attention_backward(&a.qkv, &a.p, &dctx, lay, d, heads, &mut dqkv);
         for (part, wb) in [ls.q, ls.k, ls.v].into_iter().enumerate() {

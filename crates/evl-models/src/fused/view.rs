@@ -307,17 +307,7 @@ impl FusedLm {
             View::rm(n, dv, dv, 0),
         );
         if let (EncInput::Image { stem: Some(st), .. }, Some(stape)) = (&enc.input, &tape.stem) {
-            let pd = tape.patches.len() / n.max(1);
-            let mut dfeat = vec![0.0f32; n * pd];
-            mm(
-                &mut dfeat,
-                View::rm(n, pd, pd, 0),
-                &dx,
-                View::rm(n, dv, dv, 0),
-                self.p(enc.embed.0),
-                View::rm(pd, dv, dv, 0).t(),
-                false,
-            );
+            let dfeat = self.linear_dx(enc.embed.0, &dx, n);
             self.stem_backward(st, stape, &dfeat, grads);
         }
     }
@@ -689,18 +679,10 @@ impl FusedLm {
             &dproj,
             View::rm(nb * v, d, d, 0),
         );
-        let mut dvis = vec![0.0f32; nb * v * dv];
         if self.enc.as_ref().is_some_and(|e| e.train) {
-            mm(
-                &mut dvis,
-                View::rm(nb * v, dv, dv, 0),
-                &dproj,
-                View::rm(nb * v, d, d, 0),
-                self.p(self.projector.0),
-                View::rm(dv, d, d, 0).t(),
-                false,
-            );
+            self.linear_dx(self.projector.0, &dproj, nb * v)
+        } else {
+            vec![0.0f32; nb * v * dv]
         }
-        dvis
     }
 }
