@@ -3,6 +3,14 @@
 //! `cargo build --release -p evl-bench --example fused_loop && perf record -g
 //! target/release/examples/fused_loop`. `EVL_LOOP=frozen` freezes the encoder;
 //! `EVL_LOOP_OPTIM=1` times the parts of a whole optimiser step instead.
+//!
+//! This binary runs on the system allocator, not the `evl-ecg` binary's mimalloc. Under
+//! glibc the step time depends on what the process freed earlier: glibc's mmap threshold
+//! rises only after a large block is freed, and below it every large buffer is a fresh
+//! mapping, paid for in page faults. Measured: 50 or 64 ms per step for the same kernels,
+//! depending only on whether building the parameter buffer had freed a few megabytes. For
+//! numbers that do not depend on that, fix the thresholds:
+//! `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824`.
 
 use burn::tensor::Device;
 use evl_models::fused::{FusedLm, LmRow};
